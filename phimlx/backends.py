@@ -1,0 +1,156 @@
+"""Backend registry: the incremental-decode protocol, backends by name, and the auto choice.
+
+A backend is a module with two functions:
+
+    probe() -> str | None
+        None when the backend can run here, else the reason it cannot (and how to fix it).
+    load(mf: ModelFile, config: ModelConfig, *, threads: int | None) -> LoadedModel
+
+Modules are imported only when a backend is probed or chosen, so `import phimlx` never
+imports mlx or numba.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import BackendUnavailableError
+from .gguf import ModelFile
+
+
+@runtime_checkable
+class Session(Protocol):
+    """One conversation's state: a KV cache of at most ``max_context`` positions."""
+
+    max_context: int
+
+    @property
+    def position(self) -> int:
+        """Tokens held in the cache."""
+        ...
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Run ``token_ids`` (batched, not one by one); float32 logits [vocab] of the last."""
+        ...
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append one token; float32 logits [vocab] for the next position."""
+        ...
+
+    def reset(self) -> None:
+        """Empty the cache (position 0)."""
+        ...
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """Weights resident on the backend's device, ready to open sessions."""
+
+    config: ModelConfig
+
+    def new_session(self, max_context: int | None = None) -> Session:
+        """A fresh session; ``max_context`` defaults to the model's context length."""
+        ...
+
+    def close(self) -> None:
+        """Release weights and file mappings."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A registered backend: its module and what to install for it."""
+
+    name: str
+    module: str
+    install_hint: str
+
+
+_REGISTRY: dict[str, BackendInfo] = {}
+
+
+def register_backend(name: str, module: str, install_hint: str) -> None:
+    """Register a backend module under ``name`` (see the module docstring for its contract)."""
+    _REGISTRY[name] = BackendInfo(name, module, install_hint)
+
+
+register_backend("mlx", "phimlx.mlx", 'pip install "phimlx" on Apple Silicon, or '
+                 '`pip install "mlx[cpu]" mlx-lm` on Linux')
+register_backend("numpy", "fallback", "pip install numpy (numba is optional, for speed)")
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends, in preference order for ``auto``."""
+    return list(_REGISTRY)
+
+
+def probe(name: str) -> str | None:
+    """None if backend ``name`` can run here, else why not (with the fix)."""
+    info = _info(name)
+    try:
+        mod = importlib.import_module(info.module)
+    except ImportError as e:
+        return f"cannot import {info.module} ({e}); install with: {info.install_hint}"
+    reason = mod.probe()
+    return None if reason is None else f"{reason}; {info.install_hint}"
+
+
+def _info(name: str) -> BackendInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def _is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def choose(requested: str | None = "auto") -> tuple[str, str]:
+    """Pick the backend to use and say why.
+
+    ``requested`` (or ``$PHIMLX_BACKEND`` when it is ``None`` or ``"auto"``) may name a
+    backend; ``auto`` means MLX on Apple Silicon when MLX and Metal work, NumPy otherwise.
+
+    Returns:
+        ``(name, reason)``.
+
+    Raises:
+        BackendUnavailableError: a named backend cannot run here (the message says why).
+        ValueError: the name is not a backend.
+    """
+    env = os.environ.get("PHIMLX_BACKEND", "").strip()
+    source = "backend="
+    if (requested is None or requested == "auto") and env and env != "auto":
+        requested, source = env, "PHIMLX_BACKEND"
+    if requested not in (None, "auto"):
+        _info(requested)
+        why_not = probe(requested)
+        if why_not is not None:
+            raise BackendUnavailableError(f"backend {requested!r} ({source}) is unavailable: "
+                                          f"{why_not}")
+        return requested, f"requested by {source}{requested}"
+    if _is_apple_silicon():
+        why_not = probe("mlx")
+        if why_not is None:
+            return "mlx", "auto: Apple Silicon with MLX and Metal available"
+        return "numpy", f"auto: Apple Silicon but MLX is unavailable ({why_not})"
+    return "numpy", f"auto: {sys.platform}/{platform.machine()} is not Apple Silicon"
+
+
+def load_backend(name: str, mf: ModelFile, config: ModelConfig, *,
+                 threads: int | None = None) -> LoadedModel:
+    """Load ``mf`` with backend ``name`` (already chosen with :func:`choose`)."""
+    mod = importlib.import_module(_info(name).module)
+    return mod.load(mf, config, threads=threads)
