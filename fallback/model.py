@@ -1,0 +1,240 @@
+"""The NumPy backend's transformer: phi3 and llama from GGUF blocks, with a KV cache.
+
+One forward pass serves both architectures; what differs is in `ModelConfig` (fused or
+split projections, rope style, LongRoPE factors, sliding window).  Weight matrices stay in
+their GGUF blocks (`QuantMatrix`); only norms are decoded to float32.
+
+Shapes: T = tokens in this call, P = positions in the cache, H = query heads,
+KV = key/value heads, G = H // KV (queries per kv head), D = head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from phimlx.config import ModelConfig
+from phimlx.errors import ContextLengthError
+from phimlx.gguf import ModelFile
+
+from .kernels import QuantMatrix, set_threads
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256  # tokens per prefill chunk: bounds the (H, T, P) score matrix
+_CACHE_GROW = 256  # KV cache capacity grows in steps of this many positions
+
+
+def _matrix(mf: ModelFile, name: str) -> QuantMatrix:
+    t = mf.info(name)
+    return QuantMatrix(mf.raw(name), t.type, (t.shape[0], t.shape[1]))
+
+
+@dataclass
+class _Layer:
+    attn_norm: np.ndarray  # (hidden,)
+    ffn_norm: np.ndarray  # (hidden,)
+    qkv: list[QuantMatrix]  # one fused matrix, or q, k, v
+    out: QuantMatrix
+    gate_up: list[QuantMatrix]  # one fused matrix (gate rows first), or gate, up
+    down: QuantMatrix
+
+
+def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
+    """x (T, in) or (in,) through the matrices, outputs concatenated on the last axis."""
+    if x.ndim == 1:
+        outs = [m.matvec(x) for m in mats]
+    else:
+        outs = [m.matmul(x) for m in mats]
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + eps)) * w
+
+
+class NumpyModel:
+    """A model loaded for the NumPy backend (implements `phimlx.backends.LoadedModel`)."""
+
+    def __init__(self, mf: ModelFile, config: ModelConfig, *, threads: int | None = None):
+        self.config = config
+        self.file = mf
+        self.threads = set_threads(threads)
+        c = config
+        self.embed = _matrix(mf, "token_embd.weight")
+        self.output = self.embed if c.tied_embeddings else _matrix(mf, "output.weight")
+        self.output_norm = mf.dequantize("output_norm.weight")
+        self.layers: list[_Layer] = []
+        for i in range(c.n_layers):
+            b = f"blk.{i}."
+            qkv = ["attn_qkv"] if c.fused_qkv else ["attn_q", "attn_k", "attn_v"]
+            gu = ["ffn_up"] if c.fused_gate_up else ["ffn_gate", "ffn_up"]
+            self.layers.append(_Layer(
+                attn_norm=mf.dequantize(b + "attn_norm.weight"),
+                ffn_norm=mf.dequantize(b + "ffn_norm.weight"),
+                qkv=[_matrix(mf, f"{b}{n}.weight") for n in qkv],
+                out=_matrix(mf, b + "attn_output.weight"),
+                gate_up=[_matrix(mf, f"{b}{n}.weight") for n in gu],
+                down=_matrix(mf, b + "ffn_down.weight"),
+            ))
+        for i, layer in enumerate(self.layers):
+            for name, w in (("attn_norm", layer.attn_norm), ("ffn_norm", layer.ffn_norm)):
+                if not np.isfinite(w).all():
+                    from phimlx.errors import GGUFError
+
+                    raise GGUFError(f"{mf.path}: tensor 'blk.{i}.{name}.weight' contains NaN "
+                                    "or Inf; the file is corrupt")
+        self.weight_bytes = sum(m.nbytes for m in self._matrices())
+
+    def _matrices(self) -> list[QuantMatrix]:
+        mats = [self.embed] if self.output is self.embed else [self.embed, self.output]
+        for layer in self.layers:
+            mats += [*layer.qkv, layer.out, *layer.gate_up, layer.down]
+        return mats
+
+    def new_session(self, max_context: int | None = None) -> NumpySession:
+        """A fresh KV cache for up to ``max_context`` tokens (default: the model's context)."""
+        return NumpySession(self, max_context or self.config.context_length)
+
+    def close(self) -> None:
+        self.layers = []
+        self.file.close()
+
+
+class NumpySession:
+    """KV cache and position of one sequence (implements `phimlx.backends.Session`)."""
+
+    def __init__(self, model: NumpyModel, max_context: int):
+        c = model.config
+        if max_context <= 0:
+            raise ValueError(f"max_context must be positive, got {max_context}")
+        self.model = model
+        self.max_context = max_context
+        self._pos = 0
+        self._cap = 0
+        # (layers, KV, capacity, D), grown on demand so memory follows the tokens held.
+        self._k = np.zeros((c.n_layers, c.n_kv_heads, 0, c.head_dim), np.float32)
+        self._v = np.zeros_like(self._k)
+        inv_freq = c.rope_inv_freq(max_context).astype(np.float64)
+        self._inv_freq = inv_freq  # (rope_dim / 2,)
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def reset(self) -> None:
+        self._pos = 0
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(ids.size)
+        self._check_ids(ids)
+        logits = None
+        for start in range(0, ids.size, PREFILL_CHUNK):
+            logits = self._forward(ids[start : start + PREFILL_CHUNK])
+        assert logits is not None
+        return logits
+
+    def step(self, token_id: int) -> np.ndarray:
+        ids = np.asarray([token_id], dtype=np.int64)
+        self._check_room(1)
+        self._check_ids(ids)
+        return self._forward(ids)
+
+    def _check_room(self, n: int) -> None:
+        if self._pos + n > self.max_context:
+            raise ContextLengthError(
+                f"{self._pos} tokens in the cache + {n} new would exceed the session's "
+                f"context of {self.max_context} tokens; shorten the prompt or open a session "
+                "with a larger max_context (at most the model's context length "
+                f"{self.model.config.context_length})")
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        vocab = self.model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+    def _ensure_capacity(self, n: int) -> None:
+        if n <= self._cap:
+            return
+        cap = min(self.max_context, -(-n // _CACHE_GROW) * _CACHE_GROW)
+        shape = (*self._k.shape[:2], cap, self._k.shape[3])
+        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        k[:, :, : self._pos] = self._k[:, :, : self._pos]
+        v[:, :, : self._pos] = self._v[:, :, : self._pos]
+        self._k, self._v, self._cap = k, v, cap
+
+    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Rotate the first rope_dim dims of x (T, heads, D) in place; returns x."""
+        c = self.model.config
+        rd = c.rope_dim
+        ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]  # (T, rd/2)
+        cos = (np.cos(ang) * c.rope_attn_factor).astype(np.float32)[:, None, :]
+        sin = (np.sin(ang) * c.rope_attn_factor).astype(np.float32)[:, None, :]
+        if c.rope_style == "neox":  # pairs (i, i + rd/2)
+            x1, x2 = x[..., : rd // 2].copy(), x[..., rd // 2 : rd].copy()
+            x[..., : rd // 2] = x1 * cos - x2 * sin
+            x[..., rd // 2 : rd] = x2 * cos + x1 * sin
+        else:  # "normal": adjacent pairs (2i, 2i + 1)
+            x1, x2 = x[..., 0:rd:2].copy(), x[..., 1:rd:2].copy()
+            x[..., 0:rd:2] = x1 * cos - x2 * sin
+            x[..., 1:rd:2] = x2 * cos + x1 * sin
+        return x
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        m, c = self.model, self.model.config
+        T, p0 = ids.size, self._pos
+        P = p0 + T
+        H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
+        G = H // KV
+        self._ensure_capacity(P)
+        positions = np.arange(p0, P)
+        single = T == 1
+        x = m.embed.take_rows(ids)  # (T, hidden)
+        # Causal (and sliding-window) mask over cache positions, for multi-token chunks.
+        mask = None
+        if not single or c.sliding_window:
+            kpos = np.arange(P)
+            allowed = kpos[None, :] <= positions[:, None]  # (T, P)
+            if c.sliding_window:
+                allowed &= positions[:, None] - kpos[None, :] < c.sliding_window
+            mask = np.where(allowed, 0.0, -np.inf).astype(np.float32)
+        scale = np.float32(1.0 / np.sqrt(D))
+        for li, layer in enumerate(m.layers):
+            h = _rms_norm(x, layer.attn_norm, c.norm_eps)
+            qkv = _project(layer.qkv, h[0] if single else h).reshape(T, -1)  # (T, (H+2KV)*D)
+            q = qkv[:, : H * D].reshape(T, H, D)
+            k = qkv[:, H * D : (H + KV) * D].reshape(T, KV, D)
+            v = qkv[:, (H + KV) * D :].reshape(T, KV, D)
+            self._rope(q, positions)
+            self._rope(k, positions)
+            kc, vc = self._k[li], self._v[li]  # (KV, cap, D)
+            kc[:, p0:P] = k.transpose(1, 0, 2)
+            vc[:, p0:P] = v.transpose(1, 0, 2)
+            qg = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3).reshape(KV, G * T, D)
+            scores = qg @ kc[:, :P].transpose(0, 2, 1) * scale  # (KV, G*T, P)
+            scores = scores.reshape(KV, G, T, P)
+            if mask is not None:
+                scores += mask
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            att = scores.reshape(KV, G * T, P) @ vc[:, :P]  # (KV, G*T, D)
+            att = att.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
+            x = x + (layer.out.matvec(att[0])[None] if single else layer.out.matmul(att))
+            h = _rms_norm(x, layer.ffn_norm, c.norm_eps)
+            gu = _project(layer.gate_up, h[0] if single else h).reshape(T, -1)
+            gate, up = gu[:, : c.ffn_size], gu[:, c.ffn_size :]
+            with np.errstate(over="ignore"):  # exp overflow -> inf -> SiLU = -0, as intended
+                act = gate / (1.0 + np.exp(-gate)) * up  # SiLU(gate) * up
+            x = x + (layer.down.matvec(act[0])[None] if single else layer.down.matmul(act))
+        self._pos = P
+        last = _rms_norm(x[-1], m.output_norm, c.norm_eps)
+        return m.output.matvec(last).astype(np.float32, copy=False)
