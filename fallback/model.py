@@ -45,10 +45,7 @@ class _Layer:
 
 def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
     """x (T, in) or (in,) through the matrices, outputs concatenated on the last axis."""
-    if x.ndim == 1:
-        outs = [m.matvec(x) for m in mats]
-    else:
-        outs = [m.matmul(x) for m in mats]
+    outs = [m.matvec(x) for m in mats] if x.ndim == 1 else [m.matmul(x) for m in mats]
     return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
 
 
@@ -73,21 +70,25 @@ class NumpyModel:
             b = f"blk.{i}."
             qkv = ["attn_qkv"] if c.fused_qkv else ["attn_q", "attn_k", "attn_v"]
             gu = ["ffn_up"] if c.fused_gate_up else ["ffn_gate", "ffn_up"]
-            self.layers.append(_Layer(
-                attn_norm=mf.dequantize(b + "attn_norm.weight"),
-                ffn_norm=mf.dequantize(b + "ffn_norm.weight"),
-                qkv=[_matrix(mf, f"{b}{n}.weight") for n in qkv],
-                out=_matrix(mf, b + "attn_output.weight"),
-                gate_up=[_matrix(mf, f"{b}{n}.weight") for n in gu],
-                down=_matrix(mf, b + "ffn_down.weight"),
-            ))
+            self.layers.append(
+                _Layer(
+                    attn_norm=mf.dequantize(b + "attn_norm.weight"),
+                    ffn_norm=mf.dequantize(b + "ffn_norm.weight"),
+                    qkv=[_matrix(mf, f"{b}{n}.weight") for n in qkv],
+                    out=_matrix(mf, b + "attn_output.weight"),
+                    gate_up=[_matrix(mf, f"{b}{n}.weight") for n in gu],
+                    down=_matrix(mf, b + "ffn_down.weight"),
+                )
+            )
         for i, layer in enumerate(self.layers):
             for name, w in (("attn_norm", layer.attn_norm), ("ffn_norm", layer.ffn_norm)):
                 if not np.isfinite(w).all():
                     from phimlx.errors import GGUFError
 
-                    raise GGUFError(f"{mf.path}: tensor 'blk.{i}.{name}.weight' contains NaN "
-                                    "or Inf; the file is corrupt")
+                    raise GGUFError(
+                        f"{mf.path}: tensor 'blk.{i}.{name}.weight' contains NaN "
+                        "or Inf; the file is corrupt"
+                    )
         self.weight_bytes = sum(m.nbytes for m in self._matrices())
 
     def _matrices(self) -> list[QuantMatrix]:
@@ -153,7 +154,8 @@ class NumpySession:
                 f"{self._pos} tokens in the cache + {n} new would exceed the session's "
                 f"context of {self.max_context} tokens; shorten the prompt or open a session "
                 "with a larger max_context (at most the model's context length "
-                f"{self.model.config.context_length})")
+                f"{self.model.config.context_length})"
+            )
 
     def _check_ids(self, ids: np.ndarray) -> None:
         vocab = self.model.config.vocab_size

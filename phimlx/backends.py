@@ -83,8 +83,11 @@ def register_backend(name: str, module: str, install_hint: str) -> None:
     _REGISTRY[name] = BackendInfo(name, module, install_hint)
 
 
-register_backend("mlx", "phimlx.mlx", 'pip install "phimlx" on Apple Silicon, or '
-                 '`pip install "mlx[cpu]" mlx-lm` on Linux')
+register_backend(
+    "mlx",
+    "phimlx.mlx",
+    'pip install "phimlx" on Apple Silicon, or `pip install "mlx[cpu]" mlx-lm` on Linux',
+)
 register_backend("numpy", "fallback", "pip install numpy (numba is optional, for speed)")
 
 
@@ -138,8 +141,9 @@ def choose(requested: str | None = "auto") -> tuple[str, str]:
         _info(requested)
         why_not = probe(requested)
         if why_not is not None:
-            raise BackendUnavailableError(f"backend {requested!r} ({source}) is unavailable: "
-                                          f"{why_not}")
+            raise BackendUnavailableError(
+                f"backend {requested!r} ({source}) is unavailable: {why_not}"
+            )
         return requested, f"requested by {source}{requested}"
     if _is_apple_silicon():
         why_not = probe("mlx")
@@ -149,8 +153,9 @@ def choose(requested: str | None = "auto") -> tuple[str, str]:
     return "numpy", f"auto: {sys.platform}/{platform.machine()} is not Apple Silicon"
 
 
-def load_backend(name: str, mf: ModelFile, config: ModelConfig, *,
-                 threads: int | None = None) -> LoadedModel:
+def load_backend(
+    name: str, mf: ModelFile, config: ModelConfig, *, threads: int | None = None
+) -> LoadedModel:
     """Load ``mf`` with backend ``name`` (already chosen with :func:`choose`)."""
     mod = importlib.import_module(_info(name).module)
     return mod.load(mf, config, threads=threads)

@@ -140,8 +140,10 @@ class ModelConfig:
                 raise GGUFError(f"{mf.path}: metadata '{k}' is {v!r}; expected a positive integer")
             limit = _LIMITS.get(suffix)
             if limit is not None and v > limit:
-                raise GGUFError(f"{mf.path}: metadata '{k}' is {v}, beyond any real model "
-                                f"(limit {limit}); the file is corrupt")
+                raise GGUFError(
+                    f"{mf.path}: metadata '{k}' is {v}, beyond any real model "
+                    f"(limit {limit}); the file is corrupt"
+                )
             return v
 
         def optional_num(suffix: str, default: Any) -> Any:
@@ -154,26 +156,36 @@ class ModelConfig:
         hidden = required_int("embedding_length")
         ffn = required_int("feed_forward_length")
         n_heads = required_int("attention.head_count")
-        n_kv = (required_int("attention.head_count_kv")
-                if key("attention.head_count_kv") in md else n_heads)
+        n_kv = (
+            required_int("attention.head_count_kv")
+            if key("attention.head_count_kv") in md
+            else n_heads
+        )
         ctx = required_int("context_length")
         eps = optional_num("attention.layer_norm_rms_epsilon", None)
         if eps is None or not (0 < eps < 1):
-            raise GGUFError(f"{mf.path}: metadata '{key('attention.layer_norm_rms_epsilon')}' "
-                            f"is {eps!r}; expected a small positive number")
+            raise GGUFError(
+                f"{mf.path}: metadata '{key('attention.layer_norm_rms_epsilon')}' "
+                f"is {eps!r}; expected a small positive number"
+            )
         if n_heads % n_kv:
-            raise GGUFError(f"{mf.path}: {n_heads} attention heads cannot be shared by "
-                            f"{n_kv} key/value heads (not a divisor)")
+            raise GGUFError(
+                f"{mf.path}: {n_heads} attention heads cannot be shared by "
+                f"{n_kv} key/value heads (not a divisor)"
+            )
         head_dim = optional_num("attention.key_length", 0) or 0
         if not head_dim:
             if hidden % n_heads:
-                raise GGUFError(f"{mf.path}: embedding length {hidden} is not divisible by "
-                                f"{n_heads} heads")
+                raise GGUFError(
+                    f"{mf.path}: embedding length {hidden} is not divisible by {n_heads} heads"
+                )
             head_dim = hidden // n_heads
         rope_dim = optional_num("rope.dimension_count", head_dim)
         if not (0 < rope_dim <= head_dim) or rope_dim % 2:
-            raise GGUFError(f"{mf.path}: rope dimension count {rope_dim} must be even and at "
-                            f"most the head size {head_dim}")
+            raise GGUFError(
+                f"{mf.path}: rope dimension count {rope_dim} must be even and at "
+                f"most the head size {head_dim}"
+            )
         rope_base = float(optional_num("rope.freq_base", 10000.0))
         if not (rope_base > 1.0 and math.isfinite(rope_base)):
             raise GGUFError(f"{mf.path}: rope.freq_base {rope_base} must be a finite number > 1")
@@ -182,8 +194,9 @@ class ModelConfig:
         if "token_embd.weight" not in mf.tensors:
             raise GGUFError(f"{mf.path}: tensor 'token_embd.weight' is missing")
         emb_shape = mf.tensors["token_embd.weight"].shape
-        vocab = md.get(key("vocab_size")) or len(md.get("tokenizer.ggml.tokens", [])) \
-            or emb_shape[0]
+        vocab = (
+            md.get(key("vocab_size")) or len(md.get("tokenizer.ggml.tokens", [])) or emb_shape[0]
+        )
 
         # LongRoPE (Phi-3 128k): per-pair factors are tensors; the attention factor is a key,
         # or derived as llama.cpp's converter does when absent.
@@ -195,8 +208,10 @@ class ModelConfig:
             if "rope_factors_short.weight" in mf.tensors:
                 short_f = _factors(mf, "rope_factors_short.weight", rope_dim)
             if orig is None:
-                raise GGUFError(f"{mf.path}: LongRoPE factors are present but "
-                                f"'{key('rope.scaling.original_context_length')}' is missing")
+                raise GGUFError(
+                    f"{mf.path}: LongRoPE factors are present but "
+                    f"'{key('rope.scaling.original_context_length')}' is missing"
+                )
             attn_factor = md.get(key("rope.scaling.attn_factor"))
             if attn_factor is None:
                 s = ctx / orig
@@ -263,8 +278,10 @@ class ModelConfig:
         for name, shape in self.expected_tensors().items():
             t = mf.tensors.get(name)
             if t is None:
-                raise GGUFError(f"{mf.path}: tensor '{name}' is missing (expected shape "
-                                f"{shape} for this {self.architecture} model)")
+                raise GGUFError(
+                    f"{mf.path}: tensor '{name}' is missing (expected shape "
+                    f"{shape} for this {self.architecture} model)"
+                )
             if t.shape != shape:
                 raise GGUFError(
                     f"{mf.path}: tensor '{name}' has shape {t.shape} but the config implies "
@@ -275,15 +292,18 @@ class ModelConfig:
         for name in ("output_norm.weight", "blk.0.attn_norm.weight"):
             w = mf.dequantize(name)
             if not np.isfinite(w).all():
-                raise GGUFError(f"{mf.path}: tensor '{name}' contains NaN or Inf; the file "
-                                "is corrupt")
+                raise GGUFError(
+                    f"{mf.path}: tensor '{name}' contains NaN or Inf; the file is corrupt"
+                )
 
 
 def _factors(mf: ModelFile, name: str, rope_dim: int) -> tuple[float, ...]:
     t = mf.tensors[name]
     if t.shape != (rope_dim // 2,):
-        raise GGUFError(f"{mf.path}: tensor '{name}' has shape {t.shape}; expected "
-                        f"({rope_dim // 2},) for rope dimension {rope_dim}")
+        raise GGUFError(
+            f"{mf.path}: tensor '{name}' has shape {t.shape}; expected "
+            f"({rope_dim // 2},) for rope dimension {rope_dim}"
+        )
     values = mf.dequantize(name).astype(np.float64)
     if not (np.isfinite(values).all() and (values > 0).all()):
         raise GGUFError(f"{mf.path}: tensor '{name}' holds non-positive or non-finite factors")

@@ -25,6 +25,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -360,8 +361,9 @@ class _Cursor:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            log.warning("%s: %s at byte %d is not valid UTF-8; decoded with U+FFFD", self.path,
-                        what, start)
+            log.warning(
+                "%s: %s at byte %d is not valid UTF-8; decoded with U+FFFD", self.path, what, start
+            )
             return raw.decode("utf-8", errors="replace")
 
     def value_type(self, what: str) -> ValueType:
@@ -370,8 +372,9 @@ class _Cursor:
         try:
             return ValueType(raw)
         except ValueError:
-            raise self.fail(f"{what} has unknown value type {raw}", "the file is corrupt",
-                            at=at) from None
+            raise self.fail(
+                f"{what} has unknown value type {raw}", "the file is corrupt", at=at
+            ) from None
 
     def value(self, vtype: ValueType, what: str, depth: int = 0) -> Any:
         if vtype == ValueType.STRING:
@@ -379,8 +382,9 @@ class _Cursor:
         if vtype != ValueType.ARRAY:
             return self.scalar(vtype, what)
         if depth >= MAX_ARRAY_NESTING:
-            raise self.fail(f"{what} nests arrays deeper than {MAX_ARRAY_NESTING}",
-                            "the file is corrupt")
+            raise self.fail(
+                f"{what} nests arrays deeper than {MAX_ARRAY_NESTING}", "the file is corrupt"
+            )
         etype = self.value_type(f"element type of {what}")
         at = self.pos
         count = self.u64(f"length of {what}")
@@ -392,8 +396,7 @@ class _Cursor:
                 at=at,
             )
         if etype in _SCALAR_DTYPES:
-            arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPES[etype], count=count,
-                                offset=self.pos)
+            arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPES[etype], count=count, offset=self.pos)
             self.pos += arr.nbytes
             return arr.tolist()
         if etype == ValueType.BOOL:
@@ -461,22 +464,33 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
     version = cur.u32("version")
     if version not in (2, 3):
         if version & 0xFFFF == 0 and version != 0:
-            raise cur.fail(f"version field reads {version:#x}",
-                           "this looks like a big-endian GGUF; phimlx reads little-endian files",
-                           at=4)
-        hint = ("GGUF v1 is obsolete; re-convert the model with a current llama.cpp"
-                if version == 1 else "a newer or corrupt file; phimlx reads GGUF versions 2 and 3")
+            raise cur.fail(
+                f"version field reads {version:#x}",
+                "this looks like a big-endian GGUF; phimlx reads little-endian files",
+                at=4,
+            )
+        hint = (
+            "GGUF v1 is obsolete; re-convert the model with a current llama.cpp"
+            if version == 1
+            else "a newer or corrupt file; phimlx reads GGUF versions 2 and 3"
+        )
         raise cur.fail(f"unsupported GGUF version {version}", hint, at=4)
 
     tensor_count = cur.u64("tensor count")
     kv_count = cur.u64("metadata key/value count")
     remaining = size - cur.pos
     if kv_count * _MIN_KV_SIZE > remaining:
-        raise cur.fail(f"metadata count {kv_count} cannot fit in the {remaining} remaining bytes",
-                       "the file is truncated or corrupt", at=16)
+        raise cur.fail(
+            f"metadata count {kv_count} cannot fit in the {remaining} remaining bytes",
+            "the file is truncated or corrupt",
+            at=16,
+        )
     if tensor_count * _MIN_TENSOR_INFO_SIZE > remaining:
-        raise cur.fail(f"tensor count {tensor_count} cannot fit in the {remaining} remaining "
-                       "bytes", "the file is truncated or corrupt", at=8)
+        raise cur.fail(
+            f"tensor count {tensor_count} cannot fit in the {remaining} remaining bytes",
+            "the file is truncated or corrupt",
+            at=8,
+        )
 
     metadata: dict[str, Any] = {}
     for i in range(kv_count):
@@ -511,8 +525,10 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
         names.add(name)
         n_dims = cur.u32(f"dimension count of tensor '{name}'")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise cur.fail(f"tensor '{name}' has {n_dims} dimensions (must be 1 to {MAX_DIMS})",
-                           "the file is corrupt")
+            raise cur.fail(
+                f"tensor '{name}' has {n_dims} dimensions (must be 1 to {MAX_DIMS})",
+                "the file is corrupt",
+            )
         ne = [cur.u64(f"dimension {d} of tensor '{name}'") for d in range(n_dims)]
         type_at = cur.pos
         raw_type = cur.u32(f"type of tensor '{name}'")
@@ -526,13 +542,17 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
             ) from None
         rel = cur.u64(f"data offset of tensor '{name}'")
         if any(d == 0 for d in ne):
-            raise cur.fail(f"tensor '{name}' has a zero dimension {ne}", "the file is corrupt",
-                           at=at)
+            raise cur.fail(
+                f"tensor '{name}' has a zero dimension {ne}", "the file is corrupt", at=at
+            )
         block, tsize = TYPE_SIZES[gtype]
         if ne[0] % block:
             raise cur.fail(
                 f"tensor '{name}' ({gtype.name}) has rows of {ne[0]} elements, not a multiple "
-                f"of its block size {block}", "the file is corrupt", at=at)
+                f"of its block size {block}",
+                "the file is corrupt",
+                at=at,
+            )
         # Python integers do not overflow; bound the product by the file size as we go so a
         # crafted shape cannot make us compute or allocate anything large.
         nbytes = ne[0] // block * tsize
@@ -543,7 +563,10 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
         if nbytes > size:
             raise cur.fail(
                 f"tensor '{name}' with shape {ne} of {gtype.name} would need more bytes than "
-                f"the whole {size}-byte file", "the file is truncated or corrupt", at=at)
+                f"the whole {size}-byte file",
+                "the file is truncated or corrupt",
+                at=at,
+            )
         entries.append((name, tuple(reversed(ne)), gtype, rel, nbytes))
 
     data_offset = -(-cur.pos // alignment) * alignment
@@ -552,20 +575,23 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
         if rel % alignment:
             raise GGUFError(
                 f"{path}: tensor '{name}' data offset {rel} is not a multiple of the alignment "
-                f"{alignment}; the file is corrupt")
+                f"{alignment}; the file is corrupt"
+            )
         start = data_offset + rel
         if start + nbytes > size:
             raise GGUFError(
                 f"{path}: tensor '{name}' ends at byte {start + nbytes}, past the end of the file "
-                f"({size} bytes); the download is probably truncated: download it again")
+                f"({size} bytes); the download is probably truncated: download it again"
+            )
         tensors[name] = TensorInfo(name, shape, gtype, start, nbytes)
 
     ordered = sorted(tensors.values(), key=lambda t: t.offset)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if a.offset + a.nbytes > b.offset:
             raise GGUFError(
                 f"{path}: tensors '{a.name}' (bytes {a.offset}..{a.offset + a.nbytes}) and "
-                f"'{b.name}' (from byte {b.offset}) overlap; the file is corrupt")
+                f"'{b.name}' (from byte {b.offset}) overlap; the file is corrupt"
+            )
 
     return ModelFile(
         path=path,

@@ -19,8 +19,7 @@ import numpy as np
 from .gguf import TYPE_SIZES, GGMLType
 
 # Shapes of the real models.
-PHI3_MINI = dict(n_layers=32, hidden=3072, ffn=8192, n_heads=32, n_kv_heads=32,
-                 context=4096)
+PHI3_MINI = dict(n_layers=32, hidden=3072, ffn=8192, n_heads=32, n_kv_heads=32, context=4096)
 PHI3_MINI_128K = dict(PHI3_MINI, context=131072, original_context=4096)
 PHI3_VOCAB_SIZE = 32064
 
@@ -41,8 +40,22 @@ _SCALES: dict[GGMLType, tuple[tuple[int, ...], float, tuple[int, ...], float]] =
     GGMLType.Q6_K: ((208,), 1370.0, (), 0.0),
 }
 
-MIXES = ("Q4_K_M", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K", "Q2_K", "Q3_K", "Q5_K",
-         "Q4_K", "F16", "BF16", "F32")
+MIXES = (
+    "Q4_K_M",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q6_K",
+    "Q2_K",
+    "Q3_K",
+    "Q5_K",
+    "Q4_K",
+    "F16",
+    "BF16",
+    "F32",
+)
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -53,6 +66,7 @@ def _more_bits(i: int, n: int) -> bool:
 def mix_types(mix: str, n_layers: int) -> Callable[[str], GGMLType]:
     """Tensor name -> type for a llama.cpp-style quant mix (weights only; norms are F32)."""
     if mix == "Q4_K_M":
+
         def pick(name: str) -> GGMLType:
             if name == "output.weight":
                 return GGMLType.Q6_K
@@ -62,6 +76,7 @@ def mix_types(mix: str, n_layers: int) -> Callable[[str], GGMLType]:
                 layer = int(name.split(".")[1])
                 return GGMLType.Q6_K if _more_bits(layer, n_layers) else GGMLType.Q4_K
             return GGMLType.Q4_K
+
         return pick
     try:
         t = GGMLType[mix]
@@ -90,9 +105,17 @@ class SyntheticSpec:
     tokenizer: bool = True  # False: no tokenizer metadata (vocab of 32064 random rows)
 
     def file_name(self) -> str:
-        parts = [self.architecture, f"L{self.n_layers}", f"h{self.hidden}", f"f{self.ffn}",
-                 f"H{self.n_heads}", f"kv{self.n_kv_heads or self.n_heads}", f"c{self.context}",
-                 self.mix, f"s{self.seed}"]
+        parts = [
+            self.architecture,
+            f"L{self.n_layers}",
+            f"h{self.hidden}",
+            f"f{self.ffn}",
+            f"H{self.n_heads}",
+            f"kv{self.n_kv_heads or self.n_heads}",
+            f"c{self.context}",
+            self.mix,
+            f"s{self.seed}",
+        ]
         if self.original_context:
             parts.append(f"o{self.original_context}")
         if self.sliding_window:
@@ -106,12 +129,15 @@ class SyntheticSpec:
         return "-".join(parts) + ".gguf"
 
 
-def _random_blocks(rng: np.random.Generator, qtype: GGMLType, rows: int, cols: int,
-                   std: float) -> np.ndarray:
+def _random_blocks(
+    rng: np.random.Generator, qtype: GGMLType, rows: int, cols: int, std: float
+) -> np.ndarray:
     block, size = TYPE_SIZES[qtype]
     if cols % block:
-        raise ValueError(f"{qtype.name} needs rows that are a multiple of {block} elements; "
-                         f"got {cols}: pick another mix or shape")
+        raise ValueError(
+            f"{qtype.name} needs rows that are a multiple of {block} elements; "
+            f"got {cols}: pick another mix or shape"
+        )
     nblocks = rows * cols // block
     data = rng.integers(0, 256, size=(nblocks, size), dtype=np.uint8)
     d_offs, spread, m_offs, m_mult = _SCALES[qtype]
@@ -126,22 +152,25 @@ def _random_blocks(rng: np.random.Generator, qtype: GGMLType, rows: int, cols: i
     return data.reshape(rows, cols // block * size)
 
 
-def _tensor(rng: np.random.Generator, qtype: GGMLType, shape: tuple[int, ...],
-            std: float) -> tuple[np.ndarray, GGMLType]:
+def _tensor(
+    rng: np.random.Generator, qtype: GGMLType, shape: tuple[int, ...], std: float
+) -> tuple[np.ndarray, GGMLType]:
     if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         w = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         if qtype == GGMLType.F16:
             return w.astype(np.float16), qtype
         if qtype == GGMLType.BF16:
             return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(
-                *shape[:-1], shape[-1] * 2), qtype
+                *shape[:-1], shape[-1] * 2
+            ), qtype
         return w, qtype
     rows = int(np.prod(shape[:-1]))
     return _random_blocks(rng, qtype, rows, shape[-1], std), qtype
 
 
-def write_model(path: str | os.PathLike[str], spec: SyntheticSpec | None = None,
-                **overrides: object) -> Path:
+def write_model(
+    path: str | os.PathLike[str], spec: SyntheticSpec | None = None, **overrides: object
+) -> Path:
     """Write a random-weight model described by ``spec`` (fields overridable by keyword).
 
     The file carries a Phi-3-like SentencePiece tokenizer (32064 entries with Phi-3's special
@@ -202,8 +231,12 @@ def write_model(path: str | os.PathLike[str], spec: SyntheticSpec | None = None,
         norm(b + "ffn_norm.weight")
         s_in = 1.0 / np.sqrt(h)
         if arch == "phi3":
-            add(b + "attn_qkv.weight", pick(b + "attn_qkv.weight"),
-                ((spec.n_heads + 2 * n_kv) * hd, h), s_in)
+            add(
+                b + "attn_qkv.weight",
+                pick(b + "attn_qkv.weight"),
+                ((spec.n_heads + 2 * n_kv) * hd, h),
+                s_in,
+            )
             add(b + "ffn_up.weight", pick(b + "ffn_up.weight"), (2 * spec.ffn, h), s_in)
         else:
             add(b + "attn_q.weight", pick(b + "attn_q.weight"), (spec.n_heads * hd, h), s_in)
@@ -211,10 +244,18 @@ def write_model(path: str | os.PathLike[str], spec: SyntheticSpec | None = None,
             add(b + "attn_v.weight", pick(b + "attn_v.weight"), (n_kv * hd, h), s_in)
             add(b + "ffn_gate.weight", pick(b + "ffn_gate.weight"), (spec.ffn, h), s_in)
             add(b + "ffn_up.weight", pick(b + "ffn_up.weight"), (spec.ffn, h), s_in)
-        add(b + "attn_output.weight", pick(b + "attn_output.weight"),
-            (h, spec.n_heads * hd), 1.0 / np.sqrt(spec.n_heads * hd))
-        add(b + "ffn_down.weight", pick(b + "ffn_down.weight"), (h, spec.ffn),
-            1.0 / np.sqrt(spec.ffn))
+        add(
+            b + "attn_output.weight",
+            pick(b + "attn_output.weight"),
+            (h, spec.n_heads * hd),
+            1.0 / np.sqrt(spec.n_heads * hd),
+        )
+        add(
+            b + "ffn_down.weight",
+            pick(b + "ffn_down.weight"),
+            (h, spec.ffn),
+            1.0 / np.sqrt(spec.ffn),
+        )
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -228,8 +269,11 @@ def ensure_model(spec: SyntheticSpec, cache_dir: str | os.PathLike[str] | None =
 
     The default cache is ``$PHIMLX_SYNTHETIC_DIR`` or ``~/.cache/phimlx/synthetic``.
     """
-    base = Path(cache_dir or os.environ.get("PHIMLX_SYNTHETIC_DIR")
-                or Path.home() / ".cache" / "phimlx" / "synthetic")
+    base = Path(
+        cache_dir
+        or os.environ.get("PHIMLX_SYNTHETIC_DIR")
+        or Path.home() / ".cache" / "phimlx" / "synthetic"
+    )
     base.mkdir(parents=True, exist_ok=True)
     target = base / spec.file_name()
     if not target.exists():
