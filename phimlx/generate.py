@@ -1,0 +1,222 @@
+"""THE decode loop, written once against the incremental-decode protocol.
+
+Three layers, as in mlx-lm: `generate_tokens` (prefill, sample, step: token ids), `stream`
+(detokenize incrementally, stop strings, finish reasons, stats: `Chunk`s), and the blocking
+`Model.generate` in `phimlx.model` that joins a stream into a `Result`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .backends import Session
+from .detokenize import StreamingDetokenizer
+from .errors import ContextLengthError
+from .sampling import Sampler
+
+
+@dataclass
+class Stats:
+    """Timing and size figures of one generation."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0
+    time_to_first_token: float = 0.0  # seconds from the call to the first sampled token
+    peak_memory: int | None = None  # peak resident memory of the process, bytes
+
+    @property
+    def prompt_tps(self) -> float:
+        """Prompt tokens per second (prefill)."""
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        """Generated tokens per second, after the first token."""
+        n = self.generation_tokens - 1
+        return n / self.generation_seconds if n > 0 and self.generation_seconds else 0.0
+
+    def summary(self) -> str:
+        mem = f", peak memory {self.peak_memory / 2**30:.2f} GiB" if self.peak_memory else ""
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s; "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s; "
+            f"time to first token {self.time_to_first_token:.3f} s{mem}"
+        )
+
+
+@dataclass
+class Chunk:
+    """One piece of a stream: new text, the token that produced it, and, on the last chunk,
+    why generation ended (``"stop"``, ``"length"`` or ``"context"``) and the stats."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+@dataclass
+class Result:
+    """A whole generation."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    stats: Stats = field(default_factory=Stats)
+
+
+def peak_rss() -> int | None:
+    """Peak resident set size of this process in bytes (None where unknown)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().peak_wset)
+        except Exception:  # noqa: BLE001 - best effort only
+            return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def generate_tokens(
+    session: Session,
+    prompt_ids: Sequence[int],
+    sampler: Sampler,
+    *,
+    max_tokens: int,
+    stop_ids: frozenset[int] = frozenset(),
+    stats: Stats | None = None,
+) -> Iterator[tuple[int, str | None]]:
+    """Prefill ``prompt_ids`` and yield ``(token, finish_reason)`` pairs.
+
+    ``finish_reason`` is None while generation goes on; the pair that ends it carries
+    ``"stop"`` (the token is in ``stop_ids`` and is not part of the output), ``"length"``
+    (``max_tokens`` reached) or ``"context"`` (the session is full).
+    """
+    stats = stats if stats is not None else Stats()
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty after tokenization; give at least one token")
+    if len(prompt_ids) > session.max_context - session.position:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt_ids)} tokens but the context holds "
+            f"{session.max_context} ({session.position} already used); shorten the prompt "
+            "or raise max_context (up to the model's context length)"
+        )
+    if max_tokens <= 0:
+        return
+    t0 = time.perf_counter()
+    logits = session.prefill(prompt_ids)
+    t1 = time.perf_counter()
+    stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), t1 - t0
+    generated: list[int] = []
+    step_async = getattr(session, "step_async", None)
+    while True:
+        token = sampler(logits, generated)
+        if not generated:
+            stats.time_to_first_token = time.perf_counter() - t0
+            t_first = time.perf_counter()
+        if token in stop_ids:
+            yield token, "stop"
+            break
+        generated.append(token)
+        stats.generation_tokens = len(generated)
+        stats.generation_seconds = time.perf_counter() - t_first
+        if len(generated) >= max_tokens:
+            yield token, "length"
+            break
+        if session.position >= session.max_context:
+            yield token, "context"
+            break
+        if step_async is not None:  # the next step computes while the caller streams text
+            handle = step_async(token)
+            yield token, None
+            logits = handle.result()
+        else:
+            yield token, None
+            logits = session.step(token)
+    stats.generation_seconds = time.perf_counter() - t_first
+
+
+class _StopMatcher:
+    """Holds back only the text that could still turn into a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream(
+    session: Session,
+    prompt_ids: Sequence[int],
+    sampler: Sampler,
+    decode: Callable[[Sequence[int]], str],
+    *,
+    max_tokens: int,
+    stop_ids: frozenset[int] = frozenset(),
+    stop_strings: Sequence[str] = (),
+) -> Iterator[Chunk]:
+    """Yield `Chunk`s of text as tokens are generated; the last one has the finish reason
+    and stats.  ``decode`` turns ids into text (the tokenizer's, without special tokens)."""
+    stats = Stats()
+    detok = StreamingDetokenizer(decode)
+    stops = _StopMatcher(stop_strings)
+    finish = "length"
+    last: int | None = None
+    carry = ""  # text of the token that ended generation, sent with the final chunk
+    tokens = generate_tokens(
+        session, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats
+    )
+    for token, reason in tokens:
+        last = token
+        if reason == "stop":
+            finish = reason
+            break
+        text, hit = stops.feed(detok.add(token))
+        if hit:
+            stats.peak_memory = peak_rss()
+            yield Chunk(text, token, "stop", stats)
+            return
+        if reason is not None:
+            finish, carry = reason, text
+            break
+        if text:
+            yield Chunk(text, token)
+    tail, hit = stops.feed(detok.finalize())
+    text = carry + tail
+    if hit:
+        finish = "stop"
+    else:
+        text += stops.flush()
+    stats.peak_memory = peak_rss()
+    yield Chunk(text, last, finish, stats)
