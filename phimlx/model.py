@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
-Prompt = Union[str, Messages]
+Prompt = str | Messages
 
 
 class Session:
