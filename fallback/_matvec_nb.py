@@ -1,0 +1,258 @@
+"""numba matrix-vector kernels that read GGUF blocks in place (the decode hot path).
+
+One kernel per type: ``out[r] = W[r] . x`` with the weights decoded in registers.  Layouts are
+in `phimlx.quants`.  What makes them fast (measured on AVX2; see bench/kernels.py):
+
+- Indices are ``uint64``: signed indices make numba emit a negative-index wraparound per load,
+  which turns vector loads into byte gathers.
+- Integer temporaries are cast to ``int32`` (numba widens small-integer arithmetic to int64,
+  which halves the vector width); a high nibble is ``q & 0xF0`` with 1/16 folded into its
+  scale, so no shift is needed at all.
+- Block sizes arrive at run time: a constant 16/32-trip inner loop is fully unrolled into
+  scalar code, a run-time one is vectorized.
+- One accumulator *vector* ``acc[l]`` per row takes every sub-block's scaled products, so
+  there is no horizontal reduction per sub-block; the zero points (Q4_0's 8, Q4_K's mins, ...)
+  are applied once per block against precomputed sums of ``x`` (``xs``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+U = np.uint64
+I = np.int32  # noqa: E741
+F = np.float32
+
+_OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+
+
+@njit(inline="always")
+def _h(row, o):  # f16 at byte o of row, via the 65536-entry table (float16 is no numba type)
+    return I(row[o]) | (I(row[o + U(1)]) << I(8))
+
+
+@njit(**_OPTS)
+def mv_q8_0(w, wi8, x, xs, f16, out, qk, bs):  # w uint8 (rows, nb*34); wi8 the same as int8
+    nb = U(x.shape[0] // qk)
+    qku, bsu = U(qk), U(bs)
+    for r in prange(w.shape[0]):
+        row, rowi = w[r], wi8[r]
+        acc = np.zeros(qk, np.float32)  # (qk,)
+        for b in range(nb):
+            o = b * bsu
+            d = f16[_h(row, o)]
+            qo, xo = o + U(2), b * qku
+            for l in range(qku):
+                acc[l] += d * F(rowi[qo + l]) * x[xo + l]
+        out[r] = acc.sum()
+
+
+@njit(**_OPTS)
+def mv_q4_0(w, x, xs, f16, out, qk, bs):  # w (rows, nb*18); xs (nb,) block sums of x
+    nb = U(x.shape[0] // qk)
+    qku, bsu, half = U(qk), U(bs), U(qk // 2)
+    m15, m240 = I(15), I(240)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        acc = np.zeros(qk // 2, np.float32)  # (qk/2,)
+        corr = F(0)
+        for b in range(nb):
+            o = b * bsu
+            d = f16[_h(row, o)]
+            dh = d * F(0.0625)
+            qo, xo = o + U(2), b * qku
+            for l in range(half):
+                q = I(row[qo + l])
+                acc[l] += d * F(q & m15) * x[xo + l] + dh * F(q & m240) * x[xo + half + l]
+            corr += d * xs[b]
+        out[r] = acc.sum() - F(8) * corr
+
+
+@njit(**_OPTS)
+def mv_q4_1(w, x, xs, f16, out, qk, bs):  # w (rows, nb*20)
+    nb = U(x.shape[0] // qk)
+    qku, bsu, half = U(qk), U(bs), U(qk // 2)
+    m15, m240 = I(15), I(240)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        acc = np.zeros(qk // 2, np.float32)
+        corr = F(0)
+        for b in range(nb):
+            o = b * bsu
+            d = f16[_h(row, o)]
+            dh = d * F(0.0625)
+            qo, xo = o + U(4), b * qku
+            for l in range(half):
+                q = I(row[qo + l])
+                acc[l] += d * F(q & m15) * x[xo + l] + dh * F(q & m240) * x[xo + half + l]
+            corr += f16[_h(row, o + U(2))] * xs[b]
+        out[r] = acc.sum() + corr
+
+
+@njit(**_OPTS)
+def mv_q5(w, x, xs, f16, out, qk, bs, has_min):  # Q5_0 (rows, nb*22) / Q5_1 (rows, nb*24)
+    nb = U(x.shape[0] // qk)
+    qku, bsu, half = U(qk), U(bs), U(qk // 2)
+    m15, m240 = I(15), I(240)
+    hoff = U(4) if has_min else U(2)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        acc = np.zeros(qk // 2, np.float32)
+        corr = F(0)
+        for b in range(nb):
+            o = b * bsu
+            d = f16[_h(row, o)]
+            dh, d16 = d * F(0.0625), d * F(16)
+            qh = (
+                U(row[o + hoff])
+                | (U(row[o + hoff + U(1)]) << U(8))
+                | (U(row[o + hoff + U(2)]) << U(16))
+                | (U(row[o + hoff + U(3)]) << U(24))
+            )
+            qo, xo = o + hoff + U(4), b * qku
+            for l in range(half):
+                q = I(row[qo + l])
+                lo = d * F(q & m15) + d16 * F((qh >> l) & U(1))
+                hi = dh * F(q & m240) + d16 * F((qh >> (l + half)) & U(1))
+                acc[l] += lo * x[xo + l] + hi * x[xo + half + l]
+            if has_min:
+                corr += f16[_h(row, o + U(2))] * xs[b]
+            else:
+                corr -= F(16) * d * xs[b]
+        out[r] = acc.sum() + corr
+
+
+@njit(inline="always")
+def _k_scales(row, o, d, dm, xs, g, sc):
+    """Q4_K/Q5_K: the 8 sub-block scales d*sc_j into sc; returns dmin * sum_j m_j * xs[g+j]."""
+    m15, m63, s4, s6 = I(15), I(63), I(4), I(6)
+    corr = F(0)
+    for j in range(U(4)):
+        sc[j] = d * F(I(row[o + U(4) + j]) & m63)
+        corr += F(I(row[o + U(8) + j]) & m63) * xs[g + j]
+    for j in range(U(4)):
+        a = I(row[o + U(4) + j])
+        bm = I(row[o + U(8) + j])
+        c = I(row[o + U(12) + j])
+        sc[j + U(4)] = d * F((c & m15) | ((a >> s6) << s4))
+        corr += F((c >> s4) | ((bm >> s6) << s4)) * xs[g + U(4) + j]
+    return dm * corr
+
+
+@njit(**_OPTS)
+def mv_q4_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*144); xs (nb*8,) sums of 32
+    nb = U(x.shape[0] // qk)
+    qku, bsu, subu = U(qk), U(bs), U(sub)
+    m15, m240 = I(15), I(240)
+    h = F(0.0625)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        acc = np.zeros(sub, np.float32)  # (32,)
+        sc = np.empty(8, np.float32)
+        corr = F(0)
+        for b in range(nb):
+            o = b * bsu
+            corr += _k_scales(row, o, f16[_h(row, o)], f16[_h(row, o + U(2))], xs, b * U(8), sc)
+            s0, s1, s2, s3 = sc[0], sc[1] * h, sc[2], sc[3] * h
+            s4, s5, s6, s7 = sc[4], sc[5] * h, sc[6], sc[7] * h
+            qo, xo = o + U(16), b * qku
+            for l in range(subu):
+                q0 = I(row[qo + l])
+                q1 = I(row[qo + U(32) + l])
+                q2 = I(row[qo + U(64) + l])
+                q3 = I(row[qo + U(96) + l])
+                acc[l] += (
+                    s0 * F(q0 & m15) * x[xo + l]
+                    + s1 * F(q0 & m240) * x[xo + U(32) + l]
+                    + s2 * F(q1 & m15) * x[xo + U(64) + l]
+                    + s3 * F(q1 & m240) * x[xo + U(96) + l]
+                    + s4 * F(q2 & m15) * x[xo + U(128) + l]
+                    + s5 * F(q2 & m240) * x[xo + U(160) + l]
+                    + s6 * F(q3 & m15) * x[xo + U(192) + l]
+                    + s7 * F(q3 & m240) * x[xo + U(224) + l]
+                )
+        out[r] = acc.sum() - corr
+
+
+@njit(**_OPTS)
+def mv_q5_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*176); xs (nb*8,)
+    nb = U(x.shape[0] // qk)
+    qku, bsu, subu = U(qk), U(bs), U(sub)
+    m15, m240 = I(15), I(240)
+    h = F(0.0625)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        acc = np.zeros(sub, np.float32)  # (32,)
+        sc = np.empty(8, np.float32)
+        corr = F(0)
+        for b in range(nb):
+            o = b * bsu
+            corr += _k_scales(row, o, f16[_h(row, o)], f16[_h(row, o + U(2))], xs, b * U(8), sc)
+            # Sub-block j: scale s_j on the nibble, t_j = 16 s_j / 2^j on qh & (1 << j).
+            s0, s1, s2, s3 = sc[0], sc[1] * h, sc[2], sc[3] * h
+            s4, s5, s6, s7 = sc[4], sc[5] * h, sc[6], sc[7] * h
+            t0, t1, t2, t3 = sc[0] * F(16), sc[1] * F(8), sc[2] * F(4), sc[3] * F(2)
+            t4, t5, t6, t7 = sc[4], sc[5] * F(0.5), sc[6] * F(0.25), sc[7] * F(0.125)
+            ho, qo, xo = o + U(16), o + U(48), b * qku
+            for l in range(subu):
+                e = I(row[ho + l])
+                q0 = I(row[qo + l])
+                q1 = I(row[qo + U(32) + l])
+                q2 = I(row[qo + U(64) + l])
+                q3 = I(row[qo + U(96) + l])
+                acc[l] += (
+                    (s0 * F(q0 & m15) + t0 * F(e & I(1))) * x[xo + l]
+                    + (s1 * F(q0 & m240) + t1 * F(e & I(2))) * x[xo + U(32) + l]
+                    + (s2 * F(q1 & m15) + t2 * F(e & I(4))) * x[xo + U(64) + l]
+                    + (s3 * F(q1 & m240) + t3 * F(e & I(8))) * x[xo + U(96) + l]
+                    + (s4 * F(q2 & m15) + t4 * F(e & I(16))) * x[xo + U(128) + l]
+                    + (s5 * F(q2 & m240) + t5 * F(e & I(32))) * x[xo + U(160) + l]
+                    + (s6 * F(q3 & m15) + t6 * F(e & I(64))) * x[xo + U(192) + l]
+                    + (s7 * F(q3 & m240) + t7 * F(e & I(128))) * x[xo + U(224) + l]
+                )
+        out[r] = acc.sum() - corr
+
+
+@njit(**_OPTS)
+def mv_q6_k(w, wi8, x, xs16, f16, out, qk, bs, sub):  # w (rows, nb*210); xs16 (nb*16,)
+    nb = U(x.shape[0] // qk)
+    qku, bsu, subu = U(qk), U(bs), U(sub)  # sub = 16
+    m15, m240 = I(15), I(240)
+    for r in prange(w.shape[0]):
+        row, rowi = w[r], wi8[r]
+        acc = np.zeros(sub, np.float32)  # (16,)
+        corr = F(0)
+        for b in range(nb):
+            o = b * bsu
+            d = f16[_h(row, o + U(208))]
+            for j in range(U(16)):
+                corr += d * F(rowi[o + U(192) + j]) * xs16[b * U(16) + j]
+            for hh in range(U(2)):
+                # Weight 128hh + 32k + 16f + l: ql byte 64hh + 32(k&1) + 16f + l, nibble k>>1;
+                # qh byte 32hh + 16f + l, bits 2k; scale 8hh + 2k + f.
+                so = o + U(192) + U(8) * hh
+                dq = d * F(0.0625)
+                a0, b0 = d * F(rowi[so]), d * F(rowi[so + U(1)])
+                a1, b1 = d * F(rowi[so + U(2)]), d * F(rowi[so + U(3)])
+                a2, b2 = dq * F(rowi[so + U(4)]), dq * F(rowi[so + U(5)])
+                a3, b3 = dq * F(rowi[so + U(6)]), dq * F(rowi[so + U(7)])
+                lo, ho, xo = o + U(64) * hh, o + U(128) + U(32) * hh, b * qku + U(128) * hh
+                for l in range(subu):
+                    p0 = I(row[lo + l])
+                    p1 = I(row[lo + U(32) + l])
+                    e = I(row[ho + l])
+                    p0f = I(row[lo + U(16) + l])
+                    p1f = I(row[lo + U(48) + l])
+                    ef = I(row[ho + U(16) + l])
+                    acc[l] += (
+                        a0 * (F(p0 & m15) + F(e & I(3)) * F(16)) * x[xo + l]
+                        + b0 * (F(p0f & m15) + F(ef & I(3)) * F(16)) * x[xo + U(16) + l]
+                        + a1 * (F(p1 & m15) + F(e & I(12)) * F(4)) * x[xo + U(32) + l]
+                        + b1 * (F(p1f & m15) + F(ef & I(12)) * F(4)) * x[xo + U(48) + l]
+                        + a2 * (F(p0 & m240) + F(e & I(48)) * F(16)) * x[xo + U(64) + l]
+                        + b2 * (F(p0f & m240) + F(ef & I(48)) * F(16)) * x[xo + U(80) + l]
+                        + a3 * (F(p1 & m240) + F(e & I(192)) * F(4)) * x[xo + U(96) + l]
+                        + b3 * (F(p1f & m240) + F(ef & I(192)) * F(4)) * x[xo + U(112) + l]
+                    )
+        out[r] = acc.sum() - F(32) * corr
