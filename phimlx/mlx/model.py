@@ -1,0 +1,237 @@
+"""The MLX model: mlx-lm's phi3 / llama modules holding our converted GGUF tensors.
+
+What is ours and why: mlx-lm's rope modules cannot express what GGUF files need per
+session -- LongRoPE short *or* long factors chosen by the session's context as llama.cpp
+does (mlx-lm always uses long), llama.cpp's attention factor, partial rotary dims and the
+interleaved ("normal") style of llama GGUFs -- so each attention's ``rope`` is replaced by
+`_Rope`, fed from the session.  Sliding-window attention uses mlx-lm's `RotatingKVCache`,
+whose mask keeps key j visible from query i iff ``i - j < window`` (as the NumPy backend).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama, phi3
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from ..config import ModelConfig
+from ..errors import ContextLengthError
+from ..gguf import GGMLType, ModelFile
+from .quant import GROUP, Quantized
+from .weights import iter_weights, layout, mlx_lm_config
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # tokens per forward pass during prefill
+
+
+class _RopeState:
+    """Frequencies of the session currently running (read when the graph is built)."""
+
+    freqs: mx.array | None = None
+    scale: float = 1.0
+
+
+class _Rope(nn.Module):
+    def __init__(self, dims: int, traditional: bool, state: _RopeState) -> None:
+        super().__init__()
+        self.dims, self.traditional, self._state = dims, traditional, state
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        s = self._state
+        if s.scale != 1.0:  # llama.cpp scales cos and sin: the rotated dims only
+            x = mx.concatenate([x[..., : self.dims] * s.scale, x[..., self.dims :]], axis=-1)
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=s.freqs,
+        )
+
+
+def compute_dtype() -> mx.Dtype:
+    """float16 on the GPU (Metal); float32 on MLX's CPU device, where it costs little and
+    keeps results comparable with the NumPy backend."""
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def build_model(
+    mf: ModelFile, config: ModelConfig, dtype: mx.Dtype | None = None
+) -> tuple[nn.Module, int]:
+    """mlx-lm's module for ``config`` with the file's tensors; returns it and its bytes.
+
+    Tensors are converted one at a time and handed to MLX at once, so peak memory stays near
+    the model's final size.
+    """
+    dtype = dtype or compute_dtype()
+    np_scale = np.float32 if dtype == mx.float32 else np.float16
+    args_dict = mlx_lm_config(config)
+    mod = phi3 if layout(config) == "phi3" else llama
+    model = mod.Model(mod.ModelArgs.from_dict(args_dict))
+
+    params: dict[str, mx.array] = {}
+    quant: dict[str, int] = {}
+    for path, gtype, value in iter_weights(mf, config, np_scale):
+        if isinstance(value, Quantized):
+            params[path + ".weight"] = mx.array(value.weight)
+            params[path + ".scales"] = mx.array(value.scales).astype(dtype)
+            params[path + ".biases"] = mx.array(value.biases).astype(dtype)
+            quant[path] = value.bits
+        else:
+            arr = mx.array(value)
+            if gtype == GGMLType.BF16:
+                arr = arr.view(mx.bfloat16)
+            params[path + ".weight"] = arr.astype(dtype)
+        mx.eval(params[path + ".weight"])  # materialize now; the NumPy copy goes next loop
+
+    # Swap the quantized layers in before loading (the random init is lazy, never computed).
+    nn.quantize(
+        model,
+        group_size=GROUP,
+        bits=4,
+        class_predicate=lambda p, m: (
+            {"group_size": GROUP, "bits": quant[p]} if p in quant else False
+        ),
+    )
+    model.load_weights(list(params.items()), strict=True)
+    mx.eval(model.parameters())
+    nbytes = sum(v.nbytes for v in params.values())
+    return model, nbytes
+
+
+def _install_rope(model: nn.Module, config: ModelConfig) -> _RopeState:
+    state = _RopeState()
+    for layer in model.layers:
+        layer.self_attn.rope = _Rope(config.rope_dim, config.rope_style == "normal", state)
+    return state
+
+
+class MLXModel:
+    """A model loaded on MLX (implements `phimlx.backends.LoadedModel`)."""
+
+    def __init__(self, mf: ModelFile, config: ModelConfig, *, threads: int | None = None):
+        if threads is not None:
+            log.debug("MLX manages its own threads; threads=%s is ignored", threads)
+        self.config = config
+        self.file = mf
+        self.dtype = compute_dtype()
+        self.model, self.weight_bytes = build_model(mf, config, self.dtype)
+        self._rope = _install_rope(self.model, config)
+        log.info(
+            "MLX model ready: %s layout, %.1f MB on %s, activations %s",
+            layout(config),
+            self.weight_bytes / 1e6,
+            mx.default_device(),
+            self.dtype,
+        )
+
+    def new_session(self, max_context: int | None = None) -> MLXSession:
+        """A fresh KV cache for up to ``max_context`` tokens (default: the model's context)."""
+        return MLXSession(self, max_context or self.config.context_length)
+
+    def close(self) -> None:
+        """Drop the weights and the file mapping."""
+        self.model = None  # type: ignore[assignment]
+        self.file.close()
+
+
+class PendingLogits:
+    """Logits being computed by `MLXSession.step_async`; `result` waits for them."""
+
+    def __init__(self, logits: mx.array) -> None:
+        self._logits = logits
+
+    def result(self) -> np.ndarray:
+        """float32 logits ``[vocab]`` (blocks until MLX has computed them)."""
+        return np.array(self._logits, dtype=np.float32)
+
+
+class MLXSession:
+    """KV cache and position of one sequence (implements `phimlx.backends.Session`)."""
+
+    def __init__(self, model: MLXModel, max_context: int) -> None:
+        if max_context <= 0:
+            raise ValueError(f"max_context must be positive, got {max_context}")
+        c = model.config
+        self._m = model
+        self.max_context = max_context
+        self._freqs = mx.array(
+            1.0 / c.rope_inv_freq(max_context).astype(np.float64), dtype=mx.float32
+        )
+        self._cache: list[Any] = []
+        self._pos = 0
+        self.reset()
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def reset(self) -> None:
+        """Empty the cache (position 0)."""
+        w = self._m.config.sliding_window
+        n = self._m.config.n_layers
+        if w and w < self.max_context:
+            self._cache = [RotatingKVCache(max_size=w) for _ in range(n)]
+        else:
+            self._cache = [KVCache() for _ in range(n)]
+        self._pos = 0
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Run the prompt in chunks; float32 logits ``[vocab]`` after its last token."""
+        ids = self._checked(token_ids)
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        logits = None
+        for start in range(0, ids.size, PREFILL_CHUNK):
+            logits = self._forward(ids[start : start + PREFILL_CHUNK])
+            if start + PREFILL_CHUNK < ids.size:
+                mx.eval([c.state for c in self._cache])
+        assert logits is not None
+        return np.array(logits, dtype=np.float32)
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append one token; float32 logits ``[vocab]`` for the next position."""
+        return self.step_async(token_id).result()
+
+    def step_async(self, token_id: int) -> PendingLogits:
+        """Append one token and start computing its logits in the background
+        (``mx.async_eval``); the caller streams text meanwhile, then calls ``.result()``."""
+        logits = self._forward(self._checked([token_id]))
+        mx.async_eval(logits)
+        return PendingLogits(logits)
+
+    def _checked(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if self._pos + ids.size > self.max_context:
+            raise ContextLengthError(
+                f"{self._pos} tokens in the cache + {ids.size} new would exceed the session's "
+                f"context of {self.max_context} tokens; shorten the prompt or open a session "
+                f"with a larger max_context (the model's context length is "
+                f"{self._m.config.context_length})"
+            )
+        vocab = self._m.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    def _forward(self, ids: np.ndarray) -> mx.array:
+        m = self._m
+        m._rope.freqs, m._rope.scale = self._freqs, m.config.rope_attn_factor
+        h = m.model.model(mx.array(ids.astype(np.int32))[None], cache=self._cache)  # (1, T, H)
+        h = h[:, -1:, :]
+        if m.config.tied_embeddings:
+            out = m.model.model.embed_tokens.as_linear(h)
+        else:
+            out = m.model.lm_head(h)
+        self._pos += int(ids.size)
+        return out.reshape(-1).astype(mx.float32)  # (vocab,)
