@@ -312,29 +312,41 @@ def _resolve(
     *,
     refresh: bool,
 ) -> ResolvedModel:
+    path, repo_id, filename, commit = _resolve_gguf(model, filename, revision, hub, refresh)
     tokenizer_json = (
         _fetch_tokenizer(tokenizer_repo, hub, refresh) if tokenizer_repo is not None else None
     )
+    return ResolvedModel(path, repo_id, filename, commit, tokenizer_json)
+
+
+def _resolve_gguf(
+    model: str | os.PathLike[str],
+    filename: str | None,
+    revision: str | None,
+    hub: _Hub,
+    refresh: bool,
+) -> tuple[Path, str | None, str, str | None]:
+    """(validated path, repo id, file name, commit) of the model's GGUF."""
     local = Path(model).expanduser()
     if local.is_file():
         if filename is not None:
             raise ModelNotFoundError(
                 f"{local} is a file; filename={filename!r} only applies to a directory or a repo"
             )
-        return ResolvedModel(_validated(local), None, local.name, None, tokenizer_json)
+        return _validated(local), None, local.name, None
     if local.is_dir():
         path = local / _pick(_local_files(local), filename, where=f"directory {local}")
-        return ResolvedModel(_validated(path), None, path.name, None, tokenizer_json)
+        return _validated(path), None, path.name, None
 
     name = str(model)
     preset = PRESETS.get(name.lower())
     if preset is not None:
         bundled = _bundled(preset, filename, revision)
         if bundled is not None:
-            return ResolvedModel(_validated(bundled), None, bundled.name, None, tokenizer_json)
+            return _validated(bundled), None, bundled.name, None
         repo_id, filename = preset.repo_id, filename or preset.filename
         revision = revision or preset.revision
-    elif _looks_like_repo_id(name):
+    elif isinstance(model, str) and _looks_like_repo_id(name):
         repo_id = name
     else:
         raise ModelNotFoundError(
@@ -356,7 +368,7 @@ def _resolve(
             f"{repo_id}/{filename} in the cache is not a valid GGUF ({e}); the download was "
             "incomplete or corrupt and has been deleted from the cache: run again to re-download"
         ) from e
-    return ResolvedModel(path, repo_id, filename, _commit_of(path, hub.cache_dir), tokenizer_json)
+    return path, repo_id, filename, _commit_of(path, hub.cache_dir)
 
 
 def _validated(path: Path) -> Path:
@@ -642,7 +654,8 @@ def _translate(
     if isinstance(e, hf_errors.RepositoryNotFoundError):
         return ModelNotFoundError(
             f"there is no repo {repo_id!r} on {hub.url} (or it is private and the token does not "
-            f"grant access); check the name, or use a preset: {', '.join(PRESETS)}"
+            "grant access), nor a local file of that name; check the name, or use a preset: "
+            f"{', '.join(PRESETS)}"
         )
     if isinstance(e, hf_errors.RevisionNotFoundError):
         return ModelNotFoundError(f"{repo_id} has no revision {revision!r} on {hub.url}")

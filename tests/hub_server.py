@@ -14,7 +14,8 @@ It answers the requests huggingface_hub 2.x makes, with the headers the hub send
 Faults can be set per file name to play a bad network: ``drop_once`` (the first download
 closes the connection half way, then the client resumes with ``Range``), ``drop_always``
 (every download closes before any byte), ``short`` (the CDN holds fewer bytes than the hub
-announces), ``stall`` (the CDN sends headers, then nothing until the server stops).
+announces), ``stall`` (the CDN sends headers, then nothing until the server stops),
+``stall_head`` (the hub itself answers nothing about the file until the server stops).
 Every request is logged in ``requests`` as ``(method, path, headers)``.
 """
 
@@ -277,6 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             return
         repo, commit = found
+        if self.fake.faults.get(filename) == "stall_head":
+            self.fake._stop.wait(60)
+            self.close_connection = True
+            return
         blob = repo.commits[commit].get(filename)
         if blob is None:
             self._error(

@@ -413,6 +413,21 @@ def test_stalled_server_times_out(hub: FakeHub, cache: Path, phi, monkeypatch: p
     assert _leftovers(cache) == []
 
 
+def test_stalled_hub_metadata_times_out(
+    hub: FakeHub, cache: Path, phi, monkeypatch: pytest.MonkeyPatch
+):
+    # huggingface_hub alone would retry a silent HEAD for minutes (60 s timeout, backoff).
+    hub.add_commit(PHI_REPO, {PHI_FILE: phi[0]})
+    hub.faults[PHI_FILE] = "stall_head"
+    monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+
+    out = _run_bounded(lambda: resolve_model(PHI_REPO, filename=PHI_FILE), seconds=30)
+
+    assert isinstance(out.get("error"), HubConnectionError), out
+    assert "did not answer in time" in str(out["error"])
+    assert _leftovers(cache) == []
+
+
 def test_hub_unreachable_and_not_cached(hub: FakeHub, cache: Path):
     hub.stop()
     out = _run_bounded(lambda: resolve_model(PHI_REPO, filename=PHI_FILE), seconds=120)
@@ -486,6 +501,8 @@ def test_local_path_is_used_as_is(hub: FakeHub, tmp_path: Path, phi):
 
     with pytest.raises(ModelNotFoundError, match="not a local file, a preset or a hub repo"):
         resolve_model(tmp_path / "missing.gguf")
+    with pytest.raises(ModelNotFoundError, match="not a local file"):
+        resolve_model(Path("owner/name"))  # a Path is never taken for a repo id
     with pytest.raises(ModelNotFoundError, match="phi-3-mini-4k-instruct"):
         resolve_model("no such model")
     assert hub.requests == []
