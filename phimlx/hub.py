@@ -629,9 +629,9 @@ def _offline_message(repo_id: str, filename: str, revision: str | None, hub: _Hu
     return (
         f"{repo_id}: {filename} (revision {revision or 'main'}) is not in the hub cache "
         f"{hub.cache_dir}, and the network is off (HF_HUB_OFFLINE=1 or local_files_only=True). "
-        f"Fix: connect once and run `phimlx download {repo_id}` (or unset HF_HUB_OFFLINE), "
-        "pass the path of a local .gguf file, or point HF_HUB_CACHE / cache_dir= at a cache "
-        "that holds it"
+        "Fix: run this once with the network on to cache it (unset HF_HUB_OFFLINE; "
+        f"`phimlx download {repo_id}` fetches it), pass the path of a local .gguf file, or "
+        "point HF_HUB_CACHE / cache_dir= at a cache that holds it"
     )
 
 
@@ -676,7 +676,8 @@ def _translate(
         e = e.__cause__
     kind = _transport_kind(e)
     if kind is not None:
-        return HubConnectionError(f"{kind} while fetching {what}: {e}. {_NETWORK_HINT}")
+        kept = "" if kind.startswith("cannot") else "Nothing partial was kept. "
+        return HubConnectionError(f"{kind} while fetching {what}: {e}. {kept}{_NETWORK_HINT}")
     if isinstance(e, OSError):
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             return CacheWriteError(
@@ -700,7 +701,7 @@ def _translate(
 
 
 _NETWORK_HINT = (
-    "Nothing partial was kept. Check the connection (and HF_ENDPOINT) and run again; a slow "
+    "Check the connection (and HF_ENDPOINT) and run again; a slow "
     "link may need a larger HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT (seconds); or use a "
     "local .gguf file, or HF_HUB_OFFLINE=1 with a cache that holds the model"
 )

@@ -346,7 +346,7 @@ def test_connection_dropped_for_good(hub: FakeHub, cache: Path, phi):
 
     with pytest.raises(HubConnectionError, match="connection broke") as err:
         resolve_model(PHI_REPO, filename=PHI_FILE)
-    assert "run again" in str(err.value) and err.value.__cause__ is not None
+    assert "Nothing partial was kept" in str(err.value) and err.value.__cause__ is not None
     assert _leftovers(cache) == []
 
     del hub.faults[PHI_FILE]
@@ -571,6 +571,9 @@ def test_download_refreshes_a_moved_branch_and_list_cached(hub: FakeHub, cache: 
     assert by_rev[newer].refs == ("main",) and by_rev[first.revision].refs == ()
     assert by_rev[newer].size == len(phi[1]) and by_rev[newer].path == refreshed.path
     assert list_cached(cache) == listed
+
+    hub.stop()  # offline, `download` hands back what the cache holds
+    assert download(PHI_REPO, filename=PHI_FILE, local_files_only=True) == refreshed
 
 
 def test_presets_are_well_formed():
