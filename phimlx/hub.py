@@ -5,7 +5,8 @@
 
 - a cached file is used with no network call at all (``hf_hub_download`` asks the hub for
   the newest commit of a branch on every call; `download` is the way to refresh);
-- ``filename`` may be a glob, resolved against the cached snapshot first, then the repo listing;
+- ``filename`` may be a glob, resolved against the repo listing (kept in the cache per commit,
+  so the answer is the same online and offline);
 - every file is validated with `open_gguf` before it is returned, and a short or corrupt
   download is deleted from the cache so that the next call fetches it again;
 - every failure becomes a typed error that says what happened and what to do.
@@ -602,7 +603,7 @@ def _fetch(repo_id: str, filename: str, revision: str | None, hub: _Hub, refresh
     if meta.size is not None and path.stat().st_size != meta.size:
         size = path.stat().st_size
         _discard(path, hub.cache_dir)
-        raise GGUFError(
+        raise (GGUFError if filename.endswith(".gguf") else HubError)(
             f"{repo_id}/{filename}: the cached file has {size} bytes but the hub announces "
             f"{meta.size}; it has been deleted from the cache: run again to re-download"
         )
@@ -689,8 +690,8 @@ def _translate(
                 f"no permission to write {what} into {hub.cache_dir} ({e}); set HF_HUB_CACHE / "
                 "cache_dir= to a writable directory, or fix its permissions"
             )
-        if "Consistency check failed" in str(e):
-            return GGUFError(
+        if "Consistency check failed" in str(e):  # huggingface_hub's size check
+            return (GGUFError if filename.endswith(".gguf") else HubError)(
                 f"the download of {what} ended short (the server sent fewer bytes than it "
                 "announced); the partial file was discarded: run again to re-download"
             )

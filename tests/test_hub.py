@@ -397,7 +397,14 @@ def test_cached_file_corrupted_on_disk(
     assert not blob.exists() and not got.path.exists()
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert resolve_model(PHI_REPO, filename=PHI_FILE).path.read_bytes() == phi[0]
+    again = resolve_model(PHI_REPO, filename=PHI_FILE)
+    assert again.path.read_bytes() == phi[0]
+
+    # `download` compares the cached size with the hub's before trusting the cache.
+    again.path.resolve().write_bytes(phi[0][:-10])
+    with pytest.raises(GGUFError, match="the hub announces"):
+        download(PHI_REPO, filename=PHI_FILE)
+    assert download(PHI_REPO, filename=PHI_FILE).path.read_bytes() == phi[0]
 
 
 def test_stalled_server_times_out(hub: FakeHub, cache: Path, phi, monkeypatch: pytest.MonkeyPatch):
