@@ -152,6 +152,17 @@ class ModelConfig:
                 raise GGUFError(f"{mf.path}: metadata '{key(suffix)}' is {v!r}; expected a number")
             return v
 
+        def optional_int(suffix: str) -> int | None:
+            """A positive integer, or None when the key is absent (or 0, "not set")."""
+            v = md.get(key(suffix))
+            if v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 0):
+                return None
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise GGUFError(
+                    f"{mf.path}: metadata '{key(suffix)}' is {v!r}; expected a positive integer"
+                )
+            return v
+
         n_layers = required_int("block_count")
         hidden = required_int("embedding_length")
         ffn = required_int("feed_forward_length")
@@ -173,14 +184,14 @@ class ModelConfig:
                 f"{mf.path}: {n_heads} attention heads cannot be shared by "
                 f"{n_kv} key/value heads (not a divisor)"
             )
-        head_dim = optional_num("attention.key_length", 0) or 0
-        if not head_dim:
+        head_dim = optional_int("attention.key_length")
+        if head_dim is None:
             if hidden % n_heads:
                 raise GGUFError(
                     f"{mf.path}: embedding length {hidden} is not divisible by {n_heads} heads"
                 )
             head_dim = hidden // n_heads
-        rope_dim = optional_num("rope.dimension_count", head_dim)
+        rope_dim = optional_int("rope.dimension_count") or head_dim
         if not (0 < rope_dim <= head_dim) or rope_dim % 2:
             raise GGUFError(
                 f"{mf.path}: rope dimension count {rope_dim} must be even and at "
@@ -189,33 +200,42 @@ class ModelConfig:
         rope_base = float(optional_num("rope.freq_base", 10000.0))
         if not (rope_base > 1.0 and math.isfinite(rope_base)):
             raise GGUFError(f"{mf.path}: rope.freq_base {rope_base} must be a finite number > 1")
-        window = optional_num("attention.sliding_window", 0) or None
+        window = optional_int("attention.sliding_window")
 
         if "token_embd.weight" not in mf.tensors:
             raise GGUFError(f"{mf.path}: tensor 'token_embd.weight' is missing")
         emb_shape = mf.tensors["token_embd.weight"].shape
+        tokens = md.get("tokenizer.ggml.tokens")
         vocab = (
-            md.get(key("vocab_size")) or len(md.get("tokenizer.ggml.tokens", [])) or emb_shape[0]
+            optional_int("vocab_size")
+            or (len(tokens) if isinstance(tokens, list) else 0)
+            or emb_shape[0]
         )
 
         # LongRoPE (Phi-3 128k): per-pair factors are tensors; the attention factor is a key,
         # or derived as llama.cpp's converter does when absent.
         long_f = short_f = None
-        orig = md.get(key("rope.scaling.original_context_length"))
+        orig = optional_int("rope.scaling.original_context_length")
         attn_factor = 1.0
         if "rope_factors_long.weight" in mf.tensors:
             long_f = _factors(mf, "rope_factors_long.weight", rope_dim)
             if "rope_factors_short.weight" in mf.tensors:
                 short_f = _factors(mf, "rope_factors_short.weight", rope_dim)
-            if orig is None:
+            if orig is None or orig < 2:
                 raise GGUFError(
                     f"{mf.path}: LongRoPE factors are present but "
-                    f"'{key('rope.scaling.original_context_length')}' is missing"
+                    f"'{key('rope.scaling.original_context_length')}' is "
+                    f"{'missing' if orig is None else orig} (expected the training context, > 1)"
                 )
-            attn_factor = md.get(key("rope.scaling.attn_factor"))
+            attn_factor = optional_num("rope.scaling.attn_factor", None)
             if attn_factor is None:
                 s = ctx / orig
                 attn_factor = math.sqrt(1 + math.log(s) / math.log(orig)) if s > 1 else 1.0
+            elif not (attn_factor > 0 and math.isfinite(attn_factor)):
+                raise GGUFError(
+                    f"{mf.path}: metadata '{key('rope.scaling.attn_factor')}' is "
+                    f"{attn_factor!r}; expected a finite positive number"
+                )
 
         cfg = cls(
             architecture=arch_name,
@@ -289,7 +309,10 @@ class ModelConfig:
                     f"{self.ffn_size}, heads {self.n_heads}/{self.n_kv_heads} x {self.head_dim})"
                 )
             check_supported(t, mf.path)
-        for name in ("output_norm.weight", "blk.0.attn_norm.weight"):
+        # Every norm (small vectors; the forward pass decodes them all anyway): a NaN here
+        # would silently turn every output into NaN.
+        norms = [n for n in self.expected_tensors() if n.endswith("norm.weight")]
+        for name in norms:
             w = mf.dequantize(name)
             if not np.isfinite(w).all():
                 raise GGUFError(
