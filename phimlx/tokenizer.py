@@ -248,7 +248,18 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any], *, source: str = "<metadata>") -> Tokenizer:
-        """As `from_gguf`, from a metadata mapping (``ModelFile.metadata``)."""
+        """As `from_gguf`, from a metadata mapping.
+
+        Args:
+            md: ``ModelFile.metadata`` (or any mapping of the same ``tokenizer.ggml.*`` keys).
+            source: how error messages name the file.
+
+        Returns:
+            A `Tokenizer`.
+
+        Raises:
+            GGUFError, UnsupportedModelError: as `from_gguf`.
+        """
 
         def fail(msg: str) -> GGUFError:
             return GGUFError(f"{source}: {msg}")
@@ -532,10 +543,8 @@ class Tokenizer:
 
     def _encode_json(self, text: str, parse_special: bool) -> list[int]:
         backend = self._backend()
-        if parse_special:
-            return backend.encode(text, add_special_tokens=False).ids
         with self._lock:  # encode_special_tokens is a tokenizer-wide switch
-            backend.encode_special_tokens = True
+            backend.encode_special_tokens = not parse_special
             try:
                 return backend.encode(text, add_special_tokens=False).ids
             finally:
