@@ -143,8 +143,8 @@ def _float_row(row, y, f16, code):  # F32 / F16 / BF16 rows; y (cols,)
             )
 
 
-@njit(inline="always")
-def _row(row, rowi, y, f16, code, bs):
+@njit(cache=True, fastmath=True, nogil=True)
+def _row(row, rowi, y, f16, code, bs):  # compiled once, called by the three drivers
     if code in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
         _q32(row, rowi, y, f16, code, bs)
     elif code in (F32, F16, BF16):

@@ -285,7 +285,7 @@ class QuantMatrix:
         Raises:
             IndexError: an id is outside ``0 .. rows - 1``.
         """
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)  # one numba signature
         if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             bad = ids[(ids < 0) | (ids >= self.rows)][0]
             raise IndexError(f"row id {bad} out of range for a matrix of {self.rows} rows")

@@ -1,0 +1,138 @@
+"""Micro-benchmark of the NumPy backend's quantized kernels at Phi-3-mini shapes.
+
+Prints, per type, matvec throughput in G weights/s with 1 and 2 threads (the decode step:
+Phi-3-mini has ~3.8 G weights, so tokens/s ~ Gweights/s / 3.8) and prefill matmul GFLOP/s
+for n = 128 and 512 prompt tokens.  Weights are random blocks with small finite scales (speed
+does not depend on the values).  Warm-up first; each figure is the best of a few repetitions.
+
+    python bench/kernels.py                       # all types
+    python bench/kernels.py --types Q4_K Q6_K --no-matmul
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from fallback.kernels import QuantMatrix, numba_available, set_threads
+from phimlx.gguf import TYPE_SIZES, GGMLType
+
+# (name, rows, cols): the Phi-3-mini matrices of one layer, plus the output head.
+SHAPES = [
+    ("attn_out 3072x3072", 3072, 3072),
+    ("qkv 9216x3072", 9216, 3072),
+    ("gate_up 16384x3072", 16384, 3072),
+    ("down 3072x8192", 3072, 8192),
+    ("output 32064x3072", 32064, 3072),
+]
+TYPES = [
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "F16",
+    "BF16",
+    "F32",
+]
+# Byte offsets of the f16 scale fields in one block, overwritten with small finite values.
+F16_FIELDS = {
+    "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
+    "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+}  # fmt: skip
+
+
+def random_matrix(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of ``qtype``, ``uint8 (rows, row_bytes)``, with finite scales."""
+    block, size = TYPE_SIZES[qtype]
+    if block == 1:
+        vals = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+        if qtype == GGMLType.F16:
+            return vals.astype(np.float16).view(np.uint8)
+        if qtype == GGMLType.BF16:
+            return (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return vals.view(np.uint8)
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)  # (n_blocks, size)
+    for o in F16_FIELDS[qtype.name]:
+        scale = rng.uniform(1e-4, 1e-2, (blocks.shape[0], 1)).astype(np.float16)
+        blocks[:, o : o + 2] = scale.view(np.uint8)
+    return raw
+
+
+def best_time(fn, min_time: float = 0.3, reps: int = 3) -> float:
+    """Best mean seconds per call over ``reps`` runs of at least ``min_time`` each."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_time:
+                break
+        best = min(best, dt / n)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", nargs="*", default=TYPES)
+    ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    ap.add_argument("--no-matmul", action="store_true", help="skip the prefill matmul figures")
+    ap.add_argument("--numpy", action="store_true", help="the pure-NumPy path instead of numba")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    use_numba = numba_available() and not args.numpy
+    print(f"numba kernels: {use_numba}")
+    print("matvec G weights/s (per-type aggregate = all five shapes' weights / their time)")
+    header = f"{'type':6} {'thr':>3} " + " ".join(f"{s[0].split()[0]:>9}" for s in SHAPES)
+    print(header + f" {'all':>7} {'~tok/s':>7}")
+    for name in args.types:
+        qtype = GGMLType[name]
+        mats = [
+            QuantMatrix(random_matrix(qtype, r, c, rng), qtype, (r, c), use_numba=use_numba)
+            for _, r, c in SHAPES
+        ]
+        xs = [rng.standard_normal(m.cols, dtype=np.float32) for m in mats]
+        for threads in args.threads:
+            set_threads(threads)
+            rates, total_w, total_t = [], 0, 0.0
+            for m, x in zip(mats, xs, strict=True):
+                t = best_time(lambda m=m, x=x: m.matvec(x))
+                rates.append(m.rows * m.cols / t / 1e9)
+                total_w += m.rows * m.cols
+                total_t += t
+            agg = total_w / total_t / 1e9
+            # Phi-3-mini: 32 layers of (qkv, attn_out, gate_up, down) + output head.
+            layer = sum(m.rows * m.cols for m in mats[:4])
+            model_w = 32 * layer + mats[4].rows * mats[4].cols
+            print(
+                f"{name:6} {threads:3d} "
+                + " ".join(f"{g:9.1f}" for g in rates)
+                + f" {agg:7.1f} {agg * 1e9 / model_w:7.2f}"
+            )
+        if not args.no_matmul:
+            m = mats[2]  # gate_up 16384x3072
+            for n in (128, 512):
+                x = rng.standard_normal((n, m.cols), dtype=np.float32)
+                set_threads(max(args.threads))
+                t = best_time(lambda m=m, x=x: m.matmul(x), min_time=0.2, reps=2)
+                print(
+                    f"{name:6} matmul n={n:3d} {m.rows}x{m.cols}, {max(args.threads)} threads: "
+                    f"{2 * n * m.rows * m.cols / t / 1e9:6.1f} GFLOP/s"
+                )
+        del mats
+
+
+if __name__ == "__main__":
+    main()
