@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GGUFError, UnsupportedModelError
-from .gguf import ModelFile, check_supported
+from .gguf import GGMLType, ModelFile, check_supported
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ _LIMITS = {
     "attention.head_count": 1024,
     "context_length": 1 << 24,
 }
+
+# Vectors (norm weights) are stored unquantized; a quantized one is corruption, and the MLX
+# backend's quantizer would choke on it.
+_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,11 @@ class ModelConfig:
                     f"{self.ffn_size}, heads {self.n_heads}/{self.n_kv_heads} x {self.head_dim})"
                 )
             check_supported(t, mf.path)
+            if len(shape) == 1 and t.type not in _VECTOR_TYPES:
+                raise GGUFError(
+                    f"{mf.path}: tensor '{name}' is a vector stored as {t.type.name}; norm "
+                    "weights are F32, F16 or BF16 in every real model, the file is corrupt"
+                )
         # Every norm (small vectors; the forward pass decodes them all anyway): a NaN here
         # would silently turn every output into NaN.
         norms = [n for n in self.expected_tensors() if n.endswith("norm.weight")]

@@ -504,6 +504,7 @@ MODEL_CASES: dict[str, tuple[Mutator, str]] = {
     "nan-in-ffn-norm": (_t("blk.0.ffn_norm.weight",
                            data=np.r_[np.ones(31), np.nan].astype("<f4").tobytes()), "NaN"),
     "norm-as-i32": (_t("output_norm.weight", type=26), "I32"),
+    "norm-quantized": (_t("blk.0.attn_norm.weight", type=gc.Q8_0, data=b"\0" * 34), "vector"),
     "weight-unsupported-type": (_t("blk.0.ffn_down.weight", type=9, ne=[64, 32],
                                    data=b"\0" * 40 * 2 * 32), "Q8_1"),
 }  # fmt: skip
