@@ -1,0 +1,415 @@
+"""`phimlx bench`: tokens/s of every backend and peer, on one GGUF file, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import machine, report
+from .models import ModelNameError, _progress, resolve
+from .runners import ENGINES, OURS
+
+log = logging.getLogger("phimlx.bench")
+
+ALIASES = {
+    "llama-cpp": "llama.cpp",
+    "llamacpp": "llama.cpp",
+    "llama_cpp": "llama.cpp",
+    "mlx_lm": "mlx-lm",
+    "mlxlm": "mlx-lm",
+    "hf": "transformers",
+    "torch": "transformers",
+}
+SCHEMA = "phimlx.bench/1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `phimlx bench` command line."""
+    p = argparse.ArgumentParser(
+        prog="phimlx bench",
+        description="Prompt and generation tokens/s, time to first token, load time, peak "
+        "memory and achieved bandwidth of phimlx's backends and of llama.cpp, mlx-lm and "
+        "transformers, on the same GGUF file and thread count (llama-bench's conventions).",
+    )
+    p.add_argument(
+        "model_pos",
+        nargs="?",
+        metavar="MODEL",
+        help="the model, as --model (so that `phimlx bench MODEL ...` works too)",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        default="SmolLM2",
+        help="phi3-mini[:MIX] (a synthetic Phi-3-mini-shaped model, MIX default "
+        "Q4_K_M; also phi3-mini-128k[:MIX]), SmolLM2, or a .gguf path "
+        "(default: SmolLM2)",
+    )
+    p.add_argument(
+        "--backends",
+        "-b",
+        default="auto",
+        help="comma-separated engines among numpy, mlx, llama.cpp, mlx-lm, "
+        "transformers; 'auto' (default): every one installed, except MLX engines "
+        "off Apple Silicon and transformers where its float32 copy does not fit",
+    )
+    p.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("--repetitions", "-r", type=int, default=5, help="default 5")
+    p.add_argument(
+        "--threads",
+        "-t",
+        type=int,
+        default=None,
+        help="CPU threads for every engine (default: physical cores)",
+    )
+    p.add_argument("--n-batch", type=int, default=512, help="llama.cpp batch size (512)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random token ids")
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the warm-up pass in each runner",
+    )
+    p.add_argument(
+        "--no-bandwidth",
+        dest="bandwidth",
+        action="store_false",
+        help="do not measure the machine's read bandwidth",
+    )
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="write the full result as JSON to PATH ('-' or no PATH: to stdout "
+        "instead of the table)",
+    )
+    p.add_argument("--plot", metavar="PNG", help="bar chart of tokens/s (needs matplotlib)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds one runner may take before it is stopped (default 3600)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where synthetic models are kept (default "
+        "$PHIMLX_SYNTHETIC_DIR or ~/.cache/phimlx/synthetic)",
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar on stderr"
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="diagnostics on stderr")
+    return p
+
+
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def availability(engine: str) -> str | None:
+    """None if ``engine`` can run here, else why not."""
+    if engine in OURS:
+        from phimlx import backends
+
+        try:
+            return backends.probe(engine)
+        except Exception as e:  # noqa: BLE001 - a half-installed backend is just unavailable
+            return f"{type(e).__name__}: {e}"
+    need = {
+        "llama.cpp": ("llama_cpp",),
+        "mlx-lm": ("mlx", "mlx_lm"),
+        "transformers": ("transformers", "torch"),
+    }[engine]
+    if _installed(*need):
+        return None
+    pkg = {
+        "llama.cpp": "llama-cpp-python",
+        "mlx-lm": "mlx-lm",
+        "transformers": "transformers torch gguf",
+    }[engine]
+    return f"not installed (pip install {pkg})"
+
+
+def select_engines(spec: str, n_params: int) -> tuple[list[str], dict[str, str]]:
+    """The engines to run for ``--backends spec``, and the ones skipped with the reason.
+
+    Raises:
+        ValueError: an unknown name, or a named engine that cannot run here.
+    """
+    if spec.strip().lower() in ("auto", "all", ""):
+        chosen, skipped = [], {}
+        for e in ENGINES:
+            why = availability(e)
+            if why is None and e in ("mlx", "mlx-lm") and not _is_apple_silicon():
+                why = "MLX on a CPU is for tests (name it in --backends to run it anyway)"
+            if why is None and e == "transformers":
+                need, have = 4 * n_params, machine.total_ram() or 0
+                if have and need > have // 2:
+                    why = (
+                        f"its float32 copy needs ~{need / 2**30:.0f} GiB "
+                        f"(name it in --backends to run it anyway)"
+                    )
+            if why is None:
+                chosen.append(e)
+            else:
+                skipped[e] = why
+        return chosen, skipped
+    chosen = []
+    for raw in spec.split(","):
+        name = ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if not name:
+            continue
+        if name not in ENGINES:
+            raise ValueError(
+                f"unknown engine {raw.strip()!r}; choose from {', '.join(ENGINES)} (or auto)"
+            )
+        why = availability(name)
+        if why is not None:
+            raise ValueError(f"engine {name} cannot run here: {why}")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen, {}
+
+
+def token_ids(n_vocab: int, pp: int, tg: int, seed: int) -> tuple[list[int], list[int]]:
+    """The fixed random prompt and generation ids (the same for every engine and run)."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, n_vocab, pp).tolist(), rng.integers(0, n_vocab, tg).tolist())
+
+
+def runner_env(threads: int) -> dict[str, str]:
+    """The environment of a runner: thread pools capped at ``threads``, phimlx importable."""
+    env = dict(os.environ)
+    for var in (
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "NUMBA_NUM_THREADS",
+    ):
+        env[var] = str(threads)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding phimlx/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_child(job: dict[str, Any], *, timeout: float, verbose: bool = False) -> dict[str, Any]:
+    """Run one job in a fresh ``python -m phimlx.bench.runners`` process; its JSON result."""
+    cmd = [sys.executable, "-m", "phimlx.bench.runners", json.dumps(job)]
+    env = runner_env(int(job["threads"]))
+    if verbose:
+        env["PHIMLX_BENCH_VERBOSE"] = "1"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {
+            "ok": False,
+            "engine": job["engine"],
+            "error": f"timed out after {timeout:.0f} s (raise --timeout)",
+        }
+    if verbose and proc.stderr:
+        sys.stderr.write(proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = " / ".join(proc.stderr.strip().splitlines()[-3:])
+        return {
+            "ok": False,
+            "engine": job["engine"],
+            "error": f"runner exited with code {proc.returncode} and no result: {tail}",
+        }
+    return result
+
+
+def git_commit() -> str | None:
+    """The phimlx source checkout's commit (``abc1234`` or ``abc1234+dirty``), if any."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "phimlx",
+                "fallback",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def measure_bandwidth(threads: int, timeout: float, verbose: bool) -> dict[str, Any]:
+    """Read bandwidth of this machine with 1 and ``threads`` threads (bytes/s), in runners."""
+    out: dict[str, Any] = {}
+    for t in sorted({1, threads}):
+        r = run_child({"engine": "_bandwidth", "threads": t}, timeout=timeout, verbose=verbose)
+        if r.get("ok"):
+            out[str(t)] = {"bytes_per_s": r["bytes_per_s"], "method": r["method"]}
+        else:
+            log.warning("could not measure bandwidth with %d threads: %s", t, r.get("error"))
+    return out
+
+
+def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Everything but the output: resolve, select, measure, summarise."""
+    model = resolve(args.model, cache_dir=args.cache_dir, progress=args.progress)
+    engines, skipped = select_engines(args.backends, model.n_params)
+    if not engines:
+        raise ValueError("no engine to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    threads = args.threads or machine.physical_cores() or os.cpu_count() or 1
+    if args.pp + 2 > model.context_length or args.tg + 2 > model.context_length:
+        raise ValueError(
+            f"--pp {args.pp} / --tg {args.tg} do not fit in the model's context "
+            f"of {model.context_length} tokens"
+        )
+    pp_ids, tg_ids = token_ids(model.n_vocab, args.pp, args.tg, args.seed)
+    info = machine.machine_info()
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": command,
+        "commit": git_commit(),
+        "machine": info,
+        "machine_line": machine.describe(info),
+        "model": model.as_dict(),
+        "settings": {
+            "pp": args.pp,
+            "tg": args.tg,
+            "repetitions": args.repetitions,
+            "threads": threads,
+            "n_batch": args.n_batch,
+            "seed": args.seed,
+            "warmup": args.warmup,
+        },
+        "skipped": skipped,
+    }
+    result["machine_bandwidth"] = (
+        measure_bandwidth(threads, args.timeout, args.verbose) if args.bandwidth else {}
+    )
+    max_context = max(args.pp, args.tg, 64) + 8
+    job_base = {
+        "model": str(model.path),
+        "threads": threads,
+        "pp_ids": pp_ids,
+        "tg_ids": tg_ids,
+        "max_context": min(max_context, model.context_length),
+        "n_batch": args.n_batch,
+        "warmup": args.warmup,
+    }
+    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    failed: set[str] = set()
+    bar = _progress("bench", total=args.repetitions * len(engines)) if args.progress else None
+    for rep in range(args.repetitions):
+        k = rep % len(engines)  # rotate the order too: no engine always runs first
+        for e in engines[k:] + engines[:k]:
+            if e in failed:
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if bar is not None:
+                bar.set_postfix_str(f"{e} run {rep + 1}/{args.repetitions}")
+            r = run_child({**job_base, "engine": e}, timeout=args.timeout, verbose=args.verbose)
+            r["repetition"] = rep
+            runs[e].append(r)
+            if not r.get("ok"):
+                log.warning("%s failed: %s", e, r.get("error"))
+                failed.add(e)  # a load failure would repeat: do not retry
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    bw = result["machine_bandwidth"].get(str(threads), {}).get("bytes_per_s")
+    result["engines"] = {}
+    for e in engines:
+        ok = [r for r in runs[e] if r.get("ok")]
+        result["engines"][e] = {
+            "version": (ok[0] if ok else runs[e][0] if runs[e] else {}).get("version"),
+            "summary": report.summarize(runs[e], model.weight_bytes, bw),
+            "runs": runs[e],
+        }
+    result["ratios_to_llama_cpp"] = report.ratios(
+        {e: v["summary"] for e, v in result["engines"].items()}
+    )
+    result["load_average_after"] = machine.load_average()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `phimlx bench` with ``argv``; 0 if every engine ran, 1 if one failed, 2 on bad use."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `phimlx bench -- --model ...` hands the separator on
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    if args.model_pos:
+        args.model = args.model_pos
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(name)s: %(message)s",
+    )
+    for flag in ("pp", "tg", "repetitions"):
+        if getattr(args, flag) < (1 if flag == "repetitions" else 0):
+            print(f"phimlx bench: --{flag} must be positive", file=sys.stderr)
+            return 2
+    if args.threads is not None and args.threads < 1:
+        print("phimlx bench: --threads must be at least 1", file=sys.stderr)
+        return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(
+            "phimlx bench: --plot needs matplotlib, which is not installed: "
+            "pip install matplotlib (or pip install 'phimlx[bench]')",
+            file=sys.stderr,
+        )
+        return 2
+    command = "phimlx bench " + shlex.join(argv)
+    try:
+        result = run_benchmark(args, command)
+    except (ModelNameError, ValueError, OSError) as e:
+        print(f"phimlx bench: {e}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    else:
+        sys.stdout.write(report.markdown(result) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        report.plot(result, args.plot)
+        print(f"phimlx bench: plot written to {args.plot}", file=sys.stderr)
+    failed = [e for e, v in result["engines"].items() if not v["summary"]["runs_ok"]]
+    return 1 if failed else 0
