@@ -1,0 +1,167 @@
+"""The public API end to end on the NumPy backend: load, stream, generate, chat, sessions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import phimlx
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    with phimlx.load(smollm2_path, backend="numpy") as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def phi3(tiny_phi3):
+    with phimlx.load(tiny_phi3, backend="numpy") as model:
+        yield model
+
+
+def test_model_attributes(smol):
+    assert smol.backend == "numpy"
+    assert smol.config.architecture == "llama"
+    assert isinstance(smol.config, phimlx.ModelConfig)
+    assert "numpy" in smol.backend_reason or "not Apple Silicon" in smol.backend_reason
+
+
+def test_greedy_generate_equals_argmax_of_session_logits(smol):
+    """generate(temperature=0) is exactly the argmax chain of the public session."""
+    result = smol.generate("What is 2+2?", max_tokens=12, temperature=0, repeat_penalty=1.0)
+    ids = smol.encode_prompt("What is 2+2?")
+    s = smol.new_session()
+    logits = s.prefill(ids)
+    expected = []
+    for _ in range(len(result.tokens)):
+        expected.append(int(np.argmax(logits)))
+        logits = s.step(expected[-1])
+    assert result.tokens == expected
+    assert result.text == smol.tokenizer.decode(expected, skip_special=True)
+    assert result.stats.prompt_tokens == len(ids)
+    assert result.stats.generation_tokens == len(result.tokens)
+
+
+def test_stream_chunks_join_to_generate_text(smol):
+    kw = dict(max_tokens=20, temperature=0.9, seed=7)
+    chunks = list(smol.stream("Tell me about ice hockey.", **kw))
+    assert "".join(c.text for c in chunks) == smol.generate("Tell me about ice hockey.", **kw).text
+    last = chunks[-1]
+    assert last.finish_reason in ("stop", "length") and last.stats is not None
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert last.stats.peak_memory and last.stats.time_to_first_token > 0
+
+
+def test_same_seed_same_text_and_seeds_differ(phi3):
+    kw = dict(max_tokens=16, temperature=1.0, repeat_penalty=1.0)
+    a = phi3.generate("hi", seed=1, **kw)
+    b = phi3.generate("hi", seed=1, **kw)
+    c = phi3.generate("hi", seed=2, **kw)
+    assert a.tokens == b.tokens and a.text == b.text
+    assert a.tokens != c.tokens
+
+
+def test_chat_template_is_applied_once_with_one_bos(phi3):
+    ids = phi3.encode_prompt([{"role": "user", "content": "hi"}])
+    tok = phi3.tokenizer
+    assert ids.count(tok.bos_id) <= 1
+    assert tok.token_to_id("<|user|>") in ids and tok.token_to_id("<|assistant|>") in ids
+    assert ids == phi3.encode_prompt("hi")  # a string prompt is one user message
+
+
+def test_phi3_stops_at_end_token(phi3):
+    assert phi3.tokenizer.token_to_id("<|end|>") in phi3.tokenizer.stop_ids
+    assert phi3.tokenizer.token_to_id("<|endoftext|>") in phi3.tokenizer.stop_ids
+
+
+def test_prompt_longer_than_context_raises(phi3):
+    with pytest.raises(phimlx.ContextLengthError, match="context"):
+        list(phi3.stream("word " * 300, max_context=64, max_tokens=4))
+
+
+def test_generation_reaching_the_context_limit_finishes_with_context(phi3):
+    n = len(phi3.encode_prompt("hi"))
+    r = phi3.generate("hi", max_context=n + 3, max_tokens=50, temperature=0, repeat_penalty=1.0)
+    assert r.finish_reason == "context"
+    assert len(r.tokens) == 4  # 3 steps fit after the prompt, plus the last sample
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(max_tokens=-1)])
+def test_invalid_sampling_raises_value_error(phi3, kwargs):
+    with pytest.raises(ValueError):
+        phi3.generate("hi", **kwargs)
+
+
+def test_sessions_are_independent(phi3):
+    """Interleaving another session changes nothing: same path, bit-identical logits."""
+    a, b = phi3.new_session(), phi3.new_session()
+    la = a.prefill([1, 2, 3])
+    b.prefill([7, 8, 9, 10])
+    fresh = phi3.new_session()
+    fresh.prefill([1, 2, 3])
+    np.testing.assert_array_equal(a.step(4), fresh.step(4))
+    assert la.dtype == np.float32 and la.shape == (phi3.config.vocab_size,)
+    assert (a.position, b.position) == (4, 4)
+
+
+def test_unknown_backend_is_a_clear_error(tiny_phi3):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        phimlx.load(tiny_phi3, backend="cuda")
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises((phimlx.ModelNotFoundError, FileNotFoundError)):
+        phimlx.load(tmp_path / "nope.gguf", local_files_only=True)
+
+
+def test_cli_info_describes_the_file(smollm2_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "phimlx", "info", str(smollm2_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "architecture:  llama" in out.stdout
+    assert "Q4_1 x210" in out.stdout and "chat template: yes" in out.stdout
+
+
+def test_cli_generate_streams_and_reports(tiny_phi3):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phimlx",
+            "generate",
+            "--model",
+            str(tiny_phi3),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "5",
+            "--backend",
+            "numpy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "tok/s" in out.stderr
+
+
+def test_cli_reports_bad_files_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"<html>404</html>" + bytes(64))
+    out = subprocess.run(
+        [sys.executable, "-m", "phimlx", "generate", "--model", str(bad), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "HTML" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,176 @@
+"""The NumPy backend against independent implementations reading the same GGUF file:
+transformers + torch (which dequantizes with gguf-py and runs its own modelling code) and
+llama.cpp (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require
+
+import fallback
+from phimlx.config import ModelConfig
+from phimlx.gguf import open_gguf
+
+
+def our_logits(path, ids, n_prefill, max_context=256):
+    """Logits after each of ids[n_prefill-1:], via one batched prefill and then steps."""
+    mf = open_gguf(path)
+    model = fallback.load(mf, ModelConfig.from_gguf(mf))
+    s = model.new_session(max_context)
+    out = [s.prefill(ids[:n_prefill])]
+    out += [s.step(t) for t in ids[n_prefill:]]
+    return np.stack(out)
+
+
+def hf_logits(path, ids, rope=None):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    if rope is not None:
+        rope(model)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_smollm2_matches_transformers(smollm2_path):
+    ids = [1, 504, 3458, 5135, 282, 260, 1789, 30, 378, 1122, 314, 28, 1340, 17, 2]
+    ours = our_logits(smollm2_path, ids, 9)
+    ref = hf_logits(smollm2_path, ids)[8:]
+    assert rel_err(ours, ref) < 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+PHI3_CASES = [
+    dict(mix="F32"),
+    dict(mix="F16", n_kv_heads=2),
+    dict(mix="BF16"),
+    dict(mix="Q8_0"),
+    dict(mix="Q4_0", n_kv_heads=1),
+    dict(mix="Q4_1"),
+    dict(mix="Q5_0"),
+    dict(mix="Q5_1", n_heads=2),
+    dict(mix="Q4_K_M", hidden=256, ffn=512, n_layers=3),
+    dict(mix="Q6_K", hidden=256, ffn=256),
+    dict(mix="Q2_K", hidden=256, ffn=256),
+    dict(mix="Q3_K", hidden=256, ffn=256),
+    dict(mix="Q5_K", hidden=256, ffn=256, rope_base=500000.0),
+]
+
+
+@pytest.mark.parametrize("case", PHI3_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_phi3_matches_transformers(make_model, case):
+    fields = dict(n_layers=2, hidden=64, ffn=128, n_heads=4) | case
+    path = make_model(**fields)
+    ids = np.random.default_rng(0).integers(0, 32000, size=24).tolist()
+    ours = our_logits(path, ids, 16)
+    ref = hf_logits(path, ids)[15:]
+    assert rel_err(ours, ref) < 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_llama_architecture_synthetic_matches_transformers(make_model):
+    # A llama GGUF stores Q/K permuted for the interleaved rope; transformers un-permutes them.
+    path = make_model(
+        architecture="llama", n_layers=2, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, mix="Q8_0"
+    )
+    ids = np.random.default_rng(1).integers(0, 32000, size=20).tolist()
+    ours = our_logits(path, ids, 12)
+    ref = hf_logits(path, ids)[11:]
+    assert rel_err(ours, ref) < 1e-4
+
+
+def _longrope(cfg: ModelConfig, max_positions: int):
+    def apply(model):
+        from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+        c = model.config
+        c.rope_parameters = {
+            "rope_type": "longrope",
+            "rope_theta": cfg.rope_base,
+            "long_factor": list(cfg.rope_long_factors),
+            "short_factor": list(cfg.rope_short_factors),
+            "original_max_position_embeddings": cfg.rope_original_context,
+            "factor": max_positions / cfg.rope_original_context,
+        }
+        c.original_max_position_embeddings = cfg.rope_original_context
+        c.max_position_embeddings = max_positions
+        model.model.rotary_emb = Phi3RotaryEmbedding(c)
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "n_tokens, max_context", [(80, 1024), (40, 64)], ids=["long-factors", "short-factors"]
+)
+def test_longrope_matches_transformers(make_model, n_tokens, max_context):
+    """LongRoPE (Phi-3 128k): per-pair factors and the attention factor.  transformers picks
+    long factors when the sequence exceeds the original context, llama.cpp (and we) when the
+    session's context does: the cases below are where both rules agree."""
+    path = make_model(
+        n_layers=2, hidden=64, ffn=128, n_heads=4, mix="F32", context=1024, original_context=64
+    )
+    cfg = ModelConfig.from_gguf(open_gguf(path))
+    assert cfg.rope_attn_factor == pytest.approx(np.sqrt(1 + np.log(16) / np.log(64)))
+    ids = np.random.default_rng(2).integers(0, 32000, size=n_tokens).tolist()
+    ours = our_logits(path, ids, n_tokens, max_context=max_context)
+    ref = hf_logits(path, ids, rope=_longrope(cfg, 1024))[-1:]
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_sliding_window_limits_attention(make_model):
+    """With a window of 4, the logits at position p depend only on tokens p-3..p: changing
+    the first token changes nothing at position 10 (and does without a window)."""
+    windowed = make_model(n_layers=1, hidden=64, ffn=128, n_heads=4, sliding_window=4)
+    full = make_model(n_layers=1, hidden=64, ffn=128, n_heads=4)
+    ids = np.random.default_rng(3).integers(0, 32000, size=11).tolist()
+    other = [ids[0] + 1] + ids[1:]
+    for path, same in ((windowed, True), (full, False)):
+        a, b = our_logits(path, ids, 11), our_logits(path, other, 11)
+        assert np.allclose(a, b, atol=1e-5) == same
+
+
+def test_prefill_in_chunks_equals_steps(tiny_phi3, monkeypatch):
+    import fallback.model as fm
+
+    ids = np.random.default_rng(4).integers(0, 32000, size=30).tolist()
+    one_by_one = our_logits(tiny_phi3, ids, 1)[-1]
+    monkeypatch.setattr(fm, "PREFILL_CHUNK", 7)
+    chunked = our_logits(tiny_phi3, ids, 30)[-1]
+    np.testing.assert_allclose(chunked, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_smollm2_teacher_forced_argmax_agrees_with_llama_cpp(smollm2_path):
+    """llama.cpp quantizes activations to 8 bits inside its matmuls, so logits differ a
+    little; the argmax must agree wherever llama.cpp's top-2 margin exceeds 0.5."""
+    try:
+        import llama_cpp
+    except ImportError:
+        require("llama-cpp-python", "pip install llama-cpp-python")
+    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
+    prompts = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, there"]
+    checked = 0
+    for prompt in prompts:
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        # greedy continuation by llama.cpp, then both score the whole sequence
+        cont = list(ids)
+        llm.reset()
+        llm.eval(cont)
+        for _ in range(24):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            cont.append(nxt)
+            llm.eval([nxt])
+        ref = np.array(llm.scores[: len(cont)])
+        ours = our_logits(smollm2_path, cont, len(ids))
+        ref = ref[len(ids) - 1 :]
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        confident = (top2[:, 1] - top2[:, 0]) > 0.5
+        assert (ours.argmax(-1)[confident] == ref.argmax(-1)[confident]).all()
+        checked += int(confident.sum())
+    assert checked >= 40
