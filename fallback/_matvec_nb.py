@@ -64,7 +64,7 @@ def mv_q4_0(w, x, xs, f16, out, qk, bs):  # w (rows, nb*18); xs (nb,) block sums
             qo, xo = o + U(2), b * qku
             for l in range(half):
                 q = I(row[qo + l])
-                acc[l] += d * F(q & m15) * x[xo + l] + dh * F(q & m240) * x[xo + half + l]
+                acc[l] += d * F(I(q & m15)) * x[xo + l] + dh * F(I(q & m240)) * x[xo + half + l]
             corr += d * xs[b]
         out[r] = acc.sum() - F(8) * corr
 
@@ -85,7 +85,7 @@ def mv_q4_1(w, x, xs, f16, out, qk, bs):  # w (rows, nb*20)
             qo, xo = o + U(4), b * qku
             for l in range(half):
                 q = I(row[qo + l])
-                acc[l] += d * F(q & m15) * x[xo + l] + dh * F(q & m240) * x[xo + half + l]
+                acc[l] += d * F(I(q & m15)) * x[xo + l] + dh * F(I(q & m240)) * x[xo + half + l]
             corr += f16[_h(row, o + U(2))] * xs[b]
         out[r] = acc.sum() + corr
 
@@ -113,8 +113,8 @@ def mv_q5(w, x, xs, f16, out, qk, bs, has_min):  # Q5_0 (rows, nb*22) / Q5_1 (ro
             qo, xo = o + hoff + U(4), b * qku
             for l in range(half):
                 q = I(row[qo + l])
-                lo = d * F(q & m15) + d16 * F((qh >> l) & U(1))
-                hi = dh * F(q & m240) + d16 * F((qh >> (l + half)) & U(1))
+                lo = d * F(I(q & m15)) + d16 * F((qh >> l) & U(1))
+                hi = dh * F(I(q & m240)) + d16 * F((qh >> (l + half)) & U(1))
                 acc[l] += lo * x[xo + l] + hi * x[xo + half + l]
             if has_min:
                 corr += f16[_h(row, o + U(2))] * xs[b]
@@ -163,14 +163,14 @@ def mv_q4_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*144); xs (nb*8,) su
                 q2 = I(row[qo + U(64) + l])
                 q3 = I(row[qo + U(96) + l])
                 acc[l] += (
-                    s0 * F(q0 & m15) * x[xo + l]
-                    + s1 * F(q0 & m240) * x[xo + U(32) + l]
-                    + s2 * F(q1 & m15) * x[xo + U(64) + l]
-                    + s3 * F(q1 & m240) * x[xo + U(96) + l]
-                    + s4 * F(q2 & m15) * x[xo + U(128) + l]
-                    + s5 * F(q2 & m240) * x[xo + U(160) + l]
-                    + s6 * F(q3 & m15) * x[xo + U(192) + l]
-                    + s7 * F(q3 & m240) * x[xo + U(224) + l]
+                    s0 * F(I(q0 & m15)) * x[xo + l]
+                    + s1 * F(I(q0 & m240)) * x[xo + U(32) + l]
+                    + s2 * F(I(q1 & m15)) * x[xo + U(64) + l]
+                    + s3 * F(I(q1 & m240)) * x[xo + U(96) + l]
+                    + s4 * F(I(q2 & m15)) * x[xo + U(128) + l]
+                    + s5 * F(I(q2 & m240)) * x[xo + U(160) + l]
+                    + s6 * F(I(q3 & m15)) * x[xo + U(192) + l]
+                    + s7 * F(I(q3 & m240)) * x[xo + U(224) + l]
                 )
         out[r] = acc.sum() - corr
 
@@ -202,14 +202,14 @@ def mv_q5_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*176); xs (nb*8,)
                 q2 = I(row[qo + U(64) + l])
                 q3 = I(row[qo + U(96) + l])
                 acc[l] += (
-                    (s0 * F(q0 & m15) + t0 * F(e & I(1))) * x[xo + l]
-                    + (s1 * F(q0 & m240) + t1 * F(e & I(2))) * x[xo + U(32) + l]
-                    + (s2 * F(q1 & m15) + t2 * F(e & I(4))) * x[xo + U(64) + l]
-                    + (s3 * F(q1 & m240) + t3 * F(e & I(8))) * x[xo + U(96) + l]
-                    + (s4 * F(q2 & m15) + t4 * F(e & I(16))) * x[xo + U(128) + l]
-                    + (s5 * F(q2 & m240) + t5 * F(e & I(32))) * x[xo + U(160) + l]
-                    + (s6 * F(q3 & m15) + t6 * F(e & I(64))) * x[xo + U(192) + l]
-                    + (s7 * F(q3 & m240) + t7 * F(e & I(128))) * x[xo + U(224) + l]
+                    (s0 * F(I(q0 & m15)) + t0 * F(I(e & I(1)))) * x[xo + l]
+                    + (s1 * F(I(q0 & m240)) + t1 * F(I(e & I(2)))) * x[xo + U(32) + l]
+                    + (s2 * F(I(q1 & m15)) + t2 * F(I(e & I(4)))) * x[xo + U(64) + l]
+                    + (s3 * F(I(q1 & m240)) + t3 * F(I(e & I(8)))) * x[xo + U(96) + l]
+                    + (s4 * F(I(q2 & m15)) + t4 * F(I(e & I(16)))) * x[xo + U(128) + l]
+                    + (s5 * F(I(q2 & m240)) + t5 * F(I(e & I(32)))) * x[xo + U(160) + l]
+                    + (s6 * F(I(q3 & m15)) + t6 * F(I(e & I(64)))) * x[xo + U(192) + l]
+                    + (s7 * F(I(q3 & m240)) + t7 * F(I(e & I(128)))) * x[xo + U(224) + l]
                 )
         out[r] = acc.sum() - corr
 
@@ -228,31 +228,28 @@ def mv_q6_k(w, wi8, x, xs16, f16, out, qk, bs, sub):  # w (rows, nb*210); xs16 (
             d = f16[_h(row, o + U(208))]
             for j in range(U(16)):
                 corr += d * F(rowi[o + U(192) + j]) * xs16[b * U(16) + j]
-            for hh in range(U(2)):
-                # Weight 128hh + 32k + 16f + l: ql byte 64hh + 32(k&1) + 16f + l, nibble k>>1;
-                # qh byte 32hh + 16f + l, bits 2k; scale 8hh + 2k + f.
-                so = o + U(192) + U(8) * hh
-                dq = d * F(0.0625)
-                a0, b0 = d * F(rowi[so]), d * F(rowi[so + U(1)])
-                a1, b1 = d * F(rowi[so + U(2)]), d * F(rowi[so + U(3)])
-                a2, b2 = dq * F(rowi[so + U(4)]), dq * F(rowi[so + U(5)])
-                a3, b3 = dq * F(rowi[so + U(6)]), dq * F(rowi[so + U(7)])
-                lo, ho, xo = o + U(64) * hh, o + U(128) + U(32) * hh, b * qku + U(128) * hh
+            dq = d * F(0.0625)
+            for hf in range(U(4)):
+                # hh = hf >> 1, f = hf & 1.  Weight 128hh + 32k + 16f + l: ql byte
+                # 64hh + 32(k&1) + 16f + l, nibble k>>1; qh byte 32hh + 16f + l, bits 2k..2k+1;
+                # scale 8hh + 2k + f.  Nibbles and bit pairs are masked in place, their powers
+                # of two folded into the scales.
+                hh, f = hf >> U(1), hf & U(1)
+                so = o + U(192) + U(8) * hh + f
+                a0, a1 = d * F(rowi[so]), d * F(rowi[so + U(2)])
+                a2, a3 = dq * F(rowi[so + U(4)]), dq * F(rowi[so + U(6)])
+                c0, c1, c2, c3 = a0 * F(16), a1 * F(4), a2 * F(16), a3 * F(4)
+                lo = o + U(64) * hh + U(16) * f
+                ho = o + U(128) + U(32) * hh + U(16) * f
+                xo = b * qku + U(128) * hh + U(16) * f
                 for l in range(subu):
                     p0 = I(row[lo + l])
                     p1 = I(row[lo + U(32) + l])
                     e = I(row[ho + l])
-                    p0f = I(row[lo + U(16) + l])
-                    p1f = I(row[lo + U(48) + l])
-                    ef = I(row[ho + U(16) + l])
                     acc[l] += (
-                        a0 * (F(p0 & m15) + F(e & I(3)) * F(16)) * x[xo + l]
-                        + b0 * (F(p0f & m15) + F(ef & I(3)) * F(16)) * x[xo + U(16) + l]
-                        + a1 * (F(p1 & m15) + F(e & I(12)) * F(4)) * x[xo + U(32) + l]
-                        + b1 * (F(p1f & m15) + F(ef & I(12)) * F(4)) * x[xo + U(48) + l]
-                        + a2 * (F(p0 & m240) + F(e & I(48)) * F(16)) * x[xo + U(64) + l]
-                        + b2 * (F(p0f & m240) + F(ef & I(48)) * F(16)) * x[xo + U(80) + l]
-                        + a3 * (F(p1 & m240) + F(e & I(192)) * F(4)) * x[xo + U(96) + l]
-                        + b3 * (F(p1f & m240) + F(ef & I(192)) * F(4)) * x[xo + U(112) + l]
+                        (a0 * F(I(p0 & m15)) + c0 * F(I(e & I(3)))) * x[xo + l]
+                        + (a1 * F(I(p1 & m15)) + c1 * F(I(e & I(12)))) * x[xo + U(32) + l]
+                        + (a2 * F(I(p0 & m240)) + c2 * F(I(e & I(48)))) * x[xo + U(64) + l]
+                        + (a3 * F(I(p1 & m240)) + c3 * F(I(e & I(192)))) * x[xo + U(96) + l]
                     )
         out[r] = acc.sum() - F(32) * corr
