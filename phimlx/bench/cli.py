@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the warm-up pass in each runner",
     )
     p.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=512,
+        help="size of the array the bandwidth test reads (default 512 MiB)",
+    )
+    p.add_argument(
         "--no-bandwidth",
         dest="bandwidth",
         action="store_false",
@@ -274,11 +280,15 @@ def git_commit() -> str | None:
         return None
 
 
-def measure_bandwidth(threads: int, timeout: float, verbose: bool) -> dict[str, Any]:
+def measure_bandwidth(
+    threads: int, timeout: float, verbose: bool, mib: int = 512
+) -> dict[str, Any]:
     """Read bandwidth of this machine with 1 and ``threads`` threads (bytes/s), in runners."""
     out: dict[str, Any] = {}
     for t in sorted({1, threads}):
-        r = run_child({"engine": "_bandwidth", "threads": t}, timeout=timeout, verbose=verbose)
+        r = run_child(
+            {"engine": "_bandwidth", "threads": t, "mib": mib}, timeout=timeout, verbose=verbose
+        )
         if r.get("ok"):
             out[str(t)] = {"bytes_per_s": r["bytes_per_s"], "method": r["method"]}
         else:
@@ -319,7 +329,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "skipped": skipped,
     }
     result["machine_bandwidth"] = (
-        measure_bandwidth(threads, args.timeout, args.verbose) if args.bandwidth else {}
+        measure_bandwidth(threads, args.timeout, args.verbose, args.bandwidth_mib)
+        if args.bandwidth
+        else {}
     )
     max_context = max(args.pp, args.tg, 64) + 8
     job_base = {

@@ -145,6 +145,8 @@ def _load_phimlx(engine: str, path: str, threads: int, max_context: int) -> tupl
 
 # -- llama.cpp through llama-cpp-python's low-level API ---------------------------------------
 
+_LLAMA_LOG_CB: Any = None
+
 
 class LlamaCppAdapter:
     """llama.cpp's own decode calls (`llama_decode`), as llama-bench drives them."""
@@ -178,16 +180,16 @@ class LlamaCppAdapter:
         self.mem = ll.llama_get_memory(self.ctx)
 
     def _silence(self) -> None:
-        if os.environ.get("PHIMLX_BENCH_VERBOSE"):
+        global _LLAMA_LOG_CB
+        if os.environ.get("PHIMLX_BENCH_VERBOSE") or _LLAMA_LOG_CB is not None:
             return
-        ll = self.ll
 
-        @ll.llama_log_callback
+        @self.ll.llama_log_callback
         def _quiet(level: int, text: bytes, user_data: Any) -> None:
             return None
 
-        self._log_cb = _quiet  # keep a reference: llama.cpp calls it later
-        ll.llama_log_set(self._log_cb, None)
+        _LLAMA_LOG_CB = _quiet  # module-level: llama.cpp keeps calling it for ever
+        self.ll.llama_log_set(_LLAMA_LOG_CB, None)
 
     def reset(self) -> None:
         self.ll.llama_memory_clear(self.mem, True)
