@@ -236,7 +236,7 @@ def test_markdown_table_has_every_column(bench_result: dict[str, Any]) -> None:
         "bandwidth",
     ):
         assert col in header
-    row = next(ln for ln in text.splitlines() if ln.startswith("| numpy"))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| phimlx numpy"))
     assert row.count("|") == header.count("|")
     assert "Machine: " in text and "Command: `phimlx bench " in text
 

@@ -68,6 +68,15 @@ def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
     return out
 
 
+def engine_label(name: str, version: str | None) -> str:
+    """``phimlx numpy``, ``phimlx mlx (mlx 0.32.4)``, ``llama.cpp 0.3.36`` ..."""
+    if name == "numpy":
+        return "phimlx numpy"
+    if name == "mlx":
+        return f"phimlx mlx (mlx {version})" if version else "phimlx mlx"
+    return f"{name} {version or ''}".strip()
+
+
 def _num(x: float) -> str:
     if x >= 100:
         return f"{x:.0f}"
@@ -122,7 +131,7 @@ def markdown(result: dict[str, Any]) -> str:
     rat = ratios({k: v["summary"] for k, v in result["engines"].items()})
     for name, e in result["engines"].items():
         sm = e["summary"]
-        label = f"{name} {e.get('version') or ''}".strip()
+        label = engine_label(name, e.get("version"))
         if not sm["runs_ok"]:
             err = (sm["errors"] or ["failed"])[0].replace("|", "/")[:120]
             lines.append(f"| {label} | failed: {err} | | | | | | | |")
@@ -180,7 +189,8 @@ def plot(result: dict[str, Any], path: str) -> None:
             [x["max"] - m if x else 0.0 for m, x in zip(med, stats, strict=True)],
         ]
         colors = ["tab:blue" if n in ("numpy", "mlx") else "tab:gray" for n in names]
-        ax.bar(names, med, yerr=err, capsize=4, color=colors)
+        labels = [engine_label(n, None) for n in names]
+        ax.bar(labels, med, yerr=err, capsize=4, color=colors)
         ax.set_title(f"{title}, tokens/s")
         ax.tick_params(axis="x", rotation=20)
         for i, m in enumerate(med):
