@@ -206,8 +206,11 @@ def tiny_model(
     seed: int = 0,
     tokenizer: bool = True,
     tied: bool = False,
+    wtype: int = F32,
 ) -> GGUF:
-    """A small valid `arch` ("llama" or "phi3") model with an SPM tokenizer: F32 weights."""
+    """A small valid `arch` ("llama" or "phi3") model with an SPM tokenizer; weight matrices
+    of type ``wtype`` (F32, F16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; K-quants need hidden and ffn
+    multiples of 256), norms F32."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = spm_vocab()
     vocab = len(tokens)
@@ -239,7 +242,15 @@ def tiny_model(
         ]
 
     def w(name: str, rows: int, cols: int) -> None:
-        g.tensors.append(f32_tensor(name, rng.standard_normal((rows, cols)) / np.sqrt(cols)))
+        values = rng.standard_normal((rows, cols)) / np.sqrt(cols)
+        if wtype == F32:
+            g.tensors.append(f32_tensor(name, values))
+        elif wtype == F16:
+            g.tensors.append(Tensor(name, [cols, rows], F16, values.astype("<f2").tobytes()))
+        else:
+            g.tensors.append(
+                Tensor(name, [cols, rows], wtype, quant_blocks(rng, wtype, rows, cols))
+            )
 
     def norm(name: str) -> None:
         g.tensors.append(f32_tensor(name, 1.0 + 0.1 * rng.standard_normal(hidden)))
@@ -264,6 +275,21 @@ def tiny_model(
         w(b + "attn_output.weight", hidden, n_heads * hd)
         w(b + "ffn_down.weight", hidden, ffn)
     return g
+
+
+# Byte offsets of the f16 scale fields of each block, set to small finite values so random
+# quantized weights stay finite and small.
+_SCALE_FIELDS = {Q8_0: (0,), Q4_0: (0,), Q4_1: (0, 2), Q4_K: (0, 2), Q6_K: (208,)}
+
+
+def quant_blocks(rng: np.random.Generator, qtype: int, rows: int, cols: int) -> bytes:
+    block, size = BLOCK[qtype]
+    n = rows * cols // block
+    data = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    scale = np.full(n, 0.002, dtype="<f2").view(np.uint8).reshape(n, 2)
+    for off in _SCALE_FIELDS[qtype]:
+        data[:, off : off + 2] = scale
+    return data.tobytes()
 
 
 # -- field map of a valid file (for structure-aware mutation) ----------------------------
