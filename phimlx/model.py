@@ -71,6 +71,12 @@ class _LockedSession:
     def __init__(self, inner: backends.Session, lock: threading.Lock) -> None:
         self._inner, self._lock = inner, lock
         self.max_context = inner.max_context
+        if hasattr(inner, "step_async"):  # MLX: the next step computes while text streams
+            self.step_async = self._step_async
+
+    def _step_async(self, token_id: int):  # noqa: ANN202 - the backend's pending handle
+        with self._lock:  # the graph is built (rope, cache slots) under the lock
+            return self._inner.step_async(token_id)
 
     @property
     def position(self) -> int:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import require
 
 import phimlx
 
@@ -165,3 +166,17 @@ def test_cli_reports_bad_files_without_a_traceback(tmp_path):
     )
     assert out.returncode == 2
     assert "HTML" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mlx_backend_through_the_public_api_matches_numpy(smollm2_path, smol):
+    """The same loop drives MLX (with its asynchronous step) and gives NumPy's greedy text."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        require("mlx", 'pip install "mlx[cpu]" mlx-lm')
+    kw = dict(max_tokens=16, temperature=0, repeat_penalty=1.0)
+    with phimlx.load(smollm2_path, backend="mlx") as m:
+        assert m.backend == "mlx"
+        ours = m.generate("What is the capital of France?", **kw)
+    ref = smol.generate("What is the capital of France?", **kw)
+    assert ours.tokens == ref.tokens and "Paris" in ours.text
