@@ -296,7 +296,7 @@ class Model:
         self.close()
 
 
-def load_model(
+def load(
     model: str | os.PathLike[str],
     *,
     filename: str | None = None,
@@ -307,7 +307,30 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
 ) -> Model:
-    """See `phimlx.load`."""
+    """Load a GGUF model from a local path, a preset name, or a Hugging Face hub repo.
+
+    Args:
+        model: a ``.gguf`` path; a preset such as ``"phi-3-mini-4k-instruct"`` or
+            ``"smollm2-135m-instruct"``; or a hub repo id such as
+            ``"microsoft/Phi-3-mini-4k-instruct-gguf"``.
+        filename: the file in a hub repo (a glob such as ``"*q4*.gguf"`` is allowed).
+        revision: a hub branch, tag or commit to pin.
+        backend: ``"auto"`` (MLX on Apple Silicon, NumPy elsewhere; ``$PHIMLX_BACKEND``
+            overrides), ``"mlx"`` or ``"numpy"``.
+        threads: CPU threads for the NumPy backend (default: all physical cores).
+        tokenizer_repo: use this hub repo's ``tokenizer.json`` instead of the GGUF's own.
+        cache_dir: the hub cache directory (default: huggingface_hub's).
+        local_files_only: never touch the network (like ``HF_HUB_OFFLINE=1``).
+
+    Returns:
+        A `Model`.
+
+    Raises:
+        GGUFError: the file is corrupt, truncated, or not a model phimlx can run.
+        UnsupportedModelError: unknown architecture or tensor type (a `GGUFError`).
+        ModelNotFoundError: the file is not local, not cached, and cannot be downloaded.
+        BackendUnavailableError: the requested backend cannot run here.
+    """
     from .hub import resolve_model
 
     resolved = resolve_model(
