@@ -210,8 +210,7 @@ def stream(
         if reason is not None:
             finish, carry = reason, text
             break
-        if text:
-            yield Chunk(text, token)
+        yield Chunk(text, token)  # even with no text yet: every token reaches the caller
     tail, hit = stops.feed(detok.finalize())
     text = carry + tail
     if hit:
