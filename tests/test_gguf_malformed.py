@@ -572,3 +572,51 @@ def test_absurd_layer_count_with_tensors_missing_fails_before_allocating(
     g.kv(A + "block_count").value = 1024
     err = _config_error(g, tmp_path, tally)
     assert "blk.1." in str(err)
+
+
+# -- load-level: the tokenizer's metadata --------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="bug (found by the fuzzer): phimlx/tokenizer.py _piece_bytes runs int(t[3:5], 16) "
+    "on a byte-type token without checking the hex digits -> bare ValueError",
+)
+def test_byte_token_that_is_not_hex(tmp_path: Path) -> None:
+    import phimlx
+
+    g = gc.tiny_model()
+    g.kv("tokenizer.ggml.tokens").value[1][3] = "<0xZZ>"
+    with pytest.raises(GGUFError, match="0xZZ"):
+        phimlx.load(write(tmp_path, g.build()), backend="numpy")
+
+
+@pytest.mark.parametrize(
+    "key, vtype, value",
+    [
+        ("tokenizer.ggml.bos_token_id", gc.UINT32, 10**6),
+        ("tokenizer.ggml.eos_token_id", gc.UINT32, 299),
+        ("tokenizer.ggml.eos_token_id", gc.INT32, -1),
+        ("tokenizer.ggml.bos_token_id", gc.STRING, "1"),
+    ],
+)
+def test_special_token_id_out_of_range(
+    key: str, vtype: int, value: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Either a GGUFError naming the key, or (llama.cpp's choice) the id is dropped with a
+    warning naming it; never an index error later, never a stop token that cannot occur."""
+    import phimlx
+
+    g = gc.tiny_model()
+    g.set_kv(key, vtype, value)
+    try:
+        m = phimlx.load(write(tmp_path, g.build()), backend="numpy")
+    except GGUFError as e:
+        assert key in str(e)
+        return
+    with m:
+        assert key in caplog.text
+        vocab = m.config.vocab_size
+        assert all(0 <= i < vocab for i in m.tokenizer.stop_ids)
+        assert m.generate("ab", max_tokens=2, chat=False).stats.generation_tokens >= 1
