@@ -20,6 +20,7 @@ from phimlx.config import ModelConfig
 from phimlx.errors import ContextLengthError
 from phimlx.gguf import ModelFile
 
+from . import ops
 from .kernels import QuantMatrix, set_threads
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
     """x (T, in) or (in,) through the matrices, outputs concatenated on the last axis."""
     outs = [m.matvec(x) for m in mats] if x.ndim == 1 else [m.matmul(x) for m in mats]
     return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
-
-
-def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)
-    return (x / np.sqrt(ms + eps)) * w
 
 
 class NumpyModel:
@@ -173,70 +169,41 @@ class NumpySession:
         v[:, :, : self._pos] = self._v[:, :, : self._pos]
         self._k, self._v, self._cap = k, v, cap
 
-    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Rotate the first rope_dim dims of x (T, heads, D) in place; returns x."""
-        c = self.model.config
-        rd = c.rope_dim
-        ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]  # (T, rd/2)
-        cos = (np.cos(ang) * c.rope_attn_factor).astype(np.float32)[:, None, :]
-        sin = (np.sin(ang) * c.rope_attn_factor).astype(np.float32)[:, None, :]
-        if c.rope_style == "neox":  # pairs (i, i + rd/2)
-            x1, x2 = x[..., : rd // 2].copy(), x[..., rd // 2 : rd].copy()
-            x[..., : rd // 2] = x1 * cos - x2 * sin
-            x[..., rd // 2 : rd] = x2 * cos + x1 * sin
-        else:  # "normal": adjacent pairs (2i, 2i + 1)
-            x1, x2 = x[..., 0:rd:2].copy(), x[..., 1:rd:2].copy()
-            x[..., 0:rd:2] = x1 * cos - x2 * sin
-            x[..., 1:rd:2] = x2 * cos + x1 * sin
-        return x
+    def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin (T, rope_dim/2) for these positions, LongRoPE attention factor applied."""
+        ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]
+        f = self.model.config.rope_attn_factor
+        return (np.cos(ang) * f).astype(np.float32), (np.sin(ang) * f).astype(np.float32)
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         m, c = self.model, self.model.config
         T, p0 = ids.size, self._pos
         P = p0 + T
         H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
-        G = H // KV
         self._ensure_capacity(P)
-        positions = np.arange(p0, P)
+        cos, sin = self._rope_tables(np.arange(p0, P))
+        neox = c.rope_style == "neox"
+        window = c.sliding_window or 0
+        scale = 1.0 / np.sqrt(D)
         single = T == 1
         x = m.embed.take_rows(ids)  # (T, hidden)
-        # Causal (and sliding-window) mask over cache positions, for multi-token chunks.
-        mask = None
-        if not single or c.sliding_window:
-            kpos = np.arange(P)
-            allowed = kpos[None, :] <= positions[:, None]  # (T, P)
-            if c.sliding_window:
-                allowed &= positions[:, None] - kpos[None, :] < c.sliding_window
-            mask = np.where(allowed, 0.0, -np.inf).astype(np.float32)
-        scale = np.float32(1.0 / np.sqrt(D))
         for li, layer in enumerate(m.layers):
-            h = _rms_norm(x, layer.attn_norm, c.norm_eps)
+            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)
             qkv = _project(layer.qkv, h[0] if single else h).reshape(T, -1)  # (T, (H+2KV)*D)
             q = qkv[:, : H * D].reshape(T, H, D)
             k = qkv[:, H * D : (H + KV) * D].reshape(T, KV, D)
             v = qkv[:, (H + KV) * D :].reshape(T, KV, D)
-            self._rope(q, positions)
-            self._rope(k, positions)
+            ops.rope(q, cos, sin, neox)
+            ops.rope(k, cos, sin, neox)
             kc, vc = self._k[li], self._v[li]  # (KV, cap, D)
             kc[:, p0:P] = k.transpose(1, 0, 2)
             vc[:, p0:P] = v.transpose(1, 0, 2)
-            qg = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3).reshape(KV, G * T, D)
-            scores = qg @ kc[:, :P].transpose(0, 2, 1) * scale  # (KV, G*T, P)
-            scores = scores.reshape(KV, G, T, P)
-            if mask is not None:
-                scores += mask
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            att = scores.reshape(KV, G * T, P) @ vc[:, :P]  # (KV, G*T, D)
-            att = att.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
-            x = x + (layer.out.matvec(att[0])[None] if single else layer.out.matmul(att))
-            h = _rms_norm(x, layer.ffn_norm, c.norm_eps)
+            att = ops.attention(q, kc, vc, p0, window, scale)  # (T, H*D)
+            x += layer.out.matvec(att[0])[None] if single else layer.out.matmul(att)
+            h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)
             gu = _project(layer.gate_up, h[0] if single else h).reshape(T, -1)
-            gate, up = gu[:, : c.ffn_size], gu[:, c.ffn_size :]
-            with np.errstate(over="ignore"):  # exp overflow -> inf -> SiLU = -0, as intended
-                act = gate / (1.0 + np.exp(-gate)) * up  # SiLU(gate) * up
-            x = x + (layer.down.matvec(act[0])[None] if single else layer.down.matmul(act))
+            act = ops.silu_mul(gu, c.ffn_size)  # (T, ffn)
+            x += layer.down.matvec(act[0])[None] if single else layer.down.matmul(act)
         self._pos = P
-        last = _rms_norm(x[-1], m.output_norm, c.norm_eps)
+        last = ops.rms_norm(x[-1:], m.output_norm, c.norm_eps)[0]
         return m.output.matvec(last).astype(np.float32, copy=False)

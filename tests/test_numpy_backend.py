@@ -174,3 +174,32 @@ def test_smollm2_teacher_forced_argmax_agrees_with_llama_cpp(smollm2_path):
         assert (ours.argmax(-1)[confident] == ref.argmax(-1)[confident]).all()
         checked += int(confident.sum())
     assert checked >= 40
+
+
+def test_pure_numpy_path_matches_numba_path(tiny_phi3, tmp_path):
+    """Where numba is missing (PHIMLX_NO_NUMBA=1 simulates it) the whole backend still runs,
+    through the NumPy kernels and ops, and agrees with the compiled path."""
+    import os
+    import subprocess
+    import sys
+
+    ids = np.random.default_rng(5).integers(0, 32000, size=12).tolist()
+    script = (
+        "import sys, numpy as np, fallback\n"
+        "from phimlx.gguf import open_gguf\nfrom phimlx.config import ModelConfig\n"
+        "from fallback.kernels import numba_available\n"
+        "assert not numba_available()\n"
+        f"mf = open_gguf({str(tiny_phi3)!r})\n"
+        "s = fallback.load(mf, ModelConfig.from_gguf(mf)).new_session(64)\n"
+        f"ids = {ids}\n"
+        "out = [s.prefill(ids[:8])] + [s.step(t) for t in ids[8:]]\n"
+        f"np.save({str(tmp_path / 'np.npy')!r}, np.stack(out))\n"
+    )
+    env = {**os.environ, "PHIMLX_NO_NUMBA": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(
+        np.load(tmp_path / "np.npy"), our_logits(tiny_phi3, ids, 8), rtol=1e-4, atol=1e-4
+    )

@@ -1,0 +1,165 @@
+"""The transformer's small operations: RMS norm, rotary embedding, attention, SiLU gate.
+
+Each exists twice: a vectorized NumPy version (used where numba is missing, and the
+reference in tests) and a loop version that numba compiles into one call.  A decode step of
+a small model makes ~10 of these calls per layer; as NumPy expressions they cost dozens of
+interpreter round trips each, which is more than the matrix work of a 135M model.
+
+Shapes: T tokens, H query heads, KV key/value heads, D head dim, P cache positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import numba_available
+
+# ---------------------------------------------------------------------------- NumPy versions
+
+
+def rms_norm_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, n) normalized by its root mean square, times w (n,)."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + eps)) * w
+
+
+def rope_np(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+    """Rotate x (T, heads, D) in place; cos/sin (T, rd/2) cover the first rd dims."""
+    half = cos.shape[1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if neox:  # pairs (i, i + rd/2)
+        a, b = x[..., :half].copy(), x[..., half : 2 * half].copy()
+        x[..., :half] = a * c - b * s
+        x[..., half : 2 * half] = b * c + a * s
+    else:  # pairs (2i, 2i + 1)
+        a, b = x[..., 0 : 2 * half : 2].copy(), x[..., 1 : 2 * half : 2].copy()
+        x[..., 0 : 2 * half : 2] = a * c - b * s
+        x[..., 1 : 2 * half : 2] = b * c + a * s
+
+
+def attention_np(
+    q: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int, window: int, scale: float
+) -> np.ndarray:
+    """Causal attention of q (T, H, D) at positions p0.. over the cache kc/vc (KV, cap, D),
+    which already holds these tokens; window > 0 limits keys to i - j < window.
+    Returns (T, H * D)."""
+    T, H, D = q.shape
+    KV = kc.shape[0]
+    G = H // KV
+    P = p0 + T
+    qg = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3).reshape(KV, G * T, D)
+    scores = (qg @ kc[:, :P].transpose(0, 2, 1)).reshape(KV, G, T, P) * np.float32(scale)
+    qpos = np.arange(p0, P)[:, None]
+    kpos = np.arange(P)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed &= qpos - kpos < window
+    scores = np.where(allowed, scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = scores.reshape(KV, G * T, P) @ vc[:, :P]  # (KV, G*T, D)
+    return out.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
+
+
+def silu_mul_np(gu: np.ndarray, ffn: int) -> np.ndarray:
+    """SiLU(gate) * up for gu = [gate | up] (T, 2 * ffn)."""
+    gate, up = gu[:, :ffn], gu[:, ffn:]
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> SiLU = -0, as intended
+        return gate / (1.0 + np.exp(-gate)) * up
+
+
+# ---------------------------------------------------------------------------- loop versions
+
+
+def _rms_norm_loop(x, w, eps):  # noqa: ANN001, ANN202
+    T, n = x.shape
+    out = np.empty_like(x)
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[t, i] * x[t, i]
+        r = np.float32(1.0 / np.sqrt(ss / n + eps))
+        for i in range(n):
+            out[t, i] = x[t, i] * r * w[i]
+    return out
+
+
+def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
+    T, heads, _ = x.shape
+    half = cos.shape[1]
+    for t in range(T):
+        for h in range(heads):
+            for i in range(half):
+                if neox:
+                    ia, ib = i, i + half
+                else:
+                    ia, ib = 2 * i, 2 * i + 1
+                a, b = x[t, h, ia], x[t, h, ib]
+                c, s = cos[t, i], sin[t, i]
+                x[t, h, ia] = a * c - b * s
+                x[t, h, ib] = b * c + a * s
+
+
+def _attention_loop(q, kc, vc, p0, window, scale):  # noqa: ANN001, ANN202
+    T, H, D = q.shape
+    G = H // kc.shape[0]
+    out = np.zeros((T, H * D), dtype=np.float32)
+    for h in range(H):
+        kv = h // G
+        for t in range(T):
+            pos = p0 + t
+            start = max(0, pos - window + 1) if window > 0 else 0
+            n = pos + 1 - start
+            s = np.empty(n, dtype=np.float32)
+            m = np.float32(-np.inf)
+            for j in range(n):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[t, h, d] * kc[kv, start + j, d]
+                s[j] = acc * scale
+                m = max(m, s[j])
+            total = np.float32(0.0)
+            for j in range(n):
+                s[j] = np.exp(s[j] - m)
+                total += s[j]
+            o = out[t, h * D : (h + 1) * D]
+            for j in range(n):
+                p = s[j] / total
+                for d in range(D):
+                    o[d] += p * vc[kv, start + j, d]
+    return out
+
+
+def _silu_mul_loop(gu, ffn):  # noqa: ANN001, ANN202
+    T = gu.shape[0]
+    out = np.empty((T, ffn), dtype=np.float32)
+    for t in range(T):
+        for i in range(ffn):
+            g = gu[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[t, ffn + i]
+    return out
+
+
+# Above this many multiply-adds per decode step, BLAS's threads beat one compiled loop.
+_LOOP_ATTENTION_MAX = 1 << 20
+
+if numba_available():
+    import numba
+
+    _jit = numba.njit(cache=True, fastmath=True, nogil=True)
+    rms_norm = _jit(_rms_norm_loop)
+    rope = _jit(_rope_loop)
+    silu_mul = _jit(_silu_mul_loop)
+    _attention_decode = _jit(_attention_loop)
+
+    def attention(
+        q: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int, window: int, scale: float
+    ) -> np.ndarray:
+        """`attention_np`, compiled for decoding over short caches; prefill and long caches
+        keep NumPy's batched BLAS matmuls (multi-threaded)."""
+        if q.shape[0] == 1 and (p0 + 1) * q.shape[1] * q.shape[2] <= _LOOP_ATTENTION_MAX:
+            return _attention_decode(q, kc, vc, p0, window, np.float32(scale))
+        return attention_np(q, kc, vc, p0, window, scale)
+else:  # pragma: no cover - exercised where numba is missing
+    rms_norm, rope, silu_mul, attention = rms_norm_np, rope_np, silu_mul_np, attention_np
