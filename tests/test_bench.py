@@ -350,3 +350,10 @@ def test_machine_description() -> None:
     info = machine.machine_info()
     line = machine.describe(info)
     assert info["python"] in line and "cores" in line
+
+
+def test_busy_machine_is_flagged(bench_result: dict[str, Any]) -> None:
+    quiet = {**bench_result, "machine": {**bench_result["machine"], "load_average": [0.1] * 3}}
+    loud = {**bench_result, "machine": {**bench_result["machine"], "load_average": [5.0] * 3}}
+    assert "machine was busy" not in report.markdown(quiet)
+    assert "machine was busy" in report.markdown(loud)

@@ -98,6 +98,12 @@ def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
+def busy(result: dict[str, Any]) -> bool:
+    """True when other work was running: the 1-minute load average before the run is over 1."""
+    la = result.get("machine", {}).get("load_average")
+    return bool(la) and la[0] > 1.0
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The report: a header naming model, machine and settings, then one row per engine."""
     s, m, model = result["settings"], result["machine"], result["model"]
@@ -122,6 +128,13 @@ def markdown(result: dict[str, Any]) -> str:
     la = m.get("load_average")
     if la:
         lines.append(f"Load average before / after: {la} / {result.get('load_average_after')}")
+        if busy(result):
+            lines.append(
+                "**Warning: the machine was busy** (load average above 1 while nothing of "
+                "this run was active): other processes shared the cores; figures with as many "
+                "threads as cores suffer most (spinning thread pools), so treat them as lower "
+                "bounds."
+            )
     lines += [
         "",
         f"| engine | pp{pp} tok/s | tg{tg} tok/s | pp / llama.cpp | tg / llama.cpp "
