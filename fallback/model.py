@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from phimlx.backends import checked_tokens
 from phimlx.config import ModelConfig
-from phimlx.errors import ContextLengthError
 from phimlx.gguf import ModelFile
 
 from . import ops
@@ -127,37 +127,16 @@ class NumpySession:
         self._pos = 0
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("prefill needs at least one token")
-        self._check_room(ids.size)
-        self._check_ids(ids)
+        ids = checked_tokens(token_ids, self._pos, self.max_context, self.model.config)
         logits = None
         for start in range(0, ids.size, PREFILL_CHUNK):
             logits = self._forward(ids[start : start + PREFILL_CHUNK])
-        assert logits is not None
         return logits
 
     def step(self, token_id: int) -> np.ndarray:
-        ids = np.asarray([token_id], dtype=np.int64)
-        self._check_room(1)
-        self._check_ids(ids)
-        return self._forward(ids)
-
-    def _check_room(self, n: int) -> None:
-        if self._pos + n > self.max_context:
-            raise ContextLengthError(
-                f"{self._pos} tokens in the cache + {n} new would exceed the session's "
-                f"context of {self.max_context} tokens; shorten the prompt or open a session "
-                "with a larger max_context (at most the model's context length "
-                f"{self.model.config.context_length})"
-            )
-
-    def _check_ids(self, ids: np.ndarray) -> None:
-        vocab = self.model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        return self._forward(
+            checked_tokens([token_id], self._pos, self.max_context, self.model.config)
+        )
 
     def _ensure_capacity(self, n: int) -> None:
         if n <= self._cap:

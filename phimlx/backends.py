@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .config import ModelConfig
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, ContextLengthError
 from .gguf import ModelFile
 
 
@@ -64,6 +64,31 @@ class LoadedModel(Protocol):
     def close(self) -> None:
         """Release weights and file mappings."""
         ...
+
+
+def checked_tokens(
+    token_ids: Sequence[int], position: int, max_context: int, config: ModelConfig
+) -> np.ndarray:
+    """Validate tokens a session is asked to append; returns them as an int64 array.
+
+    Raises:
+        ValueError: no tokens, or an id outside the vocabulary.
+        ContextLengthError: they do not fit in what is left of the session's context.
+    """
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise ValueError("no tokens given; a session needs at least one token")
+    if position + ids.size > max_context:
+        raise ContextLengthError(
+            f"{position} tokens in the cache + {ids.size} new would exceed the session's "
+            f"context of {max_context} tokens; shorten the prompt or open a session with a "
+            f"larger max_context (at most the model's context length {config.context_length})"
+        )
+    vocab = config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    return ids
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import numpy as np
 from mlx_lm.models import llama, phi3
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from ..backends import checked_tokens
 from ..config import ModelConfig
-from ..errors import ContextLengthError
 from ..gguf import GGMLType, ModelFile
 from .quant import GROUP, Quantized
 from .weights import iter_weights, layout, mlx_lm_config
@@ -188,8 +188,6 @@ class MLXSession:
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Run the prompt in chunks; float32 logits ``[vocab]`` after its last token."""
         ids = self._checked(token_ids)
-        if ids.size == 0:
-            raise ValueError("prefill needs at least one token")
         logits = None
         for start in range(0, ids.size, PREFILL_CHUNK):
             logits = self._forward(ids[start : start + PREFILL_CHUNK])
@@ -210,19 +208,7 @@ class MLXSession:
         return PendingLogits(logits)
 
     def _checked(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if self._pos + ids.size > self.max_context:
-            raise ContextLengthError(
-                f"{self._pos} tokens in the cache + {ids.size} new would exceed the session's "
-                f"context of {self.max_context} tokens; shorten the prompt or open a session "
-                f"with a larger max_context (the model's context length is "
-                f"{self._m.config.context_length})"
-            )
-        vocab = self._m.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        return ids
+        return checked_tokens(token_ids, self._pos, self.max_context, self._m.config)
 
     def _forward(self, ids: np.ndarray) -> mx.array:
         m = self._m
