@@ -147,7 +147,8 @@ _LOOP_ATTENTION_MAX = 1 << 20
 if numba_available():
     import numba
 
-    _jit = numba.njit(cache=True, fastmath=True, nogil=True)
+    # error_model="numpy": a zero norm gives inf/nan like NumPy, never ZeroDivisionError.
+    _jit = numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
     rms_norm = _jit(_rms_norm_loop)
     rope = _jit(_rope_loop)
     silu_mul = _jit(_silu_mul_loop)

@@ -184,13 +184,9 @@ class Model:
     ) -> list[int]:
         """Token ids of ``prompt`` as `stream` feeds them (no doubled BOS)."""
         text = self.render(prompt, chat=chat, system=system)
-        tok = self.tokenizer
-        templated = chat or not isinstance(prompt, str)
-        # A chat template that writes the BOS itself gets no second one.
-        add_bos = (
-            False if (templated and tok.bos_token and text.startswith(tok.bos_token)) else None
-        )
-        return tok.encode(text, add_bos=add_bos)
+        if chat or not isinstance(prompt, str):
+            return self.tokenizer.encode_chat(text)  # no second BOS after the template's
+        return self.tokenizer.encode(text)
 
     # -- generation ------------------------------------------------------------------------
 

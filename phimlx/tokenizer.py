@@ -46,6 +46,8 @@ __all__ = ["Tokenizer", "TokenAttr", "PRE_TOKENIZERS"]
 
 log = logging.getLogger(__name__)
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(): what llama.cpp's lstrip/rstrip remove
 _SPM_SPACE = "\u2581"  # "▁"
 
@@ -322,10 +324,11 @@ class Tokenizer:
             v = md.get(f"tokenizer.ggml.{key}", default)
             if v is None:
                 return None
-            if not isinstance(v, int) or not 0 <= v < n:
-                log.warning("%s: tokenizer.ggml.%s = %r is outside the %d-token vocabulary; "
-                            "ignored", source, key, v, n)  # fmt: skip
-                return default if default is not None and 0 <= default < n else None
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
+                raise GGUFError(
+                    f"{source}: tokenizer.ggml.{key} = {v!r} is not a token of the {n}-token "
+                    "vocabulary; the file is corrupt (or its tokenizer was edited by hand)"
+                )
             return v
 
         bos_id = special("bos_token_id", default_bos)
@@ -524,6 +527,11 @@ class Tokenizer:
         Returns:
             The ids, exactly as llama.cpp's ``llama_tokenize`` gives them.
         """
+        if _SURROGATE.search(text):
+            # tokenizers (Rust) cannot take them: a str from broken UTF-16 or
+            # 'surrogateescape' decoding.  Show them as U+FFFD, like a decoder would.
+            log.warning("the text holds lone surrogate code points; encoded as U+FFFD")
+            text = _SURROGATE.sub("\ufffd", text)
         ids: list[int] = []
         want_bos = self.add_bos if add_bos is None else add_bos
         if want_bos and self.bos_id is not None:
@@ -625,7 +633,12 @@ def _piece_bytes(tokens: list[str], attrs: np.ndarray, *, spm: bool | None) -> l
     for i in np.flatnonzero(attrs & _BYTE).tolist():
         t = tokens[i]
         if spm is not False and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-            out[i] = bytes([int(t[3:5], 16)])
+            try:
+                out[i] = bytes([int(t[3:5], 16)])
+            except ValueError:
+                raise GGUFError(
+                    f"tokenizer.ggml.tokens[{i}] = {t!r} is a byte token but not <0xNN> with "
+                    "two hex digits; the file's vocabulary is corrupt") from None  # fmt: skip
         else:
             out[i] = _byte_level_bytes(t) if spm is False else t.encode()
     normal = np.flatnonzero((attrs & _NORMAL) & ~(attrs & _PARTITIONED)).tolist()

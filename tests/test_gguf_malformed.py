@@ -577,12 +577,6 @@ def test_absurd_layer_count_with_tensors_missing_fails_before_allocating(
 # -- load-level: the tokenizer's metadata --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug (found by the fuzzer): phimlx/tokenizer.py _piece_bytes runs int(t[3:5], 16) "
-    "on a byte-type token without checking the hex digits -> bare ValueError",
-)
 def test_byte_token_that_is_not_hex(tmp_path: Path) -> None:
     import phimlx
 
@@ -601,22 +595,12 @@ def test_byte_token_that_is_not_hex(tmp_path: Path) -> None:
         ("tokenizer.ggml.bos_token_id", gc.STRING, "1"),
     ],
 )
-def test_special_token_id_out_of_range(
-    key: str, vtype: int, value: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Either a GGUFError naming the key, or (llama.cpp's choice) the id is dropped with a
-    warning naming it; never an index error later, never a stop token that cannot occur."""
+def test_special_token_id_out_of_range(key: str, vtype: int, value: object, tmp_path: Path) -> None:
+    """A special token id that is not in the vocabulary is a GGUFError naming the key (not an
+    index error later, nor a stop token that can never occur)."""
     import phimlx
 
     g = gc.tiny_model()
     g.set_kv(key, vtype, value)
-    try:
-        m = phimlx.load(write(tmp_path, g.build()), backend="numpy")
-    except GGUFError as e:
-        assert key in str(e)
-        return
-    with m:
-        assert key in caplog.text
-        vocab = m.config.vocab_size
-        assert all(0 <= i < vocab for i in m.tokenizer.stop_ids)
-        assert m.generate("ab", max_tokens=2, chat=False).stats.generation_tokens >= 1
+    with pytest.raises(GGUFError, match=key):
+        phimlx.load(write(tmp_path, g.build()), backend="numpy")
