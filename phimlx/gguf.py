@@ -49,6 +49,8 @@ from .gguf_format import (
 
 log = logging.getLogger(__name__)
 
+_U64 = struct.Struct("<Q")
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -267,7 +269,35 @@ class _Cursor:
             arr = np.frombuffer(self.buf, dtype=np.uint8, count=count, offset=self.pos)
             self.pos += count
             return (arr != 0).tolist()
+        if etype == ValueType.STRING:
+            return self._strings(count, what)
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
+
+    def _strings(self, count: int, what: str) -> list[str]:
+        """A string array in one tight loop: vocabularies hold 30k-150k of them."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = _U64.unpack_from
+        raw: list[bytes] = []
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                raise self.fail(
+                    f"{what}[{i}] claims {n} bytes but only {size - pos} remain",
+                    "the file is truncated or corrupt",
+                    at=pos - 8,
+                )
+            raw.append(buf[pos : pos + n])
+            pos += n
+        self.pos = pos
+        try:
+            return [b.decode("utf-8") for b in raw]
+        except UnicodeDecodeError:
+            log.warning("%s: %s holds invalid UTF-8; decoded with U+FFFD", self.path, what)
+            return [b.decode("utf-8", errors="replace") for b in raw]
 
 
 def open_gguf(path: str | os.PathLike[str]) -> ModelFile:
