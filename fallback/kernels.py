@@ -3,9 +3,14 @@
 `QuantMatrix` is a weight matrix ``W`` (rows = out_features, cols = in_features) that is never
 decoded whole:
 
-- ``matvec`` (decode) reads the blocks in place with a numba kernel per type that dequantizes
-  in registers (`_matvec_nb`); Q2_K, Q3_K, F16 and BF16 decode one row at a time into a small
-  buffer instead (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.
+- ``matvec`` (decode) reads the blocks in place.  Opt-in (``int8_activations`` or
+  ``PHIMLX_INT8_ACTIVATIONS=1``), on AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K quantize
+  ``x`` to int8 (one scale per 32 values, as llama.cpp does) and run integer dot products
+  written as LLVM IR (`_simd`); otherwise a numba kernel per
+  type dequantizes in float registers (`_matvec_nb`); Q2_K, Q3_K, F16 and BF16 decode one row
+  at a time into a small buffer (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.
+  ``matvec_many`` runs several matrices that share ``x`` (q|k|v, gate|up) as one parallel
+  call, and every matvec can write into a preallocated ``out``.
 - ``matmul`` (prefill) decodes a tile of rows at a time (numba, parallel) and hands it to BLAS
   sgemm, so memory stays bounded by one tile.
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are
@@ -30,8 +35,12 @@ log = logging.getLogger(__name__)
 # Bytes of float32 one decoded tile may take (matmul, the NumPy path's matvec, take_rows).
 TILE_BYTES = 8 << 20
 
+# Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.
+SERIAL_WEIGHTS = 1 << 18
+
 _nb: Any = None  # the numba kernel modules, imported on first use
 _nb_error: str | None = None
+_simd: Any = None  # the AVX2 int8-activation kernels, or False where the CPU lacks AVX2
 
 
 def _numba_disabled() -> bool:
@@ -50,6 +59,27 @@ def _kernels() -> Any:
             _nb_error = f"{type(e).__name__}: {e}"
             log.info("numba kernels unavailable (%s); using the NumPy path", _nb_error)
     return _nb
+
+
+def int8_activations_default() -> bool:
+    """``PHIMLX_INT8_ACTIVATIONS`` is set: matrices use the int8 kernels unless told not to."""
+    v = os.environ.get("PHIMLX_INT8_ACTIVATIONS", "").strip().lower()
+    return v not in ("", "0", "false", "no")
+
+
+def _simd_kernels() -> Any:
+    """The int8-activation kernels (`_simd`), or None (no numba, no AVX2)."""
+    global _simd
+    if _simd is None:
+        _simd = False
+        if _kernels() is not None:
+            try:
+                from . import _simd as mod
+
+                _simd = mod if mod.AVAILABLE else False
+            except Exception as e:  # an LLVM without the x86 intrinsics, ...
+                log.info("int8 matvec kernels unavailable (%s: %s)", type(e).__name__, e)
+    return _simd or None
 
 
 def numba_available() -> bool:
@@ -134,7 +164,17 @@ def set_threads(n: int | None = None) -> int:
     return want
 
 
-# The types with an in-register matvec kernel; the rest decode per row (`mv_deq`).
+# The types with an int8-activation kernel (`_simd`, AVX2).
+_INT8_MATVEC = {
+    GGMLType.Q4_0: "mv_q4_0",
+    GGMLType.Q4_1: "mv_q4_1",
+    GGMLType.Q8_0: "mv_q8_0",
+    GGMLType.Q4_K: "mv_q4_k",
+    GGMLType.Q5_K: "mv_q5_k",
+    GGMLType.Q6_K: "mv_q6_k",
+}
+
+# The types with an in-register float matvec kernel; the rest decode per row (`mv_deq`).
 _REGISTER_MATVEC = frozenset(
     {
         GGMLType.Q8_0,
@@ -149,6 +189,87 @@ _REGISTER_MATVEC = frozenset(
 )
 
 
+class QuantizedVector:
+    """``x`` rounded to int8 with one float scale per 32 values, for the int8 kernels.
+
+    Quantize once, then pass it to several `QuantMatrix.matvec` calls that share ``x``.
+    ``x`` keeps the float32 values (for the float kernels); ``xq`` int8 ``(n,)``, ``dx``
+    float32 ``(n/32,)`` scales, ``xs`` float32 ``(n/32,)`` = ``dx * sum(xq)`` per group.
+    """
+
+    __slots__ = ("x", "xq", "dx", "xs")
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        n = self.x.size
+        if n % 32:
+            raise ValueError(f"int8 activations need a multiple of 32 values, got {n}")
+        self.xq = np.empty(n, np.int8)
+        self.dx = np.empty(n // 32, np.float32)
+        self.xs = np.empty(n // 32, np.float32)
+        _simd_kernels().quantize_x(self.x, self.xq, self.dx, self.xs)
+
+    def dequantize(self) -> np.ndarray:
+        """``x_hat``: the float32 values the int8 kernels multiply with."""
+        return (self.xq.reshape(-1, 32) * self.dx[:, None]).reshape(-1)
+
+
+def quantize_vector(x: np.ndarray) -> QuantizedVector | np.ndarray:
+    """``x`` quantized for the int8 kernels (where they exist), else ``x`` as float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if x.size % 32 or _simd_kernels() is None or not numba_available():
+        return x
+    return QuantizedVector(x)
+
+
+def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
+    """A (0, row_bytes) array with ``raw``'s flags, so numba reuses one compiled signature."""
+    a = np.empty((0, raw.shape[1]), np.uint8)
+    if not raw.flags.writeable:
+        a.flags.writeable = False
+    return a
+
+
+def matvec_many(
+    mats: list[QuantMatrix], x: np.ndarray | QuantizedVector, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``[W1; W2; ...] @ x`` for matrices sharing ``x`` (q|k|v, gate|up): float32
+    ``[sum of rows]``, the outputs concatenated.  Up to three int8-kernel matrices of one
+    type are run as a single parallel call over ``x`` quantized once; anything else falls
+    back to one `QuantMatrix.matvec` per matrix into slices of ``out``."""
+    n = sum(m.rows for m in mats)
+    if out is None:
+        out = np.empty(n, np.float32)
+    elif out.shape != (n,) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape ({n},), got {out.dtype} {out.shape}")
+    if not mats:
+        return out
+    m0 = mats[0]
+    fused = (
+        1 < len(mats) <= 3
+        and m0._int8
+        and all(m._int8 and m.qtype == m0.qtype and m.cols == m0.cols for m in mats)
+        and len({m.raw.flags.writeable for m in mats}) == 1
+    )
+    if not isinstance(x, QuantizedVector):
+        x = quantize_vector(x) if any(m._int8 for m in mats) else x
+    if fused:
+        ws = [m.raw for m in mats] + [_empty_like_rows(m0.raw)] * (3 - len(mats))
+        _int8_call(m0.qtype, ws, x, out, n * m0.cols)
+        return out
+    r0 = 0
+    for m in mats:
+        m.matvec(x, out=out[r0 : r0 + m.rows])
+        r0 += m.rows
+    return out
+
+
+def _int8_call(qtype: GGMLType, ws: list[np.ndarray], x: QuantizedVector, out, weights: int):
+    name = _INT8_MATVEC[qtype]
+    kernel = getattr(_simd, name.replace("mv_", "mv1_") if weights < SERIAL_WEIGHTS else name)
+    kernel(ws[0], ws[1], ws[2], x.xq, x.dx, x.xs, out)
+
+
 class QuantMatrix:
     """A weight matrix W (rows=out_features, cols=in_features) kept in its GGUF blocks.
 
@@ -160,6 +281,11 @@ class QuantMatrix:
         shape: ``(rows, cols)`` in weights.
         use_numba: force the numba kernels (True), the NumPy path (False), or pick (None:
             numba when available and ``PHIMLX_NO_NUMBA`` is unset).
+        int8_activations: use the int8-activation matvec kernels (AVX2; Q4_0, Q4_1, Q8_0,
+            Q4_K, Q5_K, Q6_K): True, False, or None for "where available if
+            ``PHIMLX_INT8_ACTIVATIONS`` is set".  They compute ``W @ x_hat`` with ``x``
+            rounded to 8 bits per 32 values, like llama.cpp (logits move by ~1e-2 relative);
+            the float kernels compute ``W @ x`` to float32 rounding.
 
     Raises:
         UnsupportedModelError: ``qtype`` has no kernel (the message names the type).
@@ -174,6 +300,7 @@ class QuantMatrix:
         shape: tuple[int, int],
         *,
         use_numba: bool | None = None,
+        int8_activations: bool | None = None,
     ) -> None:
         if qtype not in DEQUANTIZABLE:
             names = ", ".join(sorted(t.name for t in DEQUANTIZABLE))
@@ -205,6 +332,16 @@ class QuantMatrix:
             raise ValueError(f"numba kernels were requested but are unavailable ({_nb_error})")
         self.use_numba = bool(use_numba) and self.raw.flags.c_contiguous
         self._tile_rows = max(1, min(self.rows, TILE_BYTES // (4 * self.cols)))
+        int8_ok = self.use_numba and self.qtype in _INT8_MATVEC and _simd_kernels() is not None
+        if int8_activations is None:
+            int8_activations = int8_ok and int8_activations_default()
+        elif int8_activations and not int8_ok:
+            raise ValueError(
+                f"no int8-activation kernel for this {self.qtype.name} matrix "
+                "(needs numba, an AVX2 CPU and Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K)"
+            )
+        self._int8 = bool(int8_activations)
+        self._empty = _empty_like_rows(self.raw) if self._int8 else None
 
     def __repr__(self) -> str:
         path = "numba" if self.use_numba else "numpy"
@@ -216,19 +353,43 @@ class QuantMatrix:
     def _xsums(self, x: np.ndarray, group: int) -> np.ndarray:
         return x.reshape(-1, group).sum(axis=1, dtype=np.float32)  # (cols / group,)
 
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (the decode step)."""
+    @property
+    def int8_activations(self) -> bool:
+        """True if `matvec` runs the int8-activation kernel."""
+        return self._int8
+
+    def matvec(self, x: np.ndarray | QuantizedVector, out: np.ndarray | None = None) -> np.ndarray:
+        """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (the decode step).
+
+        Args:
+            x: the vector, or a `QuantizedVector` of it (quantized once for several
+                matrices; see `quantize_vector`).
+            out: optional float32 ``[rows]`` (C-contiguous) to write into; returned.
+        """
+        if out is None:
+            out = np.empty(self.rows, dtype=np.float32)
+        elif out.shape != (self.rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 ({self.rows},)")
+        if self._int8:
+            if not isinstance(x, QuantizedVector):
+                x = QuantizedVector(np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols))
+            elif x.xq.shape != (self.cols,):
+                raise ValueError(f"x has {x.xq.size} values, the matrix {self.cols} columns")
+            e = self._empty
+            _int8_call(self.qtype, [self.raw, e, e], x, out, self.rows * self.cols)
+            return out
+        if isinstance(x, QuantizedVector):
+            x = x.x
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols)
         if self.qtype == GGMLType.F32:
-            return self._f32() @ x
+            np.matmul(self._f32(), x, out=out)
+            return out
         if not self.use_numba:
-            out = np.empty(self.rows, dtype=np.float32)
             for r0 in range(0, self.rows, self._tile_rows):
                 tile = dequantize_rows(self.raw[r0 : r0 + self._tile_rows], self.qtype)
                 out[r0 : r0 + tile.shape[0]] = tile @ x  # (tile_rows,)
             return out
         mv, dq = _kernels()
-        out = np.empty(self.rows, dtype=np.float32)
         w, t, qk, bs = self.raw, self.qtype, self.block, self.block_bytes
         if t not in _REGISTER_MATVEC:
             dq.mv_deq(w, w.view(np.int8), int(t), bs, x, _F16_TABLE, out)
@@ -270,7 +431,7 @@ class QuantMatrix:
             raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
         if self.qtype == GGMLType.F32:
             return x @ self._f32().T
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and not self._int8:
             return self.matvec(x[0])[None]
         out = np.empty((x.shape[0], self.rows), dtype=np.float32)  # (n, rows)
         buf = np.empty((self._tile_rows, self.cols), dtype=np.float32)  # (tile, cols)

@@ -1,4 +1,8 @@
-"""The NumPy backend's matrix kernels against gguf.quants.dequantize(W) @ x, numba vs NumPy."""
+"""The NumPy backend's matrix kernels against gguf.quants.dequantize(W) @ x, numba vs NumPy.
+
+Three matvec paths: the int8-activation kernels (AVX2; ``W @ x_hat`` with ``x_hat`` = ``x``
+rounded to 8 bits per 32 values, checked against that ``x_hat``), numba's float kernels and
+the NumPy path (``W @ x``)."""
 
 from __future__ import annotations
 
@@ -8,13 +12,28 @@ import pytest
 from test_quants import FLOAT_TYPES, GGUF_QUANTIZABLE, QUANT_TYPES, random_raw, reference
 
 import fallback.kernels as kernels
-from fallback.kernels import QuantMatrix, numba_available, set_threads
+from fallback.kernels import (
+    QuantizedVector,
+    QuantMatrix,
+    matvec_many,
+    numba_available,
+    quantize_vector,
+    set_threads,
+)
 from phimlx.errors import UnsupportedModelError
 from phimlx.gguf import TYPE_SIZES, GGMLType
 
 HAVE_NUMBA = numba_available()
+HAVE_INT8 = HAVE_NUMBA and kernels._simd_kernels() is not None
 NEEDS_NUMBA = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not available")
-PATHS = [pytest.param(True, id="numba", marks=NEEDS_NUMBA), pytest.param(False, id="numpy")]
+NEEDS_INT8 = pytest.mark.skipif(not HAVE_INT8, reason="no int8 kernels (numba, AVX2)")
+INT8_TYPES = [t.name for t in kernels._INT8_MATVEC]
+# QuantMatrix keyword arguments of each path.
+PATHS = [
+    pytest.param({"use_numba": True}, id="numba", marks=NEEDS_NUMBA),
+    pytest.param({"use_numba": True, "int8_activations": True}, id="int8", marks=NEEDS_INT8),
+    pytest.param({"use_numba": False}, id="numpy"),
+]
 # (rows, blocks per row): one row; K = one block; rows not a multiple of the thread count.
 SHAPES = [(1, 1), (3, 1), (37, 2), (67, 3)]
 U32 = np.finfo(np.float32).eps / 2  # float32 unit roundoff
@@ -40,18 +59,51 @@ def dot_tolerance(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return 4 * k * U32 * (np.abs(w) @ np.abs(x).T) + 1e-30
 
 
-@pytest.mark.parametrize("use_numba", PATHS)
+def make_matrix(raw: np.ndarray, name: str, shape, path: dict) -> QuantMatrix:
+    if path.get("int8_activations") and name not in INT8_TYPES:
+        pytest.skip(f"no int8 kernel for {name}")
+    return QuantMatrix(raw, GGMLType[name], shape, **path)
+
+
+def effective_x(m: QuantMatrix, x: np.ndarray) -> np.ndarray:
+    """The vector ``m.matvec(x)`` multiplies with: ``x_hat`` on the int8 path, else ``x``."""
+    if not m.int8_activations:
+        return x
+    q = QuantizedVector(x)
+    check_quantized(q, x)
+    return q.dequantize().astype(np.float64)
+
+
+def check_quantized(q: QuantizedVector, x: np.ndarray) -> None:
+    """``x_hat`` is ``x`` rounded to the nearest step of ``max|x| / 127`` per 32 values."""
+    g = x.reshape(-1, 32).astype(np.float64)
+    amax = np.abs(g).max(axis=1)
+    np.testing.assert_allclose(q.dx, amax / 127, rtol=1e-6)
+    assert np.all(np.abs(q.xq.astype(np.int32)) <= 127)
+    step = q.dx.astype(np.float64)[:, None]
+    err = np.abs(q.dequantize().reshape(g.shape) - g)
+    assert np.all(err <= step * (0.5 + 1e-5) + 1e-30)
+    sums = (q.xq.reshape(-1, 32).sum(axis=1) * step[:, 0]).astype(np.float32)
+    np.testing.assert_allclose(q.xs, sums, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows,n_blocks", SHAPES)
 @pytest.mark.parametrize("name", QUANT_TYPES + FLOAT_TYPES)
-def test_matvec_matmul_take_rows(name: str, rows: int, n_blocks: int, use_numba: bool) -> None:
+def test_matvec_matmul_take_rows(name: str, rows: int, n_blocks: int, path: dict) -> None:
     raw, w, cols, rng = matrix_case(name, rows, n_blocks)
-    m = QuantMatrix(raw, GGMLType[name], (rows, cols), use_numba=use_numba)
+    m = make_matrix(raw, name, (rows, cols), path)
     assert (m.rows, m.cols, m.qtype, m.nbytes) == (rows, cols, GGMLType[name], raw.nbytes)
+    assert m.int8_activations == bool(path.get("int8_activations"))
 
     x = rng.standard_normal(cols, dtype=np.float32)
     y = m.matvec(x)
     assert y.dtype == np.float32 and y.shape == (rows,)
-    assert np.all(np.abs(y - w @ x) <= dot_tolerance(w, x))
+    xe = effective_x(m, x)
+    assert np.all(np.abs(y - w @ xe) <= dot_tolerance(w, xe))
+    out = np.full(rows, np.nan, np.float32)
+    assert m.matvec(x, out=out) is out
+    np.testing.assert_array_equal(out, y)
 
     xs = rng.standard_normal((5, cols), dtype=np.float32)
     ys = m.matmul(xs)
@@ -71,7 +123,7 @@ def test_matvec_matmul_take_rows(name: str, rows: int, n_blocks: int, use_numba:
 @pytest.mark.parametrize("name", QUANT_TYPES + FLOAT_TYPES)
 def test_numba_and_numpy_paths_agree(name: str) -> None:
     raw, w, cols, rng = matrix_case(name, 45, 4, seed=1)
-    fast = QuantMatrix(raw, GGMLType[name], (45, cols), use_numba=True)
+    fast = QuantMatrix(raw, GGMLType[name], (45, cols), use_numba=True, int8_activations=False)
     slow = QuantMatrix(raw, GGMLType[name], (45, cols), use_numba=False)
     x = rng.standard_normal(cols, dtype=np.float32)
     assert np.all(np.abs(fast.matvec(x) - slow.matvec(x)) <= 2 * dot_tolerance(w, x))
@@ -81,44 +133,46 @@ def test_numba_and_numpy_paths_agree(name: str) -> None:
     np.testing.assert_allclose(fast.take_rows(ids), slow.take_rows(ids), rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("use_numba", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", GGUF_QUANTIZABLE)
-def test_blocks_made_by_gguf_quantize(name: str, use_numba: bool) -> None:
+def test_blocks_made_by_gguf_quantize(name: str, path: dict) -> None:
     rng = np.random.default_rng(11)
     weights = rng.standard_normal((19, 128), dtype=np.float32)
     raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[name])
     w = reference(raw, name).reshape(weights.shape).astype(np.float64)
-    m = QuantMatrix(np.ascontiguousarray(raw), GGMLType[name], weights.shape, use_numba=use_numba)
+    m = make_matrix(np.ascontiguousarray(raw), name, weights.shape, path)
     x = rng.standard_normal(128, dtype=np.float32)
-    assert np.all(np.abs(m.matvec(x) - w @ x) <= dot_tolerance(w, x))
+    xe = effective_x(m, x)
+    assert np.all(np.abs(m.matvec(x) - w @ xe) <= dot_tolerance(w, xe))
 
 
-@pytest.mark.parametrize("use_numba", PATHS)
-def test_matmul_crosses_tiles(use_numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_matmul_crosses_tiles(path: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny tile budget: 7 rows per tile, 50 rows -> 8 tiles, the last one partial.
     monkeypatch.setattr(kernels, "TILE_BYTES", 7 * 256 * 4)
     raw, w, cols, rng = matrix_case("Q4_K", 50, 1, seed=2)
-    m = QuantMatrix(raw, GGMLType.Q4_K, (50, cols), use_numba=use_numba)
+    m = make_matrix(raw, "Q4_K", (50, cols), path)
     xs = rng.standard_normal((4, cols), dtype=np.float32)
     assert np.all(np.abs(m.matmul(xs) - xs @ w.T) <= dot_tolerance(w, xs).T)
-    x = xs[0]
-    assert np.all(np.abs(m.matvec(x) - w @ x) <= dot_tolerance(w, x))
+    x = effective_x(m, xs[0])
+    assert np.all(np.abs(m.matvec(xs[0]) - w @ x) <= dot_tolerance(w, x))
     ids = np.arange(50)[::-1]
     np.testing.assert_allclose(m.take_rows(ids), w[ids], rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("use_numba", PATHS)
-def test_memmap_view_is_used_in_place(use_numba: bool, tmp_path) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_memmap_view_is_used_in_place(path: dict, tmp_path) -> None:
     raw, w, cols, rng = matrix_case("Q6_K", 21, 2, seed=3)
-    path = tmp_path / "w.bin"
+    file = tmp_path / "w.bin"
     pad = np.zeros(64, np.uint8)  # the tensor sits at an offset, as in a GGUF file
-    np.concatenate([pad, raw.reshape(-1)]).tofile(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="c")
+    np.concatenate([pad, raw.reshape(-1)]).tofile(file)
+    mm = np.memmap(file, dtype=np.uint8, mode="c")
     view = mm[64 : 64 + raw.nbytes].reshape(raw.shape)
-    m = QuantMatrix(view, GGMLType.Q6_K, (21, cols), use_numba=use_numba)
+    m = make_matrix(view, "Q6_K", (21, cols), path)
     assert np.shares_memory(m.raw, mm)
     x = rng.standard_normal(cols, dtype=np.float32)
-    assert np.all(np.abs(m.matvec(x) - w @ x) <= dot_tolerance(w, x))
+    xe = effective_x(m, x)
+    assert np.all(np.abs(m.matvec(x) - w @ xe) <= dot_tolerance(w, xe))
 
 
 def test_errors() -> None:
@@ -151,3 +205,59 @@ def test_env_var_forces_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
     if HAVE_NUMBA:
         with pytest.raises(ValueError, match="unavailable"):
             QuantMatrix(np.zeros((2, 18), np.uint8), GGMLType.Q4_0, (2, 32), use_numba=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "Q6_K", "Q5_0", "F16"])
+@pytest.mark.parametrize("parts", [[7], [5, 3], [37, 4, 9], [2, 3, 4, 5]])
+def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> None:
+    """Several matrices sharing x, one call, outputs concatenated: the same as one by one."""
+    monkeypatch.setattr(kernels, "SERIAL_WEIGHTS", 1000)  # the parallel and serial drivers
+    rng = np.random.default_rng(sum(parts))
+    cases = [matrix_case(name, rows, 2, seed=i) for i, rows in enumerate(parts)]
+    cols = cases[0][2]
+    mats = [make_matrix(c[0], name, (c[1].shape[0], cols), path) for c in cases]
+    w = np.concatenate([c[1] for c in cases])
+    x = rng.standard_normal(cols, dtype=np.float32)
+    xe = effective_x(mats[0], x)
+    y = matvec_many(mats, x)
+    assert y.dtype == np.float32 and y.shape == (sum(parts),)
+    assert np.all(np.abs(y - w @ xe) <= dot_tolerance(w, xe))
+    one_by_one = np.concatenate([m.matvec(x) for m in mats])
+    np.testing.assert_allclose(y, one_by_one, rtol=1e-6, atol=1e-6 * np.abs(y).max())
+    q = quantize_vector(x)
+    out = np.empty(sum(parts), np.float32)
+    assert matvec_many(mats, q, out=out) is out
+    np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6 * np.abs(y).max())
+    with pytest.raises(ValueError, match="out must be"):
+        matvec_many(mats, x, out=np.empty(sum(parts) + 1, np.float32))
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("n", [64, 96, 3072])
+def test_quantize_vector(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n, dtype=np.float32) * np.float32(3)
+    x[:32] = 0  # an all-zero group: scale 0, values 0
+    x[40] = 1e6  # one outlier rules its group's scale
+    q = quantize_vector(x)
+    assert isinstance(q, QuantizedVector)
+    check_quantized(q, x)
+    assert q.dx[0] == 0 and not q.xq[:32].any()
+    np.testing.assert_array_equal(q.x, x)
+    assert isinstance(quantize_vector(x[:31]), np.ndarray)  # not whole groups: float path
+
+
+@NEEDS_INT8
+def test_int8_path_is_selectable(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = np.zeros((2, 20), np.uint8)
+    assert QuantMatrix(raw, GGMLType.Q4_1, (2, 32), int8_activations=True).int8_activations
+    with pytest.raises(ValueError, match="no int8-activation kernel"):
+        QuantMatrix(np.zeros((2, 22), np.uint8), GGMLType.Q5_0, (2, 32), int8_activations=True)
+    with pytest.raises(ValueError, match="no int8-activation kernel"):
+        QuantMatrix(raw, GGMLType.Q4_1, (2, 32), use_numba=False, int8_activations=True)
+    assert not QuantMatrix(raw, GGMLType.Q4_1, (2, 32)).int8_activations  # opt-in
+    monkeypatch.setenv("PHIMLX_INT8_ACTIVATIONS", "1")
+    assert QuantMatrix(raw, GGMLType.Q4_1, (2, 32)).int8_activations
+    assert not QuantMatrix(raw, GGMLType.Q4_1, (2, 32), int8_activations=False).int8_activations
+    assert not QuantMatrix(np.zeros((2, 22), np.uint8), GGMLType.Q5_0, (2, 32)).int8_activations

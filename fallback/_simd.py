@@ -1,0 +1,464 @@
+"""AVX2 integer matvec kernels: int8 activations x GGUF blocks, written as LLVM IR.
+
+The float kernels in `_matvec_nb` leave LLVM to vectorize Python loops; with blocks of 32
+weights the loops are too short and the per-block scale decoding is scalar, so they reach
+~1 weight per instruction.  Here each row's dot product is one LLVM IR loop (a numba
+``@intrinsic``) that does what llama.cpp's AVX2 kernels do:
+
+- ``x`` is quantized once per matvec to int8 with one float scale per 32 values
+  (``quantize_x``: ``xq``, ``dx``, and ``xs`` = the sums of each 32 values of ``x_hat``);
+- weights are unpacked to bytes in registers (nibble masks, bit planes) and multiplied with
+  ``xq`` by ``vpmaddubsw`` (u8 x i8 -> pairs summed in i16) then ``vpmaddwd`` (-> i32, with 1
+  or with the K-quants' integer sub-block scales);
+- per 32 weights the i32 vector is converted to float and accumulated with one ``fma`` by
+  ``d * dx`` into a float vector; zero points / mins are applied against ``xs``; one
+  horizontal sum per row.
+
+The result is ``W @ x_hat`` where ``x_hat`` is ``x`` rounded to 8 bits per 32-group (what
+llama.cpp computes); its error bound is in `tests/test_kernels.py`.  Used only when the CPU
+has AVX2, FMA and F16C (`AVAILABLE`); otherwise `_matvec_nb`'s float kernels run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as _llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_feat = _llvm.get_host_cpu_features()
+AVAILABLE = all(_feat.get(k, False) for k in ("avx2", "fma", "f16c"))
+
+i1, i8, i16, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+f16, f32 = ir.HalfType(), ir.FloatType()
+
+
+def _vt(t, n):
+    return ir.VectorType(t, n)
+
+
+V16I8, V32I8, V8I8 = _vt(i8, 16), _vt(i8, 32), _vt(i8, 8)
+V16I16, V8I32, V8F = _vt(i16, 16), _vt(i32, 8), _vt(f32, 8)
+
+
+def _c(vty, vals):
+    """A constant vector of ``vty``; ``vals`` a scalar (splat) or a list."""
+    n = vty.count
+    if not isinstance(vals, (list, tuple)):
+        vals = [vals] * n
+    return ir.Constant(vty, [ir.Constant(vty.element, v) for v in vals])
+
+
+class _B:
+    """IR helpers bound to one builder."""
+
+    def __init__(self, context, builder):
+        self.ctx, self.b = context, builder
+
+    def data(self, aty, aval):
+        return self.ctx.make_array(aty)(self.ctx, self.b, aval).data
+
+    def at(self, p, off):  # byte offset
+        return self.b.gep(p, [off], source_etype=i8)
+
+    def load(self, p, off, ty, align=1):
+        return self.b.load(self.at(p, off), typ=ty, align=align)
+
+    def f16(self, p, off):
+        return self.b.fpext(self.load(p, off, f16), f32)
+
+    def call(self, name, ret, args):
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        fn = cgutils.get_or_insert_function(self.b.module, fnty, name)
+        return self.b.call(fn, args)
+
+    def shuf(self, a, bvec, idx):
+        return self.b.shuffle_vector(a, bvec, _c(_vt(i32, len(idx)), list(idx)))
+
+    def splat(self, s, n=8):
+        v = self.b.insert_element(ir.Constant(_vt(s.type, n), ir.Undefined), s, i32(0))
+        return self.shuf(v, ir.Constant(_vt(s.type, n), ir.Undefined), [0] * n)
+
+    def lane(self, v, j, n=8):  # broadcast lane j of v
+        return self.shuf(v, ir.Constant(v.type, ir.Undefined), [j] * n)
+
+    def maddubs(self, u, s):  # u8 x i8 pairs -> i16
+        return self.call("llvm.x86.avx2.pmadd.ub.sw", V16I16, [u, s])
+
+    def maddwd(self, a, c):  # i16 x i16 pairs -> i32
+        return self.call("llvm.x86.avx2.pmadd.wd", V8I32, [a, c])
+
+    def fma(self, a, c, acc):
+        return self.call("llvm.fma.v8f32", V8F, [a, c, acc])
+
+    def tofloat(self, v):
+        return self.b.sitofp(v, V8F)
+
+    def hsum(self, v):
+        lo = self.shuf(v, v, [0, 1, 2, 3])
+        hi = self.shuf(v, v, [4, 5, 6, 7])
+        s = self.b.fadd(lo, hi)
+        s2 = self.b.fadd(self.shuf(s, s, [0, 1]), self.shuf(s, s, [2, 3]))
+        return self.b.fadd(self.b.extract_element(s2, i32(0)), self.b.extract_element(s2, i32(1)))
+
+    def var(self, init):
+        p = cgutils.alloca_once(self.b, init.type)
+        self.b.store(init, p)
+        return p
+
+
+_ONES16 = _c(V16I16, 1)
+
+
+def _row_intrinsic(body):
+    """Wrap ``body(h, p_row, p_xq, p_dx, p_xs, nb, acc, corr, blk)`` run per block into an
+    intrinsic ``(row u8[:], xq i8[:], dx f32[:], xs f32[:], nb intp) -> float32``."""
+
+    @intrinsic
+    def dot(typingctx, row, xq, dx, xs, nb):
+        sig = types.float32(row, xq, dx, xs, nb)
+
+        def codegen(context, builder, signature, args):
+            h = _B(context, builder)
+            a = signature.args
+            pr, pq = h.data(a[0], args[0]), h.data(a[1], args[1])
+            pd, ps = h.data(a[2], args[2]), h.data(a[3], args[3])
+            n = args[4]
+            acc = h.var(_c(V8F, 0.0))
+            corr = h.var(_c(V8F, 0.0))
+            with cgutils.for_range(builder, n) as loop:
+                body(h, pr, pq, pd, ps, acc, corr, loop.index)
+            tot = builder.fadd(builder.load(acc), builder.load(corr))
+            return h.hsum(tot)
+
+        return sig, codegen
+
+    return dot
+
+
+def _acc_add(h, acc, v):
+    h.b.store(h.b.fadd(h.b.load(acc), v), acc)
+
+
+def _acc_fma(h, acc, v, s):
+    h.b.store(h.fma(v, s, h.b.load(acc)), acc)
+
+
+def _corr_scalar(h, corr, s):  # add a scalar into lane 0 of the correction vector
+    c = h.b.load(corr)
+    h.b.store(h.b.insert_element(c, h.b.fadd(h.b.extract_element(c, i32(0)), s), i32(0)), corr)
+
+
+def _nibbles32(h, q16):  # 16 bytes -> 32 values: low nibbles (weights 0..15), then high
+    lo = h.b.and_(q16, _c(V16I8, 15))
+    hi = h.b.lshr(q16, _c(V16I8, 4))
+    return h.shuf(lo, hi, range(32))
+
+
+def _body_q4_0(h, pr, pq, pd, ps, acc, corr, b):
+    o = h.b.mul(b, i64(18))
+    d = h.f16(pr, o)
+    q = _nibbles32(h, h.load(pr, h.b.add(o, i64(2)), V16I8))
+    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
+    p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
+    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s))
+
+
+def _body_q4_1(h, pr, pq, pd, ps, acc, corr, b):
+    o = h.b.mul(b, i64(20))
+    d, m = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
+    q = _nibbles32(h, h.load(pr, h.b.add(o, i64(4)), V16I8))
+    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
+    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s))
+    _corr_scalar(h, corr, h.b.fmul(m, h.load(ps, h.b.mul(b, i64(4)), f32, 4)))
+
+
+def _body_q8_0(h, pr, pq, pd, ps, acc, corr, b):
+    o = h.b.mul(b, i64(34))
+    d = h.f16(pr, o)
+    q = h.load(pr, h.b.add(o, i64(2)), V32I8)
+    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
+    # |q| (u8) x sign(q)*x (i8): the signed product through vpmaddubsw, as llama.cpp does.
+    aq = h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)])
+    sx = h.call("llvm.x86.avx2.psign.b", V32I8, [xv, q])
+    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s))
+
+
+def _k_scales_mins(h, pr, o):
+    """Q4_K/Q5_K: the 8 six-bit scales and mins of the block at ``o`` as float vectors."""
+    raw = h.load(pr, h.b.add(o, i64(4)), V16I8)  # 12 scale bytes (+4 of the block's data)
+    z8 = ir.Constant(V8I8, ir.Undefined)
+    s1 = h.shuf(raw, raw, [0, 1, 2, 3, 8, 9, 10, 11])
+    s2 = h.shuf(raw, raw, [0, 1, 2, 3, 0, 1, 2, 3])
+    m1 = h.shuf(raw, raw, [4, 5, 6, 7, 8, 9, 10, 11])
+    m2 = h.shuf(raw, raw, [4, 5, 6, 7, 4, 5, 6, 7])
+    del z8
+    lo_mask = _c(V8I8, [63, 63, 63, 63, 15, 15, 15, 15])
+    hi_mask = _c(V8I8, [0, 0, 0, 0, 48, 48, 48, 48])
+    b = h.b
+    hi_s = b.and_(b.shl(b.lshr(s2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
+    sc = b.or_(b.and_(s1, lo_mask), hi_s)
+    hi_m = b.and_(b.shl(b.lshr(m2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
+    mn = b.or_(b.and_(b.lshr(m1, _c(V8I8, [0, 0, 0, 0, 4, 4, 4, 4])), lo_mask), hi_m)
+    return b.uitofp(sc, V8F), b.uitofp(mn, V8F)
+
+
+def _body_qk(h, pr, pq, pd, ps, acc, corr, b, five):
+    bs = 176 if five else 144
+    o = h.b.mul(b, i64(bs))
+    d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
+    scf, mnf = _k_scales_mins(h, pr, o)
+    g = h.b.mul(b, i64(32))  # byte offset of this block's 8 group floats
+    dx8 = h.load(pd, g, V8F, 4)
+    xs8 = h.load(ps, g, V8F, 4)
+    sv = h.b.fmul(h.b.fmul(scf, h.splat(d)), dx8)  # d * sc_j * dx_j
+    # corr -= dmin * m_j * xs_j
+    cv = h.b.load(corr)
+    h.b.store(h.fma(h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8, cv), corr)
+    qo = h.b.add(o, i64(48 if five else 16))
+    qh = h.load(pr, h.b.add(o, i64(16)), V32I8) if five else None
+    xo = h.b.mul(b, i64(256))
+    for pair in range(4):
+        q = h.load(pr, h.b.add(qo, i64(32 * pair)), V32I8)
+        nib = [h.b.and_(q, _c(V32I8, 15)), h.b.lshr(q, _c(V32I8, 4))]
+        for k in range(2):
+            j = 2 * pair + k
+            v = nib[k]
+            if five:
+                bit = h.b.and_(qh, _c(V32I8, 1 << j))
+                v = h.b.or_(
+                    v,
+                    h.b.select(
+                        h.b.icmp_unsigned("!=", bit, _c(V32I8, 0)), _c(V32I8, 16), _c(V32I8, 0)
+                    ),
+                )
+            xv = h.load(pq, h.b.add(xo, i64(32 * j)), V32I8)
+            p = h.tofloat(h.maddwd(h.maddubs(v, xv), _ONES16))
+            _acc_fma(h, acc, p, h.lane(sv, j))
+
+
+def _body_q4_k(h, pr, pq, pd, ps, acc, corr, b):
+    _body_qk(h, pr, pq, pd, ps, acc, corr, b, False)
+
+
+def _body_q5_k(h, pr, pq, pd, ps, acc, corr, b):
+    _body_qk(h, pr, pq, pd, ps, acc, corr, b, True)
+
+
+def _body_q6_k(h, pr, pq, pd, ps, acc, corr, b):
+    o = h.b.mul(b, i64(210))
+    d = h.f16(pr, h.b.add(o, i64(208)))
+    sc16 = h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), V16I16)
+    g = h.b.mul(b, i64(32))
+    dxd = h.b.fmul(h.load(pd, g, V8F, 4), h.splat(d))  # d * dx_g for the 8 groups
+    xo = h.b.mul(b, i64(256))
+    c32 = _c(V32I8, 32)
+    for hh in range(2):
+        qh = h.load(pr, h.b.add(o, i64(128 + 32 * hh)), V32I8)
+        for half in range(2):
+            ql = h.load(pr, h.b.add(o, i64(64 * hh + 32 * half)), V32I8)
+            for nib in range(2):
+                k = half + 2 * nib  # group 128hh + 32k
+                low = h.b.and_(ql, _c(V32I8, 15)) if nib == 0 else h.b.lshr(ql, _c(V32I8, 4))
+                top = h.b.and_(h.b.shl(h.b.lshr(qh, _c(V32I8, 2 * k)), _c(V32I8, 4)), _c(V32I8, 48))
+                q = h.b.or_(low, top)
+                xv = h.load(pq, h.b.add(xo, i64(128 * hh + 32 * k)), V32I8)
+                p = h.b.sub(h.maddubs(q, xv), h.maddubs(c32, xv))  # sum (q - 32) x, pairs
+                si = 8 * hh + 2 * k
+                scv = h.shuf(sc16, sc16, [si] * 8 + [si + 1] * 8)
+                gi = 4 * hh + k
+                _acc_fma(h, acc, h.tofloat(h.maddwd(p, scv)), h.lane(dxd, gi))
+
+
+_dot_q4_0 = _row_intrinsic(_body_q4_0)
+_dot_q4_1 = _row_intrinsic(_body_q4_1)
+_dot_q8_0 = _row_intrinsic(_body_q8_0)
+_dot_q4_k = _row_intrinsic(_body_q4_k)
+_dot_q5_k = _row_intrinsic(_body_q5_k)
+_dot_q6_k = _row_intrinsic(_body_q6_k)
+
+_OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+_SER = {"fastmath": True, "cache": True, "nogil": True}
+
+
+@njit(**_SER)
+def quantize_x(x, xq, dx, xs):
+    """x float32 (n,) -> xq int8 (n,), dx (n/32,) scales, xs (n/32,) sums of dx * xq."""
+    for g in range(x.shape[0] // 32):
+        amax = np.float32(0.0)
+        for i in range(32 * g, 32 * g + 32):
+            amax = max(amax, abs(x[i]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        t = np.int32(0)
+        for i in range(32 * g, 32 * g + 32):
+            q = np.int32(np.rint(x[i] * inv))
+            xq[i] = np.int8(q)
+            t += q
+        dx[g] = d
+        xs[g] = d * np.float32(t)
+
+
+# Drivers: out[: n1 + n2 + n3] = [w1; w2; w3] @ x_hat, rows split across threads (mv_*) or
+# on the calling thread (mv1_*: a parallel launch costs more than a small matrix).  They are
+# written out per type: numba caches a function by its source location, and an intrinsic
+# cannot be passed as an argument.
+@njit(**_OPTS)
+def mv_q4_0(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_0(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_0(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_0(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q4_0(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_0(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_0(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_0(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q4_1(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_1(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_1(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_1(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q4_1(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_1(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_1(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_1(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q8_0(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q8_0(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q8_0(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q8_0(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q8_0(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q8_0(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q8_0(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q8_0(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q4_k(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_k(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_k(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_k(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q4_k(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_k(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_k(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_k(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q5_k(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q5_k(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q5_k(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q5_k(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q5_k(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q5_k(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q5_k(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q5_k(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q6_k(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q6_k(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q6_k(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q6_k(w3[r - n2], xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q6_k(w1, w2, w3, xq, dx, xs, out):
+    nb = xq.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q6_k(w1[r], xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q6_k(w2[r - n1], xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q6_k(w3[r - n2], xq, dx, xs, nb)
