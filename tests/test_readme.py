@@ -20,8 +20,13 @@ def test_quickstart_generate_command_runs(smollm2_path):
     assert commands, "the quickstart has no phimlx command"
     for line in commands:
         argv = [sys.executable, "-m", "phimlx", *shlex.split(line)[1:]]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip(), "no text generated"
         assert "tok/s" in done.stderr  # the stats line
