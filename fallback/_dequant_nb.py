@@ -167,6 +167,15 @@ def deq_range(w, wi8, r0, code, bs, f16, out):
         _row(w[r0 + i], wi8[r0 + i], out[i], f16, code, bs)
 
 
+@njit(cache=True, fastmath=True, nogil=True)
+def deq_range_serial(w, wi8, r0, code, bs, f16, out):
+    """`deq_range` on the calling thread: a prefill tile goes on to a multi-threaded BLAS
+    sgemm, and numba's OpenMP workers spinning after a parallel region would take the cores
+    BLAS wants (measured: 60x slower on 2 cores)."""
+    for i in range(out.shape[0]):
+        _row(w[r0 + i], wi8[r0 + i], out[i], f16, code, bs)
+
+
 @njit(**_OPTS)
 def mv_deq(w, wi8, code, bs, x, f16, out):
     """out[r] = W[r] . x by decoding each row into a per-row buffer (the simple types)."""

@@ -411,12 +411,13 @@ class QuantMatrix:
         return out
 
     def _decode_range(self, r0: int, out: np.ndarray) -> np.ndarray:
-        """Rows ``r0 .. r0 + len(out)`` decoded into ``out`` (float32 ``(n, cols)``)."""
+        """Rows ``r0 .. r0 + len(out)`` decoded into ``out`` (float32 ``(n, cols)``), on the
+        calling thread (the tile goes on to a multi-threaded sgemm)."""
         n = out.shape[0]
         if self.use_numba:
             dq = _kernels()[1]
-            w = self.raw
-            dq.deq_range(w, w.view(np.int8), r0, int(self.qtype), self.block_bytes, _F16_TABLE, out)
+            w, t, bs = self.raw, int(self.qtype), self.block_bytes
+            dq.deq_range_serial(w, w.view(np.int8), r0, t, bs, _F16_TABLE, out)
             return out
         out[:] = dequantize_rows(self.raw[r0 : r0 + n], self.qtype)
         return out
