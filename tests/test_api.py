@@ -180,3 +180,14 @@ def test_mlx_backend_through_the_public_api_matches_numpy(smollm2_path, smol):
         ours = m.generate("What is the capital of France?", **kw)
     ref = smol.generate("What is the capital of France?", **kw)
     assert ours.tokens == ref.tokens and "Paris" in ours.text
+
+
+def test_cli_bench_takes_its_own_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "phimlx", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--model" in out.stdout and "--backends" in out.stdout
