@@ -1,9 +1,13 @@
 """Micro-benchmark of the NumPy backend's quantized kernels at Phi-3-mini shapes.
 
 Prints, per type, matvec throughput in G weights/s with 1 and 2 threads (the decode step:
-Phi-3-mini has ~3.8 G weights, so tokens/s ~ Gweights/s / 3.8) and prefill matmul GFLOP/s
-for n = 128 and 512 prompt tokens.  Weights are random blocks with small finite scales (speed
-does not depend on the values).  Warm-up first; each figure is the best of a few repetitions.
+Phi-3-mini has ~3.8 G weights, so tokens/s ~ Gweights/s / 3.8), for the default float
+activations and (``int8`` rows) the int8-activation kernels, and prefill matmul GFLOP/s for
+n = 128 and 512 prompt tokens next to the BLAS sgemm ceiling.  Weights are random blocks with
+small finite scales (speed does not depend on the values); each shape is replicated until the
+set exceeds ``--working-set`` MiB (default 160, beyond the L3 cache), so weights stream from
+memory as in real decoding.  Warm-up first; each figure is the best of a few repetitions.
+With one thread the time is the thread's CPU time (less noisy on a shared machine).
 
     python bench/kernels.py                       # all types
     python bench/kernels.py --types Q4_K Q6_K --no-matmul
@@ -16,6 +20,7 @@ import time
 
 import numpy as np
 
+from fallback import kernels
 from fallback.kernels import QuantMatrix, numba_available, set_threads
 from phimlx.gguf import TYPE_SIZES, GGMLType
 
@@ -67,16 +72,16 @@ def random_matrix(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generato
     return raw
 
 
-def best_time(fn, min_time: float = 0.3, reps: int = 3) -> float:
+def best_time(fn, min_time: float = 0.3, reps: int = 3, clock=time.perf_counter) -> float:
     """Best mean seconds per call over ``reps`` runs of at least ``min_time`` each."""
     fn()
     best = float("inf")
     for _ in range(reps):
-        n, t0 = 0, time.perf_counter()
+        n, t0 = 0, clock()
         while True:
             fn()
             n += 1
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if dt >= min_time:
                 break
         best = min(best, dt / n)
@@ -89,49 +94,79 @@ def main() -> None:
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--no-matmul", action="store_true", help="skip the prefill matmul figures")
     ap.add_argument("--numpy", action="store_true", help="the pure-NumPy path instead of numba")
+    ap.add_argument("--working-set", type=int, default=160, help="MiB of weights per shape")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
     use_numba = numba_available() and not args.numpy
-    print(f"numba kernels: {use_numba}")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    print(f"numba kernels: {use_numba}; load average {load}")
     print("matvec G weights/s (per-type aggregate = all five shapes' weights / their time)")
-    header = f"{'type':6} {'thr':>3} " + " ".join(f"{s[0].split()[0]:>9}" for s in SHAPES)
+    header = f"{'type':10} {'thr':>3} " + " ".join(f"{s[0].split()[0]:>9}" for s in SHAPES)
     print(header + f" {'all':>7} {'~tok/s':>7}")
     for name in args.types:
         qtype = GGMLType[name]
-        mats = [
-            QuantMatrix(random_matrix(qtype, r, c, rng), qtype, (r, c), use_numba=use_numba)
-            for _, r, c in SHAPES
-        ]
-        xs = [rng.standard_normal(m.cols, dtype=np.float32) for m in mats]
-        for threads in args.threads:
-            set_threads(threads)
-            rates, total_w, total_t = [], 0, 0.0
-            for m, x in zip(mats, xs, strict=True):
-                t = best_time(lambda m=m, x=x: m.matvec(x))
-                rates.append(m.rows * m.cols / t / 1e9)
-                total_w += m.rows * m.cols
-                total_t += t
-            agg = total_w / total_t / 1e9
-            # Phi-3-mini: 32 layers of (qkv, attn_out, gate_up, down) + output head.
-            layer = sum(m.rows * m.cols for m in mats[:4])
-            model_w = 32 * layer + mats[4].rows * mats[4].cols
-            print(
-                f"{name:6} {threads:3d} "
-                + " ".join(f"{g:9.1f}" for g in rates)
-                + f" {agg:7.1f} {agg * 1e9 / model_w:7.2f}"
-            )
+        sets = []  # per shape: copies of one random matrix, together > the working set
+        for _, r, c in SHAPES:
+            raw = random_matrix(qtype, r, c, rng)
+            copies = max(1, (args.working_set << 20) // raw.nbytes)
+            sets.append([raw] + [np.roll(raw, i, axis=0) for i in range(1, copies)])
+        kinds = [False]
+        if use_numba and kernels._simd_kernels() is not None and qtype in kernels._SIMD_MATVEC:
+            kinds.append(True)
+        for int8 in kinds:
+            mats = [
+                [QuantMatrix(raw, qtype, (raw.shape[0], c), use_numba=use_numba,
+                             int8_activations=int8) for raw in raws]
+                for raws, (_, _, c) in zip(sets, SHAPES, strict=True)
+            ]  # fmt: skip
+            xs = [rng.standard_normal(ms[0].cols, dtype=np.float32) for ms in mats]
+            label = name + (" int8" if int8 else "")
+            for threads in args.threads:
+                set_threads(threads)
+                clock = time.thread_time if threads == 1 else time.perf_counter
+                rates, total_w, total_t = [], 0, 0.0
+                for ms, x in zip(mats, xs, strict=True):
+                    outs = np.empty(ms[0].rows, np.float32)
+
+                    def run(ms=ms, x=x, out=outs):
+                        for m in ms:
+                            m.matvec(x, out=out)
+
+                    t = best_time(run, min_time=0.2, clock=clock) / len(ms)
+                    rates.append(ms[0].rows * ms[0].cols / t / 1e9)
+                    total_w += ms[0].rows * ms[0].cols
+                    total_t += t
+                agg = total_w / total_t / 1e9
+                # Phi-3-mini: 32 layers of (qkv, attn_out, gate_up, down) + output head.
+                layer = sum(ms[0].rows * ms[0].cols for ms in mats[:4])
+                model_w = 32 * layer + mats[4][0].rows * mats[4][0].cols
+                print(
+                    f"{label:10} {threads:3d} "
+                    + " ".join(f"{g:9.1f}" for g in rates)
+                    + f" {agg:7.1f} {agg * 1e9 / model_w:7.2f}",
+                    flush=True,
+                )
         if not args.no_matmul:
-            m = mats[2]  # gate_up 16384x3072
+            m = QuantMatrix(sets[2][0], qtype, (16384, 3072), use_numba=use_numba)  # gate_up
+            set_threads(max(args.threads))
             for n in (128, 512):
                 x = rng.standard_normal((n, m.cols), dtype=np.float32)
-                set_threads(max(args.threads))
                 t = best_time(lambda m=m, x=x: m.matmul(x), min_time=0.2, reps=2)
                 print(
                     f"{name:6} matmul n={n:3d} {m.rows}x{m.cols}, {max(args.threads)} threads: "
-                    f"{2 * n * m.rows * m.cols / t / 1e9:6.1f} GFLOP/s"
+                    f"{2 * n * m.rows * m.cols / t / 1e9:6.1f} GFLOP/s",
+                    flush=True,
                 )
-        del mats
+        del sets
+    if not args.no_matmul:
+        set_threads(max(args.threads))
+        a = rng.standard_normal((512, 3072), dtype=np.float32)
+        b = rng.standard_normal((3072, 3072), dtype=np.float32)
+        t = best_time(lambda: a @ b, min_time=0.2, reps=2)
+        gflops = 2 * 512 * 3072**2 / t / 1e9
+        print(f"BLAS sgemm 512x3072 @ 3072x3072 (the ceiling): {gflops:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

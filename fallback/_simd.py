@@ -462,3 +462,327 @@ def mv1_q6_k(w1, w2, w3, xq, dx, xs, out):
             out[r] = _dot_q6_k(w2[r - n1], xq, dx, xs, nb)
         else:
             out[r] = _dot_q6_k(w3[r - n2], xq, dx, xs, nb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float activations: the same row loops with x in float32 (exact to float32 rounding, the
+# default).  Weights are widened to 8 x i32 (vpmovzxbd), masked, converted to float and
+# fma'd with x; each group's partial vector is scaled once.
+
+
+def _row_intrinsic_f(body):
+    """Wrap ``body(h, p_row, p_x, p_xs, acc, corr, blk)`` run per block into an intrinsic
+    ``(row u8[:], x f32[:], xs f32[:], nb intp) -> float32``."""
+
+    @intrinsic
+    def dot(typingctx, row, x, xs, nb):
+        sig = types.float32(row, x, xs, nb)
+
+        def codegen(context, builder, signature, args):
+            h = _B(context, builder)
+            a = signature.args
+            pr, px, ps = h.data(a[0], args[0]), h.data(a[1], args[1]), h.data(a[2], args[2])
+            acc = h.var(_c(V8F, 0.0))
+            corr = h.var(_c(V8F, 0.0))
+            with cgutils.for_range(builder, args[3]) as loop:
+                body(h, pr, px, ps, acc, corr, loop.index)
+            tot = builder.fadd(builder.load(acc), builder.load(corr))
+            return h.hsum(tot)
+
+        return sig, codegen
+
+    return dot
+
+
+def _u8x8(h, p, off):  # 8 bytes -> 8 x i32 (zero-extended)
+    return h.b.zext(h.load(p, off, V8I8), V8I32)
+
+
+def _s8x8(h, p, off):  # 8 bytes -> 8 x i32 (sign-extended)
+    return h.b.sext(h.load(p, off, V8I8), V8I32)
+
+
+def _xv(h, px, idx):  # x[idx : idx + 8], idx an i64 element index
+    return h.load(px, h.b.mul(idx, i64(4)), V8F, 4)
+
+
+def _dot4(h, vals, xs):  # sum of vals[i] * xs[i] (float vectors) as one vector
+    t = h.b.fmul(vals[0], xs[0])
+    for v, x in zip(vals[1:], xs[1:], strict=True):
+        t = h.fma(v, x, t)
+    return t
+
+
+def _f_q4(h, pr, px, ps, acc, corr, b, has_min):
+    bs = 20 if has_min else 18
+    o = h.b.mul(b, i64(bs))
+    d = h.f16(pr, o)
+    qo = h.b.add(o, i64(4 if has_min else 2))
+    z0, z1 = _u8x8(h, pr, qo), _u8x8(h, pr, h.b.add(qo, i64(8)))
+    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
+    vals = [h.b.and_(z0, m15), h.b.and_(z1, m15), h.b.lshr(z0, s4), h.b.lshr(z1, s4)]
+    x0 = h.b.mul(b, i64(32))
+    xv = [_xv(h, px, h.b.add(x0, i64(8 * k))) for k in range(4)]
+    t = _dot4(h, [h.tofloat(v) for v in vals], xv)
+    _acc_fma(h, acc, t, h.splat(d))
+    xsb = h.load(ps, h.b.mul(b, i64(4)), f32, 4)
+    if has_min:
+        _corr_scalar(h, corr, h.b.fmul(h.f16(pr, h.b.add(o, i64(2))), xsb))
+    else:
+        _corr_scalar(h, corr, h.b.fmul(h.b.fmul(d, ir.Constant(f32, -8.0)), xsb))
+
+
+def _f_q4_0(h, pr, px, ps, acc, corr, b):
+    _f_q4(h, pr, px, ps, acc, corr, b, False)
+
+
+def _f_q4_1(h, pr, px, ps, acc, corr, b):
+    _f_q4(h, pr, px, ps, acc, corr, b, True)
+
+
+def _f_q8_0(h, pr, px, ps, acc, corr, b):
+    o = h.b.mul(b, i64(34))
+    d = h.f16(pr, o)
+    x0 = h.b.mul(b, i64(32))
+    vals = [h.tofloat(_s8x8(h, pr, h.b.add(o, i64(2 + 8 * k)))) for k in range(4)]
+    xv = [_xv(h, px, h.b.add(x0, i64(8 * k))) for k in range(4)]
+    _acc_fma(h, acc, _dot4(h, vals, xv), h.splat(d))
+
+
+def _f_qk(h, pr, px, ps, acc, corr, b, five):
+    bs = 176 if five else 144
+    o = h.b.mul(b, i64(bs))
+    d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
+    scf, mnf = _k_scales_mins(h, pr, o)
+    sv = h.b.fmul(scf, h.splat(d))  # d * sc_j
+    xs8 = h.load(ps, h.b.mul(b, i64(32)), V8F, 4)
+    cv = h.b.load(corr)
+    h.b.store(h.fma(h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8, cv), corr)
+    qo = h.b.add(o, i64(48 if five else 16))
+    x0 = h.b.mul(b, i64(256))
+    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
+    qh = [_u8x8(h, pr, h.b.add(o, i64(16 + 8 * k))) for k in range(4)] if five else None
+    for pair in range(4):
+        z = [_u8x8(h, pr, h.b.add(qo, i64(32 * pair + 8 * k))) for k in range(4)]
+        for half in range(2):
+            j = 2 * pair + half
+            vals = []
+            for k in range(4):
+                v = h.b.and_(z[k], m15) if half == 0 else h.b.lshr(z[k], s4)
+                if five:  # bit j of qh[l] -> bit 4
+                    bit = h.b.and_(qh[k], _c(V8I32, 1 << j))
+                    if j < 4:
+                        bit = h.b.shl(bit, _c(V8I32, 4 - j))
+                    elif j > 4:
+                        bit = h.b.lshr(bit, _c(V8I32, j - 4))
+                    v = h.b.or_(v, bit)
+                vals.append(h.tofloat(v))
+            xb = h.b.add(x0, i64(32 * j))
+            xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
+            _acc_fma(h, acc, _dot4(h, vals, xv), h.lane(sv, j))
+
+
+def _f_q4_k(h, pr, px, ps, acc, corr, b):
+    _f_qk(h, pr, px, ps, acc, corr, b, False)
+
+
+def _f_q5_k(h, pr, px, ps, acc, corr, b):
+    _f_qk(h, pr, px, ps, acc, corr, b, True)
+
+
+def _f_q6_k(h, pr, px, ps, acc, corr, b):  # ps: sums of x per 16
+    o = h.b.mul(b, i64(210))
+    d = h.f16(pr, h.b.add(o, i64(208)))
+    sc = h.b.sitofp(h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), _vt(i32, 16)), _vt(f32, 16))
+    sc = h.b.fmul(sc, h.splat(d, 16))  # d * sc_j, j = 0..15
+    xs16 = h.load(ps, h.b.mul(b, i64(64)), _vt(f32, 16), 4)
+    # corr -= 32 * sum_j d sc_j xs_j
+    p = h.b.fmul(sc, xs16)
+    p8 = h.b.fadd(h.shuf(p, p, range(8)), h.shuf(p, p, range(8, 16)))
+    cv = h.b.load(corr)
+    h.b.store(h.fma(p8, _c(V8F, -32.0), cv), corr)
+    x0 = h.b.mul(b, i64(256))
+    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
+    for hh in range(2):
+        qh = [_u8x8(h, pr, h.b.add(o, i64(128 + 32 * hh + 8 * k))) for k in range(4)]
+        for half in range(2):
+            ql = [_u8x8(h, pr, h.b.add(o, i64(64 * hh + 32 * half + 8 * k))) for k in range(4)]
+            for nib in range(2):
+                k2 = half + 2 * nib  # group 128hh + 32k2: scales 8hh + 2k2 (+1)
+                vals = []
+                for k in range(4):
+                    low = h.b.and_(ql[k], m15) if nib == 0 else h.b.lshr(ql[k], s4)
+                    top = h.b.and_(h.b.lshr(qh[k], _c(V8I32, 2 * k2)), _c(V8I32, 3))
+                    vals.append(h.tofloat(h.b.or_(low, h.b.shl(top, s4))))
+                xb = h.b.add(x0, i64(128 * hh + 32 * k2))
+                xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
+                si = 8 * hh + 2 * k2
+                t0 = h.fma(vals[1], xv[1], h.b.fmul(vals[0], xv[0]))
+                t1 = h.fma(vals[3], xv[3], h.b.fmul(vals[2], xv[2]))
+                a = h.b.load(acc)
+                a = h.fma(t0, h.lane(sc, si), a)
+                h.b.store(h.fma(t1, h.lane(sc, si + 1), a), acc)
+
+
+_fdot_q4_0 = _row_intrinsic_f(_f_q4_0)
+_fdot_q4_1 = _row_intrinsic_f(_f_q4_1)
+_fdot_q8_0 = _row_intrinsic_f(_f_q8_0)
+_fdot_q4_k = _row_intrinsic_f(_f_q4_k)
+_fdot_q5_k = _row_intrinsic_f(_f_q5_k)
+_fdot_q6_k = _row_intrinsic_f(_f_q6_k)
+
+
+@njit(**_OPTS)
+def fv_q4_0(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_0(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_0(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q4_0(w3[r - n2], x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q4_0(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_0(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_0(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q4_0(w3[r - n2], x, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q4_1(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_1(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_1(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q4_1(w3[r - n2], x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q4_1(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_1(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_1(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q4_1(w3[r - n2], x, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q8_0(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q8_0(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q8_0(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q8_0(w3[r - n2], x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q8_0(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 32
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q8_0(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q8_0(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q8_0(w3[r - n2], x, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q4_k(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_k(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_k(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q4_k(w3[r - n2], x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q4_k(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_k(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_k(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q4_k(w3[r - n2], x, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q5_k(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q5_k(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q5_k(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q5_k(w3[r - n2], x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q5_k(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q5_k(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q5_k(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q5_k(w3[r - n2], x, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q6_k(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q6_k(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q6_k(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q6_k(w3[r - n2], x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q6_k(w1, w2, w3, x, xs, out):
+    nb = x.shape[0] // 256
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q6_k(w1[r], x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q6_k(w2[r - n1], x, xs, nb)
+        else:
+            out[r] = _fdot_q6_k(w3[r - n2], x, xs, nb)

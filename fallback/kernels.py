@@ -3,16 +3,16 @@
 `QuantMatrix` is a weight matrix ``W`` (rows = out_features, cols = in_features) that is never
 decoded whole:
 
-- ``matvec`` (decode) reads the blocks in place.  Opt-in (``int8_activations`` or
-  ``PHIMLX_INT8_ACTIVATIONS=1``), on AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K quantize
-  ``x`` to int8 (one scale per 32 values, as llama.cpp does) and run integer dot products
-  written as LLVM IR (`_simd`); otherwise a numba kernel per
-  type dequantizes in float registers (`_matvec_nb`); Q2_K, Q3_K, F16 and BF16 decode one row
-  at a time into a small buffer (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.
-  ``matvec_many`` runs several matrices that share ``x`` (q|k|v, gate|up) as one parallel
-  call, and every matvec can write into a preallocated ``out``.
-- ``matmul`` (prefill) decodes a tile of rows at a time (numba, parallel) and hands it to BLAS
-  sgemm, so memory stays bounded by one tile.
+- ``matvec`` (decode) reads the blocks in place.  On AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K
+  and Q6_K run row loops written as LLVM IR (`_simd`): float activations by default (exact to
+  float32 rounding), or, opt-in (``int8_activations`` / ``PHIMLX_INT8_ACTIVATIONS=1``), ``x``
+  quantized to int8 per 32 values and integer dot products (vpmaddubsw), as llama.cpp does.
+  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type dequantizes in float registers
+  (`_matvec_nb`); Q2_K, Q3_K, F16 and BF16 decode one row at a time into a small buffer
+  (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.  ``matvec_many`` runs matrices that
+  share ``x`` (q|k|v, gate|up) as one parallel call; every matvec can write into ``out``.
+- ``matmul`` (prefill) decodes a tile of rows at a time (numba, on the calling thread) and
+  hands it to BLAS sgemm (multi-threaded), so memory stays bounded by one tile.
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are
   decoded by `phimlx.quants.dequantize_rows`: correct and memory-bounded, not fast.
 """
@@ -40,7 +40,7 @@ SERIAL_WEIGHTS = 1 << 18
 
 _nb: Any = None  # the numba kernel modules, imported on first use
 _nb_error: str | None = None
-_simd: Any = None  # the AVX2 int8-activation kernels, or False where the CPU lacks AVX2
+_simd: Any = None  # the AVX2 matvec kernels module, or False where the CPU lacks AVX2
 
 
 def _numba_disabled() -> bool:
@@ -68,7 +68,7 @@ def int8_activations_default() -> bool:
 
 
 def _simd_kernels() -> Any:
-    """The int8-activation kernels (`_simd`), or None (no numba, no AVX2)."""
+    """The AVX2 matvec kernels (`_simd`), or None (no numba, no AVX2)."""
     global _simd
     if _simd is None:
         _simd = False
@@ -78,7 +78,7 @@ def _simd_kernels() -> Any:
 
                 _simd = mod if mod.AVAILABLE else False
             except Exception as e:  # an LLVM without the x86 intrinsics, ...
-                log.info("int8 matvec kernels unavailable (%s: %s)", type(e).__name__, e)
+                log.info("AVX2 matvec kernels unavailable (%s: %s)", type(e).__name__, e)
     return _simd or None
 
 
@@ -164,17 +164,18 @@ def set_threads(n: int | None = None) -> int:
     return want
 
 
-# The types with an int8-activation kernel (`_simd`, AVX2).
-_INT8_MATVEC = {
-    GGMLType.Q4_0: "mv_q4_0",
-    GGMLType.Q4_1: "mv_q4_1",
-    GGMLType.Q8_0: "mv_q8_0",
-    GGMLType.Q4_K: "mv_q4_k",
-    GGMLType.Q5_K: "mv_q5_k",
-    GGMLType.Q6_K: "mv_q6_k",
+# The types with AVX2 kernels in `_simd` (float and int8 activations): name suffixes.
+_SIMD_MATVEC = {
+    GGMLType.Q4_0: "q4_0",
+    GGMLType.Q4_1: "q4_1",
+    GGMLType.Q8_0: "q8_0",
+    GGMLType.Q4_K: "q4_k",
+    GGMLType.Q5_K: "q5_k",
+    GGMLType.Q6_K: "q6_k",
 }
 
-# The types with an in-register float matvec kernel; the rest decode per row (`mv_deq`).
+# The types with an in-register float matvec kernel in `_matvec_nb` (no AVX2, Q5_0, Q5_1);
+# the rest decode per row (`mv_deq`).
 _REGISTER_MATVEC = frozenset(
     {
         GGMLType.Q8_0,
@@ -189,37 +190,49 @@ _REGISTER_MATVEC = frozenset(
 )
 
 
-class QuantizedVector:
-    """``x`` rounded to int8 with one float scale per 32 values, for the int8 kernels.
+class PreparedVector:
+    """``x`` prepared once for several `QuantMatrix.matvec` calls that share it.
 
-    Quantize once, then pass it to several `QuantMatrix.matvec` calls that share ``x``.
-    ``x`` keeps the float32 values (for the float kernels); ``xq`` int8 ``(n,)``, ``dx``
-    float32 ``(n/32,)`` scales, ``xs`` float32 ``(n/32,)`` = ``dx * sum(xq)`` per group.
+    Holds ``x`` (float32, contiguous) and computes on first use what the kernels need
+    besides: the float sums of each 16 or 32 values (`sums`, for zero points and mins) and
+    the int8 quantization (`int8`: one scale per 32 values) for the int8 kernels.
     """
 
-    __slots__ = ("x", "xq", "dx", "xs")
+    __slots__ = ("x", "_sums", "_q")
 
     def __init__(self, x: np.ndarray) -> None:
         self.x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        n = self.x.size
-        if n % 32:
-            raise ValueError(f"int8 activations need a multiple of 32 values, got {n}")
-        self.xq = np.empty(n, np.int8)
-        self.dx = np.empty(n // 32, np.float32)
-        self.xs = np.empty(n // 32, np.float32)
-        _simd_kernels().quantize_x(self.x, self.xq, self.dx, self.xs)
+        self._sums: dict[int, np.ndarray] = {}
+        self._q: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def sums(self, group: int) -> np.ndarray:
+        """float32 ``(n / group,)``: the sum of each ``group`` consecutive values of ``x``."""
+        s = self._sums.get(group)
+        if s is None:
+            s = self._sums[group] = self.x.reshape(-1, group).sum(axis=1, dtype=np.float32)
+        return s
+
+    def int8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(xq, dx, xs)``: int8 ``(n,)`` values, float32 ``(n/32,)`` scales (max|x| / 127
+        per 32 values) and ``dx * sum(xq)`` per 32 values; ``x_hat = xq * dx``."""
+        if self._q is None:
+            n = self.x.size
+            if n % 32:
+                raise ValueError(f"int8 activations need a multiple of 32 values, got {n}")
+            q = np.empty(n, np.int8), np.empty(n // 32, np.float32), np.empty(n // 32, np.float32)
+            _simd_kernels().quantize_x(self.x, *q)
+            self._q = q
+        return self._q
 
     def dequantize(self) -> np.ndarray:
         """``x_hat``: the float32 values the int8 kernels multiply with."""
-        return (self.xq.reshape(-1, 32) * self.dx[:, None]).reshape(-1)
+        xq, dx, _ = self.int8()
+        return (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)
 
 
-def quantize_vector(x: np.ndarray) -> QuantizedVector | np.ndarray:
-    """``x`` quantized for the int8 kernels (where they exist), else ``x`` as float32."""
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    if x.size % 32 or _simd_kernels() is None or not numba_available():
-        return x
-    return QuantizedVector(x)
+def prepare_vector(x: np.ndarray | PreparedVector) -> PreparedVector:
+    """``x`` as a `PreparedVector` (returned as is if it already is one)."""
+    return x if isinstance(x, PreparedVector) else PreparedVector(x)
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -231,31 +244,36 @@ def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
 
 
 def matvec_many(
-    mats: list[QuantMatrix], x: np.ndarray | QuantizedVector, out: np.ndarray | None = None
+    mats: list[QuantMatrix], x: np.ndarray | PreparedVector, out: np.ndarray | None = None
 ) -> np.ndarray:
     """``[W1; W2; ...] @ x`` for matrices sharing ``x`` (q|k|v, gate|up): float32
-    ``[sum of rows]``, the outputs concatenated.  Up to three int8-kernel matrices of one
-    type are run as a single parallel call over ``x`` quantized once; anything else falls
-    back to one `QuantMatrix.matvec` per matrix into slices of ``out``."""
+    ``[sum of rows]``, the outputs concatenated.  Up to three matrices of one type with AVX2
+    kernels (same columns, same activation kind) run as a single parallel call; anything
+    else falls back to one `QuantMatrix.matvec` per matrix into slices of ``out``.  ``x`` is
+    prepared (sums, int8) once either way."""
     n = sum(m.rows for m in mats)
     if out is None:
         out = np.empty(n, np.float32)
-    elif out.shape != (n,) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape ({n},), got {out.dtype} {out.shape}")
+    elif out.shape != (n,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 ({n},), got {out.dtype} {out.shape}")
     if not mats:
         return out
+    x = prepare_vector(x)
     m0 = mats[0]
     fused = (
         1 < len(mats) <= 3
-        and m0._int8
-        and all(m._int8 and m.qtype == m0.qtype and m.cols == m0.cols for m in mats)
+        and m0._simd
+        and all(
+            m._simd and m.qtype == m0.qtype and m.cols == m0.cols and m._int8 == m0._int8
+            for m in mats
+        )
         and len({m.raw.flags.writeable for m in mats}) == 1
     )
-    if not isinstance(x, QuantizedVector):
-        x = quantize_vector(x) if any(m._int8 for m in mats) else x
     if fused:
-        ws = [m.raw for m in mats] + [_empty_like_rows(m0.raw)] * (3 - len(mats))
-        _int8_call(m0.qtype, ws, x, out, n * m0.cols)
+        if x.x.size != m0.cols:
+            raise ValueError(f"x has {x.x.size} values, the matrices {m0.cols} columns")
+        ws = [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
+        _simd_call(m0.qtype, ws, x, out, m0._int8, n * m0.cols)
         return out
     r0 = 0
     for m in mats:
@@ -264,10 +282,16 @@ def matvec_many(
     return out
 
 
-def _int8_call(qtype: GGMLType, ws: list[np.ndarray], x: QuantizedVector, out, weights: int):
-    name = _INT8_MATVEC[qtype]
-    kernel = getattr(_simd, name.replace("mv_", "mv1_") if weights < SERIAL_WEIGHTS else name)
-    kernel(ws[0], ws[1], ws[2], x.xq, x.dx, x.xs, out)
+def _simd_call(qtype, ws, x: PreparedVector, out, int8: bool, weights: int) -> None:
+    """out = [ws0; ws1; ws2] @ x through `_simd` (one thread below `SERIAL_WEIGHTS`)."""
+    serial = "1_" if weights < SERIAL_WEIGHTS else "_"
+    name = _SIMD_MATVEC[qtype]
+    if int8:
+        xq, dx, xs = x.int8()
+        getattr(_simd, f"mv{serial}{name}")(ws[0], ws[1], ws[2], xq, dx, xs, out)
+    else:
+        xs = x.sums(16 if qtype == GGMLType.Q6_K else 32)
+        getattr(_simd, f"fv{serial}{name}")(ws[0], ws[1], ws[2], x.x, xs, out)
 
 
 class QuantMatrix:
@@ -332,16 +356,16 @@ class QuantMatrix:
             raise ValueError(f"numba kernels were requested but are unavailable ({_nb_error})")
         self.use_numba = bool(use_numba) and self.raw.flags.c_contiguous
         self._tile_rows = max(1, min(self.rows, TILE_BYTES // (4 * self.cols)))
-        int8_ok = self.use_numba and self.qtype in _INT8_MATVEC and _simd_kernels() is not None
+        self._simd = self.use_numba and self.qtype in _SIMD_MATVEC and _simd_kernels() is not None
         if int8_activations is None:
-            int8_activations = int8_ok and int8_activations_default()
-        elif int8_activations and not int8_ok:
+            int8_activations = self._simd and int8_activations_default()
+        elif int8_activations and not self._simd:
             raise ValueError(
                 f"no int8-activation kernel for this {self.qtype.name} matrix "
                 "(needs numba, an AVX2 CPU and Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K)"
             )
         self._int8 = bool(int8_activations)
-        self._empty = _empty_like_rows(self.raw) if self._int8 else None
+        self._empty = _empty_like_rows(self.raw) if self._simd else None
 
     def __repr__(self) -> str:
         path = "numba" if self.use_numba else "numpy"
@@ -358,27 +382,26 @@ class QuantMatrix:
         """True if `matvec` runs the int8-activation kernel."""
         return self._int8
 
-    def matvec(self, x: np.ndarray | QuantizedVector, out: np.ndarray | None = None) -> np.ndarray:
+    def matvec(self, x: np.ndarray | PreparedVector, out: np.ndarray | None = None) -> np.ndarray:
         """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (the decode step).
 
         Args:
-            x: the vector, or a `QuantizedVector` of it (quantized once for several
-                matrices; see `quantize_vector`).
+            x: the vector, or a `PreparedVector` of it (prepared once for several
+                matrices sharing it; see `prepare_vector`).
             out: optional float32 ``[rows]`` (C-contiguous) to write into; returned.
         """
         if out is None:
             out = np.empty(self.rows, dtype=np.float32)
         elif out.shape != (self.rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 ({self.rows},)")
-        if self._int8:
-            if not isinstance(x, QuantizedVector):
-                x = QuantizedVector(np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols))
-            elif x.xq.shape != (self.cols,):
-                raise ValueError(f"x has {x.xq.size} values, the matrix {self.cols} columns")
+        if self._simd:
+            x = prepare_vector(x)
+            if x.x.size != self.cols:
+                raise ValueError(f"x has {x.x.size} values, the matrix {self.cols} columns")
             e = self._empty
-            _int8_call(self.qtype, [self.raw, e, e], x, out, self.rows * self.cols)
+            _simd_call(self.qtype, [self.raw, e, e], x, out, self._int8, self.rows * self.cols)
             return out
-        if isinstance(x, QuantizedVector):
+        if isinstance(x, PreparedVector):
             x = x.x
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols)
         if self.qtype == GGMLType.F32:
@@ -432,7 +455,7 @@ class QuantMatrix:
             raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
         if self.qtype == GGMLType.F32:
             return x @ self._f32().T
-        if x.shape[0] == 1 and not self._int8:
+        if x.shape[0] == 1 and not self._int8:  # (the int8 kernels would round x)
             return self.matvec(x[0])[None]
         out = np.empty((x.shape[0], self.rows), dtype=np.float32)  # (n, rows)
         buf = np.empty((self._tile_rows, self.cols), dtype=np.float32)  # (tile, cols)

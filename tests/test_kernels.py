@@ -13,11 +13,11 @@ from test_quants import FLOAT_TYPES, GGUF_QUANTIZABLE, QUANT_TYPES, random_raw, 
 
 import fallback.kernels as kernels
 from fallback.kernels import (
-    QuantizedVector,
+    PreparedVector,
     QuantMatrix,
     matvec_many,
     numba_available,
-    quantize_vector,
+    prepare_vector,
     set_threads,
 )
 from phimlx.errors import UnsupportedModelError
@@ -27,11 +27,13 @@ HAVE_NUMBA = numba_available()
 HAVE_INT8 = HAVE_NUMBA and kernels._simd_kernels() is not None
 NEEDS_NUMBA = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not available")
 NEEDS_INT8 = pytest.mark.skipif(not HAVE_INT8, reason="no int8 kernels (numba, AVX2)")
-INT8_TYPES = [t.name for t in kernels._INT8_MATVEC]
+INT8_TYPES = [t.name for t in kernels._SIMD_MATVEC]
 # QuantMatrix keyword arguments of each path.
 PATHS = [
     pytest.param({"use_numba": True}, id="numba", marks=NEEDS_NUMBA),
     pytest.param({"use_numba": True, "int8_activations": True}, id="int8", marks=NEEDS_INT8),
+    # numba's float kernels (`_matvec_nb`), what runs without AVX2
+    pytest.param({"use_numba": True, "portable": True}, id="portable", marks=NEEDS_NUMBA),
     pytest.param({"use_numba": False}, id="numpy"),
 ]
 # (rows, blocks per row): one row; K = one block; rows not a multiple of the thread count.
@@ -60,31 +62,42 @@ def dot_tolerance(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def make_matrix(raw: np.ndarray, name: str, shape, path: dict) -> QuantMatrix:
-    if path.get("int8_activations") and name not in INT8_TYPES:
+    kw = dict(path)
+    if kw.get("int8_activations") and name not in INT8_TYPES:
         pytest.skip(f"no int8 kernel for {name}")
-    return QuantMatrix(raw, GGMLType[name], shape, **path)
+    if not kw.pop("portable", False):
+        return QuantMatrix(raw, GGMLType[name], shape, **kw)
+    saved = kernels._simd_kernels()
+    kernels._simd = False  # as on a CPU without AVX2
+    try:
+        m = QuantMatrix(raw, GGMLType[name], shape, **kw)
+    finally:
+        kernels._simd = saved or False
+    assert not m._simd
+    return m
 
 
 def effective_x(m: QuantMatrix, x: np.ndarray) -> np.ndarray:
     """The vector ``m.matvec(x)`` multiplies with: ``x_hat`` on the int8 path, else ``x``."""
     if not m.int8_activations:
         return x
-    q = QuantizedVector(x)
+    q = PreparedVector(x)
     check_quantized(q, x)
     return q.dequantize().astype(np.float64)
 
 
-def check_quantized(q: QuantizedVector, x: np.ndarray) -> None:
+def check_quantized(q: PreparedVector, x: np.ndarray) -> None:
     """``x_hat`` is ``x`` rounded to the nearest step of ``max|x| / 127`` per 32 values."""
+    xq, dx, xs = q.int8()
     g = x.reshape(-1, 32).astype(np.float64)
     amax = np.abs(g).max(axis=1)
-    np.testing.assert_allclose(q.dx, amax / 127, rtol=1e-6)
-    assert np.all(np.abs(q.xq.astype(np.int32)) <= 127)
-    step = q.dx.astype(np.float64)[:, None]
+    np.testing.assert_allclose(dx, amax / 127, rtol=1e-6)
+    assert np.all(np.abs(xq.astype(np.int32)) <= 127)
+    step = dx.astype(np.float64)[:, None]
     err = np.abs(q.dequantize().reshape(g.shape) - g)
     assert np.all(err <= step * (0.5 + 1e-5) + 1e-30)
-    sums = (q.xq.reshape(-1, 32).sum(axis=1) * step[:, 0]).astype(np.float32)
-    np.testing.assert_allclose(q.xs, sums, rtol=1e-6)
+    sums = (xq.reshape(-1, 32).sum(axis=1) * step[:, 0]).astype(np.float32)
+    np.testing.assert_allclose(xs, sums, rtol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -225,7 +238,7 @@ def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> No
     assert np.all(np.abs(y - w @ xe) <= dot_tolerance(w, xe))
     one_by_one = np.concatenate([m.matvec(x) for m in mats])
     np.testing.assert_allclose(y, one_by_one, rtol=1e-6, atol=1e-6 * np.abs(y).max())
-    q = quantize_vector(x)
+    q = prepare_vector(x)
     out = np.empty(sum(parts), np.float32)
     assert matvec_many(mats, q, out=out) is out
     np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6 * np.abs(y).max())
@@ -240,12 +253,14 @@ def test_quantize_vector(n: int) -> None:
     x = rng.standard_normal(n, dtype=np.float32) * np.float32(3)
     x[:32] = 0  # an all-zero group: scale 0, values 0
     x[40] = 1e6  # one outlier rules its group's scale
-    q = quantize_vector(x)
-    assert isinstance(q, QuantizedVector)
+    q = prepare_vector(x)
+    assert prepare_vector(q) is q
     check_quantized(q, x)
-    assert q.dx[0] == 0 and not q.xq[:32].any()
+    assert q.int8()[1][0] == 0 and not q.int8()[0][:32].any()
     np.testing.assert_array_equal(q.x, x)
-    assert isinstance(quantize_vector(x[:31]), np.ndarray)  # not whole groups: float path
+    np.testing.assert_allclose(q.sums(16), x.reshape(-1, 16).sum(1), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        prepare_vector(x[:31]).int8()
 
 
 @NEEDS_INT8
