@@ -112,8 +112,34 @@ class _B:
 _ONES16 = _c(V16I16, 1)
 
 
+class _Acc:
+    """A row's accumulators: two float vectors (alternated so that consecutive fma's do not
+    wait on each other), a float vector and a scalar for zero-point / min corrections."""
+
+    def __init__(self, h):
+        self.v = [h.var(_c(V8F, 0.0)), h.var(_c(V8F, 0.0))]
+        self.corr = h.var(_c(V8F, 0.0))
+        self.s = h.var(ir.Constant(f32, 0.0))
+
+    def total(self, h):
+        b = h.b
+        tot = b.fadd(b.fadd(b.load(self.v[0]), b.load(self.v[1])), b.load(self.corr))
+        return b.fadd(h.hsum(tot), b.load(self.s))
+
+
+def _blocks(h, n, body):
+    """``body(b, k)`` for b in 0..n-1, unrolled by two: k (0 or 1) picks the accumulator."""
+    b = h.b
+    with cgutils.for_range(b, b.sdiv(n, i64(2))) as loop:
+        i = b.mul(loop.index, i64(2))
+        body(i, 0)
+        body(b.add(i, i64(1)), 1)
+    with b.if_then(b.icmp_signed("!=", b.srem(n, i64(2)), i64(0))):
+        body(b.sub(n, i64(1)), 0)
+
+
 def _row_intrinsic(body):
-    """Wrap ``body(h, p_row, p_xq, p_dx, p_xs, nb, acc, corr, blk)`` run per block into an
+    """Wrap ``body(h, p_row, p_xq, p_dx, p_xs, acc, blk, k)`` run per block into an
     intrinsic ``(row u8[:], xq i8[:], dx f32[:], xs f32[:], nb intp) -> float32``."""
 
     @intrinsic
@@ -126,29 +152,26 @@ def _row_intrinsic(body):
             pr, pq = h.data(a[0], args[0]), h.data(a[1], args[1])
             pd, ps = h.data(a[2], args[2]), h.data(a[3], args[3])
             n = args[4]
-            acc = h.var(_c(V8F, 0.0))
-            corr = h.var(_c(V8F, 0.0))
-            with cgutils.for_range(builder, n) as loop:
-                body(h, pr, pq, pd, ps, acc, corr, loop.index)
-            tot = builder.fadd(builder.load(acc), builder.load(corr))
-            return h.hsum(tot)
+            acc = _Acc(h)
+            _blocks(h, n, lambda blk, k: body(h, pr, pq, pd, ps, acc, blk, k))
+            return acc.total(h)
 
         return sig, codegen
 
     return dot
 
 
-def _acc_add(h, acc, v):
-    h.b.store(h.b.fadd(h.b.load(acc), v), acc)
+def _acc_fma(h, acc, v, s, k):  # accumulator k += v * s
+    p = acc.v[k & 1]
+    h.b.store(h.fma(v, s, h.b.load(p)), p)
 
 
-def _acc_fma(h, acc, v, s):
-    h.b.store(h.fma(v, s, h.b.load(acc)), acc)
+def _corr_scalar(h, acc, s):
+    h.b.store(h.b.fadd(h.b.load(acc.s), s), acc.s)
 
 
-def _corr_scalar(h, corr, s):  # add a scalar into lane 0 of the correction vector
-    c = h.b.load(corr)
-    h.b.store(h.b.insert_element(c, h.b.fadd(h.b.extract_element(c, i32(0)), s), i32(0)), corr)
+def _corr_fma(h, acc, a, c):  # correction vector += a * c
+    h.b.store(h.fma(a, c, h.b.load(acc.corr)), acc.corr)
 
 
 def _nibbles32(h, q16):  # 16 bytes -> 32 values: low nibbles (weights 0..15), then high
@@ -157,27 +180,27 @@ def _nibbles32(h, q16):  # 16 bytes -> 32 values: low nibbles (weights 0..15), t
     return h.shuf(lo, hi, range(32))
 
 
-def _body_q4_0(h, pr, pq, pd, ps, acc, corr, b):
+def _body_q4_0(h, pr, pq, pd, ps, acc, b, k):
     o = h.b.mul(b, i64(18))
     d = h.f16(pr, o)
     q = _nibbles32(h, h.load(pr, h.b.add(o, i64(2)), V16I8))
     xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
     p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
     s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
 
 
-def _body_q4_1(h, pr, pq, pd, ps, acc, corr, b):
+def _body_q4_1(h, pr, pq, pd, ps, acc, b, k):
     o = h.b.mul(b, i64(20))
     d, m = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
     q = _nibbles32(h, h.load(pr, h.b.add(o, i64(4)), V16I8))
     xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
     s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s))
-    _corr_scalar(h, corr, h.b.fmul(m, h.load(ps, h.b.mul(b, i64(4)), f32, 4)))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s), k)
+    _corr_scalar(h, acc, h.b.fmul(m, h.load(ps, h.b.mul(b, i64(4)), f32, 4)))
 
 
-def _body_q8_0(h, pr, pq, pd, ps, acc, corr, b):
+def _body_q8_0(h, pr, pq, pd, ps, acc, b, k):
     o = h.b.mul(b, i64(34))
     d = h.f16(pr, o)
     q = h.load(pr, h.b.add(o, i64(2)), V32I8)
@@ -186,7 +209,7 @@ def _body_q8_0(h, pr, pq, pd, ps, acc, corr, b):
     aq = h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)])
     sx = h.call("llvm.x86.avx2.psign.b", V32I8, [xv, q])
     s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
 
 
 def _k_scales_mins(h, pr, o):
@@ -208,7 +231,7 @@ def _k_scales_mins(h, pr, o):
     return b.uitofp(sc, V8F), b.uitofp(mn, V8F)
 
 
-def _body_qk(h, pr, pq, pd, ps, acc, corr, b, five):
+def _body_qk(h, pr, pq, pd, ps, acc, b, k, five):
     bs = 176 if five else 144
     o = h.b.mul(b, i64(bs))
     d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
@@ -218,8 +241,7 @@ def _body_qk(h, pr, pq, pd, ps, acc, corr, b, five):
     xs8 = h.load(ps, g, V8F, 4)
     sv = h.b.fmul(h.b.fmul(scf, h.splat(d)), dx8)  # d * sc_j * dx_j
     # corr -= dmin * m_j * xs_j
-    cv = h.b.load(corr)
-    h.b.store(h.fma(h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8, cv), corr)
+    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8)
     qo = h.b.add(o, i64(48 if five else 16))
     qh = h.load(pr, h.b.add(o, i64(16)), V32I8) if five else None
     xo = h.b.mul(b, i64(256))
@@ -239,18 +261,18 @@ def _body_qk(h, pr, pq, pd, ps, acc, corr, b, five):
                 )
             xv = h.load(pq, h.b.add(xo, i64(32 * j)), V32I8)
             p = h.tofloat(h.maddwd(h.maddubs(v, xv), _ONES16))
-            _acc_fma(h, acc, p, h.lane(sv, j))
+            _acc_fma(h, acc, p, h.lane(sv, j), j)
 
 
-def _body_q4_k(h, pr, pq, pd, ps, acc, corr, b):
-    _body_qk(h, pr, pq, pd, ps, acc, corr, b, False)
+def _body_q4_k(h, pr, pq, pd, ps, acc, b, k):
+    _body_qk(h, pr, pq, pd, ps, acc, b, k, False)
 
 
-def _body_q5_k(h, pr, pq, pd, ps, acc, corr, b):
-    _body_qk(h, pr, pq, pd, ps, acc, corr, b, True)
+def _body_q5_k(h, pr, pq, pd, ps, acc, b, k):
+    _body_qk(h, pr, pq, pd, ps, acc, b, k, True)
 
 
-def _body_q6_k(h, pr, pq, pd, ps, acc, corr, b):
+def _body_q6_k(h, pr, pq, pd, ps, acc, b, k):
     o = h.b.mul(b, i64(210))
     d = h.f16(pr, h.b.add(o, i64(208)))
     sc16 = h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), V16I16)
@@ -272,7 +294,7 @@ def _body_q6_k(h, pr, pq, pd, ps, acc, corr, b):
                 si = 8 * hh + 2 * k
                 scv = h.shuf(sc16, sc16, [si] * 8 + [si + 1] * 8)
                 gi = 4 * hh + k
-                _acc_fma(h, acc, h.tofloat(h.maddwd(p, scv)), h.lane(dxd, gi))
+                _acc_fma(h, acc, h.tofloat(h.maddwd(p, scv)), h.lane(dxd, gi), gi)
 
 
 _dot_q4_0 = _row_intrinsic(_body_q4_0)
@@ -471,7 +493,7 @@ def mv1_q6_k(w1, w2, w3, xq, dx, xs, out):
 
 
 def _row_intrinsic_f(body):
-    """Wrap ``body(h, p_row, p_x, p_xs, acc, corr, blk)`` run per block into an intrinsic
+    """Wrap ``body(h, p_row, p_x, p_xs, acc, blk, k)`` run per block into an intrinsic
     ``(row u8[:], x f32[:], xs f32[:], nb intp) -> float32``."""
 
     @intrinsic
@@ -482,12 +504,9 @@ def _row_intrinsic_f(body):
             h = _B(context, builder)
             a = signature.args
             pr, px, ps = h.data(a[0], args[0]), h.data(a[1], args[1]), h.data(a[2], args[2])
-            acc = h.var(_c(V8F, 0.0))
-            corr = h.var(_c(V8F, 0.0))
-            with cgutils.for_range(builder, args[3]) as loop:
-                body(h, pr, px, ps, acc, corr, loop.index)
-            tot = builder.fadd(builder.load(acc), builder.load(corr))
-            return h.hsum(tot)
+            acc = _Acc(h)
+            _blocks(h, args[3], lambda blk, k: body(h, pr, px, ps, acc, blk, k))
+            return acc.total(h)
 
         return sig, codegen
 
@@ -513,7 +532,7 @@ def _dot4(h, vals, xs):  # sum of vals[i] * xs[i] (float vectors) as one vector
     return t
 
 
-def _f_q4(h, pr, px, ps, acc, corr, b, has_min):
+def _f_q4(h, pr, px, ps, acc, b, k, has_min):
     bs = 20 if has_min else 18
     o = h.b.mul(b, i64(bs))
     d = h.f16(pr, o)
@@ -524,40 +543,39 @@ def _f_q4(h, pr, px, ps, acc, corr, b, has_min):
     x0 = h.b.mul(b, i64(32))
     xv = [_xv(h, px, h.b.add(x0, i64(8 * k))) for k in range(4)]
     t = _dot4(h, [h.tofloat(v) for v in vals], xv)
-    _acc_fma(h, acc, t, h.splat(d))
+    _acc_fma(h, acc, t, h.splat(d), k)
     xsb = h.load(ps, h.b.mul(b, i64(4)), f32, 4)
     if has_min:
-        _corr_scalar(h, corr, h.b.fmul(h.f16(pr, h.b.add(o, i64(2))), xsb))
+        _corr_scalar(h, acc, h.b.fmul(h.f16(pr, h.b.add(o, i64(2))), xsb))
     else:
-        _corr_scalar(h, corr, h.b.fmul(h.b.fmul(d, ir.Constant(f32, -8.0)), xsb))
+        _corr_scalar(h, acc, h.b.fmul(h.b.fmul(d, ir.Constant(f32, -8.0)), xsb))
 
 
-def _f_q4_0(h, pr, px, ps, acc, corr, b):
-    _f_q4(h, pr, px, ps, acc, corr, b, False)
+def _f_q4_0(h, pr, px, ps, acc, b, k):
+    _f_q4(h, pr, px, ps, acc, b, k, False)
 
 
-def _f_q4_1(h, pr, px, ps, acc, corr, b):
-    _f_q4(h, pr, px, ps, acc, corr, b, True)
+def _f_q4_1(h, pr, px, ps, acc, b, k):
+    _f_q4(h, pr, px, ps, acc, b, k, True)
 
 
-def _f_q8_0(h, pr, px, ps, acc, corr, b):
+def _f_q8_0(h, pr, px, ps, acc, b, k):
     o = h.b.mul(b, i64(34))
     d = h.f16(pr, o)
     x0 = h.b.mul(b, i64(32))
     vals = [h.tofloat(_s8x8(h, pr, h.b.add(o, i64(2 + 8 * k)))) for k in range(4)]
     xv = [_xv(h, px, h.b.add(x0, i64(8 * k))) for k in range(4)]
-    _acc_fma(h, acc, _dot4(h, vals, xv), h.splat(d))
+    _acc_fma(h, acc, _dot4(h, vals, xv), h.splat(d), k)
 
 
-def _f_qk(h, pr, px, ps, acc, corr, b, five):
+def _f_qk(h, pr, px, ps, acc, b, k, five):
     bs = 176 if five else 144
     o = h.b.mul(b, i64(bs))
     d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
     scf, mnf = _k_scales_mins(h, pr, o)
     sv = h.b.fmul(scf, h.splat(d))  # d * sc_j
     xs8 = h.load(ps, h.b.mul(b, i64(32)), V8F, 4)
-    cv = h.b.load(corr)
-    h.b.store(h.fma(h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8, cv), corr)
+    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8)
     qo = h.b.add(o, i64(48 if five else 16))
     x0 = h.b.mul(b, i64(256))
     m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
@@ -579,18 +597,18 @@ def _f_qk(h, pr, px, ps, acc, corr, b, five):
                 vals.append(h.tofloat(v))
             xb = h.b.add(x0, i64(32 * j))
             xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
-            _acc_fma(h, acc, _dot4(h, vals, xv), h.lane(sv, j))
+            _acc_fma(h, acc, _dot4(h, vals, xv), h.lane(sv, j), j)
 
 
-def _f_q4_k(h, pr, px, ps, acc, corr, b):
-    _f_qk(h, pr, px, ps, acc, corr, b, False)
+def _f_q4_k(h, pr, px, ps, acc, b, k):
+    _f_qk(h, pr, px, ps, acc, b, k, False)
 
 
-def _f_q5_k(h, pr, px, ps, acc, corr, b):
-    _f_qk(h, pr, px, ps, acc, corr, b, True)
+def _f_q5_k(h, pr, px, ps, acc, b, k):
+    _f_qk(h, pr, px, ps, acc, b, k, True)
 
 
-def _f_q6_k(h, pr, px, ps, acc, corr, b):  # ps: sums of x per 16
+def _f_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
     o = h.b.mul(b, i64(210))
     d = h.f16(pr, h.b.add(o, i64(208)))
     sc = h.b.sitofp(h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), _vt(i32, 16)), _vt(f32, 16))
@@ -599,8 +617,7 @@ def _f_q6_k(h, pr, px, ps, acc, corr, b):  # ps: sums of x per 16
     # corr -= 32 * sum_j d sc_j xs_j
     p = h.b.fmul(sc, xs16)
     p8 = h.b.fadd(h.shuf(p, p, range(8)), h.shuf(p, p, range(8, 16)))
-    cv = h.b.load(corr)
-    h.b.store(h.fma(p8, _c(V8F, -32.0), cv), corr)
+    _corr_fma(h, acc, p8, _c(V8F, -32.0))
     x0 = h.b.mul(b, i64(256))
     m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
     for hh in range(2):
@@ -619,9 +636,8 @@ def _f_q6_k(h, pr, px, ps, acc, corr, b):  # ps: sums of x per 16
                 si = 8 * hh + 2 * k2
                 t0 = h.fma(vals[1], xv[1], h.b.fmul(vals[0], xv[0]))
                 t1 = h.fma(vals[3], xv[3], h.b.fmul(vals[2], xv[2]))
-                a = h.b.load(acc)
-                a = h.fma(t0, h.lane(sc, si), a)
-                h.b.store(h.fma(t1, h.lane(sc, si + 1), a), acc)
+                _acc_fma(h, acc, t0, h.lane(sc, si), 0)
+                _acc_fma(h, acc, t1, h.lane(sc, si + 1), 1)
 
 
 _fdot_q4_0 = _row_intrinsic_f(_f_q4_0)
