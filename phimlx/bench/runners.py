@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -221,109 +222,28 @@ class LlamaCppAdapter:
 # -- mlx-lm: its own model classes and its own generation loop --------------------------------
 
 
-def _unpermute_rows(w: Any, n_heads: int) -> Any:
-    """Undo llama.cpp's Q/K row permutation (interleaved rope -> rotate-half) on any row data."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
+def mlx_lm_folder(path: str) -> Path:
+    """The mlx-lm model folder `phimlx convert` makes of ``path``, converted once and cached.
 
-
-def load_mlx_lm_from_gguf(path: str, *, group_size: int = 32, bits: int = 4) -> Any:
-    """An mlx-lm model (``mlx_lm.models.phi3`` or ``.llama``) built from a GGUF file.
-
-    ``mx.load`` keeps Q4_0 / Q4_1 / Q8_0 blocks as MLX quantized arrays; the other types come
-    back as float16 and are quantized here to ``bits``-bit groups of ``group_size`` (what
-    ``mlx_lm.convert -q`` would make).  Only speed is measured: mlx 0.32 decodes Q4_K blocks
-    wrongly (see REFERENCE.md), which changes values but not the work.
+    mlx-lm cannot read GGUF; converting is how its users run such a file, and our converter
+    keeps the GGUF blocks (no float detour), so both engines compute with the same weights.
     """
     import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.models import llama, phi3
 
-    weights, meta = mx.load(path, return_metadata=True)
-    arch = str(meta["general.architecture"])
-    if arch not in ("phi3", "llama"):
-        raise RuntimeError(f"the mlx-lm runner knows phi3 and llama GGUFs, not {arch!r}")
+    from phimlx.mlx.convert import convert
 
-    def num(key: str, default: Any = None) -> Any:
-        v = meta.get(f"{arch}.{key}", default)
-        return v.item() if hasattr(v, "item") else v
-
-    n_heads, n_kv = int(num("attention.head_count")), int(num("attention.head_count_kv"))
-    hidden = int(num("embedding_length"))
-    vocab = int(weights["token_embd.weight"].shape[0])
-    tied = "output.weight" not in weights
-    common = dict(
-        hidden_size=hidden,
-        num_hidden_layers=int(num("block_count")),
-        intermediate_size=int(num("feed_forward_length")),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        rms_norm_eps=float(num("attention.layer_norm_rms_epsilon")),
-        vocab_size=vocab,
-        rope_theta=float(num("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(num("context_length")),
-        tie_word_embeddings=tied,
-    )
-    names = {
-        "token_embd": "model.embed_tokens",
-        "output_norm": "model.norm",
-        "output": "lm_head",
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-        "attn_output": "self_attn.o_proj",
-        "ffn_down": "mlp.down_proj",
-    }
-    if arch == "phi3":
-        module = phi3
-        args = phi3.ModelArgs(model_type="phi3", **common)
-        names.update(attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
-    else:
-        module = llama
-        args = llama.ModelArgs(model_type="llama", **common)
-        names.update(
-            attn_q="self_attn.q_proj",
-            attn_k="self_attn.k_proj",
-            attn_v="self_attn.v_proj",
-            ffn_gate="mlp.gate_proj",
-            ffn_up="mlp.up_proj",
-        )
-    model = module.Model(args)
-
-    out: dict[str, Any] = {}
-    quant: dict[str, dict[str, int]] = {}
-    for key, value in weights.items():
-        if key.startswith("rope_factors"):
-            continue
-        stem, part = key.rsplit(".", 1)  # part: weight | scales | biases
-        bits_here = None
-        if stem.startswith("blk."):
-            _, layer, short = stem.split(".", 2)
-            target = f"model.layers.{layer}.{names[short]}"
-        else:
-            short = stem
-            target = names[stem]
-        if arch == "llama" and short in ("attn_q", "attn_k"):
-            value = _unpermute_rows(value, n_heads if short == "attn_q" else n_kv)
-        if part == "weight" and value.ndim == 2 and f"{stem}.scales" not in weights:
-            # float weights: quantize like mlx_lm.convert -q (norms stay as they are)
-            wq, scales, biases = mx.quantize(value, group_size=group_size, bits=bits)
-            out[f"{target}.weight"], out[f"{target}.scales"] = wq, scales
-            out[f"{target}.biases"] = biases
-            bits_here = bits
-        else:
-            out[f"{target}.{part}"] = value
-            if part == "weight" and f"{stem}.scales" in weights:
-                in_features = weights[f"{stem}.scales"].shape[1] * 32
-                bits_here = value.shape[1] * 32 // in_features
-        if bits_here is not None:
-            quant[target] = {
-                "group_size": group_size if part == "weight" else 32,
-                "bits": bits_here,
-            }
-    nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
-    model.load_weights(list(out.items()), strict=True)
-    mx.eval(model.parameters())
-    return model
+    # The MLX backend's own choice: float16 scales on Metal, float32 on the CPU (where
+    # float16 matmuls are slow).
+    dtype = "float16" if mx.metal.is_available() else "float32"
+    src = Path(path)
+    st = src.stat()
+    base = Path(os.environ.get("PHIMLX_SYNTHETIC_DIR") or Path.home() / ".cache" / "phimlx")
+    out = base / "mlx-lm" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}-{dtype}"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        convert(src, tmp, dtype=dtype, tokenizer=False)
+        os.replace(tmp, out)
+    return out
 
 
 class MlxLmAdapter:
@@ -337,7 +257,9 @@ class MlxLmAdapter:
         self.mx = mx
         self.generate_step = generate_step
         self.make_cache = make_prompt_cache
-        self.model = load_mlx_lm_from_gguf(path)
+        from mlx_lm.utils import load_model
+
+        self.model, _ = load_model(mlx_lm_folder(path))
         self.cache: list[Any] = []
 
     def reset(self) -> None:
