@@ -60,6 +60,13 @@ class _B:
     def data(self, aty, aval):
         return self.ctx.make_array(aty)(self.ctx, self.b, aval).data
 
+    def row(self, aty, aval, r):
+        """Pointer to row ``r`` of a 2-d array (no view object: a view would incref/decref
+        the parent's meminfo once per row, atomics that two threads fight over)."""
+        a = self.ctx.make_array(aty)(self.ctx, self.b, aval)
+        stride = cgutils.unpack_tuple(self.b, a.strides, 2)[0]
+        return self.at(a.data, self.b.mul(r, stride))
+
     def at(self, p, off):  # byte offset
         return self.b.gep(p, [off], source_etype=i8)
 
@@ -140,18 +147,19 @@ def _blocks(h, n, body):
 
 def _row_intrinsic(body):
     """Wrap ``body(h, p_row, p_xq, p_dx, p_xs, acc, blk, k)`` run per block into an
-    intrinsic ``(row u8[:], xq i8[:], dx f32[:], xs f32[:], nb intp) -> float32``."""
+    intrinsic ``(w u8[:, :], r intp, xq i8[:], dx f32[:], xs f32[:], nb intp) -> float32`` for
+    row ``r``."""
 
     @intrinsic
-    def dot(typingctx, row, xq, dx, xs, nb):
-        sig = types.float32(row, xq, dx, xs, nb)
+    def dot(typingctx, w, r, xq, dx, xs, nb):
+        sig = types.float32(w, types.intp, xq, dx, xs, nb)
 
         def codegen(context, builder, signature, args):
             h = _B(context, builder)
             a = signature.args
-            pr, pq = h.data(a[0], args[0]), h.data(a[1], args[1])
-            pd, ps = h.data(a[2], args[2]), h.data(a[3], args[3])
-            n = args[4]
+            pr = h.row(a[0], args[0], args[1])
+            pq, pd, ps = h.data(a[2], args[2]), h.data(a[3], args[3]), h.data(a[4], args[4])
+            n = args[5]
             acc = _Acc(h)
             _blocks(h, n, lambda blk, k: body(h, pr, pq, pd, ps, acc, blk, k))
             return acc.total(h)
@@ -336,11 +344,11 @@ def mv_q4_0(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q4_0(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q4_0(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q4_0(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q4_0(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q4_0(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q4_0(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_SER)
@@ -349,11 +357,11 @@ def mv1_q4_0(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q4_0(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q4_0(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q4_0(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q4_0(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q4_0(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q4_0(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_OPTS)
@@ -362,11 +370,11 @@ def mv_q4_1(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q4_1(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q4_1(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q4_1(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q4_1(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q4_1(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q4_1(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_SER)
@@ -375,11 +383,11 @@ def mv1_q4_1(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q4_1(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q4_1(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q4_1(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q4_1(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q4_1(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q4_1(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_OPTS)
@@ -388,11 +396,11 @@ def mv_q8_0(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q8_0(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q8_0(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q8_0(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q8_0(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q8_0(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q8_0(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_SER)
@@ -401,11 +409,11 @@ def mv1_q8_0(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q8_0(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q8_0(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q8_0(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q8_0(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q8_0(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q8_0(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_OPTS)
@@ -414,11 +422,11 @@ def mv_q4_k(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q4_k(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q4_k(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q4_k(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q4_k(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q4_k(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q4_k(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_SER)
@@ -427,11 +435,11 @@ def mv1_q4_k(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q4_k(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q4_k(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q4_k(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q4_k(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q4_k(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q4_k(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_OPTS)
@@ -440,11 +448,11 @@ def mv_q5_k(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q5_k(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q5_k(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q5_k(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q5_k(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q5_k(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q5_k(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_SER)
@@ -453,11 +461,11 @@ def mv1_q5_k(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q5_k(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q5_k(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q5_k(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q5_k(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q5_k(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q5_k(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_OPTS)
@@ -466,11 +474,11 @@ def mv_q6_k(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q6_k(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q6_k(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q6_k(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q6_k(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q6_k(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q6_k(w3, r - n2, xq, dx, xs, nb)
 
 
 @njit(**_SER)
@@ -479,11 +487,11 @@ def mv1_q6_k(w1, w2, w3, xq, dx, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _dot_q6_k(w1[r], xq, dx, xs, nb)
+            out[r] = _dot_q6_k(w1, r, xq, dx, xs, nb)
         elif r < n2:
-            out[r] = _dot_q6_k(w2[r - n1], xq, dx, xs, nb)
+            out[r] = _dot_q6_k(w2, r - n1, xq, dx, xs, nb)
         else:
-            out[r] = _dot_q6_k(w3[r - n2], xq, dx, xs, nb)
+            out[r] = _dot_q6_k(w3, r - n2, xq, dx, xs, nb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,18 +502,19 @@ def mv1_q6_k(w1, w2, w3, xq, dx, xs, out):
 
 def _row_intrinsic_f(body):
     """Wrap ``body(h, p_row, p_x, p_xs, acc, blk, k)`` run per block into an intrinsic
-    ``(row u8[:], x f32[:], xs f32[:], nb intp) -> float32``."""
+    ``(w u8[:, :], r intp, x f32[:], xs f32[:], nb intp) -> float32`` for row ``r``."""
 
     @intrinsic
-    def dot(typingctx, row, x, xs, nb):
-        sig = types.float32(row, x, xs, nb)
+    def dot(typingctx, w, r, x, xs, nb):
+        sig = types.float32(w, types.intp, x, xs, nb)
 
         def codegen(context, builder, signature, args):
             h = _B(context, builder)
             a = signature.args
-            pr, px, ps = h.data(a[0], args[0]), h.data(a[1], args[1]), h.data(a[2], args[2])
+            pr = h.row(a[0], args[0], args[1])
+            px, ps = h.data(a[2], args[2]), h.data(a[3], args[3])
             acc = _Acc(h)
-            _blocks(h, args[3], lambda blk, k: body(h, pr, px, ps, acc, blk, k))
+            _blocks(h, args[4], lambda blk, k: body(h, pr, px, ps, acc, blk, k))
             return acc.total(h)
 
         return sig, codegen
@@ -654,11 +663,11 @@ def fv_q4_0(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q4_0(w1[r], x, xs, nb)
+            out[r] = _fdot_q4_0(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q4_0(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q4_0(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q4_0(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q4_0(w3, r - n2, x, xs, nb)
 
 
 @njit(**_SER)
@@ -667,11 +676,11 @@ def fv1_q4_0(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q4_0(w1[r], x, xs, nb)
+            out[r] = _fdot_q4_0(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q4_0(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q4_0(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q4_0(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q4_0(w3, r - n2, x, xs, nb)
 
 
 @njit(**_OPTS)
@@ -680,11 +689,11 @@ def fv_q4_1(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q4_1(w1[r], x, xs, nb)
+            out[r] = _fdot_q4_1(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q4_1(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q4_1(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q4_1(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q4_1(w3, r - n2, x, xs, nb)
 
 
 @njit(**_SER)
@@ -693,11 +702,11 @@ def fv1_q4_1(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q4_1(w1[r], x, xs, nb)
+            out[r] = _fdot_q4_1(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q4_1(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q4_1(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q4_1(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q4_1(w3, r - n2, x, xs, nb)
 
 
 @njit(**_OPTS)
@@ -706,11 +715,11 @@ def fv_q8_0(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q8_0(w1[r], x, xs, nb)
+            out[r] = _fdot_q8_0(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q8_0(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q8_0(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q8_0(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q8_0(w3, r - n2, x, xs, nb)
 
 
 @njit(**_SER)
@@ -719,11 +728,11 @@ def fv1_q8_0(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q8_0(w1[r], x, xs, nb)
+            out[r] = _fdot_q8_0(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q8_0(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q8_0(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q8_0(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q8_0(w3, r - n2, x, xs, nb)
 
 
 @njit(**_OPTS)
@@ -732,11 +741,11 @@ def fv_q4_k(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q4_k(w1[r], x, xs, nb)
+            out[r] = _fdot_q4_k(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q4_k(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q4_k(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q4_k(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q4_k(w3, r - n2, x, xs, nb)
 
 
 @njit(**_SER)
@@ -745,11 +754,11 @@ def fv1_q4_k(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q4_k(w1[r], x, xs, nb)
+            out[r] = _fdot_q4_k(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q4_k(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q4_k(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q4_k(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q4_k(w3, r - n2, x, xs, nb)
 
 
 @njit(**_OPTS)
@@ -758,11 +767,11 @@ def fv_q5_k(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q5_k(w1[r], x, xs, nb)
+            out[r] = _fdot_q5_k(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q5_k(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q5_k(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q5_k(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q5_k(w3, r - n2, x, xs, nb)
 
 
 @njit(**_SER)
@@ -771,11 +780,11 @@ def fv1_q5_k(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q5_k(w1[r], x, xs, nb)
+            out[r] = _fdot_q5_k(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q5_k(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q5_k(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q5_k(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q5_k(w3, r - n2, x, xs, nb)
 
 
 @njit(**_OPTS)
@@ -784,11 +793,11 @@ def fv_q6_k(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in prange(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q6_k(w1[r], x, xs, nb)
+            out[r] = _fdot_q6_k(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q6_k(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q6_k(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
 
 
 @njit(**_SER)
@@ -797,8 +806,8 @@ def fv1_q6_k(w1, w2, w3, x, xs, out):
     n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
     for r in range(n2 + w3.shape[0]):
         if r < n1:
-            out[r] = _fdot_q6_k(w1[r], x, xs, nb)
+            out[r] = _fdot_q6_k(w1, r, x, xs, nb)
         elif r < n2:
-            out[r] = _fdot_q6_k(w2[r - n1], x, xs, nb)
+            out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
         else:
-            out[r] = _fdot_q6_k(w3[r - n2], x, xs, nb)
+            out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
