@@ -811,3 +811,172 @@ def fv1_q6_k(w1, w2, w3, x, xs, out):
             out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
         else:
             out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row decoders for prefill tiles: the same unpacking, stored as float32 rows for BLAS sgemm.
+
+
+def _deq_intrinsic(body):
+    """Wrap ``body(h, p_row, p_y, blk)`` (writes block ``blk`` of one row to float32 at
+    ``p_y``) into an intrinsic ``(w u8[:, :], r intp, y f32[:, :], i intp, nb intp) -> none``
+    that decodes row ``r`` of ``w`` into row ``i`` of ``y``."""
+
+    @intrinsic
+    def deq(typingctx, w, r, y, i, nb):
+        sig = types.none(w, types.intp, y, types.intp, nb)
+
+        def codegen(context, builder, signature, args):
+            h = _B(context, builder)
+            a = signature.args
+            pr, py = h.row(a[0], args[0], args[1]), h.row(a[2], args[2], args[3])
+            with cgutils.for_range(builder, args[4]) as loop:
+                body(h, pr, py, loop.index)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return deq
+
+
+def _store(h, py, idx, v):  # y[idx : idx + 8] = v, idx an i64 element index
+    h.b.store(v, h.b.bitcast(h.at(py, h.b.mul(idx, i64(4))), V8F.as_pointer()), align=4)
+
+
+def _d_q4(h, pr, py, b, has_min):
+    o = h.b.mul(b, i64(20 if has_min else 18))
+    d = h.splat(h.f16(pr, o))
+    m = h.splat(h.f16(pr, h.b.add(o, i64(2)))) if has_min else h.b.fmul(d, _c(V8F, -8.0))
+    qo = h.b.add(o, i64(4 if has_min else 2))
+    z0, z1 = _u8x8(h, pr, qo), _u8x8(h, pr, h.b.add(qo, i64(8)))
+    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
+    vals = [h.b.and_(z0, m15), h.b.and_(z1, m15), h.b.lshr(z0, s4), h.b.lshr(z1, s4)]
+    y0 = h.b.mul(b, i64(32))
+    for k, v in enumerate(vals):
+        _store(h, py, h.b.add(y0, i64(8 * k)), h.fma(h.tofloat(v), d, m))
+
+
+def _d_q4_0(h, pr, py, b):
+    _d_q4(h, pr, py, b, False)
+
+
+def _d_q4_1(h, pr, py, b):
+    _d_q4(h, pr, py, b, True)
+
+
+def _d_q8_0(h, pr, py, b):
+    o = h.b.mul(b, i64(34))
+    d = h.splat(h.f16(pr, o))
+    y0 = h.b.mul(b, i64(32))
+    for k in range(4):
+        v = h.tofloat(_s8x8(h, pr, h.b.add(o, i64(2 + 8 * k))))
+        _store(h, py, h.b.add(y0, i64(8 * k)), h.b.fmul(v, d))
+
+
+def _d_qk(h, pr, py, b, five):
+    o = h.b.mul(b, i64(176 if five else 144))
+    d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
+    scf, mnf = _k_scales_mins(h, pr, o)
+    sv = h.b.fmul(scf, h.splat(d))
+    mv = h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm)))
+    qo = h.b.add(o, i64(48 if five else 16))
+    y0 = h.b.mul(b, i64(256))
+    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
+    qh = [_u8x8(h, pr, h.b.add(o, i64(16 + 8 * k))) for k in range(4)] if five else None
+    for pair in range(4):
+        z = [_u8x8(h, pr, h.b.add(qo, i64(32 * pair + 8 * k))) for k in range(4)]
+        for half in range(2):
+            j = 2 * pair + half
+            s, m = h.lane(sv, j), h.lane(mv, j)
+            for k in range(4):
+                v = h.b.and_(z[k], m15) if half == 0 else h.b.lshr(z[k], s4)
+                if five:
+                    bit = h.b.and_(qh[k], _c(V8I32, 1 << j))
+                    if j < 4:
+                        bit = h.b.shl(bit, _c(V8I32, 4 - j))
+                    elif j > 4:
+                        bit = h.b.lshr(bit, _c(V8I32, j - 4))
+                    v = h.b.or_(v, bit)
+                _store(h, py, h.b.add(y0, i64(32 * j + 8 * k)), h.fma(h.tofloat(v), s, m))
+
+
+def _d_q4_k(h, pr, py, b):
+    _d_qk(h, pr, py, b, False)
+
+
+def _d_q5_k(h, pr, py, b):
+    _d_qk(h, pr, py, b, True)
+
+
+def _d_q6_k(h, pr, py, b):
+    o = h.b.mul(b, i64(210))
+    d = h.f16(pr, h.b.add(o, i64(208)))
+    sc = h.b.sitofp(h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), _vt(i32, 16)), _vt(f32, 16))
+    sc = h.b.fmul(sc, h.splat(d, 16))
+    y0 = h.b.mul(b, i64(256))
+    m15, s4, c32 = _c(V8I32, 15), _c(V8I32, 4), _c(V8I32, 32)
+    for hh in range(2):
+        qh = [_u8x8(h, pr, h.b.add(o, i64(128 + 32 * hh + 8 * k))) for k in range(4)]
+        for half in range(2):
+            ql = [_u8x8(h, pr, h.b.add(o, i64(64 * hh + 32 * half + 8 * k))) for k in range(4)]
+            for nib in range(2):
+                k2 = half + 2 * nib
+                si = 8 * hh + 2 * k2
+                for k in range(4):
+                    low = h.b.and_(ql[k], m15) if nib == 0 else h.b.lshr(ql[k], s4)
+                    top = h.b.and_(h.b.lshr(qh[k], _c(V8I32, 2 * k2)), _c(V8I32, 3))
+                    q = h.b.sub(h.b.or_(low, h.b.shl(top, s4)), c32)
+                    v = h.b.fmul(h.tofloat(q), h.lane(sc, si + k // 2))
+                    _store(h, py, h.b.add(y0, i64(128 * hh + 32 * k2 + 8 * k)), v)
+
+
+_deq_q4_0 = _deq_intrinsic(_d_q4_0)
+_deq_q4_1 = _deq_intrinsic(_d_q4_1)
+_deq_q8_0 = _deq_intrinsic(_d_q8_0)
+_deq_q4_k = _deq_intrinsic(_d_q4_k)
+_deq_q5_k = _deq_intrinsic(_d_q5_k)
+_deq_q6_k = _deq_intrinsic(_d_q6_k)
+
+
+# Tile decoders: out[i] = row r0 + i of w, on the calling thread (the tile then goes to a
+# multi-threaded sgemm; see `_dequant_nb.deq_range_serial`).
+@njit(**_SER)
+def dq_q4_0(w, r0, out):
+    nb = out.shape[1] // 32
+    for i in range(out.shape[0]):
+        _deq_q4_0(w, r0 + i, out, i, nb)
+
+
+@njit(**_SER)
+def dq_q4_1(w, r0, out):
+    nb = out.shape[1] // 32
+    for i in range(out.shape[0]):
+        _deq_q4_1(w, r0 + i, out, i, nb)
+
+
+@njit(**_SER)
+def dq_q8_0(w, r0, out):
+    nb = out.shape[1] // 32
+    for i in range(out.shape[0]):
+        _deq_q8_0(w, r0 + i, out, i, nb)
+
+
+@njit(**_SER)
+def dq_q4_k(w, r0, out):
+    nb = out.shape[1] // 256
+    for i in range(out.shape[0]):
+        _deq_q4_k(w, r0 + i, out, i, nb)
+
+
+@njit(**_SER)
+def dq_q5_k(w, r0, out):
+    nb = out.shape[1] // 256
+    for i in range(out.shape[0]):
+        _deq_q5_k(w, r0 + i, out, i, nb)
+
+
+@njit(**_SER)
+def dq_q6_k(w, r0, out):
+    nb = out.shape[1] // 256
+    for i in range(out.shape[0]):
+        _deq_q6_k(w, r0 + i, out, i, nb)

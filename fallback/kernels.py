@@ -437,6 +437,9 @@ class QuantMatrix:
         """Rows ``r0 .. r0 + len(out)`` decoded into ``out`` (float32 ``(n, cols)``), on the
         calling thread (the tile goes on to a multi-threaded sgemm)."""
         n = out.shape[0]
+        if self._simd:
+            getattr(_simd, "dq_" + _SIMD_MATVEC[self.qtype])(self.raw, r0, out)
+            return out
         if self.use_numba:
             dq = _kernels()[1]
             w, t, bs = self.raw, int(self.qtype), self.block_bytes
