@@ -334,166 +334,6 @@ def quantize_x(x, xq, dx, xs):
         xs[g] = d * np.float32(t)
 
 
-# Drivers: out[: n1 + n2 + n3] = [w1; w2; w3] @ x_hat, rows split across threads (mv_*) or
-# on the calling thread (mv1_*: a parallel launch costs more than a small matrix).  They are
-# written out per type: numba caches a function by its source location, and an intrinsic
-# cannot be passed as an argument.
-@njit(**_OPTS)
-def mv_q4_0(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q4_0(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q4_0(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q4_0(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_SER)
-def mv1_q4_0(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q4_0(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q4_0(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q4_0(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_OPTS)
-def mv_q4_1(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q4_1(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q4_1(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q4_1(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_SER)
-def mv1_q4_1(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q4_1(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q4_1(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q4_1(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_OPTS)
-def mv_q8_0(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q8_0(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q8_0(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q8_0(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_SER)
-def mv1_q8_0(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q8_0(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q8_0(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q8_0(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_OPTS)
-def mv_q4_k(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q4_k(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q4_k(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q4_k(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_SER)
-def mv1_q4_k(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q4_k(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q4_k(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q4_k(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_OPTS)
-def mv_q5_k(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q5_k(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q5_k(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q5_k(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_SER)
-def mv1_q5_k(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q5_k(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q5_k(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q5_k(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_OPTS)
-def mv_q6_k(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q6_k(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q6_k(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q6_k(w3, r - n2, xq, dx, xs, nb)
-
-
-@njit(**_SER)
-def mv1_q6_k(w1, w2, w3, xq, dx, xs, out):
-    nb = xq.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _dot_q6_k(w1, r, xq, dx, xs, nb)
-        elif r < n2:
-            out[r] = _dot_q6_k(w2, r - n1, xq, dx, xs, nb)
-        else:
-            out[r] = _dot_q6_k(w3, r - n2, xq, dx, xs, nb)
-
-
 # ---------------------------------------------------------------------------------------------
 # Float activations: the same row loops with x in float32 (exact to float32 rounding, the
 # default).  Weights are widened to 8 x i32 (vpmovzxbd), masked, converted to float and
@@ -655,162 +495,6 @@ _fdot_q8_0 = _row_intrinsic_f(_f_q8_0)
 _fdot_q4_k = _row_intrinsic_f(_f_q4_k)
 _fdot_q5_k = _row_intrinsic_f(_f_q5_k)
 _fdot_q6_k = _row_intrinsic_f(_f_q6_k)
-
-
-@njit(**_OPTS)
-def fv_q4_0(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q4_0(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q4_0(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q4_0(w3, r - n2, x, xs, nb)
-
-
-@njit(**_SER)
-def fv1_q4_0(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q4_0(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q4_0(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q4_0(w3, r - n2, x, xs, nb)
-
-
-@njit(**_OPTS)
-def fv_q4_1(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q4_1(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q4_1(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q4_1(w3, r - n2, x, xs, nb)
-
-
-@njit(**_SER)
-def fv1_q4_1(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q4_1(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q4_1(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q4_1(w3, r - n2, x, xs, nb)
-
-
-@njit(**_OPTS)
-def fv_q8_0(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q8_0(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q8_0(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q8_0(w3, r - n2, x, xs, nb)
-
-
-@njit(**_SER)
-def fv1_q8_0(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 32
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q8_0(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q8_0(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q8_0(w3, r - n2, x, xs, nb)
-
-
-@njit(**_OPTS)
-def fv_q4_k(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q4_k(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q4_k(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q4_k(w3, r - n2, x, xs, nb)
-
-
-@njit(**_SER)
-def fv1_q4_k(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q4_k(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q4_k(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q4_k(w3, r - n2, x, xs, nb)
-
-
-@njit(**_OPTS)
-def fv_q5_k(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q5_k(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q5_k(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q5_k(w3, r - n2, x, xs, nb)
-
-
-@njit(**_SER)
-def fv1_q5_k(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q5_k(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q5_k(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q5_k(w3, r - n2, x, xs, nb)
-
-
-@njit(**_OPTS)
-def fv_q6_k(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in prange(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q6_k(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
-
-
-@njit(**_SER)
-def fv1_q6_k(w1, w2, w3, x, xs, out):
-    nb = x.shape[0] // 256
-    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
-    for r in range(n2 + w3.shape[0]):
-        if r < n1:
-            out[r] = _fdot_q6_k(w1, r, x, xs, nb)
-        elif r < n2:
-            out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
-        else:
-            out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -980,3 +664,369 @@ def dq_q6_k(w, r0, out):
     nb = out.shape[1] // 256
     for i in range(out.shape[0]):
         _deq_q6_k(w, r0 + i, out, i, nb)
+
+
+# Drivers: out[: n1 + n2 + n3] = [w1; w2; w3] @ x, rows split across threads (mv_*, fv_*) or
+# on the calling thread (mv1_*, fv1_*: a parallel launch costs more than a small matrix).
+# mv_* quantize x to int8 first (`quantize_x`), fv_* take the float sums of x per 16/32
+# (`xsums`); both inside the compiled call, so a matvec costs one dispatch from Python.
+# They are written out per type: numba caches a function by its source location, and an
+# intrinsic cannot be passed as an argument.
+
+
+@njit(**_SER)
+def xsums(x, g):
+    """float32 (n / g,): the sum of each g consecutive values of x."""
+    s = np.empty(x.shape[0] // g, np.float32)
+    for i in range(s.shape[0]):
+        t = np.float32(0.0)
+        for j in range(g * i, g * i + g):
+            t += x[j]
+        s[i] = t
+    return s
+
+
+@njit(**_SER)
+def quantized(x):
+    """(xq, dx, xs) of `quantize_x`, allocated."""
+    xq = np.empty(x.shape[0], np.int8)
+    dx = np.empty(x.shape[0] // 32, np.float32)
+    xs = np.empty(x.shape[0] // 32, np.float32)
+    quantize_x(x, xq, dx, xs)
+    return xq, dx, xs
+
+
+@njit(**_OPTS)
+def mv_q4_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_0(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_0(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_0(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q4_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_0(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_0(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_0(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q4_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_0(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_0(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q4_0(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q4_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_0(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_0(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q4_0(w3, r - n2, x, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q4_1(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_1(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_1(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_1(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q4_1(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_1(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_1(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_1(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q4_1(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_1(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_1(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q4_1(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q4_1(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_1(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_1(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q4_1(w3, r - n2, x, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q8_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q8_0(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q8_0(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q8_0(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q8_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q8_0(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q8_0(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q8_0(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q8_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q8_0(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q8_0(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q8_0(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q8_0(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q8_0(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q8_0(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q8_0(w3, r - n2, x, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q4_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_k(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_k(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_k(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q4_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q4_k(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q4_k(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q4_k(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q4_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_k(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_k(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q4_k(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q4_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q4_k(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q4_k(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q4_k(w3, r - n2, x, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q5_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q5_k(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q5_k(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q5_k(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q5_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q5_k(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q5_k(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q5_k(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q5_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q5_k(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q5_k(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q5_k(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q5_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xs = xsums(x, 32)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q5_k(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q5_k(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q5_k(w3, r - n2, x, xs, nb)
+
+
+@njit(**_OPTS)
+def mv_q6_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q6_k(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q6_k(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q6_k(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_SER)
+def mv1_q6_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xq, dx, xs = quantized(x)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _dot_q6_k(w1, r, xq, dx, xs, nb)
+        elif r < n2:
+            out[r] = _dot_q6_k(w2, r - n1, xq, dx, xs, nb)
+        else:
+            out[r] = _dot_q6_k(w3, r - n2, xq, dx, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_q6_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xs = xsums(x, 16)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q6_k(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_q6_k(w1, w2, w3, x, out):
+    nb = x.shape[0] // 256
+    xs = xsums(x, 16)
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_q6_k(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)

@@ -190,49 +190,21 @@ _REGISTER_MATVEC = frozenset(
 )
 
 
-class PreparedVector:
-    """``x`` prepared once for several `QuantMatrix.matvec` calls that share it.
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the int8 kernels multiply with: ``x`` (float32, a multiple of 32 values) rounded
+    to int8 with one scale per 32 values, as ``(xq, dx, xs)``: int8 ``(n,)``, float32
+    ``(n/32,)`` scales (max|x| / 127 per group) and ``dx * sum(xq)`` per group; the vector
+    is ``x_hat = xq * dx`` (per group).
 
-    Holds ``x`` (float32, contiguous) and computes on first use what the kernels need
-    besides: the float sums of each 16 or 32 values (`sums`, for zero points and mins) and
-    the int8 quantization (`int8`: one scale per 32 values) for the int8 kernels.
+    Raises:
+        ValueError: no int8 kernels here, or ``x`` is not whole groups of 32.
     """
-
-    __slots__ = ("x", "_sums", "_q")
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        self._sums: dict[int, np.ndarray] = {}
-        self._q: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def sums(self, group: int) -> np.ndarray:
-        """float32 ``(n / group,)``: the sum of each ``group`` consecutive values of ``x``."""
-        s = self._sums.get(group)
-        if s is None:
-            s = self._sums[group] = self.x.reshape(-1, group).sum(axis=1, dtype=np.float32)
-        return s
-
-    def int8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(xq, dx, xs)``: int8 ``(n,)`` values, float32 ``(n/32,)`` scales (max|x| / 127
-        per 32 values) and ``dx * sum(xq)`` per 32 values; ``x_hat = xq * dx``."""
-        if self._q is None:
-            n = self.x.size
-            if n % 32:
-                raise ValueError(f"int8 activations need a multiple of 32 values, got {n}")
-            q = np.empty(n, np.int8), np.empty(n // 32, np.float32), np.empty(n // 32, np.float32)
-            _simd_kernels().quantize_x(self.x, *q)
-            self._q = q
-        return self._q
-
-    def dequantize(self) -> np.ndarray:
-        """``x_hat``: the float32 values the int8 kernels multiply with."""
-        xq, dx, _ = self.int8()
-        return (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)
-
-
-def prepare_vector(x: np.ndarray | PreparedVector) -> PreparedVector:
-    """``x`` as a `PreparedVector` (returned as is if it already is one)."""
-    return x if isinstance(x, PreparedVector) else PreparedVector(x)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if _simd_kernels() is None:
+        raise ValueError("int8 activations need numba and an AVX2 CPU")
+    if x.size % 32:
+        raise ValueError(f"int8 activations need a multiple of 32 values, got {x.size}")
+    return _simd.quantized(x)
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -244,13 +216,13 @@ def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
 
 
 def matvec_many(
-    mats: list[QuantMatrix], x: np.ndarray | PreparedVector, out: np.ndarray | None = None
+    mats: list[QuantMatrix], x: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
     """``[W1; W2; ...] @ x`` for matrices sharing ``x`` (q|k|v, gate|up): float32
     ``[sum of rows]``, the outputs concatenated.  Up to three matrices of one type with AVX2
-    kernels (same columns, same activation kind) run as a single parallel call; anything
-    else falls back to one `QuantMatrix.matvec` per matrix into slices of ``out``.  ``x`` is
-    prepared (sums, int8) once either way."""
+    kernels (same columns, same activation kind) run as a single parallel call (one launch,
+    ``x`` summed / quantized once); anything else falls back to one `QuantMatrix.matvec`
+    per matrix into slices of ``out``."""
     n = sum(m.rows for m in mats)
     if out is None:
         out = np.empty(n, np.float32)
@@ -258,7 +230,7 @@ def matvec_many(
         raise ValueError(f"out must be C-contiguous float32 ({n},), got {out.dtype} {out.shape}")
     if not mats:
         return out
-    x = prepare_vector(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     m0 = mats[0]
     fused = (
         1 < len(mats) <= 3
@@ -270,8 +242,8 @@ def matvec_many(
         and len({m.raw.flags.writeable for m in mats}) == 1
     )
     if fused:
-        if x.x.size != m0.cols:
-            raise ValueError(f"x has {x.x.size} values, the matrices {m0.cols} columns")
+        if x.shape != (m0.cols,):
+            raise ValueError(f"x has shape {x.shape}, the matrices {m0.cols} columns")
         ws = [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
         _simd_call(m0.qtype, ws, x, out, m0._int8, n * m0.cols)
         return out
@@ -282,16 +254,11 @@ def matvec_many(
     return out
 
 
-def _simd_call(qtype, ws, x: PreparedVector, out, int8: bool, weights: int) -> None:
+def _simd_call(qtype, ws, x: np.ndarray, out, int8: bool, weights: int) -> None:
     """out = [ws0; ws1; ws2] @ x through `_simd` (one thread below `SERIAL_WEIGHTS`)."""
+    kind = "mv" if int8 else "fv"
     serial = "1_" if weights < SERIAL_WEIGHTS else "_"
-    name = _SIMD_MATVEC[qtype]
-    if int8:
-        xq, dx, xs = x.int8()
-        getattr(_simd, f"mv{serial}{name}")(ws[0], ws[1], ws[2], xq, dx, xs, out)
-    else:
-        xs = x.sums(16 if qtype == GGMLType.Q6_K else 32)
-        getattr(_simd, f"fv{serial}{name}")(ws[0], ws[1], ws[2], x.x, xs, out)
+    getattr(_simd, f"{kind}{serial}{_SIMD_MATVEC[qtype]}")(ws[0], ws[1], ws[2], x, out)
 
 
 class QuantMatrix:
@@ -382,12 +349,11 @@ class QuantMatrix:
         """True if `matvec` runs the int8-activation kernel."""
         return self._int8
 
-    def matvec(self, x: np.ndarray | PreparedVector, out: np.ndarray | None = None) -> np.ndarray:
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (the decode step).
 
         Args:
-            x: the vector, or a `PreparedVector` of it (prepared once for several
-                matrices sharing it; see `prepare_vector`).
+            x: float32 ``[cols]``.
             out: optional float32 ``[rows]`` (C-contiguous) to write into; returned.
         """
         if out is None:
@@ -395,14 +361,12 @@ class QuantMatrix:
         elif out.shape != (self.rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 ({self.rows},)")
         if self._simd:
-            x = prepare_vector(x)
-            if x.x.size != self.cols:
-                raise ValueError(f"x has {x.x.size} values, the matrix {self.cols} columns")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if x.shape != (self.cols,):
+                raise ValueError(f"x has shape {x.shape}, the matrix {self.cols} columns")
             e = self._empty
             _simd_call(self.qtype, [self.raw, e, e], x, out, self._int8, self.rows * self.cols)
             return out
-        if isinstance(x, PreparedVector):
-            x = x.x
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols)
         if self.qtype == GGMLType.F32:
             np.matmul(self._f32(), x, out=out)

@@ -13,11 +13,10 @@ from test_quants import FLOAT_TYPES, GGUF_QUANTIZABLE, QUANT_TYPES, random_raw, 
 
 import fallback.kernels as kernels
 from fallback.kernels import (
-    PreparedVector,
     QuantMatrix,
     matvec_many,
     numba_available,
-    prepare_vector,
+    quantize_activations,
     set_threads,
 )
 from phimlx.errors import UnsupportedModelError
@@ -81,23 +80,24 @@ def effective_x(m: QuantMatrix, x: np.ndarray) -> np.ndarray:
     """The vector ``m.matvec(x)`` multiplies with: ``x_hat`` on the int8 path, else ``x``."""
     if not m.int8_activations:
         return x
-    q = PreparedVector(x)
-    check_quantized(q, x)
-    return q.dequantize().astype(np.float64)
+    return check_quantized(x)
 
 
-def check_quantized(q: PreparedVector, x: np.ndarray) -> None:
-    """``x_hat`` is ``x`` rounded to the nearest step of ``max|x| / 127`` per 32 values."""
-    xq, dx, xs = q.int8()
+def check_quantized(x: np.ndarray) -> np.ndarray:
+    """``x_hat`` is ``x`` rounded to the nearest step of ``max|x| / 127`` per 32 values;
+    returns it (float64)."""
+    xq, dx, xs = quantize_activations(x)
+    xhat = (xq.reshape(-1, 32) * dx.astype(np.float64)[:, None]).reshape(-1)
     g = x.reshape(-1, 32).astype(np.float64)
     amax = np.abs(g).max(axis=1)
     np.testing.assert_allclose(dx, amax / 127, rtol=1e-6)
     assert np.all(np.abs(xq.astype(np.int32)) <= 127)
     step = dx.astype(np.float64)[:, None]
-    err = np.abs(q.dequantize().reshape(g.shape) - g)
+    err = np.abs(xhat.reshape(g.shape) - g)
     assert np.all(err <= step * (0.5 + 1e-5) + 1e-30)
     sums = (xq.reshape(-1, 32).sum(axis=1) * step[:, 0]).astype(np.float32)
     np.testing.assert_allclose(xs, sums, rtol=1e-6)
+    return xhat
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -238,9 +238,8 @@ def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> No
     assert np.all(np.abs(y - w @ xe) <= dot_tolerance(w, xe))
     one_by_one = np.concatenate([m.matvec(x) for m in mats])
     np.testing.assert_allclose(y, one_by_one, rtol=1e-6, atol=1e-6 * np.abs(y).max())
-    q = prepare_vector(x)
     out = np.empty(sum(parts), np.float32)
-    assert matvec_many(mats, q, out=out) is out
+    assert matvec_many(mats, x, out=out) is out
     np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6 * np.abs(y).max())
     with pytest.raises(ValueError, match="out must be"):
         matvec_many(mats, x, out=np.empty(sum(parts) + 1, np.float32))
@@ -253,14 +252,11 @@ def test_quantize_vector(n: int) -> None:
     x = rng.standard_normal(n, dtype=np.float32) * np.float32(3)
     x[:32] = 0  # an all-zero group: scale 0, values 0
     x[40] = 1e6  # one outlier rules its group's scale
-    q = prepare_vector(x)
-    assert prepare_vector(q) is q
-    check_quantized(q, x)
-    assert q.int8()[1][0] == 0 and not q.int8()[0][:32].any()
-    np.testing.assert_array_equal(q.x, x)
-    np.testing.assert_allclose(q.sums(16), x.reshape(-1, 16).sum(1), rtol=1e-5, atol=1e-3)
+    check_quantized(x)
+    xq, dx, _ = quantize_activations(x)
+    assert dx[0] == 0 and not xq[:32].any()
     with pytest.raises(ValueError, match="multiple of 32"):
-        prepare_vector(x[:31]).int8()
+        quantize_activations(x[:31])
 
 
 @NEEDS_INT8
