@@ -11,11 +11,19 @@ With one thread the time is the thread's CPU time (less noisy on a shared machin
 
     python bench/kernels.py                       # all types
     python bench/kernels.py --types Q4_K Q6_K --no-matmul
+    python bench/kernels.py --e2e MODEL.gguf      # whole-model prompt/decode vs llama.cpp
+
+``--e2e`` alternates phimlx (NumPy backend) and llama-cpp-python on the same file in one
+process, repetition by repetition, and prints medians and ratios (prompt = one prefill of
+``--pp`` tokens, decode = ``--tg`` single-token steps; set PHIMLX_INT8_ACTIVATIONS=1 for the
+int8 kernels).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import numpy as np
@@ -88,6 +96,60 @@ def best_time(fn, min_time: float = 0.3, reps: int = 3, clock=time.perf_counter)
     return best
 
 
+def end_to_end(path: str, threads: int, pp: int, tg: int, reps: int) -> None:
+    """Prompt and decode tokens/s of phimlx vs llama.cpp, alternating, medians and ratios."""
+    from llama_cpp import Llama
+
+    import phimlx
+
+    ids = np.random.default_rng(0).integers(100, 20000, size=pp + tg).tolist()
+    model = phimlx.load(path, backend="numpy", threads=threads)
+    llm = Llama(
+        path, n_threads=threads, n_threads_batch=threads, n_batch=512, n_ctx=pp + tg + 8,
+        logits_all=False, verbose=False,
+    )  # fmt: skip
+
+    def ours() -> tuple[float, float]:
+        s = model.new_session(max_context=pp + tg + 8)
+        t = time.perf_counter()
+        s.prefill(ids[:pp])
+        t_pp = time.perf_counter() - t
+        t = time.perf_counter()
+        for tok in ids[pp:]:
+            s.step(tok)
+        return pp / t_pp, tg / (time.perf_counter() - t)
+
+    def llama() -> tuple[float, float]:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:pp])
+        t_pp = time.perf_counter() - t
+        t = time.perf_counter()
+        for tok in ids[pp:]:
+            llm.eval([tok])
+        return pp / t_pp, tg / (time.perf_counter() - t)
+
+    runs: dict[str, list[tuple[float, float]]] = {"phimlx": [], "llama.cpp": []}
+    ours(), llama()  # warm-up: compile, page the file in
+    for _ in range(reps):
+        for name, fn in (("phimlx", ours), ("llama.cpp", llama)):
+            time.sleep(0.5)  # let the other engine's spinning threads settle
+            runs[name].append(fn())
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    int8 = os.environ.get("PHIMLX_INT8_ACTIVATIONS", "0")
+    print(f"{os.path.basename(path)}: threads {threads}, pp {pp}, tg {tg}, {reps} reps, "
+          f"load {load}, PHIMLX_INT8_ACTIVATIONS={int8}")  # fmt: skip
+    med = {}
+    for name, rs in runs.items():
+        med[name] = [statistics.median(r[i] for r in rs) for i in (0, 1)]
+        every = " ".join(f"{a:.1f}/{b:.1f}" for a, b in rs)
+        print(f"  {name:9} prompt {med[name][0]:8.1f} tok/s  decode {med[name][1]:7.2f} tok/s"
+              f"   (runs {every})")  # fmt: skip
+    r = [med["phimlx"][i] / med["llama.cpp"][i] for i in (0, 1)]
+    print(f"  ratio     prompt {r[0]:8.3f}        decode {r[1]:7.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="*", default=TYPES)
@@ -95,7 +157,14 @@ def main() -> None:
     ap.add_argument("--no-matmul", action="store_true", help="skip the prefill matmul figures")
     ap.add_argument("--numpy", action="store_true", help="the pure-NumPy path instead of numba")
     ap.add_argument("--working-set", type=int, default=160, help="MiB of weights per shape")
+    ap.add_argument("--e2e", metavar="MODEL", help="whole model vs llama.cpp instead")
+    ap.add_argument("--pp", type=int, default=64, help="--e2e prompt tokens")
+    ap.add_argument("--tg", type=int, default=32, help="--e2e decode steps")
+    ap.add_argument("--reps", type=int, default=5, help="--e2e repetitions")
     args = ap.parse_args()
+    if args.e2e:
+        end_to_end(args.e2e, max(args.threads), args.pp, args.tg, args.reps)
+        return
 
     rng = np.random.default_rng(0)
     use_numba = numba_available() and not args.numpy

@@ -489,6 +489,33 @@ def _f_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
                 _acc_fma(h, acc, t1, h.lane(sc, si + 1), 1)
 
 
+def _float8(h, pr, i, bf16):  # 8 F16 / BF16 values starting at element index i -> 8 x float
+    off = h.b.mul(i, i64(2))
+    if not bf16:
+        return h.b.fpext(h.load(pr, off, _vt(f16, 8)), V8F)
+    w = h.b.zext(h.load(pr, off, _vt(i16, 8)), V8I32)
+    return h.b.bitcast(h.b.shl(w, _c(V8I32, 16)), V8F)
+
+
+def _f_half(h, pr, px, ps, acc, b, k, bf16):  # b: a block of 32 values
+    x0 = h.b.mul(b, i64(32))
+    idx = [h.b.add(x0, i64(8 * j)) for j in range(4)]
+    vals = [_float8(h, pr, i, bf16) for i in idx]
+    xv = [_xv(h, px, i) for i in idx]
+    p = acc.v[k & 1]
+    h.b.store(h.b.fadd(h.b.load(p), _dot4(h, vals, xv)), p)
+
+
+def _f_f16(h, pr, px, ps, acc, b, k):
+    _f_half(h, pr, px, ps, acc, b, k, False)
+
+
+def _f_bf16(h, pr, px, ps, acc, b, k):
+    _f_half(h, pr, px, ps, acc, b, k, True)
+
+
+_fdot_f16 = _row_intrinsic_f(_f_f16)
+_fdot_bf16 = _row_intrinsic_f(_f_bf16)
 _fdot_q4_0 = _row_intrinsic_f(_f_q4_0)
 _fdot_q4_1 = _row_intrinsic_f(_f_q4_1)
 _fdot_q8_0 = _row_intrinsic_f(_f_q8_0)
@@ -614,6 +641,23 @@ def _d_q6_k(h, pr, py, b):
                     _store(h, py, h.b.add(y0, i64(128 * hh + 32 * k2 + 8 * k)), v)
 
 
+def _d_half(h, pr, py, b, bf16):
+    y0 = h.b.mul(b, i64(32))
+    for j in range(4):
+        i = h.b.add(y0, i64(8 * j))
+        _store(h, py, i, _float8(h, pr, i, bf16))
+
+
+def _d_f16(h, pr, py, b):
+    _d_half(h, pr, py, b, False)
+
+
+def _d_bf16(h, pr, py, b):
+    _d_half(h, pr, py, b, True)
+
+
+_deq_f16 = _deq_intrinsic(_d_f16)
+_deq_bf16 = _deq_intrinsic(_d_bf16)
 _deq_q4_0 = _deq_intrinsic(_d_q4_0)
 _deq_q4_1 = _deq_intrinsic(_d_q4_1)
 _deq_q8_0 = _deq_intrinsic(_d_q8_0)
@@ -1030,3 +1074,73 @@ def fv1_q6_k(w1, w2, w3, x, out):
             out[r] = _fdot_q6_k(w2, r - n1, x, xs, nb)
         else:
             out[r] = _fdot_q6_k(w3, r - n2, x, xs, nb)
+
+
+@njit(**_OPTS)
+def fv_f16(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = x[:0]
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_f16(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_f16(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_f16(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_f16(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = x[:0]
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_f16(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_f16(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_f16(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def dq_f16(w, r0, out):
+    nb = out.shape[1] // 32
+    for i in range(out.shape[0]):
+        _deq_f16(w, r0 + i, out, i, nb)
+
+
+@njit(**_OPTS)
+def fv_bf16(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = x[:0]
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in prange(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_bf16(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_bf16(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_bf16(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def fv1_bf16(w1, w2, w3, x, out):
+    nb = x.shape[0] // 32
+    xs = x[:0]
+    n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+    for r in range(n2 + w3.shape[0]):
+        if r < n1:
+            out[r] = _fdot_bf16(w1, r, x, xs, nb)
+        elif r < n2:
+            out[r] = _fdot_bf16(w2, r - n1, x, xs, nb)
+        else:
+            out[r] = _fdot_bf16(w3, r - n2, x, xs, nb)
+
+
+@njit(**_SER)
+def dq_bf16(w, r0, out):
+    nb = out.shape[1] // 32
+    for i in range(out.shape[0]):
+        _deq_bf16(w, r0 + i, out, i, nb)

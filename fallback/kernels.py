@@ -3,16 +3,17 @@
 `QuantMatrix` is a weight matrix ``W`` (rows = out_features, cols = in_features) that is never
 decoded whole:
 
-- ``matvec`` (decode) reads the blocks in place.  On AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K
-  and Q6_K run row loops written as LLVM IR (`_simd`): float activations by default (exact to
-  float32 rounding), or, opt-in (``int8_activations`` / ``PHIMLX_INT8_ACTIVATIONS=1``), ``x``
-  quantized to int8 per 32 values and integer dot products (vpmaddubsw), as llama.cpp does.
-  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type dequantizes in float registers
-  (`_matvec_nb`); Q2_K, Q3_K, F16 and BF16 decode one row at a time into a small buffer
+- ``matvec`` (decode) reads the blocks in place.  On AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+  Q6_K, F16 and BF16 run row loops written as LLVM IR (`_simd`): float activations by default
+  (exact to float32 rounding), or, opt-in (``int8_activations`` / ``PHIMLX_INT8_ACTIVATIONS=1``;
+  not F16/BF16), ``x`` quantized to int8 per 32 values and integer dot products (vpmaddubsw),
+  as llama.cpp does.  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type dequantizes in
+  float registers (`_matvec_nb`); Q2_K and Q3_K decode one row at a time into a small buffer
   (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.  ``matvec_many`` runs matrices that
   share ``x`` (q|k|v, gate|up) as one parallel call; every matvec can write into ``out``.
-- ``matmul`` (prefill) decodes a tile of rows at a time (numba, on the calling thread) and
-  hands it to BLAS sgemm (multi-threaded), so memory stays bounded by one tile.
+- ``matmul`` (prefill) decodes a tile of rows at a time (`_simd` IR decoders, else numba; on
+  the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded
+  by one tile.
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are
   decoded by `phimlx.quants.dequantize_rows`: correct and memory-bounded, not fast.
 """
@@ -173,6 +174,8 @@ _SIMD_MATVEC = {
     GGMLType.Q5_K: "q5_k",
     GGMLType.Q6_K: "q6_k",
 }
+# ... and with float activations only (columns a multiple of 32).
+_SIMD_FLOAT = {**_SIMD_MATVEC, GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
 
 # The types with an in-register float matvec kernel in `_matvec_nb` (no AVX2, Q5_0, Q5_1);
 # the rest decode per row (`mv_deq`).
@@ -258,7 +261,7 @@ def _simd_call(qtype, ws, x: np.ndarray, out, int8: bool, weights: int) -> None:
     """out = [ws0; ws1; ws2] @ x through `_simd` (one thread below `SERIAL_WEIGHTS`)."""
     kind = "mv" if int8 else "fv"
     serial = "1_" if weights < SERIAL_WEIGHTS else "_"
-    getattr(_simd, f"{kind}{serial}{_SIMD_MATVEC[qtype]}")(ws[0], ws[1], ws[2], x, out)
+    getattr(_simd, f"{kind}{serial}{_SIMD_FLOAT[qtype]}")(ws[0], ws[1], ws[2], x, out)
 
 
 class QuantMatrix:
@@ -323,10 +326,16 @@ class QuantMatrix:
             raise ValueError(f"numba kernels were requested but are unavailable ({_nb_error})")
         self.use_numba = bool(use_numba) and self.raw.flags.c_contiguous
         self._tile_rows = max(1, min(self.rows, TILE_BYTES // (4 * self.cols)))
-        self._simd = self.use_numba and self.qtype in _SIMD_MATVEC and _simd_kernels() is not None
+        self._simd = (
+            self.use_numba
+            and self.qtype in _SIMD_FLOAT
+            and self.cols % 32 == 0
+            and _simd_kernels() is not None
+        )
+        int8_ok = self._simd and self.qtype in _SIMD_MATVEC
         if int8_activations is None:
-            int8_activations = self._simd and int8_activations_default()
-        elif int8_activations and not self._simd:
+            int8_activations = int8_ok and int8_activations_default()
+        elif int8_activations and not int8_ok:
             raise ValueError(
                 f"no int8-activation kernel for this {self.qtype.name} matrix "
                 "(needs numba, an AVX2 CPU and Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K)"
@@ -402,7 +411,7 @@ class QuantMatrix:
         calling thread (the tile goes on to a multi-threaded sgemm)."""
         n = out.shape[0]
         if self._simd:
-            getattr(_simd, "dq_" + _SIMD_MATVEC[self.qtype])(self.raw, r0, out)
+            getattr(_simd, "dq_" + _SIMD_FLOAT[self.qtype])(self.raw, r0, out)
             return out
         if self.use_numba:
             dq = _kernels()[1]
