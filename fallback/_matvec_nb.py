@@ -1,4 +1,5 @@
-"""numba matrix-vector kernels that read GGUF blocks in place (the decode hot path).
+"""numba matrix-vector kernels that read GGUF blocks in place: the portable decode path (CPUs
+without AVX2, and Q5_0/Q5_1 everywhere); AVX2 CPUs run `_simd`'s LLVM IR kernels instead.
 
 One kernel per type: ``out[r] = W[r] . x`` with the weights decoded in registers.  Layouts are
 in `phimlx.quants`.  What makes them fast (measured on AVX2; see bench/kernels.py):

@@ -1,22 +1,24 @@
-"""AVX2 integer matvec kernels: int8 activations x GGUF blocks, written as LLVM IR.
+"""AVX2 matrix kernels over GGUF blocks, written as LLVM IR (numba ``@intrinsic``).
 
-The float kernels in `_matvec_nb` leave LLVM to vectorize Python loops; with blocks of 32
+The numba loops in `_matvec_nb` leave LLVM to vectorize Python loops; with blocks of 32
 weights the loops are too short and the per-block scale decoding is scalar, so they reach
-~1 weight per instruction.  Here each row's dot product is one LLVM IR loop (a numba
-``@intrinsic``) that does what llama.cpp's AVX2 kernels do:
+~1 weight per instruction.  Here each row's dot product is one IR loop over the blocks, with
+explicit 8-wide vectors, two alternating accumulators and the block scales decoded with
+vector shuffles.  Three families share the unpacking code:
 
-- ``x`` is quantized once per matvec to int8 with one float scale per 32 values
-  (``quantize_x``: ``xq``, ``dx``, and ``xs`` = the sums of each 32 values of ``x_hat``);
-- weights are unpacked to bytes in registers (nibble masks, bit planes) and multiplied with
-  ``xq`` by ``vpmaddubsw`` (u8 x i8 -> pairs summed in i16) then ``vpmaddwd`` (-> i32, with 1
-  or with the K-quants' integer sub-block scales);
-- per 32 weights the i32 vector is converted to float and accumulated with one ``fma`` by
-  ``d * dx`` into a float vector; zero points / mins are applied against ``xs``; one
-  horizontal sum per row.
+- float activations (``fv_*``, the default: exact to float32 rounding): weights widened to
+  8 x i32 (vpmovzxbd), masked, converted and fma'd with ``x``; each 32-group's partial vector
+  is scaled once; zero points / mins are applied against float sums of ``x`` (``xsums``);
+- int8 activations (``mv_*``, opt-in): ``x`` quantized to int8 with one scale per 32 values
+  (``quantize_x``, what llama.cpp does), weights unpacked to bytes and multiplied by
+  ``vpmaddubsw`` (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32, with 1 or the K-quants'
+  integer sub-block scales), converted and fma'd by ``d * dx`` per 32 values.  The result is
+  ``W @ x_hat``, ``x_hat`` = ``x`` rounded to 8 bits per 32 values;
+- row decoders (``dq_*``) writing float32 rows, for prefill tiles handed to BLAS sgemm.
 
-The result is ``W @ x_hat`` where ``x_hat`` is ``x`` rounded to 8 bits per 32-group (what
-llama.cpp computes); its error bound is in `tests/test_kernels.py`.  Used only when the CPU
-has AVX2, FMA and F16C (`AVAILABLE`); otherwise `_matvec_nb`'s float kernels run.
+Drivers take up to three matrices (``w1, w2, w3``, rows concatenated) so that q|k|v or
+gate|up run as one parallel call; the ``*1_`` variants run on the calling thread.  Used only
+when the CPU has AVX2, FMA and F16C (`AVAILABLE`).
 """
 
 from __future__ import annotations
