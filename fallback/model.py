@@ -21,7 +21,7 @@ from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
 from . import ops
-from .kernels import QuantMatrix, set_threads
+from .kernels import QuantMatrix, matvec_many, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ class _Layer:
 
 
 def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
-    """x (T, in) or (in,) through the matrices, outputs concatenated on the last axis."""
-    outs = [m.matvec(x) for m in mats] if x.ndim == 1 else [m.matmul(x) for m in mats]
+    """x (T, in) or (in,) through matrices that share it (q|k|v, gate|up), outputs
+    concatenated on the last axis; one kernel launch for a single token."""
+    if x.ndim == 1:
+        return matvec_many(mats, x)
+    outs = [m.matmul(x) for m in mats]
     return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
 
 
