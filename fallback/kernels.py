@@ -93,8 +93,16 @@ _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float
 _F16_TABLE = _F16_TABLE.astype(np.float32)
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
     """Physical cores (hyperthreads share a core's vector units: more threads do not help)."""
+    try:  # optional; knows macOS and Windows too
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
     pairs: set[tuple[str, str]] = set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -153,7 +161,7 @@ def set_threads(n: int | None = None) -> int:
     Returns:
         The count in effect (capped by numba's maximum, ``NUMBA_NUM_THREADS``).
     """
-    want = _physical_cores() if n is None else int(n)
+    want = physical_cores() if n is None else int(n)
     want = max(1, want)
     if numba_available():
         import numba

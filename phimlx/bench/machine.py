@@ -48,28 +48,10 @@ def cpu_model() -> str:
 
 
 def physical_cores() -> int | None:
-    """Physical cores (None where unknown)."""
-    try:
-        import psutil
+    """Physical cores: the NumPy backend's default thread count (hyperthreads not counted)."""
+    from fallback.kernels import physical_cores as cores
 
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    pairs: set[tuple[str, str]] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            phys = "0"
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "physical id":
-                    phys = value.strip()
-                elif key.strip() == "core id":
-                    pairs.add((phys, value.strip()))
-    except OSError:
-        pass
-    return len(pairs) or None
+    return cores()
 
 
 def total_ram() -> int | None:
