@@ -137,9 +137,11 @@ class NumpySession:
         return logits
 
     def step(self, token_id: int) -> np.ndarray:
-        return self._forward(
-            checked_tokens([token_id], self._pos, self.max_context, self.model.config)
-        )
+        ids = checked_tokens([token_id], self._pos, self.max_context, self.model.config)
+        c = self.model.config
+        if ops.FUSED_DECODE and (self._pos + 1) * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX:
+            return self._forward_token(ids)
+        return self._forward(ids)
 
     def _ensure_capacity(self, n: int) -> None:
         if n <= self._cap:
@@ -156,6 +158,31 @@ class NumpySession:
         ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]
         f = self.model.config.rope_attn_factor
         return (np.cos(ang) * f).astype(np.float32), (np.sin(ang) * f).astype(np.float32)
+
+    def _forward_token(self, ids: np.ndarray) -> np.ndarray:
+        """`_forward` for one token over a short cache, as four compiled calls per layer
+        around the matrices (a small model's step is otherwise dominated by glue)."""
+        m, c = self.model, self.model.config
+        p0 = self._pos
+        self._ensure_capacity(p0 + 1)
+        cos, sin = self._rope_tables(np.arange(p0, p0 + 1))
+        neox, window, scale = (
+            c.rope_style == "neox",
+            c.sliding_window or 0,
+            1.0 / np.sqrt(c.head_dim),
+        )
+        x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
+        h = ops.rms_norm(x[None], m.layers[0].attn_norm, c.norm_eps)[0]
+        for li, layer in enumerate(m.layers):
+            qkv = matvec_many(layer.qkv, h)  # ((H + 2 KV) * D,)
+            att = ops.attend_token(qkv, cos, sin, neox, self._k[li], self._v[li], p0, window,
+                                   np.float32(scale), c.n_heads)  # fmt: skip
+            h = ops.add_rms_norm(x, layer.out.matvec(att), layer.ffn_norm, c.norm_eps)
+            act = ops.silu_mul(matvec_many(layer.gate_up, h)[None], c.ffn_size)[0]
+            nxt = m.layers[li + 1].attn_norm if li + 1 < len(m.layers) else m.output_norm
+            h = ops.add_rms_norm(x, layer.down.matvec(act), nxt, c.norm_eps)
+        self._pos = p0 + 1
+        return m.output.matvec(h).astype(np.float32, copy=False)
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         m, c = self.model, self.model.config

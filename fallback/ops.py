@@ -141,8 +141,68 @@ def _silu_mul_loop(gu, ffn):  # noqa: ANN001, ANN202
     return out
 
 
+def _add_rms_norm_loop(x, y, w, eps):  # noqa: ANN001, ANN202
+    """x (n,) += y (the residual add), then return rms_norm(x) * w: one call per junction."""
+    n = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(n):
+        x[i] += y[i]
+        ss += x[i] * x[i]
+    r = np.float32(1.0 / np.sqrt(ss / n + eps))
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = x[i] * r * w[i]
+    return out
+
+
+def _attend_token_loop(qkv, cos, sin, neox, kc, vc, p0, window, scale, n_heads):  # noqa: ANN001, ANN202
+    """One token at position p0: rope the q and k parts of qkv [(H + 2 KV) * D] in place,
+    store k and v in the caches kc/vc (KV, cap, D), attend; returns (H * D,).  The same
+    arithmetic as `rope` + the cache write + `attention` for T = 1, in one call."""
+    KV, _, D = kc.shape
+    G = n_heads // KV
+    half = cos.shape[1]
+    for h in range(n_heads + KV):  # q heads, then k heads
+        base = h * D
+        for i in range(half):
+            if neox:
+                ia, ib = base + i, base + i + half
+            else:
+                ia, ib = base + 2 * i, base + 2 * i + 1
+            a, b = qkv[ia], qkv[ib]
+            qkv[ia] = a * cos[0, i] - b * sin[0, i]
+            qkv[ib] = b * cos[0, i] + a * sin[0, i]
+    koff, voff = n_heads * D, (n_heads + KV) * D
+    for kv in range(KV):
+        for d in range(D):
+            kc[kv, p0, d] = qkv[koff + kv * D + d]
+            vc[kv, p0, d] = qkv[voff + kv * D + d]
+    start = max(0, p0 - window + 1) if window > 0 else 0
+    n = p0 + 1 - start
+    s = np.empty(n, dtype=np.float32)
+    out = np.zeros(n_heads * D, dtype=np.float32)
+    for h in range(n_heads):
+        kv = h // G
+        m = np.float32(-np.inf)
+        for j in range(n):
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += qkv[h * D + d] * kc[kv, start + j, d]
+            s[j] = acc * scale
+            m = max(m, s[j])
+        total = np.float32(0.0)
+        for j in range(n):
+            s[j] = np.exp(s[j] - m)
+            total += s[j]
+        for j in range(n):
+            p = s[j] / total
+            for d in range(D):
+                out[h * D + d] += p * vc[kv, start + j, d]
+    return out
+
+
 # Above this many multiply-adds per decode step, BLAS's threads beat one compiled loop.
-_LOOP_ATTENTION_MAX = 1 << 20
+LOOP_ATTENTION_MAX = 1 << 20
 
 if numba_available():
     import numba
@@ -153,14 +213,19 @@ if numba_available():
     rope = _jit(_rope_loop)
     silu_mul = _jit(_silu_mul_loop)
     _attention_decode = _jit(_attention_loop)
+    add_rms_norm = _jit(_add_rms_norm_loop)
+    attend_token = _jit(_attend_token_loop)
+    FUSED_DECODE = True  # the forward pass may use add_rms_norm / attend_token
 
     def attention(
         q: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int, window: int, scale: float
     ) -> np.ndarray:
         """`attention_np`, compiled for decoding over short caches; prefill and long caches
         keep NumPy's batched BLAS matmuls (multi-threaded)."""
-        if q.shape[0] == 1 and (p0 + 1) * q.shape[1] * q.shape[2] <= _LOOP_ATTENTION_MAX:
+        if q.shape[0] == 1 and (p0 + 1) * q.shape[1] * q.shape[2] <= LOOP_ATTENTION_MAX:
             return _attention_decode(q, kc, vc, p0, window, np.float32(scale))
         return attention_np(q, kc, vc, p0, window, scale)
 else:  # pragma: no cover - exercised where numba is missing
     rms_norm, rope, silu_mul, attention = rms_norm_np, rope_np, silu_mul_np, attention_np
+    add_rms_norm = attend_token = None
+    FUSED_DECODE = False

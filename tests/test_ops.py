@@ -68,3 +68,38 @@ def test_silu_mul():
     ref = gu[:, :5] / (1 + np.exp(-gu[:, :5].astype(np.float64))) * gu[:, 5:]
     np.testing.assert_allclose(ops.silu_mul(gu, 5), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ops.silu_mul_np(gu, 5), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_adds_in_place_and_normalizes():
+    x = rng.standard_normal(40).astype(np.float32)
+    y = rng.standard_normal(40).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    expected_x = x + y
+    out = ops.add_rms_norm(x, y, w, 1e-5)
+    np.testing.assert_allclose(x, expected_x, rtol=1e-6)  # the residual stream is updated
+    np.testing.assert_allclose(
+        out, ops.rms_norm_np(expected_x[None], w, 1e-5)[0], rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("neox, window", [(True, 0), (False, 0), (True, 3)])
+def test_attend_token_equals_rope_cache_write_and_attention(neox, window):
+    """The fused single-token call = rope (NumPy) + cache write + reference attention."""
+    H, KV, D, cap, p0 = 6, 2, 8, 16, 9
+    qkv = rng.standard_normal((H + 2 * KV) * D).astype(np.float32)
+    kc = rng.standard_normal((KV, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((KV, cap, D)).astype(np.float32)
+    ang = rng.uniform(0, 6, (1, 3))  # rope over the first 6 of 8 dims
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    q = qkv[: H * D].reshape(1, H, D).copy()
+    k = qkv[H * D : (H + KV) * D].reshape(1, KV, D).copy()
+    v = qkv[(H + KV) * D :].reshape(KV, D)
+    ops.rope_np(q, cos, sin, neox)
+    ops.rope_np(k, cos, sin, neox)
+    kc2, vc2 = kc.copy(), vc.copy()
+    kc2[:, p0], vc2[:, p0] = k[0], v
+    ref = reference_attention(q, kc2, vc2, p0, window, 0.35)[0]
+    out = ops.attend_token(qkv, cos, sin, neox, kc, vc, p0, window, np.float32(0.35), H)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(kc[:, p0], k[0], atol=1e-6)  # the caches now hold this token
+    np.testing.assert_array_equal(vc[:, p0], v)

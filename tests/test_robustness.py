@@ -162,16 +162,21 @@ def test_interrupt_inside_a_forward_pass(
     """Ctrl-C while the backend computes: the lock is released, the next call is clean."""
     expected = fresh(model_path, backend, "ab", **GREEDY)
     session_type = type(model._backend_model.new_session(4))
-    real_forward = session_type._forward
     calls = {"n": 0}
 
-    def forward(self: object, ids: np.ndarray) -> object:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_forward(self, ids)
+    def interrupting(real: object) -> object:
+        def forward(self: object, ids: np.ndarray) -> object:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return real(self, ids)  # type: ignore[operator]
 
-    monkeypatch.setattr(session_type, "_forward", forward)
+        return forward
+
+    # every forward entry point (the NumPy backend has a fused one for single tokens)
+    for name in ("_forward", "_forward_token"):
+        if hasattr(session_type, name):
+            monkeypatch.setattr(session_type, name, interrupting(getattr(session_type, name)))
     with pytest.raises(KeyboardInterrupt):
         model.generate("ab", **GREEDY)
     monkeypatch.undo()
