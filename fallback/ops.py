@@ -101,6 +101,28 @@ def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
                 x[t, h, ib] = b * c + a * s
 
 
+def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0):  # noqa: ANN001, ANN202
+    """out[o0:o0+D] += softmax(scale * K @ q[q0:q0+D]) @ V over cache rows start..start+n-1
+    of kv head ``kv``: one query head's attention, shared by both loop versions."""
+    D = kc.shape[2]
+    s = np.empty(n, dtype=np.float32)
+    m = np.float32(-np.inf)
+    for j in range(n):
+        acc = np.float32(0.0)
+        for d in range(D):
+            acc += q[q0 + d] * kc[kv, start + j, d]
+        s[j] = acc * scale
+        m = max(m, s[j])
+    total = np.float32(0.0)
+    for j in range(n):
+        s[j] = np.exp(s[j] - m)
+        total += s[j]
+    for j in range(n):
+        p = s[j] / total
+        for d in range(D):
+            out[o0 + d] += p * vc[kv, start + j, d]
+
+
 def _attention_loop(q, kc, vc, p0, window, scale):  # noqa: ANN001, ANN202
     T, H, D = q.shape
     G = H // kc.shape[0]
@@ -110,24 +132,7 @@ def _attention_loop(q, kc, vc, p0, window, scale):  # noqa: ANN001, ANN202
         for t in range(T):
             pos = p0 + t
             start = max(0, pos - window + 1) if window > 0 else 0
-            n = pos + 1 - start
-            s = np.empty(n, dtype=np.float32)
-            m = np.float32(-np.inf)
-            for j in range(n):
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += q[t, h, d] * kc[kv, start + j, d]
-                s[j] = acc * scale
-                m = max(m, s[j])
-            total = np.float32(0.0)
-            for j in range(n):
-                s[j] = np.exp(s[j] - m)
-                total += s[j]
-            o = out[t, h * D : (h + 1) * D]
-            for j in range(n):
-                p = s[j] / total
-                for d in range(D):
-                    o[d] += p * vc[kv, start + j, d]
+            _attend_row(q[t, h], 0, kc, vc, kv, start, pos + 1 - start, scale, out[t], h * D)
     return out
 
 
@@ -179,25 +184,9 @@ def _attend_token_loop(qkv, cos, sin, neox, kc, vc, p0, window, scale, n_heads):
             vc[kv, p0, d] = qkv[voff + kv * D + d]
     start = max(0, p0 - window + 1) if window > 0 else 0
     n = p0 + 1 - start
-    s = np.empty(n, dtype=np.float32)
     out = np.zeros(n_heads * D, dtype=np.float32)
     for h in range(n_heads):
-        kv = h // G
-        m = np.float32(-np.inf)
-        for j in range(n):
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += qkv[h * D + d] * kc[kv, start + j, d]
-            s[j] = acc * scale
-            m = max(m, s[j])
-        total = np.float32(0.0)
-        for j in range(n):
-            s[j] = np.exp(s[j] - m)
-            total += s[j]
-        for j in range(n):
-            p = s[j] / total
-            for d in range(D):
-                out[h * D + d] += p * vc[kv, start + j, d]
+        _attend_row(qkv, h * D, kc, vc, h // G, start, n, scale, out, h * D)
     return out
 
 
@@ -209,6 +198,8 @@ if numba_available():
 
     # error_model="numpy": a zero norm gives inf/nan like NumPy, never ZeroDivisionError.
     _jit = numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+    # inlined into the two attention loops that call it (a real call per head costs 3x)
+    _attend_row = numba.njit(inline="always", fastmath=True, error_model="numpy")(_attend_row)
     rms_norm = _jit(_rms_norm_loop)
     rope = _jit(_rope_loop)
     silu_mul = _jit(_silu_mul_loop)
