@@ -13,6 +13,19 @@ pytestmark = pytest.mark.skipif(not numba_available(), reason="numba not install
 rng = np.random.default_rng(0)
 
 
+def test_compiled_exp_matches_float64_exp():
+    """The vectorizable exp of the compiled softmax and SiLU: relative error < 3e-7 over
+    float32's range, 0 below -86.5, inf past the overflow bound."""
+    x = np.concatenate([np.linspace(-86.5, 88.72, 100_001), rng.uniform(-20, 20, 1000)])
+    x = x.astype(np.float32)
+    got = np.array([ops._exp(v) for v in x[::7]] + [ops._exp(v) for v in x[-1000:]])
+    ref = np.exp(np.concatenate([x[::7], x[-1000:]]).astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 3e-7
+    assert ops._exp(np.float32(-86.6)) == 0.0 and ops._exp(np.float32(-1e30)) == 0.0
+    assert ops._exp(np.float32(88.8)) == np.inf and ops._exp(np.float32(np.inf)) == np.inf
+    assert ops._exp(np.float32(0.0)) == 1.0
+
+
 def test_rms_norm():
     x = rng.standard_normal((3, 40)).astype(np.float32)
     w = rng.standard_normal(40).astype(np.float32)
