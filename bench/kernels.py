@@ -15,8 +15,8 @@ With one thread the time is the thread's CPU time (less noisy on a shared machin
 
 ``--e2e`` alternates phimlx (NumPy backend) and llama-cpp-python on the same file in one
 process, repetition by repetition, and prints medians and ratios (prompt = one prefill of
-``--pp`` tokens, decode = ``--tg`` single-token steps; set PHIMLX_INT8_ACTIVATIONS=1 for the
-int8 kernels).
+``--pp`` tokens, decode = ``--tg`` single-token steps; the backend's default int8
+activations, or float ones with PHIMLX_INT8_ACTIVATIONS=0).
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ def end_to_end(path: str, threads: int, pp: int, tg: int, reps: int) -> None:
             runs[name].append(fn())
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    int8 = os.environ.get("PHIMLX_INT8_ACTIVATIONS", "0")
+    int8 = "on" if kernels.int8_activations_default() else "off"
     print(f"{os.path.basename(path)}: threads {threads}, pp {pp}, tg {tg}, {reps} reps, "
-          f"load {load}, PHIMLX_INT8_ACTIVATIONS={int8}")  # fmt: skip
+          f"load {load}, int8 activations {int8}")  # fmt: skip
     med = {}
     for name, rs in runs.items():
         med[name] = [statistics.median(r[i] for r in rs) for i in (0, 1)]

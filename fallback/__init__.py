@@ -15,8 +15,18 @@ def probe() -> str | None:
     return None
 
 
-def load(mf: ModelFile, config: ModelConfig, *, threads: int | None = None):  # noqa: ANN201
-    """Load ``mf`` for CPU inference (see `phimlx.backends`); weights stay memory-mapped."""
+def load(  # noqa: ANN201
+    mf: ModelFile,
+    config: ModelConfig,
+    *,
+    threads: int | None = None,
+    int8_activations: bool | None = None,
+):
+    """Load ``mf`` for CPU inference (see `phimlx.backends`); weights stay memory-mapped.
+
+    ``int8_activations``: None (default) decodes with int8 activations where a kernel
+    exists, as llama.cpp does, unless ``PHIMLX_INT8_ACTIVATIONS=0``; False keeps float32
+    activations (exact to float32 rounding, slower); True forces int8 where available."""
     from .model import NumpyModel
 
-    return NumpyModel(mf, config, threads=threads)
+    return NumpyModel(mf, config, threads=threads, int8_activations=int8_activations)

@@ -4,10 +4,11 @@
 decoded whole:
 
 - ``matvec`` (decode) reads the blocks in place.  On AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
-  Q6_K, F16 and BF16 run row loops written as LLVM IR (`_simd`): float activations by default
-  (exact to float32 rounding), or, opt-in (``int8_activations`` / ``PHIMLX_INT8_ACTIVATIONS=1``;
-  not F16/BF16), ``x`` quantized to int8 per 32 values and integer dot products (vpmaddubsw),
-  as llama.cpp does.  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type dequantizes in
+  Q6_K, F16 and BF16 run row loops written as LLVM IR (`_simd`).  By default the quantized
+  types there take ``x`` quantized to int8 per 32 values and integer dot products
+  (vpmaddubsw), as llama.cpp does (1.2-1.6x faster decoding); ``int8_activations=False`` or
+  ``PHIMLX_INT8_ACTIVATIONS=0`` selects float activations, exact to float32 rounding (F16 and
+  BF16 are always float).  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type dequantizes in
   float registers (`_matvec_nb`); Q2_K and Q3_K decode one row at a time into a small buffer
   (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.  ``matvec_many`` runs matrices that
   share ``x`` (q|k|v, gate|up) as one parallel call; every matvec can write into ``out``.
@@ -63,9 +64,21 @@ def _kernels() -> Any:
 
 
 def int8_activations_default() -> bool:
-    """``PHIMLX_INT8_ACTIVATIONS`` is set: matrices use the int8 kernels unless told not to."""
+    """Whether matrices use the int8-activation kernels where they exist, unless told: yes,
+    unless ``PHIMLX_INT8_ACTIVATIONS`` is ``0`` / ``false`` / ``no`` / ``off``."""
     v = os.environ.get("PHIMLX_INT8_ACTIVATIONS", "").strip().lower()
-    return v not in ("", "0", "false", "no")
+    return v not in ("0", "false", "no", "off")
+
+
+def int8_kernel_available(qtype: GGMLType, cols: int) -> bool:
+    """True if a ``qtype`` matrix of ``cols`` columns has an int8-activation matvec kernel
+    here (numba, an AVX2 CPU, Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, whole groups of 32)."""
+    return (
+        qtype in _SIMD_MATVEC
+        and cols % 32 == 0
+        and numba_available()
+        and _simd_kernels() is not None
+    )
 
 
 def _simd_kernels() -> Any:
@@ -284,10 +297,11 @@ class QuantMatrix:
         use_numba: force the numba kernels (True), the NumPy path (False), or pick (None:
             numba when available and ``PHIMLX_NO_NUMBA`` is unset).
         int8_activations: use the int8-activation matvec kernels (AVX2; Q4_0, Q4_1, Q8_0,
-            Q4_K, Q5_K, Q6_K): True, False, or None for "where available if
-            ``PHIMLX_INT8_ACTIVATIONS`` is set".  They compute ``W @ x_hat`` with ``x``
-            rounded to 8 bits per 32 values, like llama.cpp (logits move by ~1e-2 relative);
-            the float kernels compute ``W @ x`` to float32 rounding.
+            Q4_K, Q5_K, Q6_K): True, False, or None for "where available, unless
+            ``PHIMLX_INT8_ACTIVATIONS=0``".  They compute ``W @ x_hat`` with ``x`` rounded
+            to 8 bits per 32 values, like llama.cpp (logits move by ~1e-2 relative); the
+            float kernels compute ``W @ x`` to float32 rounding.  Prefill (`matmul`) is
+            always float.
 
     Raises:
         UnsupportedModelError: ``qtype`` has no kernel (the message names the type).
@@ -340,7 +354,7 @@ class QuantMatrix:
             and self.cols % 32 == 0
             and _simd_kernels() is not None
         )
-        int8_ok = self._simd and self.qtype in _SIMD_MATVEC
+        int8_ok = self._simd and int8_kernel_available(self.qtype, self.cols)
         if int8_activations is None:
             int8_activations = int8_ok and int8_activations_default()
         elif int8_activations and not int8_ok:

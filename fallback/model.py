@@ -21,7 +21,7 @@ from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
 from . import ops
-from .kernels import QuantMatrix, matvec_many, set_threads
+from .kernels import QuantMatrix, int8_kernel_available, matvec_many, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,12 @@ PREFILL_CHUNK = 256  # tokens per prefill chunk: bounds the (H, T, P) score matr
 _CACHE_GROW = 256  # KV cache capacity grows in steps of this many positions
 
 
-def _matrix(mf: ModelFile, name: str) -> QuantMatrix:
+def _matrix(mf: ModelFile, name: str, int8: bool | None) -> QuantMatrix:
     t = mf.info(name)
-    return QuantMatrix(mf.raw(name), t.type, (t.shape[0], t.shape[1]))
+    rows, cols = t.shape[0], t.shape[1]
+    if int8:  # where this type has an int8 kernel; float elsewhere
+        int8 = int8_kernel_available(t.type, cols)
+    return QuantMatrix(mf.raw(name), t.type, (rows, cols), int8_activations=int8)
 
 
 @dataclass
@@ -54,15 +57,27 @@ def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
 
 
 class NumpyModel:
-    """A model loaded for the NumPy backend (implements `phimlx.backends.LoadedModel`)."""
+    """A model loaded for the NumPy backend (implements `phimlx.backends.LoadedModel`).
 
-    def __init__(self, mf: ModelFile, config: ModelConfig, *, threads: int | None = None):
+    ``int8_activations``: decode with llama.cpp-style int8 activations where a kernel exists
+    (True), exact float32 activations (False), or the default (None: int8 unless
+    ``PHIMLX_INT8_ACTIVATIONS=0``); see `fallback.kernels`."""
+
+    def __init__(
+        self,
+        mf: ModelFile,
+        config: ModelConfig,
+        *,
+        threads: int | None = None,
+        int8_activations: bool | None = None,
+    ):
         self.config = config
         self.file = mf
         self.threads = set_threads(threads)
         c = config
-        self.embed = _matrix(mf, "token_embd.weight")
-        self.output = self.embed if c.tied_embeddings else _matrix(mf, "output.weight")
+        i8 = int8_activations
+        self.embed = _matrix(mf, "token_embd.weight", i8)
+        self.output = self.embed if c.tied_embeddings else _matrix(mf, "output.weight", i8)
         self.output_norm = mf.dequantize("output_norm.weight")
         self.layers: list[_Layer] = []
         for i in range(c.n_layers):
@@ -73,10 +88,10 @@ class NumpyModel:
                 _Layer(
                     attn_norm=mf.dequantize(b + "attn_norm.weight"),
                     ffn_norm=mf.dequantize(b + "ffn_norm.weight"),
-                    qkv=[_matrix(mf, f"{b}{n}.weight") for n in qkv],
-                    out=_matrix(mf, b + "attn_output.weight"),
-                    gate_up=[_matrix(mf, f"{b}{n}.weight") for n in gu],
-                    down=_matrix(mf, b + "ffn_down.weight"),
+                    qkv=[_matrix(mf, f"{b}{n}.weight", i8) for n in qkv],
+                    out=_matrix(mf, b + "attn_output.weight", i8),
+                    gate_up=[_matrix(mf, f"{b}{n}.weight", i8) for n in gu],
+                    down=_matrix(mf, b + "ffn_down.weight", i8),
                 )
             )
         for i, layer in enumerate(self.layers):

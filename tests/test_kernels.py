@@ -29,7 +29,7 @@ NEEDS_INT8 = pytest.mark.skipif(not HAVE_INT8, reason="no int8 kernels (numba, A
 INT8_TYPES = [t.name for t in kernels._SIMD_MATVEC]
 # QuantMatrix keyword arguments of each path.
 PATHS = [
-    pytest.param({"use_numba": True}, id="numba", marks=NEEDS_NUMBA),
+    pytest.param({"use_numba": True, "int8_activations": False}, id="numba", marks=NEEDS_NUMBA),
     pytest.param({"use_numba": True, "int8_activations": True}, id="int8", marks=NEEDS_INT8),
     # numba's float kernels (`_matvec_nb`), what runs without AVX2
     pytest.param({"use_numba": True, "portable": True}, id="portable", marks=NEEDS_NUMBA),
@@ -267,8 +267,12 @@ def test_int8_path_is_selectable(monkeypatch: pytest.MonkeyPatch) -> None:
         QuantMatrix(np.zeros((2, 22), np.uint8), GGMLType.Q5_0, (2, 32), int8_activations=True)
     with pytest.raises(ValueError, match="no int8-activation kernel"):
         QuantMatrix(raw, GGMLType.Q4_1, (2, 32), use_numba=False, int8_activations=True)
-    assert not QuantMatrix(raw, GGMLType.Q4_1, (2, 32)).int8_activations  # opt-in
-    monkeypatch.setenv("PHIMLX_INT8_ACTIVATIONS", "1")
-    assert QuantMatrix(raw, GGMLType.Q4_1, (2, 32)).int8_activations
+    monkeypatch.delenv("PHIMLX_INT8_ACTIVATIONS", raising=False)
+    assert QuantMatrix(raw, GGMLType.Q4_1, (2, 32)).int8_activations  # the default
     assert not QuantMatrix(raw, GGMLType.Q4_1, (2, 32), int8_activations=False).int8_activations
     assert not QuantMatrix(np.zeros((2, 22), np.uint8), GGMLType.Q5_0, (2, 32)).int8_activations
+    assert not QuantMatrix(raw, GGMLType.Q4_1, (2, 32), use_numba=False).int8_activations
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("PHIMLX_INT8_ACTIVATIONS", off)
+        assert not QuantMatrix(raw, GGMLType.Q4_1, (2, 32)).int8_activations
+    assert QuantMatrix(raw, GGMLType.Q4_1, (2, 32), int8_activations=True).int8_activations

@@ -13,10 +13,11 @@ from phimlx.config import ModelConfig
 from phimlx.gguf import open_gguf
 
 
-def our_logits(path, ids, n_prefill, max_context=256):
-    """Logits after each of ids[n_prefill-1:], via one batched prefill and then steps."""
+def our_logits(path, ids, n_prefill, max_context=256, int8_activations=False):
+    """Logits after each of ids[n_prefill-1:], via one batched prefill and then steps;
+    float activations unless asked (the int8 default rounds x, as llama.cpp does)."""
     mf = open_gguf(path)
-    model = fallback.load(mf, ModelConfig.from_gguf(mf))
+    model = fallback.load(mf, ModelConfig.from_gguf(mf), int8_activations=int8_activations)
     s = model.new_session(max_context)
     out = [s.prefill(ids[:n_prefill])]
     out += [s.step(t) for t in ids[n_prefill:]]
@@ -146,9 +147,11 @@ def test_prefill_in_chunks_equals_steps(tiny_phi3, monkeypatch):
     np.testing.assert_allclose(chunked, one_by_one, rtol=1e-4, atol=1e-4)
 
 
-def test_smollm2_teacher_forced_argmax_agrees_with_llama_cpp(smollm2_path):
+@pytest.mark.parametrize("int8", [None, False], ids=["default", "float"])
+def test_smollm2_teacher_forced_argmax_agrees_with_llama_cpp(smollm2_path, int8):
     """llama.cpp quantizes activations to 8 bits inside its matmuls, so logits differ a
-    little; the argmax must agree wherever llama.cpp's top-2 margin exceeds 0.5."""
+    little; the argmax must agree wherever llama.cpp's top-2 margin exceeds 0.5, with our
+    default (int8 activations where the kernels exist) and with float activations."""
     try:
         import llama_cpp
     except ImportError:
@@ -167,7 +170,7 @@ def test_smollm2_teacher_forced_argmax_agrees_with_llama_cpp(smollm2_path):
             cont.append(nxt)
             llm.eval([nxt])
         ref = np.array(llm.scores[: len(cont)])
-        ours = our_logits(smollm2_path, cont, len(ids))
+        ours = our_logits(smollm2_path, cont, len(ids), int8_activations=int8)
         ref = ref[len(ids) - 1 :]
         top2 = np.sort(ref, axis=-1)[:, -2:]
         confident = (top2[:, 1] - top2[:, 0]) > 0.5
@@ -203,3 +206,33 @@ def test_pure_numpy_path_matches_numba_path(tiny_phi3, tmp_path):
     np.testing.assert_allclose(
         np.load(tmp_path / "np.npy"), our_logits(tiny_phi3, ids, 8), rtol=1e-4, atol=1e-4
     )
+
+
+def test_int8_activations_are_the_default_and_stay_close_to_float(smollm2_path, monkeypatch):
+    """Decoding defaults to int8 activations where kernels exist (as llama.cpp computes);
+    SmolLM2's logits then stay within 5e-2 of the float path's largest logit (our float path
+    and llama.cpp differ by about as much) and every argmax with a top-2 margin above 0.5
+    is kept.  ``PHIMLX_INT8_ACTIVATIONS=0`` restores float activations."""
+    from fallback.kernels import int8_kernel_available
+    from phimlx.gguf import GGMLType
+
+    if not int8_kernel_available(GGMLType.Q4_1, 576):
+        pytest.skip("no int8-activation kernels on this CPU (they need numba and AVX2)")
+    mf = open_gguf(smollm2_path)
+    default = fallback.load(mf, ModelConfig.from_gguf(mf))
+    mats = default._matrices()
+    assert mats and all(m.int8_activations for m in mats)  # Q4_1 blocks, Q8_0 head
+    monkeypatch.setenv("PHIMLX_INT8_ACTIVATIONS", "0")
+    mf = open_gguf(smollm2_path)
+    assert not any(
+        m.int8_activations for m in fallback.load(mf, ModelConfig.from_gguf(mf))._matrices()
+    )
+    ids = [1, 504, 3458, 5135, 282, 260, 1789, 30, 378, 1122, 314, 28, 1340, 17, 2]
+    ids += np.random.default_rng(7).integers(100, 40000, size=40).tolist()
+    exact = our_logits(smollm2_path, ids, 1, int8_activations=False)
+    fast = our_logits(smollm2_path, ids, 1, int8_activations=True)
+    assert 1e-4 < rel_err(fast, exact) < 5e-2  # rounded (not the float path), but close
+    top2 = np.sort(exact, axis=-1)[:, -2:]
+    confident = (top2[:, 1] - top2[:, 0]) > 0.5
+    assert confident.sum() >= 20
+    assert (fast.argmax(-1)[confident] == exact.argmax(-1)[confident]).all()

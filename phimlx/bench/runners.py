@@ -141,6 +141,8 @@ def _load_phimlx(engine: str, path: str, threads: int, max_context: int) -> tupl
         except ImportError:
             info["numba_kernels"] = False
         info["threads_in_effect"] = getattr(loaded, "threads", None)
+        mats = loaded._matrices() if hasattr(loaded, "_matrices") else []
+        info["int8_activations"] = any(m.int8_activations for m in mats)
     return PhimlxAdapter(loaded, max_context), info
 
 
