@@ -22,8 +22,10 @@ decoded whole:
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -255,21 +257,12 @@ def matvec_many(
     if not mats:
         return out
     x = np.ascontiguousarray(x, dtype=np.float32)
-    m0 = mats[0]
-    fused = (
-        1 < len(mats) <= 3
-        and m0._simd
-        and all(
-            m._simd and m.qtype == m0.qtype and m.cols == m0.cols and m._int8 == m0._int8
-            for m in mats
-        )
-        and len({m.raw.flags.writeable for m in mats}) == 1
-    )
-    if fused:
-        if x.shape != (m0.cols,):
-            raise ValueError(f"x has shape {x.shape}, the matrices {m0.cols} columns")
-        ws = [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
-        _simd_call(m0.qtype, ws, x, out, m0._int8, n * m0.cols)
+    fused = _fused_kernel(mats) if len(mats) > 1 else None
+    if fused is not None:
+        if x.shape != (mats[0].cols,):
+            raise ValueError(f"x has shape {x.shape}, the matrices {mats[0].cols} columns")
+        kernel, (w1, w2, w3) = fused
+        kernel(w1, w2, w3, x, out)
         return out
     r0 = 0
     for m in mats:
@@ -278,11 +271,46 @@ def matvec_many(
     return out
 
 
-def _simd_call(qtype, ws, x: np.ndarray, out, int8: bool, weights: int) -> None:
-    """out = [ws0; ws1; ws2] @ x through `_simd` (one thread below `SERIAL_WEIGHTS`)."""
-    kind = "mv" if int8 else "fv"
-    serial = "1_" if weights < SERIAL_WEIGHTS else "_"
-    getattr(_simd, f"{kind}{serial}{_SIMD_FLOAT[qtype]}")(ws[0], ws[1], ws[2], x, out)
+def _fused_kernel(mats: list[QuantMatrix]) -> tuple[Any, list[np.ndarray]] | None:
+    """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one `_simd` call
+    as ``kernel(w1, w2, w3, x, out)`` (unused slots are empty), for 1-3 matrices of one type
+    with AVX2 kernels, the same columns and activation kind; else None.  One thread below
+    `SERIAL_WEIGHTS` weights."""
+    m0 = mats[0]
+    if not (
+        1 <= len(mats) <= 3
+        and m0._simd
+        and all(
+            m._simd and m.qtype == m0.qtype and m.cols == m0.cols and m._int8 == m0._int8
+            for m in mats
+        )
+        and len({m.raw.flags.writeable for m in mats}) == 1
+    ):
+        return None
+    kind = "mv" if m0._int8 else "fv"
+    serial = "1_" if sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS else "_"
+    kernel = getattr(_simd, f"{kind}{serial}{_SIMD_FLOAT[m0.qtype]}")
+    return kernel, [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
+
+
+def matvec_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> [W1; W2; ...] @ x`` (a new float32 array) for matrices sharing ``x``, with the
+    checks and the kernel choice of `matvec_many` made once, here: the decode step calls
+    one per projection per layer, and at ~130 such calls per token on a small model their
+    Python overhead counts.  ``x`` must be C-contiguous float32 ``(cols,)``; the plan does
+    not check it again."""
+    fused = _fused_kernel(mats)
+    if fused is None:
+        return functools.partial(matvec_many, mats)
+    kernel, (w1, w2, w3) = fused
+    n = sum(m.rows for m in mats)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = np.empty(n, np.float32)
+        kernel(w1, w2, w3, x, out)
+        return out
+
+    return run
 
 
 class QuantMatrix:
@@ -395,8 +423,8 @@ class QuantMatrix:
             x = np.ascontiguousarray(x, dtype=np.float32)
             if x.shape != (self.cols,):
                 raise ValueError(f"x has shape {x.shape}, the matrix {self.cols} columns")
-            e = self._empty
-            _simd_call(self.qtype, [self.raw, e, e], x, out, self._int8, self.rows * self.cols)
+            kernel, (w1, w2, w3) = _fused_kernel([self])
+            kernel(w1, w2, w3, x, out)
             return out
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols)
         if self.qtype == GGMLType.F32:

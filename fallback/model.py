@@ -21,7 +21,13 @@ from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
 from . import ops
-from .kernels import QuantMatrix, int8_kernel_available, matvec_many, set_threads
+from .kernels import (
+    QuantMatrix,
+    int8_kernel_available,
+    matvec_many,
+    matvec_plan,
+    set_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,13 @@ class _Layer:
     out: QuantMatrix
     gate_up: list[QuantMatrix]  # one fused matrix (gate rows first), or gate, up
     down: QuantMatrix
+
+    def __post_init__(self) -> None:
+        # the decode step's matvecs, kernels chosen once (`matvec_plan`)
+        self.qkv_mv = matvec_plan(self.qkv)
+        self.out_mv = matvec_plan([self.out])
+        self.gate_up_mv = matvec_plan(self.gate_up)
+        self.down_mv = matvec_plan([self.down])
 
 
 def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
@@ -79,6 +92,7 @@ class NumpyModel:
         self.embed = _matrix(mf, "token_embd.weight", i8)
         self.output = self.embed if c.tied_embeddings else _matrix(mf, "output.weight", i8)
         self.output_norm = mf.dequantize("output_norm.weight")
+        self.output_mv = matvec_plan([self.output])
         self.layers: list[_Layer] = []
         for i in range(c.n_layers):
             b = f"blk.{i}."
@@ -104,6 +118,9 @@ class NumpyModel:
                         "or Inf; the file is corrupt"
                     )
         self.weight_bytes = sum(m.nbytes for m in self._matrices())
+        self.attn_scale = np.float32(1.0 / np.sqrt(c.head_dim))
+        # the norm after each layer's residual add: the next layer's, then the output's
+        self.next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
 
     def _matrices(self) -> list[QuantMatrix]:
         mats = [self.embed] if self.output is self.embed else [self.embed, self.output]
@@ -181,23 +198,19 @@ class NumpySession:
         p0 = self._pos
         self._ensure_capacity(p0 + 1)
         cos, sin = self._rope_tables(np.arange(p0, p0 + 1))
-        neox, window, scale = (
-            c.rope_style == "neox",
-            c.sliding_window or 0,
-            1.0 / np.sqrt(c.head_dim),
-        )
+        neox, window, scale = c.rope_style == "neox", c.sliding_window or 0, m.attn_scale
+        heads, eps, ffn = c.n_heads, c.norm_eps, c.ffn_size
+        attend, add_norm, silu_mul = ops.attend_token, ops.add_rms_norm, ops.silu_mul
         x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
-        h = ops.rms_norm(x[None], m.layers[0].attn_norm, c.norm_eps)[0]
-        for li, layer in enumerate(m.layers):
-            qkv = matvec_many(layer.qkv, h)  # ((H + 2 KV) * D,)
-            att = ops.attend_token(qkv, cos, sin, neox, self._k[li], self._v[li], p0, window,
-                                   np.float32(scale), c.n_heads)  # fmt: skip
-            h = ops.add_rms_norm(x, layer.out.matvec(att), layer.ffn_norm, c.norm_eps)
-            act = ops.silu_mul(matvec_many(layer.gate_up, h)[None], c.ffn_size)[0]
-            nxt = m.layers[li + 1].attn_norm if li + 1 < len(m.layers) else m.output_norm
-            h = ops.add_rms_norm(x, layer.down.matvec(act), nxt, c.norm_eps)
+        h = ops.rms_norm(x[None], m.layers[0].attn_norm, eps)[0]
+        for layer, kc, vc, nxt in zip(m.layers, self._k, self._v, m.next_norms, strict=True):
+            qkv = layer.qkv_mv(h)  # ((H + 2 KV) * D,)
+            att = attend(qkv, cos, sin, neox, kc, vc, p0, window, scale, heads)
+            h = add_norm(x, layer.out_mv(att), layer.ffn_norm, eps)
+            act = silu_mul(layer.gate_up_mv(h)[None], ffn)[0]
+            h = add_norm(x, layer.down_mv(act), nxt, eps)  # nxt: next layer's attn_norm
         self._pos = p0 + 1
-        return m.output.matvec(h).astype(np.float32, copy=False)
+        return m.output_mv(h)
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         m, c = self.model, self.model.config

@@ -124,11 +124,11 @@ def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
                 x[t, h, ib] = b * c + a * s
 
 
-def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0):  # noqa: ANN001, ANN202
+def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0, s):  # noqa: ANN001, ANN202
     """out[o0:o0+D] += softmax(scale * K @ q[q0:q0+D]) @ V over cache rows start..start+n-1
-    of kv head ``kv``: one query head's attention, shared by both loop versions."""
+    of kv head ``kv``: one query head's attention, shared by both loop versions; ``s`` is
+    scratch space for >= n scores."""
     D = kc.shape[2]
-    s = np.empty(n, dtype=np.float32)
     m = np.float32(-np.inf)
     for j in range(n):
         acc = np.float32(0.0)
@@ -151,12 +151,13 @@ def _attention_loop(q, kc, vc, p0, window, scale):  # noqa: ANN001, ANN202
     T, H, D = q.shape
     G = H // kc.shape[0]
     out = np.zeros((T, H * D), dtype=np.float32)
+    s = np.empty(p0 + T, dtype=np.float32)
     for h in range(H):
         kv = h // G
         for t in range(T):
             pos = p0 + t
             start = max(0, pos - window + 1) if window > 0 else 0
-            _attend_row(q[t, h], 0, kc, vc, kv, start, pos + 1 - start, scale, out[t], h * D)
+            _attend_row(q[t, h], 0, kc, vc, kv, start, pos + 1 - start, scale, out[t], h * D, s)
     return out
 
 
@@ -209,8 +210,9 @@ def _attend_token_loop(qkv, cos, sin, neox, kc, vc, p0, window, scale, n_heads):
     start = max(0, p0 - window + 1) if window > 0 else 0
     n = p0 + 1 - start
     out = np.zeros(n_heads * D, dtype=np.float32)
+    s = np.empty(n, dtype=np.float32)
     for h in range(n_heads):
-        _attend_row(qkv, h * D, kc, vc, h // G, start, n, scale, out, h * D)
+        _attend_row(qkv, h * D, kc, vc, h // G, start, n, scale, out, h * D, s)
     return out
 
 

@@ -15,6 +15,7 @@ import fallback.kernels as kernels
 from fallback.kernels import (
     QuantMatrix,
     matvec_many,
+    matvec_plan,
     numba_available,
     quantize_activations,
     set_threads,
@@ -238,6 +239,9 @@ def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> No
     assert np.all(np.abs(y - w @ xe) <= dot_tolerance(w, xe))
     one_by_one = np.concatenate([m.matvec(x) for m in mats])
     np.testing.assert_allclose(y, one_by_one, rtol=1e-6, atol=1e-6 * np.abs(y).max())
+    plan = matvec_plan(mats)  # the decode step's form: the same product, checks done once
+    np.testing.assert_array_equal(plan(x), y)
+    assert plan(x) is not plan(x)  # a fresh array per call: callers keep their results
     out = np.empty(sum(parts), np.float32)
     assert matvec_many(mats, x, out=out) is out
     np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6 * np.abs(y).max())
