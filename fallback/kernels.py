@@ -505,8 +505,11 @@ class QuantMatrix:
         out = np.empty((ids.size, self.cols), dtype=np.float32)  # (n, cols)
         if self.use_numba:
             dq = _kernels()[1]
-            w = self.raw
-            dq.deq_rows(w, w.view(np.int8), ids, int(self.qtype), self.block_bytes, _F16_TABLE, out)
+            w, t, bs = self.raw, int(self.qtype), self.block_bytes
+            if ids.size == 1:  # a decode step: one row, no thread launch
+                dq.deq_range_serial(w, w.view(np.int8), int(ids[0]), t, bs, _F16_TABLE, out)
+            else:
+                dq.deq_rows(w, w.view(np.int8), ids, t, bs, _F16_TABLE, out)
             return out
         for i0 in range(0, ids.size, self._tile_rows):
             part = ids[i0 : i0 + self._tile_rows]

@@ -184,12 +184,12 @@ class NumpySession:
         k[:, :, : self._pos] = self._k[:, :, : self._pos]
         v[:, :, : self._pos] = self._v[:, :, : self._pos]
         self._k, self._v, self._cap = k, v, cap
-
-    def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos/sin (T, rope_dim/2) for these positions, LongRoPE attention factor applied."""
-        ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]
+        # cos/sin (cap, rope_dim/2) of every position the cache can hold, LongRoPE's
+        # attention factor applied; angles in float64 so far positions stay exact
+        ang = np.arange(cap, dtype=np.float64)[:, None] * self._inv_freq[None, :]
         f = self.model.config.rope_attn_factor
-        return (np.cos(ang) * f).astype(np.float32), (np.sin(ang) * f).astype(np.float32)
+        self._cos = (np.cos(ang) * f).astype(np.float32)
+        self._sin = (np.sin(ang) * f).astype(np.float32)
 
     def _forward_token(self, ids: np.ndarray) -> np.ndarray:
         """`_forward` for one token over a short cache, as four compiled calls per layer
@@ -197,7 +197,7 @@ class NumpySession:
         m, c = self.model, self.model.config
         p0 = self._pos
         self._ensure_capacity(p0 + 1)
-        cos, sin = self._rope_tables(np.arange(p0, p0 + 1))
+        cos, sin = self._cos[p0 : p0 + 1], self._sin[p0 : p0 + 1]
         neox, window, scale = c.rope_style == "neox", c.sliding_window or 0, m.attn_scale
         heads, eps, ffn = c.n_heads, c.norm_eps, c.ffn_size
         attend, add_norm, silu_mul = ops.attend_token, ops.add_rms_norm, ops.silu_mul
@@ -218,7 +218,7 @@ class NumpySession:
         P = p0 + T
         H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
         self._ensure_capacity(P)
-        cos, sin = self._rope_tables(np.arange(p0, P))
+        cos, sin = self._cos[p0:P], self._sin[p0:P]
         neox = c.rope_style == "neox"
         window = c.sliding_window or 0
         scale = 1.0 / np.sqrt(D)

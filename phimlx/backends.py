@@ -85,7 +85,8 @@ def checked_tokens(
             f"larger max_context (at most the model's context length {config.context_length})"
         )
     vocab = config.vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
+    lo, hi = (int(ids[0]),) * 2 if ids.size == 1 else (ids.min(), ids.max())
+    if lo < 0 or hi >= vocab:
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
     return ids
