@@ -6,10 +6,11 @@ weights the loops are too short and the per-block scale decoding is scalar, so t
 explicit 8-wide vectors, two alternating accumulators and the block scales decoded with
 vector shuffles.  Three families share the unpacking code:
 
-- float activations (``fv_*``, the default: exact to float32 rounding): weights widened to
+- float activations (``fv_*``, exact to float32 rounding; F16, BF16, and the quantized types
+  with ``int8_activations=False``): weights widened to
   8 x i32 (vpmovzxbd), masked, converted and fma'd with ``x``; each 32-group's partial vector
   is scaled once; zero points / mins are applied against float sums of ``x`` (``xsums``);
-- int8 activations (``mv_*``, opt-in): ``x`` quantized to int8 with one scale per 32 values
+- int8 activations (``mv_*``, the quantized types' default): ``x`` quantized to int8 with one scale per 32 values
   (``quantize_x``, what llama.cpp does), weights unpacked to bytes and multiplied by
   ``vpmaddubsw`` (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32, with 1 or the K-quants'
   integer sub-block scales), converted and fma'd by ``d * dx`` per 32 values.  The result is
