@@ -6,15 +6,15 @@ weights the loops are too short and the per-block scale decoding is scalar, so t
 explicit 8-wide vectors, two alternating accumulators and the block scales decoded with
 vector shuffles.  Three families share the unpacking code:
 
-- float activations (``fv_*``, exact to float32 rounding; F16, BF16, and the quantized types
-  with ``int8_activations=False``): weights widened to
-  8 x i32 (vpmovzxbd), masked, converted and fma'd with ``x``; each 32-group's partial vector
-  is scaled once; zero points / mins are applied against float sums of ``x`` (``xsums``);
-- int8 activations (``mv_*``, the quantized types' default): ``x`` quantized to int8 with one scale per 32 values
-  (``quantize_x``, what llama.cpp does), weights unpacked to bytes and multiplied by
-  ``vpmaddubsw`` (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32, with 1 or the K-quants'
-  integer sub-block scales), converted and fma'd by ``d * dx`` per 32 values.  The result is
-  ``W @ x_hat``, ``x_hat`` = ``x`` rounded to 8 bits per 32 values;
+- float activations (``fv_*``, exact to float32 rounding; F16, BF16, and the quantized
+  types with ``int8_activations=False``): weights widened to 8 x i32 (vpmovzxbd), masked,
+  converted and fma'd with ``x``; each 32-group's partial vector is scaled once; zero
+  points / mins are applied against float sums of ``x`` (``xsums``);
+- int8 activations (``mv_*``, the quantized types' default): ``x`` quantized to int8 with
+  one scale per 32 values (``quantize_x``, what llama.cpp does), weights unpacked to bytes
+  and multiplied by ``vpmaddubsw`` (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32, with 1
+  or the K-quants' integer sub-block scales), converted and fma'd by ``d * dx`` per 32
+  values.  The result is ``W @ x_hat``, ``x_hat`` = ``x`` rounded to 8 bits per 32 values;
 - row decoders (``dq_*``) writing float32 rows, for prefill tiles handed to BLAS sgemm.
 
 Drivers take up to three matrices (``w1, w2, w3``, rows concatenated) so that q|k|v or
