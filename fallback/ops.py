@@ -127,24 +127,47 @@ def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
 def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0, s):  # noqa: ANN001, ANN202
     """out[o0:o0+D] += softmax(scale * K @ q[q0:q0+D]) @ V over cache rows start..start+n-1
     of kv head ``kv``: one query head's attention, shared by both loop versions; ``s`` is
-    scratch space for >= n scores."""
+    scratch space for >= n scores.  Four cache rows per iteration (four dot products share
+    the loads of q, four V rows one load/store of ``out``): ~20% faster than one."""
     D = kc.shape[2]
-    m = np.float32(-np.inf)
-    for j in range(n):
+    j = 0
+    while j + 4 <= n:
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        r = start + j
+        for d in range(D):
+            qd = q[q0 + d]
+            a0 += qd * kc[kv, r, d]
+            a1 += qd * kc[kv, r + 1, d]
+            a2 += qd * kc[kv, r + 2, d]
+            a3 += qd * kc[kv, r + 3, d]
+        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        j += 4
+    for i in range(j, n):  # the rest, one row at a time
         acc = np.float32(0.0)
         for d in range(D):
-            acc += q[q0 + d] * kc[kv, start + j, d]
-        s[j] = acc * scale
+            acc += q[q0 + d] * kc[kv, start + i, d]
+        s[i] = acc * scale
+    m = np.float32(-np.inf)
+    for j in range(n):
         m = max(m, s[j])
     total = np.float32(0.0)
     for j in range(n):
         s[j] = _exp(s[j] - m)
         total += s[j]
     inv = np.float32(1.0) / total
-    for j in range(n):
-        p = s[j] * inv
+    j = 0
+    while j + 4 <= n:
+        p0, p1, p2, p3 = s[j] * inv, s[j + 1] * inv, s[j + 2] * inv, s[j + 3] * inv
+        r = start + j
         for d in range(D):
-            out[o0 + d] += p * vc[kv, start + j, d]
+            out[o0 + d] += (p0 * vc[kv, r, d] + p1 * vc[kv, r + 1, d]) + (
+                p2 * vc[kv, r + 2, d] + p3 * vc[kv, r + 3, d]
+            )
+        j += 4
+    for i in range(j, n):
+        p = s[i] * inv
+        for d in range(D):
+            out[o0 + d] += p * vc[kv, start + i, d]
 
 
 def _attention_loop(q, kc, vc, p0, window, scale):  # noqa: ANN001, ANN202
