@@ -218,6 +218,7 @@ def test_int8_activations_are_the_default_and_stay_close_to_float(smollm2_path, 
 
     if not int8_kernel_available(GGMLType.Q4_1, 576):
         pytest.skip("no int8-activation kernels on this CPU (they need numba and AVX2)")
+    monkeypatch.delenv("PHIMLX_INT8_ACTIVATIONS", raising=False)
     mf = open_gguf(smollm2_path)
     default = fallback.load(mf, ModelConfig.from_gguf(mf))
     mats = default._matrices()
