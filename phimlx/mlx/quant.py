@@ -310,7 +310,8 @@ def convert_rows(raw: np.ndarray, qtype: GGMLType, scale_dtype: type = np.float1
         weight[r : r + step] = pack(_flat(codes), bits)
         scales[r : r + step] = s
         biases[r : r + step] = bias
-    out_s, out_b = scales.astype(scale_dtype), biases.astype(scale_dtype)
+    with np.errstate(over="ignore"):  # checked just below
+        out_s, out_b = scales.astype(scale_dtype), biases.astype(scale_dtype)
     if scale_dtype is not np.float32 and not (
         np.isfinite(out_s).all() and np.isfinite(out_b).all()
     ):
