@@ -221,7 +221,7 @@ class NumpySession:
         cos, sin = self._cos[p0:P], self._sin[p0:P]
         neox = c.rope_style == "neox"
         window = c.sliding_window or 0
-        scale = 1.0 / np.sqrt(D)
+        scale = m.attn_scale
         single = T == 1
         x = m.embed.take_rows(ids)  # (T, hidden)
         for li, layer in enumerate(m.layers):
