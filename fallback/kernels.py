@@ -327,7 +327,7 @@ class QuantMatrix:
         int8_activations: use the int8-activation matvec kernels (AVX2; Q4_0, Q4_1, Q8_0,
             Q4_K, Q5_K, Q6_K): True, False, or None for "where available, unless
             ``PHIMLX_INT8_ACTIVATIONS=0``".  They compute ``W @ x_hat`` with ``x`` rounded
-            to 8 bits per 32 values, like llama.cpp (logits move by ~1e-2 relative); the
+            to 8 bits per 32 values, like llama.cpp (logits move by a few percent); the
             float kernels compute ``W @ x`` to float32 rounding.  Prefill (`matmul`) is
             always float.
 
@@ -392,6 +392,7 @@ class QuantMatrix:
             )
         self._int8 = bool(int8_activations)
         self._empty = _empty_like_rows(self.raw) if self._simd else None
+        self._own_kernel = _fused_kernel([self]) if self._simd else None  # for `matvec`
 
     def __repr__(self) -> str:
         path = "numba" if self.use_numba else "numpy"
@@ -423,7 +424,7 @@ class QuantMatrix:
             x = np.ascontiguousarray(x, dtype=np.float32)
             if x.shape != (self.cols,):
                 raise ValueError(f"x has shape {x.shape}, the matrix {self.cols} columns")
-            kernel, (w1, w2, w3) = _fused_kernel([self])
+            kernel, (w1, w2, w3) = self._own_kernel
             kernel(w1, w2, w3, x, out)
             return out
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols)
