@@ -29,7 +29,9 @@ import time
 import numpy as np
 
 from fallback import kernels
-from fallback.kernels import QuantMatrix, numba_available, set_threads
+from fallback.kernels import numba_available
+from fallback.matrix import QuantMatrix
+from fallback.threads import set_threads
 from phimlx.gguf import TYPE_SIZES, GGMLType
 
 # (name, rows, cols): the Phi-3-mini matrices of one layer, plus the output head.
@@ -182,7 +184,7 @@ def main() -> None:
             copies = max(1, (args.working_set << 20) // raw.nbytes)
             sets.append([raw] + [np.roll(raw, i, axis=0) for i in range(1, copies)])
         kinds = [False]
-        if use_numba and kernels._simd_kernels() is not None and qtype in kernels._SIMD_MATVEC:
+        if use_numba and kernels.avx2_kernels() is not None and qtype in kernels.AVX2_INT8:
             kinds.append(True)
         for int8 in kinds:
             mats = [

@@ -21,13 +21,9 @@ from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
 from . import ops
-from .kernels import (
-    QuantMatrix,
-    int8_kernel_available,
-    matvec_many,
-    matvec_plan,
-    set_threads,
-)
+from .kernels import int8_kernel_available
+from .matrix import QuantMatrix, matvec_many, matvec_plan
+from .threads import set_threads
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,33 @@ from .errors import BackendUnavailableError, ContextLengthError
 from .gguf import ModelFile
 
 
+class PendingLogits(Protocol):
+    """Logits of a step that may still be computing; `result` waits for them."""
+
+    def result(self) -> np.ndarray:
+        """float32 logits [vocab] (a NumPy array, whatever the backend computes with)."""
+        ...
+
+
+class Finished:
+    """A `PendingLogits` whose logits are already computed (backends that compute eagerly)."""
+
+    __slots__ = ("_logits",)
+
+    def __init__(self, logits: np.ndarray) -> None:
+        self._logits = logits
+
+    def result(self) -> np.ndarray:
+        return self._logits
+
+
 @runtime_checkable
 class Session(Protocol):
-    """One conversation's state: a KV cache of at most ``max_context`` positions."""
+    """One conversation's state: a KV cache of at most ``max_context`` positions.
+
+    Every method that appends tokens validates them first (`checked_tokens`), so a bad id
+    or a full context is an error before anything is computed or cached.
+    """
 
     max_context: int
 
@@ -44,6 +68,12 @@ class Session(Protocol):
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token; float32 logits [vocab] for the next position."""
+        ...
+
+    def step_async(self, token_id: int) -> PendingLogits:
+        """`step`, returning before the logits are needed: a backend that computes lazily
+        (MLX) overlaps the next step with the caller's work (sampling, detokenizing);
+        an eager one returns a `Finished` handle."""
         ...
 
     def reset(self) -> None:

@@ -109,7 +109,7 @@ def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
 def render_chat(
     messages: Sequence[Mapping[str, str]],
     *,
-    template: str | None,
+    template: str,
     bos_token: str | None,
     eos_token: str | None,
     add_generation_prompt: bool = True,
@@ -118,8 +118,8 @@ def render_chat(
 
     Args:
         messages: ``[{"role": "system" | "user" | "assistant", "content": "..."}, ...]``.
-        template: the jinja template (a GGUF's ``tokenizer.chat_template``); None uses
-            `PHI3_CHAT_TEMPLATE`.
+        template: the jinja template (a GGUF's ``tokenizer.chat_template``, or the
+            architecture's default, `Architecture.chat_template`).
         bos_token: the text of the BOS token (``"<s>"``); None renders as "".
         eos_token: the text of the EOS token; None renders as "".
         add_generation_prompt: end with the assistant's turn header so the model answers.
@@ -131,10 +131,16 @@ def render_chat(
     Raises:
         ChatTemplateError: the template does not compile, fails while rendering (including a
             ``raise_exception`` call of the template's own), or renders nothing.
-        TypeError, ValueError: ``messages`` is not a sequence of mappings with a ``role``.
+        TypeError, ValueError: ``template`` is not a string, or ``messages`` is not a
+            sequence of mappings with a ``role``.
     """
+    if not isinstance(template, str):
+        raise TypeError(
+            f"template must be the chat template's text, got {type(template).__name__}; "
+            "use the model's (Model.chat_template) or its architecture's default"
+        )
     plain = _plain_messages(messages)
-    compiled = _compile(PHI3_CHAT_TEMPLATE if template is None else template)
+    compiled = _compile(template)
     try:
         text = compiled.render(
             messages=plain,

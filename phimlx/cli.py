@@ -37,7 +37,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float)
     p.add_argument("--repeat-penalty", type=float, default=1.1)
     p.add_argument("--repeat-last-n", type=int, default=64)
-    p.add_argument("--seed", type=int, default=299792458, help="random seed (the seed app's)")
+    # Candle's Phi-3 example seeds with the speed of light (m/s): the same default lets a
+    # run of that example be repeated here.
+    p.add_argument("--seed", type=int, default=299792458, help="random seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", help="system message")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .chat import PHI3_CHAT_TEMPLATE
 from .errors import GGUFError, UnsupportedModelError
 from .gguf import GGMLType, ModelFile, check_supported
 
@@ -27,8 +28,13 @@ class Architecture:
     rope_style: str
     # Tokens after which llama.cpp's tokenizer strips whitespace (Phi-3's rstrip rule).
     strip_space_after_special: bool = False
+    # llama.cpp also applies that rule to a file of another architecture whose general.name
+    # contains one of these (lower case): Phi-3 converted as "llama" keeps its tokenizer.
+    name_markers: tuple[str, ...] = ()
     # Extra end-of-generation tokens by text, beyond the file's eos id.
     stop_tokens: tuple[str, ...] = ()
+    # The chat template used when the file has none (None: the prompt is sent raw).
+    chat_template: str | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -36,10 +42,23 @@ ARCHITECTURES: dict[str, Architecture] = {
         "phi3",
         rope_style="neox",
         strip_space_after_special=True,
+        name_markers=("phi3", "phi-3"),
         stop_tokens=("<|end|>", "<|endoftext|>"),
+        chat_template=PHI3_CHAT_TEMPLATE,
     ),
     "llama": Architecture("llama", rope_style="normal"),
 }
+
+
+def strips_space_after_special(architecture: str | None, model_name: str) -> bool:
+    """Whether the tokenizer strips whitespace after special tokens (Phi-3's rule), by the
+    file's architecture or, as llama.cpp decides it, by markers in its ``general.name``."""
+    arch = ARCHITECTURES.get(architecture or "")
+    if arch is not None and arch.strip_space_after_special:
+        return True
+    name = model_name.lower()
+    return any(m in name for a in ARCHITECTURES.values() for m in a.name_markers)
+
 
 # Bounds that no real model of these families comes near; they stop a crafted file from
 # making us allocate absurd caches before any other check fails.
@@ -89,7 +108,8 @@ class ModelConfig:
     name: str = ""
 
     @property
-    def spec(self) -> Architecture:
+    def arch(self) -> Architecture:
+        """This model's entry in `ARCHITECTURES` (its quirks)."""
         return ARCHITECTURES[self.architecture]
 
     def rope_factors(self, context: int) -> np.ndarray | None:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .backends import Session
-from .detokenize import StreamingDetokenizer
 from .errors import ContextLengthError
 from .sampling import Sampler
+from .tokenizer import StreamingDetokenizer
 
 
 @dataclass
@@ -116,7 +116,6 @@ def generate_tokens(
     t1 = time.perf_counter()
     stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), t1 - t0
     generated: list[int] = []
-    step_async = getattr(session, "step_async", None)
     while True:
         token = sampler(logits, generated)
         if not generated:
@@ -134,13 +133,9 @@ def generate_tokens(
         if session.position >= session.max_context:
             yield token, "context"
             break
-        if step_async is not None:  # the next step computes while the caller streams text
-            handle = step_async(token)
-            yield token, None
-            logits = handle.result()
-        else:
-            yield token, None
-            logits = session.step(token)
+        handle = session.step_async(token)  # MLX computes it while the caller streams text
+        yield token, None
+        logits = handle.result()
     stats.generation_seconds = time.perf_counter() - t_first
 
 

@@ -26,9 +26,11 @@ Prompt = str | Messages
 
 
 class Session:
-    """The public incremental-decode interface: one KV cache, NumPy logits on every backend.
+    """The incremental-decode interface: one KV cache, NumPy logits on every backend.
 
-    Obtain one with `Model.new_session`.  Not shared between threads.
+    Obtain one with `Model.new_session`.  A session is used by one thread at a time; the
+    model's lock serializes forward passes, so several sessions of one `Model` may run in
+    different threads.  The generation loop drives the same class.
     """
 
     def __init__(self, inner: backends.Session, lock: threading.Lock) -> None:
@@ -56,41 +58,23 @@ class Session:
             return np.asarray(self._inner.prefill(list(token_ids)), dtype=np.float32)
 
     def step(self, token_id: int) -> np.ndarray:
-        """Append ``token_id``; float32 logits [vocab] for the next position."""
+        """Append ``token_id``; float32 logits [vocab] for the next position.
+
+        Raises:
+            ContextLengthError: the session is full.
+            ValueError: an id outside the vocabulary.
+        """
         with self._lock:
             return np.asarray(self._inner.step(int(token_id)), dtype=np.float32)
 
+    def step_async(self, token_id: int) -> backends.PendingLogits:
+        """`step` that returns a handle at once; ``handle.result()`` gives the logits.  On
+        MLX the step computes while the caller works (samples, streams text)."""
+        with self._lock:  # the graph is built (rope, cache slots) under the lock
+            return self._inner.step_async(int(token_id))
+
     def reset(self) -> None:
         """Forget everything (position 0)."""
-        self._inner.reset()
-
-
-class _LockedSession:
-    """The backend session behind the model lock, for the generation loop."""
-
-    def __init__(self, inner: backends.Session, lock: threading.Lock) -> None:
-        self._inner, self._lock = inner, lock
-        self.max_context = inner.max_context
-        if hasattr(inner, "step_async"):  # MLX: the next step computes while text streams
-            self.step_async = self._step_async
-
-    def _step_async(self, token_id: int):  # noqa: ANN202 - the backend's pending handle
-        with self._lock:  # the graph is built (rope, cache slots) under the lock
-            return self._inner.step_async(token_id)
-
-    @property
-    def position(self) -> int:
-        return self._inner.position
-
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        with self._lock:
-            return self._inner.prefill(ids)
-
-    def step(self, token_id: int) -> np.ndarray:
-        with self._lock:
-            return self._inner.step(token_id)
-
-    def reset(self) -> None:
         self._inner.reset()
 
 
@@ -166,7 +150,9 @@ class Model:
             messages = list(prompt)
         tok = self.tokenizer
         template = self.chat_template
-        if template is None and self.config.architecture != "phi3":
+        if template is None:
+            template = self.config.arch.chat_template
+        if template is None:
             log.warning(
                 "%s has no chat template; using the messages as a raw prompt", self.path.name
             )
@@ -242,7 +228,7 @@ class Model:
                 f"max_context={max_context} must be between 1 and the model's "
                 f"context length {self.config.context_length}"
             )
-        session = _LockedSession(self._backend_model.new_session(max_context), self._lock)
+        session = Session(self._backend_model.new_session(max_context), self._lock)
         tok = self.tokenizer
         return stream(
             session,

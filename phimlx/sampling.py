@@ -1,10 +1,10 @@
 """Sampling as small pure functions over a logits vector, composed by `Sampler`.
 
-Order (as the seed app and transformers do it): repeat penalty -> temperature -> top-k ->
+Order (as Candle's Phi-3 example and transformers do it): repeat penalty -> temperature -> top-k ->
 top-p -> min-p -> draw.  Temperature 0 means argmax (after the repeat penalty).  Filters
 set excluded logits to -inf and never remove the most likely token.
 
-The repeat penalty follows the seed app (Candle): over the last ``repeat_last_n``
+The repeat penalty follows Candle's Phi-3 example: over the last ``repeat_last_n``
 *generated* tokens, each distinct token's positive logit is divided by the penalty and a
 negative one multiplied (llama.cpp's rule too; llama.cpp also counts prompt tokens).
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phimlx.synthetic import SyntheticSpec, ensure_model
+from phimlx.testing.models import SyntheticSpec, ensure_model
 
 # .ci/run sets this so that a missing test model fails the run instead of skipping tests.
 REQUIRE_ALL = os.environ.get("PHIMLX_REQUIRE_ALL") == "1"

@@ -10,7 +10,7 @@ import pytest
 from phimlx.chat import PHI3_CHAT_TEMPLATE, ChatTemplateError, render_chat
 from phimlx.errors import PhimlxError
 from phimlx.gguf import open_gguf
-from phimlx.synthetic_vocab import PHI3_GGUF_CHAT_TEMPLATE, write_vocab_gguf
+from phimlx.testing.vocab import PHI3_GGUF_CHAT_TEMPLATE, write_vocab_gguf
 from phimlx.tokenizer import Tokenizer
 
 HI = [{"role": "user", "content": "hi"}]
@@ -31,14 +31,16 @@ def _hf_render(template: str, messages, **kw) -> str:
 
 
 def test_phi3_default_template() -> None:
-    got = render_chat(HI, template=None, bos_token="<s>", eos_token="<|endoftext|>")
+    got = render_chat(HI, template=PHI3_CHAT_TEMPLATE, bos_token="<s>", eos_token="<|endoftext|>")
     assert got == "<|user|>\nhi<|end|>\n<|assistant|>\n"
-    got = render_chat(CONVERSATION, template=None, bos_token="<s>", eos_token="<|endoftext|>")
+    got = render_chat(
+        CONVERSATION, template=PHI3_CHAT_TEMPLATE, bos_token="<s>", eos_token="<|endoftext|>"
+    )
     assert got == (
         "<|system|>\nYou are terse.<|end|>\n<|user|>\nWrite a haiku<|end|>\n"
         "<|assistant|>\nIce, stick, puck.<|end|>\n<|user|>\nAnother<|end|>\n<|assistant|>\n"
     )
-    done = render_chat(HI, template=None, bos_token="<s>", eos_token="<|endoftext|>",
+    done = render_chat(HI, template=PHI3_CHAT_TEMPLATE, bos_token="<s>", eos_token="<|endoftext|>",
                        add_generation_prompt=False)  # fmt: skip
     assert done == "<|user|>\nhi<|end|>\n<|endoftext|>"
     assert got == _hf_render(PHI3_CHAT_TEMPLATE, CONVERSATION, eos_token="<|endoftext|>")
@@ -98,14 +100,16 @@ def test_template_errors_are_typed(template: str, match: str) -> None:
 
 def test_bad_messages() -> None:
     with pytest.raises(TypeError):
-        render_chat("hi", template=None, bos_token=None, eos_token=None)  # type: ignore[arg-type]
+        render_chat("hi", template=PHI3_CHAT_TEMPLATE, bos_token=None, eos_token=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="role"):
-        render_chat([{"content": "hi"}], template=None, bos_token=None, eos_token=None)
+        render_chat(
+            [{"content": "hi"}], template=PHI3_CHAT_TEMPLATE, bos_token=None, eos_token=None
+        )
 
 
 def test_rendered_prompt_gets_one_bos(tmp_path: Path) -> None:
     tok = Tokenizer.from_gguf(open_gguf(write_vocab_gguf(tmp_path / "v.gguf")))
-    for template in (PHI3_GGUF_CHAT_TEMPLATE, None):
+    for template in (PHI3_GGUF_CHAT_TEMPLATE, PHI3_CHAT_TEMPLATE):
         text = render_chat(HI, template=template, bos_token=tok.bos_token,
                            eos_token=tok.eos_token)  # fmt: skip
         ids = tok.encode_chat(text)

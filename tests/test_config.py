@@ -8,7 +8,7 @@ import pytest
 
 from phimlx.config import ModelConfig
 from phimlx.gguf import open_gguf
-from phimlx.synthetic import PHI3_MINI, mix_types
+from phimlx.testing.models import PHI3_MINI, mix_types
 
 
 def test_smollm2_config(smollm2_path):
@@ -44,7 +44,8 @@ def test_longrope_config_picks_factors_like_llama_cpp(make_model):
 
 
 def test_q4_k_m_mix_matches_microsofts_file():
-    """REFERENCE.md: Phi-3-mini-4k-instruct-q4.gguf has Q4_K x81, Q5_K x32, Q6_K x17."""
+    """Microsoft's Phi-3-mini-4k-instruct-q4.gguf (llama.cpp's Q4_K_M): Q4_K x81, Q5_K x32,
+    Q6_K x17."""
     spec = ModelConfig(
         architecture="phi3",
         n_layers=PHI3_MINI["n_layers"],

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from phimlx.detokenize import StreamingDetokenizer
 from phimlx.gguf import open_gguf
-from phimlx.tokenizer import Tokenizer
+from phimlx.tokenizer import StreamingDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world!",

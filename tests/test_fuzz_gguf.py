@@ -1,4 +1,4 @@
-"""Fuzzing the loader (issue 8): mutated GGUF files give a valid model or a `GGUFError`.
+"""Fuzzing the loader: mutated GGUF files give a valid model or a `GGUFError`.
 
 Never another exception type, a crash, a hang, or an allocation beyond a bound
 proportional to the file size.  Seeds are small valid models (llama and phi3, F32, F16 and
@@ -15,7 +15,7 @@ on each available backend (NumPy; MLX when it runs here).
   faulthandler's traceback and the file that did it), plus a hypothesis test in-process
   (shrinking).  Counts are printed in pytest's terminal summary.
 - Longer: ``PHIMLX_FUZZ_EXAMPLES=100000 pytest tests/test_fuzz_gguf.py`` or
-  ``python bench/fuzz_long.py`` (random campaign, optionally atheris).
+  ``python tests/fuzz_long.py`` (random campaign, optionally atheris).
 - By hand: ``python tests/test_fuzz_gguf.py --examples 2000 --seed 7``.
 """
 
@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # when run as a script
 
-import gguf_craft as gc  # noqa: E402
+import craft  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -59,24 +59,24 @@ TITLE = "GGUF fuzz"
 class Seed:
     name: str
     data: bytes = field(repr=False)
-    fields: tuple[gc.Field, ...] = field(repr=False)
+    fields: tuple[craft.Field, ...] = field(repr=False)
     header_end: int = field(repr=False)
 
 
-def _seed(name: str, g: gc.GGUF) -> Seed:
+def _seed(name: str, g: craft.GGUF) -> Seed:
     data = g.build()
-    fields, end = gc.walk(data)
+    fields, end = craft.walk(data)
     return Seed(name, data, tuple(fields), end)
 
 
 def make_seeds() -> list[Seed]:
     return [
-        _seed("llama-f32", gc.tiny_model("llama")),
-        _seed("phi3-f32-tied", gc.tiny_model("phi3", tied=True, seed=1)),
-        _seed("llama-q8_0-2layers", gc.tiny_model("llama", wtype=gc.Q8_0, n_layers=2)),
-        _seed("phi3-q4_1", gc.tiny_model("phi3", wtype=gc.Q4_1, n_kv_heads=4)),
-        _seed("llama-f16-notok", gc.tiny_model("llama", wtype=gc.F16, tokenizer=False)),
-        _seed("phi3-q4_k", gc.tiny_model("phi3", wtype=gc.Q4_K, hidden=256, ffn=256)),
+        _seed("llama-f32", craft.tiny_model("llama")),
+        _seed("phi3-f32-tied", craft.tiny_model("phi3", tied=True, seed=1)),
+        _seed("llama-q8_0-2layers", craft.tiny_model("llama", wtype=craft.Q8_0, n_layers=2)),
+        _seed("phi3-q4_1", craft.tiny_model("phi3", wtype=craft.Q4_1, n_kv_heads=4)),
+        _seed("llama-f16-notok", craft.tiny_model("llama", wtype=craft.F16, tokenizer=False)),
+        _seed("phi3-q4_k", craft.tiny_model("phi3", wtype=craft.Q4_K, hidden=256, ffn=256)),
     ]
 
 
@@ -155,13 +155,14 @@ def apply_ops(seed: Seed, ops: Sequence[tuple[Any, ...]]) -> bytes:
 
 
 _TYPED_VALUES: list[tuple[int, Any]] = [
-    (gc.UINT32, 0), (gc.UINT32, 0xFFFFFFFF), (gc.INT32, -1), (gc.INT32, 1 << 30),
-    (gc.UINT64, (1 << 64) - 1), (gc.INT64, -(1 << 63)), (gc.FLOAT32, float("nan")),
-    (gc.FLOAT32, float("inf")), (gc.FLOAT64, -0.0), (gc.FLOAT32, 1e-45), (gc.BOOL, 1),
-    (gc.UINT8, 0), (gc.INT8, -128), (gc.STRING, ""), (gc.STRING, "\ud800"),
-    (gc.STRING, "x" * 300), (gc.ARRAY, (gc.UINT32, [])), (gc.ARRAY, (gc.UINT32, [4, 4])),
-    (gc.ARRAY, (gc.STRING, ["a", "b"])), (gc.ARRAY, (gc.ARRAY, [(gc.INT8, [1])])),
-    (gc.ARRAY, (gc.FLOAT32, [float("nan")] * 3)),
+    (craft.UINT32, 0), (craft.UINT32, 0xFFFFFFFF), (craft.INT32, -1), (craft.INT32, 1 << 30),
+    (craft.UINT64, (1 << 64) - 1), (craft.INT64, -(1 << 63)), (craft.FLOAT32, float("nan")),
+    (craft.FLOAT32, float("inf")), (craft.FLOAT64, -0.0), (craft.FLOAT32, 1e-45), (craft.BOOL, 1),
+    (craft.UINT8, 0), (craft.INT8, -128), (craft.STRING, ""), (craft.STRING, "\ud800"),
+    (craft.STRING, "x" * 300), (craft.ARRAY, (craft.UINT32, [])),
+    (craft.ARRAY, (craft.UINT32, [4, 4])),
+    (craft.ARRAY, (craft.STRING, ["a", "b"])), (craft.ARRAY, (craft.ARRAY, [(craft.INT8, [1])])),
+    (craft.ARRAY, (craft.FLOAT32, [float("nan")] * 3)),
 ]  # fmt: skip
 
 
@@ -176,12 +177,12 @@ def _retype(seed: Seed, which: int, value: int) -> bytes:
 
 
 _SEED_MODELS = {
-    "llama-f32": lambda: gc.tiny_model("llama"),
-    "phi3-f32-tied": lambda: gc.tiny_model("phi3", tied=True, seed=1),
-    "llama-q8_0-2layers": lambda: gc.tiny_model("llama", wtype=gc.Q8_0, n_layers=2),
-    "phi3-q4_1": lambda: gc.tiny_model("phi3", wtype=gc.Q4_1, n_kv_heads=4),
-    "llama-f16-notok": lambda: gc.tiny_model("llama", wtype=gc.F16, tokenizer=False),
-    "phi3-q4_k": lambda: gc.tiny_model("phi3", wtype=gc.Q4_K, hidden=256, ffn=256),
+    "llama-f32": lambda: craft.tiny_model("llama"),
+    "phi3-f32-tied": lambda: craft.tiny_model("phi3", tied=True, seed=1),
+    "llama-q8_0-2layers": lambda: craft.tiny_model("llama", wtype=craft.Q8_0, n_layers=2),
+    "phi3-q4_1": lambda: craft.tiny_model("phi3", wtype=craft.Q4_1, n_kv_heads=4),
+    "llama-f16-notok": lambda: craft.tiny_model("llama", wtype=craft.F16, tokenizer=False),
+    "phi3-q4_k": lambda: craft.tiny_model("phi3", wtype=craft.Q4_K, hidden=256, ffn=256),
 }
 
 
@@ -253,18 +254,18 @@ def _check(path: Path, backend_names: Sequence[str]) -> str:
 
 def measured_check(path: Path, backend_names: Sequence[str]) -> tuple[str, int]:
     """`check` under the time bound; also the peak of traced allocation it made (tracemalloc
-    must be on).  Raises `gc.Hang` on a hang."""
+    must be on).  Raises `craft.Hang` on a hang."""
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
-    with gc.time_bound(EXAMPLE_TIMEOUT):
+    with craft.time_bound(EXAMPLE_TIMEOUT):
         outcome = check(path, backend_names)
     peak = tracemalloc.get_traced_memory()[1] - base
-    if peak > gc.alloc_bound(path.stat().st_size):
+    if peak > craft.alloc_bound(path.stat().st_size):
         # A type the warm-up did not cover JIT-compiles a kernel once (numba's compiler
         # allocates megabytes): only a repeat on a warm process counts.
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        with gc.time_bound(EXAMPLE_TIMEOUT):
+        with craft.time_bound(EXAMPLE_TIMEOUT):
             check(path, backend_names)
         peak = tracemalloc.get_traced_memory()[1] - base
     return outcome, peak
@@ -315,12 +316,12 @@ def run_campaign(
             try:
                 outcome, peak = measured_check(current, backend_names)
                 counts["valid loads" if outcome == "valid" else "clean errors"] += 1
-            except gc.Hang as e:
+            except craft.Hang as e:
                 kind, detail = "hang", str(e)
             except Exception as e:  # noqa: BLE001 - any other type is the finding
                 kind = "foreign"
                 detail = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
-            if not kind and peak > gc.alloc_bound(len(data)):
+            if not kind and peak > craft.alloc_bound(len(data)):
                 kind, detail = "alloc", f"{peak} bytes allocated for a {len(data)}-byte file"
             if kind:
                 counts[{"hang": "hangs", "foreign": "foreign exceptions"}.get(kind, kind)] += 1
@@ -344,11 +345,11 @@ def _jsonable(ops: Sequence[tuple[Any, ...]]) -> list[Any]:
 
 
 @pytest.fixture
-def tally(request: pytest.FixtureRequest) -> gc.Tally:
-    return gc.Tally.get(request.config, TITLE)
+def tally(request: pytest.FixtureRequest) -> craft.Tally:
+    return craft.Tally.get(request.config, TITLE)
 
 
-def test_fuzz_campaign_in_subprocess(tmp_path: Path, tally: gc.Tally) -> None:
+def test_fuzz_campaign_in_subprocess(tmp_path: Path, tally: craft.Tally) -> None:
     """CI_EXAMPLES mutated files through the whole loader in a child process: a segfault,
     an abort or a hang inside C code kills the child, not pytest, and is reported with the
     file that did it."""
@@ -428,7 +429,7 @@ def test_fuzz_hypothesis(
     case: tuple[Seed, list[tuple[Any, ...]]], request: pytest.FixtureRequest, warm: Path
 ) -> None:
     seed, ops = case
-    tally = gc.Tally.get(request.config, TITLE + " (hypothesis, in-process)")
+    tally = craft.Tally.get(request.config, TITLE + " (hypothesis, in-process)")
     data = apply_ops(seed, ops)
     path = warm / "h.gguf"
     path.write_bytes(data)
@@ -439,12 +440,12 @@ def test_fuzz_hypothesis(
     finally:
         tracemalloc.stop()
     tally.add("valid loads" if outcome == "valid" else "clean errors")
-    assert peak <= gc.alloc_bound(len(data)), f"{peak} bytes for {len(data)}"
+    assert peak <= craft.alloc_bound(len(data)), f"{peak} bytes for {len(data)}"
 
 
 @pytest.fixture(scope="module")
 def warm() -> Iterator[Path]:
-    with gc.scratch_dir() as d:
+    with craft.scratch_dir() as d:
         warm_up(d / "w.gguf", ["numpy"])
         yield d
 
@@ -469,7 +470,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("phimlx").setLevel(logging.ERROR)  # corrupt files warn a lot
     names = args.backends.split(",") if args.backends else available_backends()
     with contextlib.ExitStack() as stack:
-        workdir = args.workdir or stack.enter_context(gc.scratch_dir())
+        workdir = args.workdir or stack.enter_context(craft.scratch_dir())
         workdir.mkdir(parents=True, exist_ok=True)
         counts, findings = run_campaign(
             args.examples, args.seed, workdir, names, log_every=args.log_every

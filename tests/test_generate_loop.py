@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from phimlx.detokenize import StreamingDetokenizer
+from phimlx.backends import Finished
 from phimlx.errors import ContextLengthError
 from phimlx.generate import _StopMatcher, stream
 from phimlx.sampling import Sampler, SamplingParams
+from phimlx.tokenizer import StreamingDetokenizer
 
 VOCAB = ["<eos>", "a", "b", "c", " ", "STOP", "x"]
 
@@ -42,6 +43,9 @@ class ScriptedSession:
         assert self._pos < self.max_context
         self._pos += 1
         return self._next()
+
+    def step_async(self, token_id: int) -> Finished:
+        return Finished(self.step(token_id))
 
     def reset(self) -> None:
         self._pos = 0

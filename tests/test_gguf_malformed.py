@@ -1,6 +1,6 @@
-"""Malformed GGUF files (issue 2): each one a clean `GGUFError`, quickly, in bounded memory.
+"""Malformed GGUF files: each one a clean `GGUFError`, quickly, in bounded memory.
 
-Files are crafted field by field (`gguf_craft`), starting from a tiny valid model, so each
+Files are crafted field by field (`craft`), starting from a tiny valid model, so each
 case breaks exactly one rule.  Every open runs under a time bound (a hang fails the test)
 and under tracemalloc (allocation must stay within a small multiple of the file size).
 The valid-file half checks our tensor views against gguf-py's reader, and that a
@@ -16,8 +16,8 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import craft
 import gguf
-import gguf_craft as gc
 import numpy as np
 import pytest
 
@@ -29,15 +29,15 @@ TITLE = "malformed GGUF suite"
 
 
 @pytest.fixture
-def tally(request: pytest.FixtureRequest) -> gc.Tally:
-    return gc.Tally.get(request.config, TITLE)
+def tally(request: pytest.FixtureRequest) -> craft.Tally:
+    return craft.Tally.get(request.config, TITLE)
 
 
-def expect_error(path: Path, tally: gc.Tally, match: str | None = None) -> GGUFError:
+def expect_error(path: Path, tally: craft.Tally, match: str | None = None) -> GGUFError:
     """Open ``path``: it must raise GGUFError (nothing else), within 10 s and the alloc bound."""
     size = path.stat().st_size
     tally.add("files tried")
-    with gc.time_bound(10), gc.traced() as peak:
+    with craft.time_bound(10), craft.traced() as peak:
         try:
             mf = open_gguf(path)
         except GGUFError as e:
@@ -46,7 +46,7 @@ def expect_error(path: Path, tally: gc.Tally, match: str | None = None) -> GGUFE
             mf.close()
             tally.add("accepted (failure)")
             pytest.fail(f"{path.name}: opened without error")
-    assert peak[0] <= gc.alloc_bound(size), f"allocated {peak[0]} bytes for a {size}-byte file"
+    assert peak[0] <= craft.alloc_bound(size), f"allocated {peak[0]} bytes for a {size}-byte file"
     if match is not None:
         assert match in str(err), str(err)
     assert str(path) in str(err)  # the message names the file
@@ -62,7 +62,7 @@ def write(tmp_path: Path, data: bytes, name: str = "bad.gguf") -> Path:
 
 # -- cases built from fields ------------------------------------------------------------
 
-Mutator = Callable[[gc.GGUF], None]
+Mutator = Callable[[craft.GGUF], None]
 
 
 def _set(attr: str, v: object) -> Mutator:
@@ -70,15 +70,15 @@ def _set(attr: str, v: object) -> Mutator:
 
 
 def _kv(key: str, vtype: int, v: object = None, raw: bytes | None = None) -> Mutator:
-    def m(g: gc.GGUF) -> None:
+    def m(g: craft.GGUF) -> None:
         g.kvs = [k for k in g.kvs if k.key != key]
-        g.kvs.append(gc.KV(key, vtype, v, raw))
+        g.kvs.append(craft.KV(key, vtype, v, raw))
 
     return m
 
 
 def _t(name: str, **fields: object) -> Mutator:
-    def m(g: gc.GGUF) -> None:
+    def m(g: craft.GGUF) -> None:
         t = g.tensor(name)
         for k, v in fields.items():
             setattr(t, k, v)
@@ -86,32 +86,32 @@ def _t(name: str, **fields: object) -> Mutator:
     return m
 
 
-def _dup_kv(g: gc.GGUF) -> None:
-    g.kvs.append(gc.KV("general.name", gc.STRING, "again"))
+def _dup_kv(g: craft.GGUF) -> None:
+    g.kvs.append(craft.KV("general.name", craft.STRING, "again"))
 
 
-def _dup_tensor(g: gc.GGUF) -> None:
+def _dup_tensor(g: craft.GGUF) -> None:
     t = g.tensor("output_norm.weight")
-    g.tensors.append(gc.Tensor(t.name, list(t.ne), t.type, t.data))
+    g.tensors.append(craft.Tensor(t.name, list(t.ne), t.type, t.data))
 
 
-def _overlap(g: gc.GGUF) -> None:
+def _overlap(g: craft.GGUF) -> None:
     g.tensor("blk.0.ffn_norm.weight").offset = 0  # same bytes as token_embd
 
 
-def _overlap_partial(g: gc.GGUF) -> None:
+def _overlap_partial(g: craft.GGUF) -> None:
     # Lay out by hand: the second tensor starts 32 bytes before the first ends.
     a, b = g.tensors[0], g.tensors[1]
     a.offset = 0
-    b.offset = gc._align(len(a.data), 32) - 32
+    b.offset = craft._align(len(a.data), 32) - 32
 
 
 def _nested(depth: int) -> Mutator:
-    def m(g: gc.GGUF) -> None:
-        v: object = (gc.UINT8, [1])
+    def m(g: craft.GGUF) -> None:
+        v: object = (craft.UINT8, [1])
         for _ in range(depth):
-            v = (gc.ARRAY, [v])
-        g.kvs.append(gc.KV("test.nested", gc.ARRAY, v))
+            v = (craft.ARRAY, [v])
+        g.kvs.append(craft.KV("test.nested", craft.ARRAY, v))
 
     return m
 
@@ -138,31 +138,41 @@ FIELD_CASES: dict[str, tuple[Mutator, str | None]] = {
     "kv-count-plus-one": (lambda g: setattr(g, "kv_count", len(g.kvs) + 1), None),
     "kv-count-plus-1000": (lambda g: setattr(g, "kv_count", len(g.kvs) + 1000), None),
     # huge lengths
-    "string-length-max": (_kv("general.name", gc.STRING, raw=gc.u64(BIG - 1) + b"x"), "claims"),
-    "string-length-2^63": (_kv("general.name", gc.STRING, raw=gc.u64(1 << 63)), "claims"),
-    "string-length-past-end": (_kv("general.name", gc.STRING, raw=gc.u64(10**6) + b"abc"), None),
+    "string-length-max": (
+        _kv("general.name", craft.STRING, raw=craft.u64(BIG - 1) + b"x"),
+        "claims",
+    ),
+    "string-length-2^63": (_kv("general.name", craft.STRING, raw=craft.u64(1 << 63)), "claims"),
+    "string-length-past-end": (
+        _kv("general.name", craft.STRING, raw=craft.u64(10**6) + b"abc"),
+        None,
+    ),
     "array-count-max-u8": (
-        _kv("test.arr", gc.ARRAY, raw=gc.u32(gc.UINT8) + gc.u64(BIG - 1)),
+        _kv("test.arr", craft.ARRAY, raw=craft.u32(craft.UINT8) + craft.u64(BIG - 1)),
         "elements",
     ),
     "array-count-2^62-u64": (
-        _kv("test.arr", gc.ARRAY, raw=gc.u32(gc.UINT64) + gc.u64(1 << 62)),
+        _kv("test.arr", craft.ARRAY, raw=craft.u32(craft.UINT64) + craft.u64(1 << 62)),
         "elements",
     ),
     "array-count-2^61-strings": (
-        _kv("test.arr", gc.ARRAY, raw=gc.u32(gc.STRING) + gc.u64(1 << 61)),
+        _kv("test.arr", craft.ARRAY, raw=craft.u32(craft.STRING) + craft.u64(1 << 61)),
         "elements",
     ),
     "array-count-overflows-u64-times-8": (
         # 2^61 + 1 elements of 8 bytes: the product wraps to 8 in 64-bit arithmetic.
-        _kv("test.arr", gc.ARRAY, raw=gc.u32(gc.UINT64) + gc.u64((1 << 61) + 1) + b"\0" * 8),
+        _kv(
+            "test.arr",
+            craft.ARRAY,
+            raw=craft.u32(craft.UINT64) + craft.u64((1 << 61) + 1) + b"\0" * 8,
+        ),
         "elements",
     ),
     "array-of-strings-lying-inner-length": (
         _kv(
             "test.arr",
-            gc.ARRAY,
-            raw=gc.u32(gc.STRING) + gc.u64(2) + gc.string("ok") + gc.u64(BIG - 2),
+            craft.ARRAY,
+            raw=craft.u32(craft.STRING) + craft.u64(2) + craft.string("ok") + craft.u64(BIG - 2),
         ),
         "claims",
     ),
@@ -171,7 +181,7 @@ FIELD_CASES: dict[str, tuple[Mutator, str | None]] = {
     "value-type-13": (_kv("test.v", 13, raw=b"\0" * 8), "unknown value type"),
     "value-type-max": (_kv("test.v", 0xFFFFFFFF, raw=b"\0" * 8), "unknown value type"),
     "array-element-type-13": (
-        _kv("test.arr", gc.ARRAY, raw=gc.u32(13) + gc.u64(1) + b"\0" * 8),
+        _kv("test.arr", craft.ARRAY, raw=craft.u32(13) + craft.u64(1) + b"\0" * 8),
         "unknown value type",
     ),
     # dimensions
@@ -183,12 +193,12 @@ FIELD_CASES: dict[str, tuple[Mutator, str | None]] = {
     "dims-product-wraps-to-zero": (_t("output_norm.weight", ne=[1 << 32, 1 << 32]), None),
     "dims-product-wraps-small": (_t("output_norm.weight", ne=[32, (1 << 62) + 1]), None),
     "dims-exceed-file": (_t("token_embd.weight", ne=[32, 10**9]), "more bytes"),
-    "row-not-multiple-of-block": (_t("output_norm.weight", type=gc.Q4_0, ne=[33]), "block size"),
+    "row-not-multiple-of-block": (_t("output_norm.weight", type=craft.Q4_0, ne=[33]), "block size"),
     # offsets and layout
     "offset-past-end": (_t("output.weight", offset=1 << 40), "past the end"),
     "offset-wraps": (_t("output.weight", offset=BIG - 32), "past the end"),
     "offset-ends-one-past": (
-        lambda g: setattr(g, "tensors", [*g.tensors, gc.Tensor("extra", [32], gc.F32, b"")]),
+        lambda g: setattr(g, "tensors", [*g.tensors, craft.Tensor("extra", [32], craft.F32, b"")]),
         "past the end",
     ),
     "offset-misaligned": (_t("output_norm.weight", offset=4), "alignment"),
@@ -202,32 +212,35 @@ FIELD_CASES: dict[str, tuple[Mutator, str | None]] = {
     "tensor-type-1000": (_t("output_norm.weight", type=1000), "unknown type"),
     "tensor-type-negative": (_t("output_norm.weight", type=0xFFFFFFFF), "unknown type"),
     # alignment
-    "alignment-0": (_kv("general.alignment", gc.UINT32, 0), "alignment"),
-    "alignment-3": (_kv("general.alignment", gc.UINT32, 3), "alignment"),
-    "alignment-48": (_kv("general.alignment", gc.UINT32, 48), "alignment"),
-    "alignment-negative": (_kv("general.alignment", gc.INT32, -32), "alignment"),
-    "alignment-2^31": (_kv("general.alignment", gc.UINT32, 1 << 31), "alignment"),
-    "alignment-u64-max": (_kv("general.alignment", gc.UINT64, BIG - 1), "alignment"),
-    "alignment-float": (_kv("general.alignment", gc.FLOAT32, 32.0), "alignment"),
-    "alignment-bool": (_kv("general.alignment", gc.BOOL, 1), "alignment"),
-    "alignment-string": (_kv("general.alignment", gc.STRING, "32"), "alignment"),
-    "alignment-array": (_kv("general.alignment", gc.ARRAY, (gc.UINT32, [32])), "alignment"),
-    "alignment-4096-data-moves-past-end": (_kv("general.alignment", gc.UINT32, 4096), "alignment"),
+    "alignment-0": (_kv("general.alignment", craft.UINT32, 0), "alignment"),
+    "alignment-3": (_kv("general.alignment", craft.UINT32, 3), "alignment"),
+    "alignment-48": (_kv("general.alignment", craft.UINT32, 48), "alignment"),
+    "alignment-negative": (_kv("general.alignment", craft.INT32, -32), "alignment"),
+    "alignment-2^31": (_kv("general.alignment", craft.UINT32, 1 << 31), "alignment"),
+    "alignment-u64-max": (_kv("general.alignment", craft.UINT64, BIG - 1), "alignment"),
+    "alignment-float": (_kv("general.alignment", craft.FLOAT32, 32.0), "alignment"),
+    "alignment-bool": (_kv("general.alignment", craft.BOOL, 1), "alignment"),
+    "alignment-string": (_kv("general.alignment", craft.STRING, "32"), "alignment"),
+    "alignment-array": (_kv("general.alignment", craft.ARRAY, (craft.UINT32, [32])), "alignment"),
+    "alignment-4096-data-moves-past-end": (
+        _kv("general.alignment", craft.UINT32, 4096),
+        "alignment",
+    ),
 }
 
 
-def _key_length_max(g: gc.GGUF) -> None:
-    g.kvs[0] = gc.KV(b"", gc.UINT8, 0)
-    g.kvs[0].encode = lambda: gc.u64(BIG - 1) + b"general"  # type: ignore[method-assign]
+def _key_length_max(g: craft.GGUF) -> None:
+    g.kvs[0] = craft.KV(b"", craft.UINT8, 0)
+    g.kvs[0].encode = lambda: craft.u64(BIG - 1) + b"general"  # type: ignore[method-assign]
 
 
 FIELD_CASES["key-length-max"] = (_key_length_max, "claims")
 
 
 @pytest.mark.parametrize("case", list(FIELD_CASES))
-def test_malformed_field(case: str, tmp_path: Path, tally: gc.Tally) -> None:
+def test_malformed_field(case: str, tmp_path: Path, tally: craft.Tally) -> None:
     mutate, match = FIELD_CASES[case]
-    g = gc.tiny_model()
+    g = craft.tiny_model()
     mutate(g)
     expect_error(write(tmp_path, g.build()), tally, match)
 
@@ -237,24 +250,24 @@ def test_malformed_field(case: str, tmp_path: Path, tally: gc.Tally) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_bytes() -> bytes:
-    return gc.tiny_model().build()
+    return craft.tiny_model().build()
 
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
-    with gc.scratch_dir() as d:
+    with craft.scratch_dir() as d:
         yield d
 
 
-def test_truncated_everywhere(scratch: Path, tally: gc.Tally) -> None:
+def test_truncated_everywhere(scratch: Path, tally: craft.Tally) -> None:
     """Every offset of the header, every field boundary, a stride through the tensor data;
     and every field boundary of a file with a tokenizer (long string arrays)."""
-    lean = gc.tiny_model(tokenizer=False).build()
-    full = gc.tiny_model().build()
+    lean = craft.tiny_model(tokenizer=False).build()
+    full = craft.tiny_model().build()
     p = scratch / "cut.gguf"
     tried = 0
     for data in (lean, full):
-        fields, header_end = gc.walk(data)
+        fields, header_end = craft.walk(data)
         cuts = {f.offset + d for f in fields for d in (0, 1, f.size - 1, f.size)}
         cuts |= set(range(0, 65)) | set(range(header_end - 8, header_end + 40))
         cuts |= set(range(0, len(data), 97)) | {len(data) - 1, len(data) - 4}
@@ -269,13 +282,13 @@ def test_truncated_everywhere(scratch: Path, tally: gc.Tally) -> None:
     assert tried > 1500
 
 
-def test_tensor_name_length_max(tiny_bytes: bytes, tmp_path: Path, tally: gc.Tally) -> None:
-    fields, _ = gc.walk(tiny_bytes)
+def test_tensor_name_length_max(tiny_bytes: bytes, tmp_path: Path, tally: craft.Tally) -> None:
+    fields, _ = craft.walk(tiny_bytes)
     n_dims = [f for f in fields if f.kind == "n_dims"]
     name_len = [f for f in fields if f.kind == "length" and f.offset < n_dims[0].offset][-1]
     for v in (BIG - 1, 1 << 63, len(tiny_bytes)):
         data = bytearray(tiny_bytes)
-        data[name_len.offset : name_len.offset + 8] = gc.u64(v)
+        data[name_len.offset : name_len.offset + 8] = craft.u64(v)
         expect_error(write(tmp_path, bytes(data)), tally, "claims")
 
 
@@ -306,7 +319,7 @@ def test_tensor_name_length_max(tiny_bytes: bytes, tmp_path: Path, tally: gc.Tal
         "ones",
     ],
 )
-def test_not_gguf(data: bytes, tmp_path: Path, tally: gc.Tally) -> None:
+def test_not_gguf(data: bytes, tmp_path: Path, tally: craft.Tally) -> None:
     expect_error(write(tmp_path, data), tally)
 
 
@@ -317,7 +330,7 @@ def test_directory_and_missing(tmp_path: Path) -> None:
         open_gguf(tmp_path / "absent.gguf")
 
 
-def test_header_ends_at_file_end(tmp_path: Path, tally: gc.Tally) -> None:
+def test_header_ends_at_file_end(tmp_path: Path, tally: craft.Tally) -> None:
     """Counts say there is a tensor directory, the file has only the fixed header."""
     expect_error(write(tmp_path, b"GGUF" + struct.pack("<IQQ", 3, 1, 1)), tally)
 
@@ -325,19 +338,19 @@ def test_header_ends_at_file_end(tmp_path: Path, tally: gc.Tally) -> None:
 def test_valid_edge_cases_open(tmp_path: Path) -> None:
     """Legal but unusual files are not refused: no tensors, no metadata, v2, alignment 1,
     an empty array as the last thing in the file, a key that is not UTF-8."""
-    empty = gc.GGUF()
+    empty = craft.GGUF()
     mf = open_gguf(write(tmp_path, empty.build(), "empty.gguf"))
     assert mf.tensors == {} and mf.metadata == {}
-    v2 = gc.tiny_model()
+    v2 = craft.tiny_model()
     v2.version = 2
     assert open_gguf(write(tmp_path, v2.build(), "v2.gguf")).version == 2
-    a1 = gc.tiny_model()
-    a1.set_kv("general.alignment", gc.UINT32, 1)
+    a1 = craft.tiny_model()
+    a1.set_kv("general.alignment", craft.UINT32, 1)
     a1.alignment = 1
     assert open_gguf(write(tmp_path, a1.build(), "a1.gguf")).alignment == 1
-    tail = gc.GGUF(kvs=[gc.KV("x", gc.ARRAY, (gc.UINT8, []))], padding=b"")
+    tail = craft.GGUF(kvs=[craft.KV("x", craft.ARRAY, (craft.UINT8, []))], padding=b"")
     assert open_gguf(write(tmp_path, tail.build(), "tail.gguf")).metadata == {"x": []}
-    bad_utf8 = gc.GGUF(kvs=[gc.KV(b"k\xff", gc.UINT8, 1)])
+    bad_utf8 = craft.GGUF(kvs=[craft.KV(b"k\xff", craft.UINT8, 1)])
     assert len(open_gguf(write(tmp_path, bad_utf8.build(), "u.gguf")).metadata) == 1
 
 
@@ -387,7 +400,7 @@ def test_smollm2_views_match_gguf_py() -> None:
 
 @pytest.mark.parametrize("mix", ["F32", "F16", "BF16", "Q4_K_M", "Q4_0", "Q8_0", "Q3_K"])
 def test_synthetic_views_match_gguf_py(mix: str, tmp_path: Path) -> None:
-    from phimlx.synthetic import SyntheticSpec, write_model
+    from phimlx.testing.models import SyntheticSpec, write_model
 
     spec = SyntheticSpec(n_layers=1, hidden=256, ffn=256, n_heads=4, mix=mix, tokenizer=False)
     assert assert_same_as_gguf_py(write_model(tmp_path / f"{mix}.gguf", spec)) > 5
@@ -395,7 +408,7 @@ def test_synthetic_views_match_gguf_py(mix: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_crafted_views_match_gguf_py(arch: str, tmp_path: Path) -> None:
-    path = gc.tiny_model(arch).write(tmp_path / "t.gguf")
+    path = craft.tiny_model(arch).write(tmp_path / "t.gguf")
     assert assert_same_as_gguf_py(path) > 5
     ModelConfig.from_gguf(open_gguf(path))  # and it is a valid model
 
@@ -409,8 +422,8 @@ def _rss() -> int:
 def test_multi_gb_header_opens_without_reading_data(tmp_path: Path) -> None:
     """A 2 GiB sparse file (header + one 2 GiB tensor): open, config and a row view touch
     the header and that row only; resident memory does not grow by anything near 2 GiB."""
-    g = gc.tiny_model()
-    big = gc.Tensor("big.weight", [1 << 16, 1 << 13], gc.F32, b"")  # 2 GiB of F32
+    g = craft.tiny_model()
+    big = craft.Tensor("big.weight", [1 << 16, 1 << 13], craft.F32, b"")  # 2 GiB of F32
     g.tensors.append(big)
     head, offsets = g.header()
     body = g.build()
@@ -420,7 +433,7 @@ def test_multi_gb_header_opens_without_reading_data(tmp_path: Path) -> None:
         f.write(body)
         f.truncate(size)
     before = _rss()
-    with gc.traced() as peak:
+    with craft.traced() as peak:
         mf = open_gguf(path)
         ModelConfig.from_gguf(mf)
         row = mf.array("big.weight")[4321]
@@ -436,14 +449,14 @@ def test_multi_gb_header_opens_without_reading_data(tmp_path: Path) -> None:
 # -- model-level validation: the container is valid, the model is not -----------------------
 
 
-def _config_error(g: gc.GGUF, tmp_path: Path, tally: gc.Tally) -> GGUFError:
+def _config_error(g: craft.GGUF, tmp_path: Path, tally: craft.Tally) -> GGUFError:
     path = write(tmp_path, g.build())
     tally.add("files tried")
-    with gc.time_bound(10), gc.traced() as peak:
+    with craft.time_bound(10), craft.traced() as peak:
         mf = open_gguf(path)
         with pytest.raises(GGUFError) as ei:
             ModelConfig.from_gguf(mf)
-    assert peak[0] <= gc.alloc_bound(path.stat().st_size), peak
+    assert peak[0] <= craft.alloc_bound(path.stat().st_size), peak
     tally.add("clean GGUFError")
     return ei.value
 
@@ -452,51 +465,51 @@ A = "llama."
 MODEL_CASES: dict[str, tuple[Mutator, str]] = {
     "embd-rows-vs-vocab": (_t("token_embd.weight", ne=[32, 298], data=b"\0" * 32 * 298 * 4),
                            "token_embd.weight"),
-    "vocab-size-key-vs-embd": (_kv(A + "vocab_size", gc.UINT32, 500), "token_embd.weight"),
+    "vocab-size-key-vs-embd": (_kv(A + "vocab_size", craft.UINT32, 500), "token_embd.weight"),
     "q-rows-wrong": (_t("blk.0.attn_q.weight", ne=[32, 16], data=b"\0" * 2048), "attn_q"),
     "down-transposed": (_t("blk.0.ffn_down.weight", ne=[32, 64]), "ffn_down"),
     "missing-ffn-down": (lambda g: g.drop_tensor("blk.0.ffn_down.weight"), "missing"),
     "missing-token-embd": (lambda g: g.drop_tensor("token_embd.weight"), "token_embd"),
-    "missing-layer-1": (_kv(A + "block_count", gc.UINT32, 2), "blk.1."),
-    "heads-not-divisible-by-kv": (_kv(A + "attention.head_count_kv", gc.UINT32, 3), "divisor"),
+    "missing-layer-1": (_kv(A + "block_count", craft.UINT32, 2), "blk.1."),
+    "heads-not-divisible-by-kv": (_kv(A + "attention.head_count_kv", craft.UINT32, 3), "divisor"),
     "hidden-not-divisible-by-heads": (
-        lambda g: (_kv(A + "attention.head_count", gc.UINT32, 6)(g),
-                   _kv(A + "rope.dimension_count", gc.UINT32, 4)(g)),
+        lambda g: (_kv(A + "attention.head_count", craft.UINT32, 6)(g),
+                   _kv(A + "rope.dimension_count", craft.UINT32, 4)(g)),
         "divisible"),
-    "layer-count-absurd": (_kv(A + "block_count", gc.UINT32, 10**6), "block_count"),
-    "layer-count-u64-max": (_kv(A + "block_count", gc.UINT64, BIG - 1), "block_count"),
-    "layer-count-zero": (_kv(A + "block_count", gc.UINT32, 0), "block_count"),
-    "layer-count-negative": (_kv(A + "block_count", gc.INT32, -1), "block_count"),
-    "layer-count-string": (_kv(A + "block_count", gc.STRING, "1"), "block_count"),
-    "layer-count-float": (_kv(A + "block_count", gc.FLOAT32, 1.0), "block_count"),
-    "hidden-absurd": (_kv(A + "embedding_length", gc.UINT64, 1 << 40), "embedding_length"),
-    "context-absurd": (_kv(A + "context_length", gc.UINT64, 1 << 40), "context_length"),
-    "heads-absurd": (_kv(A + "attention.head_count", gc.UINT32, 1 << 30), "head_count"),
+    "layer-count-absurd": (_kv(A + "block_count", craft.UINT32, 10**6), "block_count"),
+    "layer-count-u64-max": (_kv(A + "block_count", craft.UINT64, BIG - 1), "block_count"),
+    "layer-count-zero": (_kv(A + "block_count", craft.UINT32, 0), "block_count"),
+    "layer-count-negative": (_kv(A + "block_count", craft.INT32, -1), "block_count"),
+    "layer-count-string": (_kv(A + "block_count", craft.STRING, "1"), "block_count"),
+    "layer-count-float": (_kv(A + "block_count", craft.FLOAT32, 1.0), "block_count"),
+    "hidden-absurd": (_kv(A + "embedding_length", craft.UINT64, 1 << 40), "embedding_length"),
+    "context-absurd": (_kv(A + "context_length", craft.UINT64, 1 << 40), "context_length"),
+    "heads-absurd": (_kv(A + "attention.head_count", craft.UINT32, 1 << 30), "head_count"),
     "missing-block-count": (lambda g: g.kvs.remove(g.kv(A + "block_count")), "block_count"),
     "missing-architecture": (lambda g: g.kvs.remove(g.kv("general.architecture")),
                              "architecture"),
-    "architecture-not-string": (_kv("general.architecture", gc.UINT32, 7), "architecture"),
-    "eps-zero": (_kv(A + "attention.layer_norm_rms_epsilon", gc.FLOAT32, 0.0), "epsilon"),
-    "eps-nan": (_kv(A + "attention.layer_norm_rms_epsilon", gc.FLOAT32, float("nan")),
+    "architecture-not-string": (_kv("general.architecture", craft.UINT32, 7), "architecture"),
+    "eps-zero": (_kv(A + "attention.layer_norm_rms_epsilon", craft.FLOAT32, 0.0), "epsilon"),
+    "eps-nan": (_kv(A + "attention.layer_norm_rms_epsilon", craft.FLOAT32, float("nan")),
                 "epsilon"),
-    "eps-string": (_kv(A + "attention.layer_norm_rms_epsilon", gc.STRING, "1e-5"), "epsilon"),
-    "rope-dim-odd": (_kv(A + "rope.dimension_count", gc.UINT32, 7), "rope"),
-    "rope-dim-too-big": (_kv(A + "rope.dimension_count", gc.UINT32, 64), "rope"),
-    "rope-base-nan": (_kv(A + "rope.freq_base", gc.FLOAT32, float("nan")), "freq_base"),
-    "rope-base-inf": (_kv(A + "rope.freq_base", gc.FLOAT32, float("inf")), "freq_base"),
-    "rope-base-string": (_kv(A + "rope.freq_base", gc.STRING, "1e4"), "freq_base"),
-    "key-length-inf": (_kv(A + "attention.key_length", gc.FLOAT32, float("inf")), "key_length"),
-    "key-length-huge": (_kv(A + "attention.key_length", gc.UINT64, 1 << 40), "key_length"),
-    "key-length-negative": (_kv(A + "attention.key_length", gc.INT32, -8), "key_length"),
-    "sliding-window-inf": (_kv(A + "attention.sliding_window", gc.FLOAT32, float("inf")),
+    "eps-string": (_kv(A + "attention.layer_norm_rms_epsilon", craft.STRING, "1e-5"), "epsilon"),
+    "rope-dim-odd": (_kv(A + "rope.dimension_count", craft.UINT32, 7), "rope"),
+    "rope-dim-too-big": (_kv(A + "rope.dimension_count", craft.UINT32, 64), "rope"),
+    "rope-base-nan": (_kv(A + "rope.freq_base", craft.FLOAT32, float("nan")), "freq_base"),
+    "rope-base-inf": (_kv(A + "rope.freq_base", craft.FLOAT32, float("inf")), "freq_base"),
+    "rope-base-string": (_kv(A + "rope.freq_base", craft.STRING, "1e4"), "freq_base"),
+    "key-length-inf": (_kv(A + "attention.key_length", craft.FLOAT32, float("inf")), "key_length"),
+    "key-length-huge": (_kv(A + "attention.key_length", craft.UINT64, 1 << 40), "key_length"),
+    "key-length-negative": (_kv(A + "attention.key_length", craft.INT32, -8), "key_length"),
+    "sliding-window-inf": (_kv(A + "attention.sliding_window", craft.FLOAT32, float("inf")),
                            "sliding_window"),
-    "sliding-window-nan": (_kv(A + "attention.sliding_window", gc.FLOAT32, float("nan")),
+    "sliding-window-nan": (_kv(A + "attention.sliding_window", craft.FLOAT32, float("nan")),
                            "sliding_window"),
-    "sliding-window-negative": (_kv(A + "attention.sliding_window", gc.INT32, -4),
+    "sliding-window-negative": (_kv(A + "attention.sliding_window", craft.INT32, -4),
                                 "sliding_window"),
-    "vocab-size-string": (_kv(A + "vocab_size", gc.STRING, "299"), "vocab_size"),
-    "vocab-size-array": (_kv(A + "vocab_size", gc.ARRAY, (gc.UINT32, [1, 2])), "vocab_size"),
-    "vocab-size-negative": (_kv(A + "vocab_size", gc.INT32, -299), "vocab_size"),
+    "vocab-size-string": (_kv(A + "vocab_size", craft.STRING, "299"), "vocab_size"),
+    "vocab-size-array": (_kv(A + "vocab_size", craft.ARRAY, (craft.UINT32, [1, 2])), "vocab_size"),
+    "vocab-size-negative": (_kv(A + "vocab_size", craft.INT32, -299), "vocab_size"),
     "nan-in-output-norm": (_t("output_norm.weight", data=np.full(32, np.nan, "<f4").tobytes()),
                            "NaN"),
     "inf-in-attn-norm": (_t("blk.0.attn_norm.weight", data=np.full(32, np.inf, "<f4").tobytes()),
@@ -504,71 +517,71 @@ MODEL_CASES: dict[str, tuple[Mutator, str]] = {
     "nan-in-ffn-norm": (_t("blk.0.ffn_norm.weight",
                            data=np.r_[np.ones(31), np.nan].astype("<f4").tobytes()), "NaN"),
     "norm-as-i32": (_t("output_norm.weight", type=26), "I32"),
-    "norm-quantized": (_t("blk.0.attn_norm.weight", type=gc.Q8_0, data=b"\0" * 34), "vector"),
+    "norm-quantized": (_t("blk.0.attn_norm.weight", type=craft.Q8_0, data=b"\0" * 34), "vector"),
     "weight-unsupported-type": (_t("blk.0.ffn_down.weight", type=9, ne=[64, 32],
                                    data=b"\0" * 40 * 2 * 32), "Q8_1"),
 }  # fmt: skip
 
 
 def _longrope(**kv: tuple[int, object]) -> Mutator:
-    def m(g: gc.GGUF) -> None:
+    def m(g: craft.GGUF) -> None:
         g.kvs = [k for k in g.kvs if k.key != "general.architecture"]
-        g.kvs.insert(0, gc.KV("general.architecture", gc.STRING, "llama"))
-        g.tensors.append(gc.f32_tensor("rope_factors_long.weight", np.ones(4)))
+        g.kvs.insert(0, craft.KV("general.architecture", craft.STRING, "llama"))
+        g.tensors.append(craft.f32_tensor("rope_factors_long.weight", np.ones(4)))
         for key, (vtype, v) in kv.items():
-            g.kvs.append(gc.KV(A + key.replace("__", "."), vtype, v))
+            g.kvs.append(craft.KV(A + key.replace("__", "."), vtype, v))
 
     return m
 
 
 MODEL_CASES.update({
     "longrope-no-original-context": (_longrope(), "original_context_length"),
-    "longrope-original-zero": (_longrope(rope__scaling__original_context_length=(gc.UINT32, 0)),
+    "longrope-original-zero": (_longrope(rope__scaling__original_context_length=(craft.UINT32, 0)),
                                "original_context_length"),
-    "longrope-original-one": (_longrope(rope__scaling__original_context_length=(gc.UINT32, 1)),
+    "longrope-original-one": (_longrope(rope__scaling__original_context_length=(craft.UINT32, 1)),
                               "original_context_length"),
     "longrope-original-string": (
-        _longrope(rope__scaling__original_context_length=(gc.STRING, "x")),
+        _longrope(rope__scaling__original_context_length=(craft.STRING, "x")),
         "original_context_length"),
     "longrope-attn-factor-string": (
-        _longrope(rope__scaling__original_context_length=(gc.UINT32, 16),
-                  rope__scaling__attn_factor=(gc.STRING, "x")), "attn_factor"),
+        _longrope(rope__scaling__original_context_length=(craft.UINT32, 16),
+                  rope__scaling__attn_factor=(craft.STRING, "x")), "attn_factor"),
     "longrope-attn-factor-nan": (
-        _longrope(rope__scaling__original_context_length=(gc.UINT32, 16),
-                  rope__scaling__attn_factor=(gc.FLOAT32, float("nan"))), "attn_factor"),
+        _longrope(rope__scaling__original_context_length=(craft.UINT32, 16),
+                  rope__scaling__attn_factor=(craft.FLOAT32, float("nan"))), "attn_factor"),
     "longrope-factors-wrong-shape": (
-        lambda g: (_longrope(rope__scaling__original_context_length=(gc.UINT32, 16))(g),
+        lambda g: (_longrope(rope__scaling__original_context_length=(craft.UINT32, 16))(g),
                    _t("rope_factors_long.weight", ne=[8], data=b"\0" * 32)(g)),
         "rope_factors_long"),
     "longrope-factors-zero": (
-        lambda g: (_longrope(rope__scaling__original_context_length=(gc.UINT32, 16))(g),
+        lambda g: (_longrope(rope__scaling__original_context_length=(craft.UINT32, 16))(g),
                    _t("rope_factors_long.weight", data=b"\0" * 16)(g)),
         "rope_factors_long"),
 })  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
-def test_model_level(case: str, tmp_path: Path, tally: gc.Tally) -> None:
+def test_model_level(case: str, tmp_path: Path, tally: craft.Tally) -> None:
     mutate, match = MODEL_CASES[case]
-    g = gc.tiny_model()
+    g = craft.tiny_model()
     mutate(g)
     err = _config_error(g, tmp_path, tally)
     assert match in str(err), str(err)
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    g = gc.tiny_model()
+    g = craft.tiny_model()
     g.kv("general.architecture").value = "mamba"
     with pytest.raises(UnsupportedModelError, match="mamba"):
         ModelConfig.from_gguf(open_gguf(write(tmp_path, g.build())))
 
 
 def test_absurd_layer_count_with_tensors_missing_fails_before_allocating(
-    tmp_path: Path, tally: gc.Tally
+    tmp_path: Path, tally: craft.Tally
 ) -> None:
     """1024 layers (the limit) but one layer's tensors: a 'missing tensor' error, with
     allocation bounded by the (small) file, not by 1024 layers of cache or weights."""
-    g = gc.tiny_model()
+    g = craft.tiny_model()
     g.kv(A + "block_count").value = 1024
     err = _config_error(g, tmp_path, tally)
     assert "blk.1." in str(err)
@@ -580,7 +593,7 @@ def test_absurd_layer_count_with_tensors_missing_fails_before_allocating(
 def test_byte_token_that_is_not_hex(tmp_path: Path) -> None:
     import phimlx
 
-    g = gc.tiny_model()
+    g = craft.tiny_model()
     g.kv("tokenizer.ggml.tokens").value[1][3] = "<0xZZ>"
     with pytest.raises(GGUFError, match="0xZZ"):
         phimlx.load(write(tmp_path, g.build()), backend="numpy")
@@ -589,10 +602,10 @@ def test_byte_token_that_is_not_hex(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "key, vtype, value",
     [
-        ("tokenizer.ggml.bos_token_id", gc.UINT32, 10**6),
-        ("tokenizer.ggml.eos_token_id", gc.UINT32, 299),
-        ("tokenizer.ggml.eos_token_id", gc.INT32, -1),
-        ("tokenizer.ggml.bos_token_id", gc.STRING, "1"),
+        ("tokenizer.ggml.bos_token_id", craft.UINT32, 10**6),
+        ("tokenizer.ggml.eos_token_id", craft.UINT32, 299),
+        ("tokenizer.ggml.eos_token_id", craft.INT32, -1),
+        ("tokenizer.ggml.bos_token_id", craft.STRING, "1"),
     ],
 )
 def test_special_token_id_out_of_range(key: str, vtype: int, value: object, tmp_path: Path) -> None:
@@ -600,7 +613,7 @@ def test_special_token_id_out_of_range(key: str, vtype: int, value: object, tmp_
     index error later, nor a stop token that can never occur)."""
     import phimlx
 
-    g = gc.tiny_model()
+    g = craft.tiny_model()
     g.set_kv(key, vtype, value)
     with pytest.raises(GGUFError, match=key):
         phimlx.load(write(tmp_path, g.build()), backend="numpy")

@@ -12,27 +12,23 @@ import pytest
 from test_quants import FLOAT_TYPES, GGUF_QUANTIZABLE, QUANT_TYPES, random_raw, reference
 
 import fallback.kernels as kernels
-from fallback.kernels import (
-    QuantMatrix,
-    matvec_many,
-    matvec_plan,
-    numba_available,
-    quantize_activations,
-    set_threads,
-)
+import fallback.matrix as matrix
+from fallback.kernels import numba_available, quantize_activations
+from fallback.matrix import QuantMatrix, matvec_many, matvec_plan
+from fallback.threads import set_threads
 from phimlx.errors import UnsupportedModelError
 from phimlx.gguf import TYPE_SIZES, GGMLType
 
 HAVE_NUMBA = numba_available()
-HAVE_INT8 = HAVE_NUMBA and kernels._simd_kernels() is not None
+HAVE_INT8 = HAVE_NUMBA and kernels.avx2_kernels() is not None
 NEEDS_NUMBA = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not available")
 NEEDS_INT8 = pytest.mark.skipif(not HAVE_INT8, reason="no int8 kernels (numba, AVX2)")
-INT8_TYPES = [t.name for t in kernels._SIMD_MATVEC]
+INT8_TYPES = [t.name for t in kernels.AVX2_INT8]
 # QuantMatrix keyword arguments of each path.
 PATHS = [
     pytest.param({"use_numba": True, "int8_activations": False}, id="numba", marks=NEEDS_NUMBA),
     pytest.param({"use_numba": True, "int8_activations": True}, id="int8", marks=NEEDS_INT8),
-    # numba's float kernels (`_matvec_nb`), what runs without AVX2
+    # numba's float kernels (`numba_matvec`), what runs without AVX2
     pytest.param({"use_numba": True, "portable": True}, id="portable", marks=NEEDS_NUMBA),
     pytest.param({"use_numba": False}, id="numpy"),
 ]
@@ -67,13 +63,13 @@ def make_matrix(raw: np.ndarray, name: str, shape, path: dict) -> QuantMatrix:
         pytest.skip(f"no int8 kernel for {name}")
     if not kw.pop("portable", False):
         return QuantMatrix(raw, GGMLType[name], shape, **kw)
-    saved = kernels._simd_kernels()
-    kernels._simd = False  # as on a CPU without AVX2
+    saved = kernels.avx2_kernels()
+    kernels._avx2 = False  # as on a CPU without AVX2
     try:
         m = QuantMatrix(raw, GGMLType[name], shape, **kw)
     finally:
-        kernels._simd = saved or False
-    assert not m._simd
+        kernels._avx2 = saved or False
+    assert not m._avx2
     return m
 
 
@@ -163,7 +159,7 @@ def test_blocks_made_by_gguf_quantize(name: str, path: dict) -> None:
 @pytest.mark.parametrize("path", PATHS)
 def test_matmul_crosses_tiles(path: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny tile budget: 7 rows per tile, 50 rows -> 8 tiles, the last one partial.
-    monkeypatch.setattr(kernels, "TILE_BYTES", 7 * 256 * 4)
+    monkeypatch.setattr(matrix, "TILE_BYTES", 7 * 256 * 4)
     raw, w, cols, rng = matrix_case("Q4_K", 50, 1, seed=2)
     m = make_matrix(raw, "Q4_K", (50, cols), path)
     xs = rng.standard_normal((4, cols), dtype=np.float32)
@@ -226,7 +222,7 @@ def test_env_var_forces_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("parts", [[7], [5, 3], [37, 4, 9], [2, 3, 4, 5]])
 def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> None:
     """Several matrices sharing x, one call, outputs concatenated: the same as one by one."""
-    monkeypatch.setattr(kernels, "SERIAL_WEIGHTS", 1000)  # the parallel and serial drivers
+    monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1000)  # the parallel and serial drivers
     rng = np.random.default_rng(sum(parts))
     cases = [matrix_case(name, rows, 2, seed=i) for i, rows in enumerate(parts)]
     cols = cases[0][2]

@@ -24,7 +24,7 @@ from phimlx.config import ModelConfig  # noqa: E402
 from phimlx.gguf import open_gguf  # noqa: E402
 from phimlx.mlx import load  # noqa: E402
 from phimlx.mlx.convert import convert  # noqa: E402
-from phimlx.synthetic import write_model  # noqa: E402
+from phimlx.testing.models import write_model  # noqa: E402
 
 N_NEW = 32
 MARGIN = 0.05  # x logits std: float16 activations in mlx-lm vs float32 in ours

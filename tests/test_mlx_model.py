@@ -30,7 +30,7 @@ from phimlx.config import ModelConfig  # noqa: E402
 from phimlx.gguf import GGMLType, open_gguf  # noqa: E402
 from phimlx.mlx import load, probe  # noqa: E402
 from phimlx.mlx.quant import MLX_BITS, convert_rows  # noqa: E402
-from phimlx.synthetic import write_model  # noqa: E402
+from phimlx.testing.models import write_model  # noqa: E402
 
 MARGIN = 1e-3  # top-2 gap (x logits std) below which a flipped argmax is a near tie
 MARGIN_REQUANT = 0.2  # the same with Q6_K re-quantized: its logit error measured <= 0.07 std

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from phimlx.errors import GGUFError, UnsupportedModelError
-from phimlx.gguf import TYPE_SIZES, GGMLType
-from phimlx.quants import dequantize, dequantize_rows
+from phimlx.gguf import TYPE_SIZES, GGMLType, dequantize, dequantize_rows
 
 # Byte offsets of the f16 scale fields inside one block of each quantized type.
 F16_FIELDS = {

@@ -1,4 +1,4 @@
-"""Generation robustness and resource hygiene (issue 8).
+"""Generation robustness and resource hygiene.
 
 A tiny crafted llama (1 layer, hidden 32, 299-token SPM vocab, context 64) whose output
 rows for the special tokens are zero, so greedy decoding never samples EOS and every
@@ -7,13 +7,13 @@ generation ends by length or context.  Each test runs on every available backend
 
 from __future__ import annotations
 
-import gc as pygc
+import gc
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import gguf_craft as gc
+import craft
 import numpy as np
 import pytest
 
@@ -33,7 +33,7 @@ def _backends() -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    g = gc.tiny_model("llama", context=CONTEXT, seed=3)
+    g = craft.tiny_model("llama", context=CONTEXT, seed=3)
     out = g.tensor("output.weight")
     w = np.frombuffer(out.data, "<f4").reshape(-1, 32).copy()
     w[:3] = 0.0  # <unk> <s> </s> get logit 0: never the argmax among 299 random logits
@@ -107,8 +107,8 @@ def test_empty_prompt(model: phimlx.Model) -> None:
 
 
 def test_empty_prompt_without_bos_is_a_clear_error(tmp_path: Path, backend: str) -> None:
-    g = gc.tiny_model("llama", context=CONTEXT)
-    g.set_kv("tokenizer.ggml.add_bos_token", gc.BOOL, False)
+    g = craft.tiny_model("llama", context=CONTEXT)
+    g.set_kv("tokenizer.ggml.add_bos_token", craft.BOOL, False)
     with phimlx.load(g.write(tmp_path / "nobos.gguf"), backend=backend) as m:
         with pytest.raises(ValueError, match="empty"):
             m.generate("", **GREEDY)
@@ -149,7 +149,7 @@ def test_consumer_interrupt_or_break_leaves_the_model_usable(
     for i, _chunk in enumerate(model.stream("ab", **kw)):  # break: the generator is dropped
         if i == 1:
             break
-    pygc.collect()
+    gc.collect()
     it = model.stream("ab", **kw)
     next(it)
     it.close()
@@ -180,7 +180,7 @@ def test_interrupt_inside_a_forward_pass(
     with pytest.raises(KeyboardInterrupt):
         model.generate("ab", **GREEDY)
     monkeypatch.undo()
-    with gc.time_bound(60):  # a lock left held would hang here
+    with craft.time_bound(60):  # a lock left held would hang here
         assert model.generate("ab", **GREEDY) == _same(expected)
 
 
@@ -217,7 +217,7 @@ def test_two_threads_stream_from_one_model(model: phimlx.Model) -> None:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    with gc.time_bound(120):
+    with craft.time_bound(120):
         for t in threads:
             t.start()
         for t in threads:
@@ -261,7 +261,7 @@ def test_close_releases_file_and_mapping(model_path: Path, backend: str) -> None
     m = phimlx.load(model_path, backend=backend)
     m.generate("ab", max_tokens=2, chat=False)
     m.close()
-    pygc.collect()
+    gc.collect()
     assert _mapped(model_path) == 0 and _fds() == before
     with pytest.raises(RuntimeError, match="closed"):
         m.generate("ab", max_tokens=2, chat=False)
@@ -270,7 +270,7 @@ def test_close_releases_file_and_mapping(model_path: Path, backend: str) -> None
     with phimlx.load(model_path, backend=backend) as m2:
         m2.generate("ab", max_tokens=2, chat=False)
         assert _mapped(model_path) > 0
-    pygc.collect()
+    gc.collect()
     assert _mapped(model_path) == 0 and _fds() == before
 
 
@@ -280,7 +280,7 @@ def test_garbage_collected_model_releases_its_mapping(model_path: Path, backend:
     m = phimlx.load(model_path, backend=backend)
     m.generate("ab", max_tokens=2, chat=False)
     del m
-    pygc.collect()
+    gc.collect()
     assert _mapped(model_path) == 0 and _fds() == before
 
 
@@ -291,7 +291,7 @@ def test_no_leaks_over_100_load_close_cycles(model_path: Path, backend: str) -> 
     for _ in range(3):  # warm caches
         with phimlx.load(model_path, backend=backend) as m:
             m.generate("ab", max_tokens=1, chat=False)
-    pygc.collect()
+    gc.collect()
     fds = _fds()
     tracemalloc.start()
     try:
@@ -301,7 +301,7 @@ def test_no_leaks_over_100_load_close_cycles(model_path: Path, backend: str) -> 
             if i % 10 == 0:
                 m.generate("ab", max_tokens=1, chat=False)
             m.close()
-        pygc.collect()
+        gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()

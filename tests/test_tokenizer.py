@@ -1,7 +1,7 @@
 """Tokenizer ids against llama.cpp (llama-cpp-python, vocab_only) on two vocabularies:
 
 - the real SmolLM2-135M-Instruct GGUF (gpt2 byte-level BPE, pre-tokenizer "smollm");
-- a Phi-3-shaped SentencePiece vocabulary (`phimlx.synthetic_vocab`, Phi-3's added tokens at
+- a Phi-3-shaped SentencePiece vocabulary (`phimlx.testing.vocab`, Phi-3's added tokens at
   their real ids and types), written as a tokenizer-only GGUF named "Phi3" so that llama.cpp
   applies Phi-3's strip-whitespace-after-special rule.
 
@@ -19,7 +19,7 @@ import pytest
 
 from phimlx.errors import GGUFError, UnsupportedModelError
 from phimlx.gguf import open_gguf
-from phimlx.synthetic_vocab import phi3_like_vocab, write_vocab_gguf
+from phimlx.testing.vocab import phi3_like_vocab, write_vocab_gguf
 from phimlx.tokenizer import Tokenizer
 
 CORPUS = [

@@ -49,7 +49,7 @@ def cpu_model() -> str:
 
 def physical_cores() -> int | None:
     """Physical cores: the NumPy backend's default thread count (hyperthreads not counted)."""
-    from fallback.kernels import physical_cores as cores
+    from fallback.threads import physical_cores as cores
 
     return cores()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phimlx.gguf import open_gguf
-from phimlx.synthetic import MIXES, PHI3_MINI, PHI3_MINI_128K, SyntheticSpec, ensure_model
+from phimlx.testing.models import MIXES, PHI3_MINI, PHI3_MINI_128K, SyntheticSpec, ensure_model
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def synthetic_spec(name: str) -> SyntheticSpec | None:
         )
     # Tokenizer metadata lets llama.cpp and transformers load the file too; the benchmark
     # itself drives every engine with token ids.
-    has_vocab = importlib.util.find_spec("phimlx.synthetic_vocab") is not None
+    has_vocab = importlib.util.find_spec("phimlx.testing.vocab") is not None
     return SyntheticSpec(**SHAPES[shape], mix=mix, tokenizer=has_vocab)  # type: ignore[arg-type]
 
 
@@ -89,7 +89,7 @@ def resolve(
     """Find (or make, once) the model ``name`` names.
 
     Args:
-        name: ``phi3-mini:Q4_K_M`` (any mix of `phimlx.synthetic.MIXES`; also
+        name: ``phi3-mini:Q4_K_M`` (any mix of `phimlx.testing.models.MIXES`; also
             ``phi3-mini-128k:...``), ``SmolLM2``, or a path to a ``.gguf`` file.
         cache_dir: where synthetic models live (default ``$PHIMLX_SYNTHETIC_DIR`` or
             ``~/.cache/phimlx/synthetic``).

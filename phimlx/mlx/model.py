@@ -24,7 +24,7 @@ from ..backends import checked_tokens
 from ..config import ModelConfig
 from ..gguf import GGMLType, ModelFile
 from .quant import GROUP, Quantized
-from .weights import iter_weights, layout, mlx_lm_config
+from .weights import iter_weights, mlx_lm_config, mlx_lm_module_name
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def build_model(
     dtype = dtype or compute_dtype()
     np_scale = np.float32 if dtype == mx.float32 else np.float16
     args_dict = mlx_lm_config(config)
-    mod = phi3 if layout(config) == "phi3" else llama
+    mod = phi3 if mlx_lm_module_name(config) == "phi3" else llama
     model = mod.Model(mod.ModelArgs.from_dict(args_dict))
 
     params: dict[str, mx.array] = {}
@@ -128,7 +128,7 @@ class MLXModel:
         self._rope = _install_rope(self.model, config)
         log.info(
             "MLX model ready: %s layout, %.1f MB on %s, activations %s",
-            layout(config),
+            mlx_lm_module_name(config),
             self.weight_bytes / 1e6,
             mx.default_device(),
             self.dtype,

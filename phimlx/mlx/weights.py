@@ -20,7 +20,7 @@ from ..gguf import GGMLType, ModelFile
 from .quant import FLOAT_TYPES, MLX_BITS, Quantized, convert_rows
 
 
-def layout(config: ModelConfig) -> str:
+def mlx_lm_module_name(config: ModelConfig) -> str:
     """The mlx-lm architecture module that fits this file's tensors: ``phi3`` needs fused
     qkv and gate-up and ``head_dim * n_heads == hidden`` (its attention assumes it);
     everything else runs as ``llama``, with fused tensors split by rows (exact: MLX
@@ -45,7 +45,7 @@ class Target:
 
 def tensor_map(config: ModelConfig) -> dict[str, list[Target]]:
     """GGUF tensor name -> the mlx-lm module paths that receive it."""
-    c, kind = config, layout(config)
+    c, kind = config, mlx_lm_module_name(config)
     q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     m: dict[str, list[Target]] = {
         "token_embd.weight": [Target("model.embed_tokens")],
@@ -87,7 +87,7 @@ def tensor_map(config: ModelConfig) -> dict[str, list[Target]]:
 def mlx_lm_config(config: ModelConfig, mf: ModelFile | None = None) -> dict[str, Any]:
     """The ``config.json`` dict mlx-lm builds this model from (without quantization)."""
     c = config
-    kind = layout(c)
+    kind = mlx_lm_module_name(c)
     d: dict[str, Any] = {
         "model_type": kind,
         "hidden_size": c.hidden_size,
@@ -124,8 +124,8 @@ def mlx_lm_config(config: ModelConfig, mf: ModelFile | None = None) -> dict[str,
             if isinstance(md.get(key), int):
                 d[out] = md[key]
         tokens = md.get("tokenizer.ggml.tokens")
-        if isinstance(tokens, list) and c.spec.stop_tokens:
-            ids = {tokens.index(t) for t in c.spec.stop_tokens if t in tokens}
+        if isinstance(tokens, list) and c.arch.stop_tokens:
+            ids = {tokens.index(t) for t in c.arch.stop_tokens if t in tokens}
             if "eos_token_id" in d:
                 ids.add(d["eos_token_id"])
             d["eos_token_id"] = sorted(ids)

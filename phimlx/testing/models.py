@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf import TYPE_SIZES, GGMLType
+from ..gguf import TYPE_SIZES, GGMLType
 
 # Shapes of the real models.
 PHI3_MINI = dict(n_layers=32, hidden=3072, ffn=8192, n_heads=32, n_kv_heads=32, context=4096)
@@ -206,7 +206,7 @@ def write_model(
     if spec.original_context:
         w.add_uint32(f"{arch}.rope.scaling.original_context_length", spec.original_context)
     if spec.tokenizer:
-        from .synthetic_vocab import add_vocab_to_writer, phi3_like_vocab
+        from .vocab import add_vocab_to_writer, phi3_like_vocab
 
         add_vocab_to_writer(w, phi3_like_vocab(vocab), chat_template=spec.chat_template)
 

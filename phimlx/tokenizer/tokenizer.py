@@ -20,7 +20,7 @@ and so do we:
 
 Decoding is ours: each token's bytes (`Tokenizer.token_bytes`) joined and read as UTF-8.
 
-The vocabulary is read in `phimlx.vocab`; the ``tokenizers`` models are built in `phimlx.bpe`.
+The vocabulary is read in `vocab`; the ``tokenizers`` models are built in `models`.
 """
 
 from __future__ import annotations
@@ -35,19 +35,17 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from .bpe import PRE_TOKENIZERS
-from .gguf import ModelFile
+from ..gguf import ModelFile
 from .vocab import (
     _NORMAL,
     _PARTITIONED,
     _SPECIAL,
     _SPM_SPACE,
-    TokenAttr,
     gguf_tokenizer_args,
     json_tokenizer_args,
 )
 
-__all__ = ["Tokenizer", "TokenAttr", "PRE_TOKENIZERS"]
+__all__ = ["Tokenizer"]
 
 log = logging.getLogger(__name__)
 

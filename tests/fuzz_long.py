@@ -1,7 +1,7 @@
-"""Fuzz phimlx's GGUF loader at length (issue 8).
+"""Fuzz phimlx's GGUF loader at length.
 
-    python bench/fuzz_long.py --examples 100000 --seed 1    # random structure-aware mutations
-    python bench/fuzz_long.py --atheris -- -max_total_time=3600   # coverage-guided (atheris)
+    python tests/fuzz_long.py --examples 100000 --seed 1    # random structure-aware mutations
+    python tests/fuzz_long.py --atheris -- -max_total_time=3600   # coverage-guided (atheris)
 
 The random mode is the CI campaign of tests/test_fuzz_gguf.py run longer, in chunks of
 child processes so that a hard crash is reported with its file and the run goes on.
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
+TESTS = Path(__file__).resolve().parent
 
 
 def random_mode(args: argparse.Namespace) -> int:
@@ -59,7 +59,7 @@ def atheris_mode(extra: list[str]) -> int:
         import phimlx.config  # noqa: F401
         import phimlx.gguf  # noqa: F401
         import phimlx.tokenizer  # noqa: F401
-    import gguf_craft as gc
+    import craft
     import test_fuzz_gguf as fz
 
     workdir = Path(tempfile.mkdtemp(prefix="phimlx-atheris-", dir="/dev/shm"))
@@ -72,7 +72,7 @@ def atheris_mode(extra: list[str]) -> int:
 
     def one(data: bytes) -> None:
         path.write_bytes(data)
-        with gc.time_bound(fz.EXAMPLE_TIMEOUT):
+        with craft.time_bound(fz.EXAMPLE_TIMEOUT):
             fz.check(path, ["numpy"])  # anything but GGUFError propagates: a finding
 
     if not any(e.startswith("-artifact_prefix") for e in extra):

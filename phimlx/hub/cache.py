@@ -1,9 +1,9 @@
 """The hub cache on disk, as phimlx reads it without asking the network.
 
-Where the cache is (`_cache_dir`, with the environment of *now*), the per-call settings
-(`_Hub`), what it holds (`list_cached`, `_cached_snapshot`, the commit a branch pointed at),
+Where the cache is (`resolve_cache_dir`, with the environment of *now*), the per-call settings
+(`HubSettings`), what it holds (`list_cached`, `cached_snapshot`, the commit a branch pointed at),
 the repo listings phimlx keeps beside the snapshots (``phimlx-listings/<commit>.json``), and
-the removal of a bad entry (`_discard`).  The layout itself is ``huggingface_hub``'s.
+the removal of a bad entry (`discard`).  The layout itself is ``huggingface_hub``'s.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class CachedModel:
 
 
 @dataclass(frozen=True)
-class _Hub:
+class HubSettings:
     """Per-call settings, read from the arguments and the environment at call time."""
 
     cache_dir: Path
@@ -57,7 +57,7 @@ def list_cached(cache_dir: str | os.PathLike[str] | None = None) -> list[CachedM
     Returns:
         One `CachedModel` per GGUF file per cached revision; empty when there is no cache.
     """
-    root = _cache_dir(cache_dir)
+    root = resolve_cache_dir(cache_dir)
     try:
         info = scan_cache_dir(root)
     except hf_errors.CacheNotFound:
@@ -85,19 +85,19 @@ def list_cached(cache_dir: str | os.PathLike[str] | None = None) -> list[CachedM
 # ---------------------------------------------------------------- settings
 
 
-def _settings(
+def hub_settings(
     cache_dir: str | os.PathLike[str] | None, token: str | bool | None, local_files_only: bool
-) -> _Hub:
+) -> HubSettings:
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     offline = (
         local_files_only
         or constants.is_offline_mode()
         or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     )
-    return _Hub(_cache_dir(cache_dir), endpoint, token, offline)
+    return HubSettings(resolve_cache_dir(cache_dir), endpoint, token, offline)
 
 
-def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     """The hub cache, with huggingface_hub's precedence but the environment of *now*."""
     if cache_dir is None:
         env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
@@ -113,20 +113,20 @@ def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
 # ---------------------------------------------------------------- contents
 
 
-def _repo_dir(repo_id: str, cache_dir: Path) -> Path:
+def repo_dir(repo_id: str, cache_dir: Path) -> Path:
     return cache_dir / f"models--{repo_id.replace('/', '--')}"
 
 
-def _cached_commit(repo_id: str, revision: str | None, cache_dir: Path) -> str:
+def cached_commit(repo_id: str, revision: str | None, cache_dir: Path) -> str:
     """The commit a branch or tag pointed at when last seen (a commit hash is itself)."""
     rev = revision or "main"
-    ref = _repo_dir(repo_id, cache_dir) / "refs" / rev
+    ref = repo_dir(repo_id, cache_dir) / "refs" / rev
     return ref.read_text().strip() if ref.is_file() else rev
 
 
-def _cached_listing(repo_id: str, revision: str | None, cache_dir: Path) -> list[str] | None:
-    commit = _cached_commit(repo_id, revision, cache_dir)
-    listing = _repo_dir(repo_id, cache_dir) / "phimlx-listings" / f"{commit}.json"
+def cached_listing(repo_id: str, revision: str | None, cache_dir: Path) -> list[str] | None:
+    commit = cached_commit(repo_id, revision, cache_dir)
+    listing = repo_dir(repo_id, cache_dir) / "phimlx-listings" / f"{commit}.json"
     try:
         files = json.loads(listing.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -134,15 +134,15 @@ def _cached_listing(repo_id: str, revision: str | None, cache_dir: Path) -> list
     return [str(f) for f in files] if isinstance(files, list) else None
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: Path) -> Path | None:
+def cached_snapshot(repo_id: str, revision: str | None, cache_dir: Path) -> Path | None:
     """The cached snapshot folder of ``revision`` (branch, tag or commit), if there is one."""
     snapshot = (
-        _repo_dir(repo_id, cache_dir) / "snapshots" / _cached_commit(repo_id, revision, cache_dir)
+        repo_dir(repo_id, cache_dir) / "snapshots" / cached_commit(repo_id, revision, cache_dir)
     )
     return snapshot if snapshot.is_dir() else None
 
 
-def _commit_of(path: Path, cache_dir: Path) -> str | None:
+def commit_of(path: Path, cache_dir: Path) -> str | None:
     """The commit hash of a file under ``<cache>/models--x--y/snapshots/<commit>/``."""
     try:
         parts = Path(os.path.abspath(path)).relative_to(cache_dir).parts
@@ -151,7 +151,7 @@ def _commit_of(path: Path, cache_dir: Path) -> str | None:
     return parts[2] if len(parts) > 3 and parts[1] == "snapshots" else None
 
 
-def _discard(path: Path, cache_dir: Path) -> None:
+def discard(path: Path, cache_dir: Path) -> None:
     """Delete a bad cache entry (snapshot link and blob); never touches files outside the cache."""
     link = Path(os.path.abspath(path))
     blob = link.resolve()
@@ -164,5 +164,5 @@ def _discard(path: Path, cache_dir: Path) -> None:
                 log.warning("could not delete the bad cache entry %s: %s", p, e)
 
 
-def _local_files(folder: Path) -> list[str]:
+def local_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

@@ -1,9 +1,9 @@
 """A tokenizer's vocabulary, read from GGUF ``tokenizer.ggml.*`` metadata or a tokenizer.json.
 
 `gguf_tokenizer_args` and `json_tokenizer_args` turn either source into the keyword
-arguments of `phimlx.tokenizer.Tokenizer`: every token's text, attributes (`TokenAttr`) and
+arguments of `tokenizer.Tokenizer`: every token's text, attributes (`TokenAttr`) and
 bytes, BOS / EOS and whether to add them, the stop ids, the special tokens that eat the
-whitespace after them, and a factory for the ``tokenizers`` model that encodes (`phimlx.bpe`).
+whitespace after them, and a factory for the ``tokenizers`` model that encodes (`models`).
 The rules are llama.cpp's (llama-vocab.cpp), so that the ids are its ids.
 """
 
@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from .bpe import (
+from ..config import ARCHITECTURES, strips_space_after_special
+from ..errors import GGUFError, UnsupportedModelError
+from .models import (
     PRE_TOKENIZERS,
     _bpe_backend,
     _byte_decoder_table,
@@ -30,8 +32,6 @@ from .bpe import (
     _pre_families,
     _spm_backend,
 )
-from .config import ARCHITECTURES
-from .errors import GGUFError, UnsupportedModelError
 
 __all__ = ["TokenAttr", "gguf_tokenizer_args", "json_tokenizer_args"]
 
@@ -102,7 +102,7 @@ def gguf_tokenizer_args(md: Mapping[str, Any], *, source: str) -> dict[str, Any]
     vocab = {t: i for i, t in enumerate(tokens)}
     arch = md.get("general.architecture")
     spec = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
-    name = str(md.get("general.name", "")).lower()
+    name = str(md.get("general.name", ""))
 
     if model == "llama":
         spm, default_bos, default_eos, add_bos = True, 1, 2, True
@@ -158,7 +158,7 @@ def gguf_tokenizer_args(md: Mapping[str, Any], *, source: str) -> dict[str, Any]
     stops.discard(None)
 
     rstrip: set[int] = set()
-    if (spec and spec.strip_space_after_special) or "phi3" in name or "phi-3" in name:
+    if strips_space_after_special(arch if isinstance(arch, str) else None, name):
         rstrip = set(np.flatnonzero(attrs & _PARTITIONED).tolist())
         rstrip.update(vocab[t] for t in ("</s>",) if t in vocab)
         rstrip.difference_update(vocab[t] for t in _NO_RSTRIP if t in vocab)

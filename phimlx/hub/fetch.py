@@ -26,8 +26,8 @@ from huggingface_hub import (
 )
 from huggingface_hub import errors as hf_errors
 
-from .errors import GGUFError, ModelNotFoundError, PhimlxError
-from .hub_cache import _discard, _Hub, _repo_dir
+from ..errors import GGUFError, ModelNotFoundError, PhimlxError
+from .cache import HubSettings, discard, repo_dir
 from .presets import PRESETS
 
 __all__ = ["CacheWriteError", "HubAccessError", "HubConnectionError", "HubError"]
@@ -54,7 +54,7 @@ class CacheWriteError(HubError):
 # ------------------------------------------------------------------- network
 
 
-def _repo_files(repo_id: str, revision: str | None, hub: _Hub) -> list[str]:
+def repo_files(repo_id: str, revision: str | None, hub: HubSettings) -> list[str]:
     """The repo's file list at ``revision`` (GET /api/models/{repo}/revision/{rev}), cached."""
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     try:
@@ -65,7 +65,7 @@ def _repo_files(repo_id: str, revision: str | None, hub: _Hub) -> list[str]:
         raise _translate(e, repo_id, "the file listing", revision, hub) from e
     files = sorted(s.rfilename for s in info.siblings or [])
     if info.sha:
-        listing = _repo_dir(repo_id, hub.cache_dir) / "phimlx-listings" / f"{info.sha}.json"
+        listing = repo_dir(repo_id, hub.cache_dir) / "phimlx-listings" / f"{info.sha}.json"
         try:
             listing.parent.mkdir(parents=True, exist_ok=True)
             tmp = listing.with_suffix(f".{os.getpid()}.tmp")
@@ -76,7 +76,9 @@ def _repo_files(repo_id: str, revision: str | None, hub: _Hub) -> list[str]:
     return files
 
 
-def _fetch(repo_id: str, filename: str, revision: str | None, hub: _Hub, refresh: bool) -> Path:
+def fetch_file(
+    repo_id: str, filename: str, revision: str | None, hub: HubSettings, refresh: bool
+) -> Path:
     """The cached file, or a download of it; no network call when it is cached (unless refresh)."""
     if not refresh or hub.offline:
         cached = try_to_load_from_cache(
@@ -86,7 +88,7 @@ def _fetch(repo_id: str, filename: str, revision: str | None, hub: _Hub, refresh
             log.info("using the cached %s", cached)
             return Path(cached)
         if hub.offline:
-            raise ModelNotFoundError(_offline_message(repo_id, filename, revision, hub))
+            raise ModelNotFoundError(offline_message(repo_id, filename, revision, hub))
     try:
         # A HEAD without huggingface_hub's retries first: a hub that does not answer fails
         # within HF_HUB_ETAG_TIMEOUT instead of after minutes of backing off, and a missing
@@ -111,7 +113,7 @@ def _fetch(repo_id: str, filename: str, revision: str | None, hub: _Hub, refresh
         raise _translate(e, repo_id, filename, revision, hub) from e
     if meta.size is not None and path.stat().st_size != meta.size:
         size = path.stat().st_size
-        _discard(path, hub.cache_dir)
+        discard(path, hub.cache_dir)
         raise (GGUFError if filename.endswith(".gguf") else HubError)(
             f"{repo_id}/{filename}: the cached file has {size} bytes but the hub announces "
             f"{meta.size}; it has been deleted from the cache: run again to re-download"
@@ -119,15 +121,15 @@ def _fetch(repo_id: str, filename: str, revision: str | None, hub: _Hub, refresh
     return path
 
 
-def _fetch_tokenizer(repo_id: str, hub: _Hub, refresh: bool) -> Path:
-    path = _fetch(repo_id, "tokenizer.json", None, hub, refresh)
+def fetch_tokenizer(repo_id: str, hub: HubSettings, refresh: bool) -> Path:
+    path = fetch_file(repo_id, "tokenizer.json", None, hub, refresh)
     try:
         with open(path, encoding="utf-8") as f:
             ok = isinstance(json.load(f), dict)
     except (OSError, ValueError):
         ok = False
     if not ok:
-        _discard(path, hub.cache_dir)
+        discard(path, hub.cache_dir)
         raise HubError(
             f"{repo_id}/tokenizer.json is not a JSON object (an incomplete download?); it has "
             "been deleted from the cache: run again to re-download"
@@ -135,7 +137,7 @@ def _fetch_tokenizer(repo_id: str, hub: _Hub, refresh: bool) -> Path:
     return path
 
 
-def _offline_message(repo_id: str, filename: str, revision: str | None, hub: _Hub) -> str:
+def offline_message(repo_id: str, filename: str, revision: str | None, hub: HubSettings) -> str:
     return (
         f"{repo_id}: {filename} (revision {revision or 'main'}) is not in the hub cache "
         f"{hub.cache_dir}, and the network is off (HF_HUB_OFFLINE=1 or local_files_only=True). "
@@ -146,7 +148,7 @@ def _offline_message(repo_id: str, filename: str, revision: str | None, hub: _Hu
 
 
 def _translate(
-    e: BaseException, repo_id: str, filename: str, revision: str | None, hub: _Hub
+    e: BaseException, repo_id: str, filename: str, revision: str | None, hub: HubSettings
 ) -> PhimlxError:
     """Turn what huggingface_hub (or the OS) raised into a typed error that says what to do."""
     what = f"{repo_id}/{filename} (revision {revision or 'main'}) from {hub.url}"
@@ -155,7 +157,7 @@ def _translate(
     if isinstance(e, hf_errors.OfflineModeIsEnabled) or (
         isinstance(e, hf_errors.LocalEntryNotFoundError) and hub.offline
     ):
-        return ModelNotFoundError(_offline_message(repo_id, filename, revision, hub))
+        return ModelNotFoundError(offline_message(repo_id, filename, revision, hub))
     if isinstance(e, hf_errors.GatedRepoError):
         return HubAccessError(
             f"{repo_id} is a gated repo: accept its conditions at {hub.url}/{repo_id}, then log "
@@ -236,14 +238,14 @@ def _transport_kind(e: BaseException) -> str | None:
     return None
 
 
-def _candidates(repo_id: str, revision: str | None, hub: _Hub) -> str:
+def _candidates(repo_id: str, revision: str | None, hub: HubSettings) -> str:
     """'; its GGUF files: ...' from the repo listing, or '' when it cannot be had."""
     try:
-        return f"; its GGUF files: {_listing(_repo_files(repo_id, revision, hub))}"
+        return f"; its GGUF files: {format_listing(repo_files(repo_id, revision, hub))}"
     except PhimlxError:
         return ""
 
 
-def _listing(files: list[str]) -> str:
+def format_listing(files: list[str]) -> str:
     ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
     return ", ".join(ggufs) if ggufs else "none"

@@ -85,8 +85,8 @@ TYPE_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.MXFP4: (32, 17),
 }
 
-# The types phimlx computes with (DESIGN.md); a file may hold others, but a model using them
-# is refused at load time with `UnsupportedModelError`.
+# The types phimlx computes with (both backends have kernels for them); a file may hold
+# others, but a model using them is refused at load time with `UnsupportedModelError`.
 SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(
     {
         GGMLType.F32,

@@ -1,7 +1,7 @@
 """numba row decoders: GGUF rows -> float32, for prefill tiles, embeddings and the types
 without an in-register matvec (Q2_K, Q3_K, F16, BF16).
 
-The layouts are documented in `phimlx.quants`; these loops follow the same bit positions and
+The layouts are documented in `phimlx.gguf.quants`; these loops follow the same bit positions and
 are tested against it.  ``code`` is the `GGMLType` value; every kernel is compiled once for all
 types (a branch per row costs nothing next to the row itself).
 """

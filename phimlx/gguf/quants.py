@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import GGUFError, UnsupportedModelError
-from .gguf import TYPE_SIZES, GGMLType
+from ..errors import GGUFError, UnsupportedModelError
+from .format import TYPE_SIZES, GGMLType
 
 QK_K = 256
 # Rows decoded per step by `dequantize`, so temporaries stay near 4x this many weights.

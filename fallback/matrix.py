@@ -4,16 +4,18 @@
 decoded whole:
 
 - ``matvec`` (decode) reads the blocks in place.  On AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
-  Q6_K, F16 and BF16 run row loops written as LLVM IR (`_simd`).  By default the quantized
+  Q6_K, F16 and BF16 run row loops written as LLVM IR (`kernels.avx2`).  By default the quantized
   types there take ``x`` quantized to int8 per 32 values and integer dot products
   (vpmaddubsw), as llama.cpp does (1.2-1.6x faster decoding); ``int8_activations=False`` or
   ``PHIMLX_INT8_ACTIVATIONS=0`` selects float activations, exact to float32 rounding (F16 and
-  BF16 are always float).  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type dequantizes in
-  float registers (`_matvec_nb`); Q2_K and Q3_K decode one row at a time into a small buffer
-  (`_dequant_nb.mv_deq`); F32 goes straight to BLAS.  ``matvec_many`` runs matrices that
-  share ``x`` (q|k|v, gate|up) as one parallel call; every matvec can write into ``out``.
-- ``matmul`` (prefill) decodes a tile of rows at a time (`_simd` IR decoders, else numba; on
-  the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded
+  BF16 are always float).  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type
+  dequantizes in float registers (`kernels.numba_matvec`); Q2_K and Q3_K decode one row at a
+  time into a small buffer (`kernels.numba_decode.mv_deq`); F32 goes straight to BLAS.
+  ``matvec_many`` runs matrices that share ``x`` (q|k|v, gate|up) as one parallel call;
+  every matvec can write into ``out``.
+- ``matmul`` (prefill) decodes a tile of rows at a time (`kernels.avx2` IR decoders, else
+  numba; on the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays
+  bounded
   by one tile.
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are
   decoded by `phimlx.quants.dequantize_rows`: correct and memory-bounded, not fast.
@@ -21,216 +23,32 @@ decoded whole:
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from phimlx.errors import UnsupportedModelError
-from phimlx.gguf import TYPE_SIZES, GGMLType
-from phimlx.quants import DEQUANTIZABLE, dequantize_rows
+from phimlx.gguf import DEQUANTIZABLE, TYPE_SIZES, GGMLType, dequantize_rows
 
-log = logging.getLogger(__name__)
+from . import kernels
+from .kernels import (
+    AVX2_FLOAT,
+    F16_TABLE,
+    NUMBA_REGISTER_MATVEC,
+    avx2_kernels,
+    int8_activations_default,
+    int8_kernel_available,
+    numba_available,
+    numba_kernels,
+)
 
 # Bytes of float32 one decoded tile may take (matmul, the NumPy path's matvec, take_rows).
 TILE_BYTES = 8 << 20
 
 # Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.
 SERIAL_WEIGHTS = 1 << 18
-
-_nb: Any = None  # the numba kernel modules, imported on first use
-_nb_error: str | None = None
-_simd: Any = None  # the AVX2 matvec kernels module, or False where the CPU lacks AVX2
-
-
-def _numba_disabled() -> bool:
-    return os.environ.get("PHIMLX_NO_NUMBA", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _kernels() -> Any:
-    """Import the numba kernels once; None if numba is missing, broken or disabled."""
-    global _nb, _nb_error
-    if _nb is None and _nb_error is None:
-        try:
-            from . import _dequant_nb, _matvec_nb
-
-            _nb = (_matvec_nb, _dequant_nb)
-        except Exception as e:  # ImportError, or numba failing to initialise on this platform
-            _nb_error = f"{type(e).__name__}: {e}"
-            log.info("numba kernels unavailable (%s); using the NumPy path", _nb_error)
-    return _nb
-
-
-def int8_activations_default() -> bool:
-    """Whether matrices use the int8-activation kernels where they exist, unless told: yes,
-    unless ``PHIMLX_INT8_ACTIVATIONS`` is ``0`` / ``false`` / ``no`` / ``off``."""
-    v = os.environ.get("PHIMLX_INT8_ACTIVATIONS", "").strip().lower()
-    return v not in ("0", "false", "no", "off")
-
-
-def int8_kernel_available(qtype: GGMLType, cols: int) -> bool:
-    """True if a ``qtype`` matrix of ``cols`` columns has an int8-activation matvec kernel
-    here (numba, an AVX2 CPU, Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, whole groups of 32)."""
-    return (
-        qtype in _SIMD_MATVEC
-        and cols % 32 == 0
-        and numba_available()
-        and _simd_kernels() is not None
-    )
-
-
-def _simd_kernels() -> Any:
-    """The AVX2 matvec kernels (`_simd`), or None (no numba, no AVX2)."""
-    global _simd
-    if _simd is None:
-        _simd = False
-        if _kernels() is not None:
-            try:
-                from . import _simd as mod
-
-                _simd = mod if mod.AVAILABLE else False
-            except Exception as e:  # an LLVM without the x86 intrinsics, ...
-                log.info("AVX2 matvec kernels unavailable (%s: %s)", type(e).__name__, e)
-    return _simd or None
-
-
-def numba_available() -> bool:
-    """True if the numba kernels can be used (numba imports and PHIMLX_NO_NUMBA is not set)."""
-    return not _numba_disabled() and _kernels() is not None
-
-
-# A float32 for every float16 bit pattern: the kernels decode block scales with one lookup.
-_F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-_F16_TABLE = _F16_TABLE.astype(np.float32)
-
-
-def physical_cores() -> int:
-    """Physical cores (hyperthreads share a core's vector units: more threads do not help)."""
-    try:  # optional; knows macOS and Windows too
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    pairs: set[tuple[str, str]] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            phys = "0"
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "physical id":
-                    phys = value.strip()
-                elif key.strip() == "core id":
-                    pairs.add((phys, value.strip()))
-    except OSError:
-        pass
-    return len(pairs) or os.cpu_count() or 1
-
-
-def _set_blas_threads(n: int) -> bool:
-    """Limit the BLAS behind NumPy to ``n`` threads (threadpoolctl, else OpenBLAS via ctypes)."""
-    try:
-        import threadpoolctl
-
-        threadpoolctl.threadpool_limits(limits=n, user_api="blas")
-        return True
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln}
-    except OSError:
-        return False
-    done = False
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                done = True
-                break
-    return done
-
-
-def set_threads(n: int | None = None) -> int:
-    """Set the threads used by the numba kernels and by BLAS.
-
-    Args:
-        n: thread count; None means the number of physical cores.
-
-    Returns:
-        The count in effect (capped by numba's maximum, ``NUMBA_NUM_THREADS``).
-    """
-    want = physical_cores() if n is None else int(n)
-    want = max(1, want)
-    if numba_available():
-        import numba
-
-        want = min(want, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(want)
-    if not _set_blas_threads(want):
-        log.debug("could not set BLAS threads (no threadpoolctl, no OpenBLAS found)")
-    return want
-
-
-# The types with AVX2 kernels in `_simd` (float and int8 activations): name suffixes.
-_SIMD_MATVEC = {
-    GGMLType.Q4_0: "q4_0",
-    GGMLType.Q4_1: "q4_1",
-    GGMLType.Q8_0: "q8_0",
-    GGMLType.Q4_K: "q4_k",
-    GGMLType.Q5_K: "q5_k",
-    GGMLType.Q6_K: "q6_k",
-}
-# ... and with float activations only (columns a multiple of 32).
-_SIMD_FLOAT = {**_SIMD_MATVEC, GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
-
-# The types with an in-register float matvec kernel in `_matvec_nb` (no AVX2, Q5_0, Q5_1);
-# the rest decode per row (`mv_deq`).
-_REGISTER_MATVEC = frozenset(
-    {
-        GGMLType.Q8_0,
-        GGMLType.Q4_0,
-        GGMLType.Q4_1,
-        GGMLType.Q5_0,
-        GGMLType.Q5_1,
-        GGMLType.Q4_K,
-        GGMLType.Q5_K,
-        GGMLType.Q6_K,
-    }
-)
-
-
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What the int8 kernels multiply with: ``x`` (float32, a multiple of 32 values) rounded
-    to int8 with one scale per 32 values, as ``(xq, dx, xs)``: int8 ``(n,)``, float32
-    ``(n/32,)`` scales (max|x| / 127 per group) and ``dx * sum(xq)`` per group; the vector
-    is ``x_hat = xq * dx`` (per group).
-
-    Raises:
-        ValueError: no int8 kernels here, or ``x`` is not whole groups of 32.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    if _simd_kernels() is None:
-        raise ValueError("int8 activations need numba and an AVX2 CPU")
-    if x.size % 32:
-        raise ValueError(f"int8 activations need a multiple of 32 values, got {x.size}")
-    return _simd.quantized(x)
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -272,16 +90,16 @@ def matvec_many(
 
 
 def _fused_kernel(mats: list[QuantMatrix]) -> tuple[Any, list[np.ndarray]] | None:
-    """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one `_simd` call
+    """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one `kernels.avx2` call
     as ``kernel(w1, w2, w3, x, out)`` (unused slots are empty), for 1-3 matrices of one type
     with AVX2 kernels, the same columns and activation kind; else None.  One thread below
     `SERIAL_WEIGHTS` weights."""
     m0 = mats[0]
     if not (
         1 <= len(mats) <= 3
-        and m0._simd
+        and m0._avx2
         and all(
-            m._simd and m.qtype == m0.qtype and m.cols == m0.cols and m._int8 == m0._int8
+            m._avx2 and m.qtype == m0.qtype and m.cols == m0.cols and m._int8 == m0._int8
             for m in mats
         )
         and len({m.raw.flags.writeable for m in mats}) == 1
@@ -289,7 +107,7 @@ def _fused_kernel(mats: list[QuantMatrix]) -> tuple[Any, list[np.ndarray]] | Non
         return None
     kind = "mv" if m0._int8 else "fv"
     serial = "1_" if sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS else "_"
-    kernel = getattr(_simd, f"{kind}{serial}{_SIMD_FLOAT[m0.qtype]}")
+    kernel = getattr(avx2_kernels(), f"{kind}{serial}{AVX2_FLOAT[m0.qtype]}")
     return kernel, [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
 
 
@@ -373,16 +191,18 @@ class QuantMatrix:
         if use_numba is None:
             use_numba = numba_available()
         elif use_numba and not numba_available():
-            raise ValueError(f"numba kernels were requested but are unavailable ({_nb_error})")
+            raise ValueError(
+                f"numba kernels were requested but are unavailable ({kernels.numba_error})"
+            )
         self.use_numba = bool(use_numba) and self.raw.flags.c_contiguous
         self._tile_rows = max(1, min(self.rows, TILE_BYTES // (4 * self.cols)))
-        self._simd = (
+        self._avx2 = (
             self.use_numba
-            and self.qtype in _SIMD_FLOAT
+            and self.qtype in AVX2_FLOAT
             and self.cols % 32 == 0
-            and _simd_kernels() is not None
+            and avx2_kernels() is not None
         )
-        int8_ok = self._simd and int8_kernel_available(self.qtype, self.cols)
+        int8_ok = self._avx2 and int8_kernel_available(self.qtype, self.cols)
         if int8_activations is None:
             int8_activations = int8_ok and int8_activations_default()
         elif int8_activations and not int8_ok:
@@ -391,8 +211,8 @@ class QuantMatrix:
                 "(needs numba, an AVX2 CPU and Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K)"
             )
         self._int8 = bool(int8_activations)
-        self._empty = _empty_like_rows(self.raw) if self._simd else None
-        self._own_kernel = _fused_kernel([self]) if self._simd else None  # for `matvec`
+        self._empty = _empty_like_rows(self.raw) if self._avx2 else None
+        self._own_kernel = _fused_kernel([self]) if self._avx2 else None  # for `matvec`
 
     def __repr__(self) -> str:
         path = "numba" if self.use_numba else "numpy"
@@ -420,7 +240,7 @@ class QuantMatrix:
             out = np.empty(self.rows, dtype=np.float32)
         elif out.shape != (self.rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 ({self.rows},)")
-        if self._simd:
+        if self._avx2:
             x = np.ascontiguousarray(x, dtype=np.float32)
             if x.shape != (self.cols,):
                 raise ValueError(f"x has shape {x.shape}, the matrix {self.cols} columns")
@@ -436,38 +256,38 @@ class QuantMatrix:
                 tile = dequantize_rows(self.raw[r0 : r0 + self._tile_rows], self.qtype)
                 out[r0 : r0 + tile.shape[0]] = tile @ x  # (tile_rows,)
             return out
-        mv, dq = _kernels()
+        mv, dq = numba_kernels()
         w, t, qk, bs = self.raw, self.qtype, self.block, self.block_bytes
-        if t not in _REGISTER_MATVEC:
-            dq.mv_deq(w, w.view(np.int8), int(t), bs, x, _F16_TABLE, out)
+        if t not in NUMBA_REGISTER_MATVEC:
+            dq.mv_deq(w, w.view(np.int8), int(t), bs, x, F16_TABLE, out)
         elif t == GGMLType.Q4_K:
-            mv.mv_q4_k(w, x, self._xsums(x, 32), _F16_TABLE, out, qk, bs, 32)
+            mv.mv_q4_k(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs, 32)
         elif t == GGMLType.Q6_K:
-            mv.mv_q6_k(w, w.view(np.int8), x, self._xsums(x, 16), _F16_TABLE, out, qk, bs, 16)
+            mv.mv_q6_k(w, w.view(np.int8), x, self._xsums(x, 16), F16_TABLE, out, qk, bs, 16)
         elif t == GGMLType.Q5_K:
-            mv.mv_q5_k(w, x, self._xsums(x, 32), _F16_TABLE, out, qk, bs, 32)
+            mv.mv_q5_k(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs, 32)
         elif t == GGMLType.Q8_0:
-            mv.mv_q8_0(w, w.view(np.int8), x, self._xsums(x, 32), _F16_TABLE, out, qk, bs)
+            mv.mv_q8_0(w, w.view(np.int8), x, self._xsums(x, 32), F16_TABLE, out, qk, bs)
         elif t == GGMLType.Q4_0:
-            mv.mv_q4_0(w, x, self._xsums(x, 32), _F16_TABLE, out, qk, bs)
+            mv.mv_q4_0(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs)
         elif t == GGMLType.Q4_1:
-            mv.mv_q4_1(w, x, self._xsums(x, 32), _F16_TABLE, out, qk, bs)
+            mv.mv_q4_1(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs)
         else:  # Q5_0, Q5_1
             has_min = t == GGMLType.Q5_1
-            mv.mv_q5(w, x, self._xsums(x, 32), _F16_TABLE, out, qk, bs, has_min)
+            mv.mv_q5(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs, has_min)
         return out
 
     def _decode_range(self, r0: int, out: np.ndarray) -> np.ndarray:
         """Rows ``r0 .. r0 + len(out)`` decoded into ``out`` (float32 ``(n, cols)``), on the
         calling thread (the tile goes on to a multi-threaded sgemm)."""
         n = out.shape[0]
-        if self._simd:
-            getattr(_simd, "dq_" + _SIMD_FLOAT[self.qtype])(self.raw, r0, out)
+        if self._avx2:
+            getattr(avx2_kernels(), "dq_" + AVX2_FLOAT[self.qtype])(self.raw, r0, out)
             return out
         if self.use_numba:
-            dq = _kernels()[1]
+            dq = numba_kernels()[1]
             w, t, bs = self.raw, int(self.qtype), self.block_bytes
-            dq.deq_range_serial(w, w.view(np.int8), r0, t, bs, _F16_TABLE, out)
+            dq.deq_range_serial(w, w.view(np.int8), r0, t, bs, F16_TABLE, out)
             return out
         out[:] = dequantize_rows(self.raw[r0 : r0 + n], self.qtype)
         return out
@@ -505,12 +325,12 @@ class QuantMatrix:
             return self._f32()[ids]
         out = np.empty((ids.size, self.cols), dtype=np.float32)  # (n, cols)
         if self.use_numba:
-            dq = _kernels()[1]
+            dq = numba_kernels()[1]
             w, t, bs = self.raw, int(self.qtype), self.block_bytes
             if ids.size == 1:  # a decode step: one row, no thread launch
-                dq.deq_range_serial(w, w.view(np.int8), int(ids[0]), t, bs, _F16_TABLE, out)
+                dq.deq_range_serial(w, w.view(np.int8), int(ids[0]), t, bs, F16_TABLE, out)
             else:
-                dq.deq_rows(w, w.view(np.int8), ids, t, bs, _F16_TABLE, out)
+                dq.deq_rows(w, w.view(np.int8), ids, t, bs, F16_TABLE, out)
             return out
         for i0 in range(0, ids.size, self._tile_rows):
             part = ids[i0 : i0 + self._tile_rows]

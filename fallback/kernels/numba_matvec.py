@@ -1,8 +1,8 @@
 """numba matrix-vector kernels that read GGUF blocks in place: the portable decode path (CPUs
-without AVX2, and Q5_0/Q5_1 everywhere); AVX2 CPUs run `_simd`'s LLVM IR kernels instead.
+without AVX2, and Q5_0/Q5_1 everywhere); AVX2 CPUs run `avx2`'s LLVM IR kernels instead.
 
 One kernel per type: ``out[r] = W[r] . x`` with the weights decoded in registers.  Layouts are
-in `phimlx.quants`.  What makes them fast (measured on AVX2; see bench/kernels.py):
+in `phimlx.gguf.quants`.  What makes them fast (measured on AVX2; see bench/kernels.py):
 
 - Indices are ``uint64``: signed indices make numba emit a negative-index wraparound per load,
   which turns vector loads into byte gathers.

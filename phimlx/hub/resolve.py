@@ -12,12 +12,11 @@
 - every failure becomes a typed error that says what happened and what to do.
 
 ``huggingface_hub`` reads its environment once, at import; the variables that choose the
-cache, the endpoint and offline mode are read again at each call (`hub_cache._settings`), so
+cache, the endpoint and offline mode are read again at each call (`cache.hub_settings`), so
 a process (or a test) that sets them later is still obeyed.
 
-Presets live in `phimlx.presets`, the cache on disk is read in `phimlx.hub_cache`, and the
-network (with its error messages) is `phimlx.hub_fetch`; their public names are importable
-from here.
+Presets live in `presets`, the cache on disk is read in `cache`, and the network (with its
+error messages) is `fetch`; the package's ``__init__`` exposes the public names of all four.
 """
 
 from __future__ import annotations
@@ -28,46 +27,25 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GGUFError, ModelNotFoundError
-from .gguf import open_gguf
-from .hub_cache import (
-    CachedModel,
-    _cached_listing,
-    _cached_snapshot,
-    _commit_of,
-    _discard,
-    _Hub,
-    _local_files,
-    _settings,
-    list_cached,
+from ..errors import GGUFError, ModelNotFoundError
+from ..gguf import open_gguf
+from .cache import (
+    HubSettings,
+    cached_listing,
+    cached_snapshot,
+    commit_of,
+    discard,
+    hub_settings,
+    local_files,
 )
-from .hub_fetch import (
-    CacheWriteError,
-    HubAccessError,
-    HubConnectionError,
-    HubError,
-    _fetch,
-    _fetch_tokenizer,
-    _listing,
-    _offline_message,
-    _repo_files,
+from .fetch import (
+    fetch_file,
+    fetch_tokenizer,
+    format_listing,
+    offline_message,
+    repo_files,
 )
-from .presets import DEFAULT_MODEL, PRESETS, Preset, _bundled
-
-__all__ = [
-    "DEFAULT_MODEL",
-    "PRESETS",
-    "CacheWriteError",
-    "CachedModel",
-    "HubAccessError",
-    "HubConnectionError",
-    "HubError",
-    "Preset",
-    "ResolvedModel",
-    "download",
-    "list_cached",
-    "resolve_model",
-]
+from .presets import PRESETS, bundled_file
 
 
 @dataclass(frozen=True)
@@ -130,7 +108,7 @@ def resolve_model(
         filename,
         revision,
         tokenizer_repo,
-        _settings(cache_dir, token, local_files_only),
+        hub_settings(cache_dir, token, local_files_only),
         refresh=False,
     )
 
@@ -170,7 +148,7 @@ def download(
         filename,
         revision,
         tokenizer_repo,
-        _settings(cache_dir, token, local_files_only),
+        hub_settings(cache_dir, token, local_files_only),
         refresh=True,
     )
 
@@ -183,13 +161,13 @@ def _resolve(
     filename: str | None,
     revision: str | None,
     tokenizer_repo: str | None,
-    hub: _Hub,
+    hub: HubSettings,
     *,
     refresh: bool,
 ) -> ResolvedModel:
     path, repo_id, filename, commit = _resolve_gguf(model, filename, revision, hub, refresh)
     tokenizer_json = (
-        _fetch_tokenizer(tokenizer_repo, hub, refresh) if tokenizer_repo is not None else None
+        fetch_tokenizer(tokenizer_repo, hub, refresh) if tokenizer_repo is not None else None
     )
     return ResolvedModel(path, repo_id, filename, commit, tokenizer_json)
 
@@ -198,7 +176,7 @@ def _resolve_gguf(
     model: str | os.PathLike[str],
     filename: str | None,
     revision: str | None,
-    hub: _Hub,
+    hub: HubSettings,
     refresh: bool,
 ) -> tuple[Path, str | None, str, str | None]:
     """(validated path, repo id, file name, commit) of the model's GGUF."""
@@ -210,13 +188,13 @@ def _resolve_gguf(
             )
         return _validated(local), None, local.name, None
     if local.is_dir():
-        path = local / _pick(_local_files(local), filename, where=f"directory {local}")
+        path = local / _pick(local_files(local), filename, where=f"directory {local}")
         return _validated(path), None, path.name, None
 
     name = str(model)
     preset = PRESETS.get(name.lower())
     if preset is not None:
-        bundled = _bundled(preset, filename, revision)
+        bundled = bundled_file(preset, filename, revision)
         if bundled is not None:
             return _validated(bundled), None, bundled.name, None
         repo_id, filename = preset.repo_id, filename or preset.filename
@@ -234,16 +212,16 @@ def _resolve_gguf(
         filename = next((p.filename for p in PRESETS.values() if p.repo_id == repo_id), None)
     if filename is None or _is_glob(filename):
         filename = _choose_file(repo_id, filename, revision, hub, refresh)
-    path = _fetch(repo_id, filename, revision, hub, refresh)
+    path = fetch_file(repo_id, filename, revision, hub, refresh)
     try:
         _validated(path)
     except GGUFError as e:
-        _discard(path, hub.cache_dir)
+        discard(path, hub.cache_dir)
         raise GGUFError(
             f"{repo_id}/{filename} in the cache is not a valid GGUF ({e}); the download was "
             "incomplete or corrupt and has been deleted from the cache: run again to re-download"
         ) from e
-    return path, repo_id, filename, _commit_of(path, hub.cache_dir)
+    return path, repo_id, filename, commit_of(path, hub.cache_dir)
 
 
 def _validated(path: Path) -> Path:
@@ -275,7 +253,7 @@ def _pick(files: list[str], pattern: str | None, *, where: str) -> str:
         if pattern in files:
             return pattern
         raise ModelNotFoundError(
-            f"{where} has no file {pattern!r}; its GGUF files: {_listing(files)}"
+            f"{where} has no file {pattern!r}; its GGUF files: {format_listing(files)}"
         )
     matches = _matches(files, pattern)
     if len(matches) == 1:
@@ -283,7 +261,7 @@ def _pick(files: list[str], pattern: str | None, *, where: str) -> str:
     shown = pattern or "*.gguf"
     if not matches:
         raise ModelNotFoundError(
-            f"no file in {where} matches {shown!r}; its GGUF files: {_listing(files)}"
+            f"no file in {where} matches {shown!r}; its GGUF files: {format_listing(files)}"
         )
     raise ModelNotFoundError(
         f"{len(matches)} files in {where} match {shown!r}: {', '.join(matches)}; "
@@ -292,7 +270,7 @@ def _pick(files: list[str], pattern: str | None, *, where: str) -> str:
 
 
 def _choose_file(
-    repo_id: str, pattern: str | None, revision: str | None, hub: _Hub, refresh: bool
+    repo_id: str, pattern: str | None, revision: str | None, hub: HubSettings, refresh: bool
 ) -> str:
     """Resolve a glob (or no filename) against the repo listing, cached or asked for.
 
@@ -300,14 +278,14 @@ def _choose_file(
     the same call gives the same answer whether the hub is reachable or not.
     """
     where = f"{repo_id} (revision {revision or 'main'})"
-    files = None if refresh else _cached_listing(repo_id, revision, hub.cache_dir)
+    files = None if refresh else cached_listing(repo_id, revision, hub.cache_dir)
     if files is None and hub.offline:
-        snapshot = _cached_snapshot(repo_id, revision, hub.cache_dir)
+        snapshot = cached_snapshot(repo_id, revision, hub.cache_dir)
         if snapshot is None:
-            raise ModelNotFoundError(_offline_message(repo_id, pattern or "*.gguf", revision, hub))
+            raise ModelNotFoundError(offline_message(repo_id, pattern or "*.gguf", revision, hub))
         # Downloaded by another tool: only the files it fetched are known.
-        files = _local_files(snapshot)
+        files = local_files(snapshot)
         where = f"the cached files of {where} (offline, and the repo listing is not cached)"
     if files is None:
-        files = _repo_files(repo_id, revision, hub)
+        files = repo_files(repo_id, revision, hub)
     return _pick(files, pattern, where=where)

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFError, UnsupportedModelError
-from .gguf_format import (
+from ..errors import GGUFError, UnsupportedModelError
+from .format import (
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     MAX_ARRAY_NESTING,
@@ -46,6 +46,7 @@ from .gguf_format import (
     GGMLType,
     ValueType,
 )
+from .quants import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ class ModelFile:
     def dequantize(self, name: str) -> np.ndarray:
         """The whole tensor as float32 (for small tensors and tests; the backends never do
         this for weight matrices)."""
-        from .quants import dequantize
-
         t = self.info(name)
         check_supported(t, self.path)
         return dequantize(self.raw(name), t.type, t.shape)

@@ -1,6 +1,6 @@
 """The ``tokenizers`` BPE models that encode text fragments as llama.cpp does.
 
-Both GGUF tokenizer models run as a ``tokenizers`` BPE (see `phimlx.tokenizer`):
+Both GGUF tokenizer models run as a ``tokenizers`` BPE (see `tokenizer`):
 
 - ``llama`` (SentencePiece): llama.cpp's merge rule -- join the adjacent pair whose
   concatenation is the best-scored piece -- is a BPE whose merges are all the (left, right)
