@@ -1,10 +1,11 @@
 """The MLX backend's model against an independent float reference (and the NumPy backend).
 
-The reference below is written from scratch in NumPy: weights from ``gguf.quants.dequantize``
-(not our decoders), full causal attention recomputed over the whole sequence, rope written
-out per style.  Greedy agreement is checked teacher-forced: at every step the reference's
-argmax must equal the MLX token wherever the reference's top-2 margin exceeds ``MARGIN``
-times the spread (std) of the logits.
+The reference is `phimlx.reference`: float64, full causal attention recomputed over the whole
+sequence, itself checked against transformers in ``test_reference.py``; its weights are decoded
+by ``phimlx.gguf.dequantize``, checked against gguf-py's in ``test_quants.py``.  Greedy
+agreement is checked teacher-forced: at every step the reference's argmax must equal the MLX
+token wherever the reference's top-2 margin exceeds ``MARGIN`` times the spread (std) of the
+logits.
 
 Q6_K, Q3_K and Q2_K are re-quantized for MLX (see ``phimlx/mlx/quant.py``; their error is
 bounded in ``test_mlx_quant.py``), so for files holding them the model is checked twice:
@@ -24,8 +25,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-import gguf.quants  # noqa: E402
-
+from phimlx import reference  # noqa: E402
 from phimlx.config import ModelConfig  # noqa: E402
 from phimlx.gguf import GGMLType, open_gguf  # noqa: E402
 from phimlx.mlx import load, probe  # noqa: E402
@@ -37,93 +37,33 @@ MARGIN_REQUANT = 0.2  # the same with Q6_K re-quantized: its logit error measure
 N_NEW = 32
 
 
-# ---------------------------------------------------------------- independent reference
+# ---------------------------------------------------------------- the reference
 
 
-def _weight(mf, name: str, held: bool = False) -> np.ndarray:
+def _held_weight(mf, name: str) -> np.ndarray:
+    """What the MLX backend holds for tensor ``name``: our re-quantization, decoded by MLX,
+    for the types it converts; the file's weights otherwise."""
     t = mf.tensors[name]
-    raw = np.asarray(mf.raw(name))
-    if held and t.type in MLX_BITS:  # what the MLX backend holds: our conversion, decoded by MLX
-        q = convert_rows(raw.reshape(t.shape[0], -1), t.type, np.float32)
-        w = mx.dequantize(
-            mx.array(q.weight),
-            mx.array(q.scales),
-            mx.array(q.biases),
-            group_size=q.group_size,
-            bits=q.bits,
-        )
-        return np.array(w).reshape(t.shape).astype(np.float64)
-    if t.type == GGMLType.F32:
-        return raw.view(np.float32).reshape(t.shape).astype(np.float64)
-    if t.type == GGMLType.F16:
-        return raw.view(np.float16).reshape(t.shape).astype(np.float64)
-    if t.type == GGMLType.BF16:
-        u = raw.view(np.uint16).astype(np.uint32) << 16
-        return u.view(np.float32).reshape(t.shape).astype(np.float64)
-    return gguf.quants.dequantize(raw, t.type.value).reshape(t.shape).astype(np.float64)
+    if t.type not in MLX_BITS:
+        return reference.weight(mf, name)
+    q = convert_rows(np.asarray(mf.raw(name)).reshape(t.shape[0], -1), t.type, np.float32)
+    w = mx.dequantize(
+        mx.array(q.weight),
+        mx.array(q.scales),
+        mx.array(q.biases),
+        group_size=q.group_size,
+        bits=q.bits,
+    )
+    return np.array(w).reshape(t.shape).astype(np.float64)
 
 
 def reference_logits(
     mf, c: ModelConfig, ids: list[int], context: int, held: bool = False
 ) -> np.ndarray:
-    """Logits (T, vocab) after each of ``ids``, float64, from scratch (``held``: with the
-    weights the MLX backend holds instead of the file's)."""
-    T = len(ids)
-    w = lambda n: _weight(mf, n, held)  # noqa: E731
-    hd, H, KV = c.head_dim, c.n_heads, c.n_kv_heads
-    d = c.rope_dim
-    inv = c.rope_base ** (-np.arange(0, d, 2) / d)
-    if c.rope_long_factors is not None:
-        long = context > c.rope_original_context
-        f = c.rope_long_factors if long or c.rope_short_factors is None else c.rope_short_factors
-        inv = inv / np.asarray(f)
-    ang = np.arange(T)[:, None] * inv[None]  # (T, d/2)
-    cos, sin = np.cos(ang)[:, None] * c.rope_attn_factor, np.sin(ang)[:, None] * c.rope_attn_factor
-
-    def rope(x):  # (T, heads, hd)
-        x = x.copy()
-        if c.rope_style == "neox":
-            a, b = x[..., : d // 2].copy(), x[..., d // 2 : d].copy()
-            x[..., : d // 2], x[..., d // 2 : d] = a * cos - b * sin, b * cos + a * sin
-        else:
-            a, b = x[..., 0:d:2].copy(), x[..., 1:d:2].copy()
-            x[..., 0:d:2], x[..., 1:d:2] = a * cos - b * sin, b * cos + a * sin
-        return x
-
-    def norm(x, name):
-        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + c.norm_eps) * w(name)
-
-    i, j = np.arange(T)[:, None], np.arange(T)[None]
-    allowed = j <= i
-    if c.sliding_window:
-        allowed &= i - j < c.sliding_window
-    x = w("token_embd.weight")[ids]
-    for li in range(c.n_layers):
-        b = f"blk.{li}."
-        h = norm(x, b + "attn_norm.weight")
-        if c.fused_qkv:
-            qkv = h @ w(b + "attn_qkv.weight").T
-            q, k, v = np.split(qkv, [H * hd, (H + KV) * hd], axis=-1)
-        else:
-            q, k, v = (h @ w(f"{b}attn_{n}.weight").T for n in "qkv")
-        q, k = rope(q.reshape(T, H, hd)), rope(k.reshape(T, KV, hd))
-        v = v.reshape(T, KV, hd)
-        rep = H // KV
-        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
-        s = np.where(allowed[None], s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        att = np.einsum("hts,shd->thd", p, v).reshape(T, H * hd)
-        x = x + att @ w(b + "attn_output.weight").T
-        h = norm(x, b + "ffn_norm.weight")
-        if c.fused_gate_up:
-            gate, up = np.split(h @ w(b + "ffn_up.weight").T, 2, axis=-1)
-        else:
-            gate, up = h @ w(b + "ffn_gate.weight").T, h @ w(b + "ffn_up.weight").T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ w(b + "ffn_down.weight").T
-    out = w("token_embd.weight" if c.tied_embeddings else "output.weight")
-    return norm(x, "output_norm.weight") @ out.T
+    """`phimlx.reference.logits` (``held``: with the weights the MLX backend holds instead of
+    the file's)."""
+    weights = (lambda name: _held_weight(mf, name)) if held else None
+    return reference.logits(mf, c, ids, context, weights=weights)
 
 
 # ---------------------------------------------------------------- helpers
@@ -278,7 +218,7 @@ def test_context_and_token_errors(model_dir: Path):
     mf = open_gguf(_spec_file(model_dir, "phi3-q4_0"))
     c = ModelConfig.from_gguf(mf)
     s = load(mf, c).new_session(4)
-    with pytest.raises(ContextLengthError, match="context of 4"):
+    with pytest.raises(ContextLengthError, match="context holds 4"):
         s.prefill([1, 2, 3, 4, 5])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         s.prefill([c.vocab_size])
