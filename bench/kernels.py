@@ -184,7 +184,7 @@ def main() -> None:
             copies = max(1, (args.working_set << 20) // raw.nbytes)
             sets.append([raw] + [np.roll(raw, i, axis=0) for i in range(1, copies)])
         kinds = [False]
-        if use_numba and kernels.avx2_kernels() is not None and qtype in kernels.AVX2_INT8:
+        if use_numba and kernels.int8_kernel_available(qtype, SHAPES[0][2]):
             kinds.append(True)
         for int8 in kinds:
             mats = [

@@ -1,7 +1,9 @@
 """Quantized matrix kernels of the NumPy backend: weights stay in their memory-mapped GGUF blocks.
 
 `QuantMatrix` is a weight matrix ``W`` (rows = out_features, cols = in_features) that is never
-decoded whole:
+decoded whole.  At construction it takes its kernels from `fallback.kernels.kernel_set` (the
+engine, AVX2 IR / numba / NumPy, chosen once per type and machine) and from then on only
+calls them:
 
 - ``matvec`` (decode) reads the blocks in place.  On AVX2 CPUs, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
   Q6_K, F16 and BF16 run row loops written as LLVM IR (`kernels.avx2`).  By default the quantized
@@ -10,41 +12,31 @@ decoded whole:
   ``PHIMLX_INT8_ACTIVATIONS=0`` selects float activations, exact to float32 rounding (F16 and
   BF16 are always float).  Elsewhere (no AVX2; Q5_0, Q5_1) a numba kernel per type
   dequantizes in float registers (`kernels.numba_matvec`); Q2_K and Q3_K decode one row at a
-  time into a small buffer (`kernels.numba_decode.mv_deq`); F32 goes straight to BLAS.
-  ``matvec_many`` runs matrices that share ``x`` (q|k|v, gate|up) as one parallel call;
-  every matvec can write into ``out``.
-- ``matmul`` (prefill) decodes a tile of rows at a time (`kernels.avx2` IR decoders, else
-  numba; on the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays
-  bounded
-  by one tile.
+  time into a small buffer (`kernels.numba_decode`); F32 goes straight to BLAS.
+  ``matvec_many`` runs matrices that share ``x`` (q|k|v, gate|up) as one call (on AVX2 one
+  parallel launch); every matvec can write into ``out``.
+- ``matmul`` (prefill) decodes a tile of rows at a time (the kernel set's ``decode_tile``, on
+  the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded by
+  one tile.
+- ``take_rows`` (the embedding lookup) decodes rows by id (``decode_rows``).
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are
-  decoded by `phimlx.quants.dequantize_rows`: correct and memory-bounded, not fast.
+  decoded by `phimlx.gguf.dequantize_rows`: correct and memory-bounded, not fast.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from phimlx.errors import UnsupportedModelError
-from phimlx.gguf import DEQUANTIZABLE, TYPE_SIZES, GGMLType, dequantize_rows
+from phimlx.gguf import DEQUANTIZABLE, TYPE_SIZES, GGMLType
 
 from . import kernels
-from .kernels import (
-    AVX2_FLOAT,
-    F16_TABLE,
-    NUMBA_REGISTER_MATVEC,
-    avx2_kernels,
-    int8_activations_default,
-    int8_kernel_available,
-    numba_available,
-    numba_kernels,
-)
+from .kernels import Matvec, MatvecFn, int8_activations_default, kernel_set, numba_available
 
-# Bytes of float32 one decoded tile may take (matmul, the NumPy path's matvec, take_rows).
+# Bytes of float32 one decoded prefill tile may take (`QuantMatrix.matmul`).
 TILE_BYTES = 8 << 20
 
 # Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.
@@ -63,10 +55,10 @@ def matvec_many(
     mats: list[QuantMatrix], x: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
     """``[W1; W2; ...] @ x`` for matrices sharing ``x`` (q|k|v, gate|up): float32
-    ``[sum of rows]``, the outputs concatenated.  Up to three matrices of one type with AVX2
-    kernels (same columns, same activation kind) run as a single parallel call (one launch,
-    ``x`` summed / quantized once); anything else falls back to one `QuantMatrix.matvec`
-    per matrix into slices of ``out``."""
+    ``[sum of rows]``, the outputs concatenated.  Up to three matrices with the same kernel
+    (type, engine, activation kind) and columns run as a single call (on AVX2 one parallel
+    launch, ``x`` summed / quantized once); anything else falls back to one
+    `QuantMatrix.matvec` per matrix into slices of ``out``."""
     n = sum(m.rows for m in mats)
     if out is None:
         out = np.empty(n, np.float32)
@@ -89,25 +81,20 @@ def matvec_many(
     return out
 
 
-def _fused_kernel(mats: list[QuantMatrix]) -> tuple[Any, list[np.ndarray]] | None:
-    """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one `kernels.avx2` call
-    as ``kernel(w1, w2, w3, x, out)`` (unused slots are empty), for 1-3 matrices of one type
-    with AVX2 kernels, the same columns and activation kind; else None.  One thread below
-    `SERIAL_WEIGHTS` weights."""
+def _fused_kernel(mats: list[QuantMatrix]) -> tuple[MatvecFn, list[np.ndarray]] | None:
+    """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one call as
+    ``kernel(w1, w2, w3, x, out)`` (unused slots are empty), for 1-3 matrices with the same
+    `kernels.Matvec` (type, engine, activation kind) and columns; else None.  The serial form
+    below `SERIAL_WEIGHTS` weights."""
     m0 = mats[0]
     if not (
         1 <= len(mats) <= 3
-        and m0._avx2
-        and all(
-            m._avx2 and m.qtype == m0.qtype and m.cols == m0.cols and m._int8 == m0._int8
-            for m in mats
-        )
-        and len({m.raw.flags.writeable for m in mats}) == 1
+        and all(m._matvec is m0._matvec and m.cols == m0.cols for m in mats)
+        and len({m.raw.flags.writeable for m in mats}) == 1  # one compiled signature
     ):
         return None
-    kind = "mv" if m0._int8 else "fv"
-    serial = "1_" if sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS else "_"
-    kernel = getattr(avx2_kernels(), f"{kind}{serial}{AVX2_FLOAT[m0.qtype]}")
+    small = sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS
+    kernel = m0._matvec.serial if small else m0._matvec.parallel
     return kernel, [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
 
 
@@ -196,13 +183,8 @@ class QuantMatrix:
             )
         self.use_numba = bool(use_numba) and self.raw.flags.c_contiguous
         self._tile_rows = max(1, min(self.rows, TILE_BYTES // (4 * self.cols)))
-        self._avx2 = (
-            self.use_numba
-            and self.qtype in AVX2_FLOAT
-            and self.cols % 32 == 0
-            and avx2_kernels() is not None
-        )
-        int8_ok = self._avx2 and int8_kernel_available(self.qtype, self.cols)
+        self.kernels = kernel_set(self.qtype, self.cols, use_numba=self.use_numba)
+        int8_ok = self.kernels.matvec_int8 is not None
         if int8_activations is None:
             int8_activations = int8_ok and int8_activations_default()
         elif int8_activations and not int8_ok:
@@ -211,18 +193,15 @@ class QuantMatrix:
                 "(needs numba, an AVX2 CPU and Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K)"
             )
         self._int8 = bool(int8_activations)
-        self._empty = _empty_like_rows(self.raw) if self._avx2 else None
-        self._own_kernel = _fused_kernel([self]) if self._avx2 else None  # for `matvec`
+        self._matvec: Matvec = self.kernels.matvec_int8 if self._int8 else self.kernels.matvec_float
+        self._empty = _empty_like_rows(self.raw)  # the unused slots of a matvec kernel
+        self._own_kernel = _fused_kernel([self])  # for `matvec`
 
     def __repr__(self) -> str:
-        path = "numba" if self.use_numba else "numpy"
-        return f"QuantMatrix({self.qtype.name}, {self.rows}x{self.cols}, {path})"
+        return f"QuantMatrix({self.qtype.name}, {self.rows}x{self.cols}, {self.kernels.engine})"
 
     def _f32(self) -> np.ndarray:
         return self.raw.view(np.float32)  # (rows, cols), F32 only
-
-    def _xsums(self, x: np.ndarray, group: int) -> np.ndarray:
-        return x.reshape(-1, group).sum(axis=1, dtype=np.float32)  # (cols / group,)
 
     @property
     def int8_activations(self) -> bool:
@@ -240,56 +219,11 @@ class QuantMatrix:
             out = np.empty(self.rows, dtype=np.float32)
         elif out.shape != (self.rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 ({self.rows},)")
-        if self._avx2:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            if x.shape != (self.cols,):
-                raise ValueError(f"x has shape {x.shape}, the matrix {self.cols} columns")
-            kernel, (w1, w2, w3) = self._own_kernel
-            kernel(w1, w2, w3, x, out)
-            return out
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(self.cols)
-        if self.qtype == GGMLType.F32:
-            np.matmul(self._f32(), x, out=out)
-            return out
-        if not self.use_numba:
-            for r0 in range(0, self.rows, self._tile_rows):
-                tile = dequantize_rows(self.raw[r0 : r0 + self._tile_rows], self.qtype)
-                out[r0 : r0 + tile.shape[0]] = tile @ x  # (tile_rows,)
-            return out
-        mv, dq = numba_kernels()
-        w, t, qk, bs = self.raw, self.qtype, self.block, self.block_bytes
-        if t not in NUMBA_REGISTER_MATVEC:
-            dq.mv_deq(w, w.view(np.int8), int(t), bs, x, F16_TABLE, out)
-        elif t == GGMLType.Q4_K:
-            mv.mv_q4_k(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs, 32)
-        elif t == GGMLType.Q6_K:
-            mv.mv_q6_k(w, w.view(np.int8), x, self._xsums(x, 16), F16_TABLE, out, qk, bs, 16)
-        elif t == GGMLType.Q5_K:
-            mv.mv_q5_k(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs, 32)
-        elif t == GGMLType.Q8_0:
-            mv.mv_q8_0(w, w.view(np.int8), x, self._xsums(x, 32), F16_TABLE, out, qk, bs)
-        elif t == GGMLType.Q4_0:
-            mv.mv_q4_0(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs)
-        elif t == GGMLType.Q4_1:
-            mv.mv_q4_1(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs)
-        else:  # Q5_0, Q5_1
-            has_min = t == GGMLType.Q5_1
-            mv.mv_q5(w, x, self._xsums(x, 32), F16_TABLE, out, qk, bs, has_min)
-        return out
-
-    def _decode_range(self, r0: int, out: np.ndarray) -> np.ndarray:
-        """Rows ``r0 .. r0 + len(out)`` decoded into ``out`` (float32 ``(n, cols)``), on the
-        calling thread (the tile goes on to a multi-threaded sgemm)."""
-        n = out.shape[0]
-        if self._avx2:
-            getattr(avx2_kernels(), "dq_" + AVX2_FLOAT[self.qtype])(self.raw, r0, out)
-            return out
-        if self.use_numba:
-            dq = numba_kernels()[1]
-            w, t, bs = self.raw, int(self.qtype), self.block_bytes
-            dq.deq_range_serial(w, w.view(np.int8), r0, t, bs, F16_TABLE, out)
-            return out
-        out[:] = dequantize_rows(self.raw[r0 : r0 + n], self.qtype)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape != (self.cols,):
+            raise ValueError(f"x has shape {x.shape}, the matrix {self.cols} columns")
+        kernel, (w1, w2, w3) = self._own_kernel
+        kernel(w1, w2, w3, x, out)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -307,7 +241,8 @@ class QuantMatrix:
         out = np.empty((x.shape[0], self.rows), dtype=np.float32)  # (n, rows)
         buf = np.empty((self._tile_rows, self.cols), dtype=np.float32)  # (tile, cols)
         for r0 in range(0, self.rows, self._tile_rows):
-            tile = self._decode_range(r0, buf[: min(self._tile_rows, self.rows - r0)])
+            tile = buf[: min(self._tile_rows, self.rows - r0)]
+            self.kernels.decode_tile(self.raw, r0, tile)  # on this thread: BLAS wants the cores
             np.matmul(x, tile.T, out=out[:, r0 : r0 + tile.shape[0]])
         return out
 
@@ -321,18 +256,6 @@ class QuantMatrix:
         if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             bad = ids[(ids < 0) | (ids >= self.rows)][0]
             raise IndexError(f"row id {bad} out of range for a matrix of {self.rows} rows")
-        if self.qtype == GGMLType.F32:
-            return self._f32()[ids]
         out = np.empty((ids.size, self.cols), dtype=np.float32)  # (n, cols)
-        if self.use_numba:
-            dq = numba_kernels()[1]
-            w, t, bs = self.raw, int(self.qtype), self.block_bytes
-            if ids.size == 1:  # a decode step: one row, no thread launch
-                dq.deq_range_serial(w, w.view(np.int8), int(ids[0]), t, bs, F16_TABLE, out)
-            else:
-                dq.deq_rows(w, w.view(np.int8), ids, t, bs, F16_TABLE, out)
-            return out
-        for i0 in range(0, ids.size, self._tile_rows):
-            part = ids[i0 : i0 + self._tile_rows]
-            out[i0 : i0 + part.size] = dequantize_rows(self.raw[part], self.qtype)
+        self.kernels.decode_rows(self.raw, ids, out)
         return out

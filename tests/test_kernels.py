@@ -6,6 +6,12 @@ the NumPy path (``W @ x``)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -13,17 +19,17 @@ from test_quants import FLOAT_TYPES, GGUF_QUANTIZABLE, QUANT_TYPES, random_raw, 
 
 import fallback.kernels as kernels
 import fallback.matrix as matrix
-from fallback.kernels import numba_available, quantize_activations
+from fallback.kernels import kernel_set, numba_available, numpy_engine, quantize_activations
 from fallback.matrix import QuantMatrix, matvec_many, matvec_plan
 from fallback.threads import set_threads
 from phimlx.errors import UnsupportedModelError
-from phimlx.gguf import TYPE_SIZES, GGMLType
+from phimlx.gguf import DEQUANTIZABLE, TYPE_SIZES, GGMLType
 
 HAVE_NUMBA = numba_available()
 HAVE_INT8 = HAVE_NUMBA and kernels.avx2_kernels() is not None
 NEEDS_NUMBA = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not available")
 NEEDS_INT8 = pytest.mark.skipif(not HAVE_INT8, reason="no int8 kernels (numba, AVX2)")
-INT8_TYPES = [t.name for t in kernels.AVX2_INT8]
+INT8_TYPES = [t.name for t, k in kernels.KERNELS.items() if k.avx2_int8]
 # QuantMatrix keyword arguments of each path.
 PATHS = [
     pytest.param({"use_numba": True, "int8_activations": False}, id="numba", marks=NEEDS_NUMBA),
@@ -69,7 +75,7 @@ def make_matrix(raw: np.ndarray, name: str, shape, path: dict) -> QuantMatrix:
         m = QuantMatrix(raw, GGMLType[name], shape, **kw)
     finally:
         kernels._avx2 = saved or False
-    assert not m._avx2
+    assert m.kernels.engine == ("numpy" if name == "F32" else "numba")
     return m
 
 
@@ -160,6 +166,7 @@ def test_blocks_made_by_gguf_quantize(name: str, path: dict) -> None:
 def test_matmul_crosses_tiles(path: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny tile budget: 7 rows per tile, 50 rows -> 8 tiles, the last one partial.
     monkeypatch.setattr(matrix, "TILE_BYTES", 7 * 256 * 4)
+    monkeypatch.setattr(numpy_engine, "TILE_BYTES", 7 * 256 * 4)  # the NumPy matvec, rows
     raw, w, cols, rng = matrix_case("Q4_K", 50, 1, seed=2)
     m = make_matrix(raw, "Q4_K", (50, cols), path)
     xs = rng.standard_normal((4, cols), dtype=np.float32)
@@ -185,6 +192,107 @@ def test_memmap_view_is_used_in_place(path: dict, tmp_path) -> None:
     assert np.all(np.abs(m.matvec(x) - w @ xe) <= dot_tolerance(w, xe))
 
 
+def test_kernel_table_matches_the_engines() -> None:
+    """`KERNELS` names every type phimlx decodes, and what it says each engine has is what
+    the engine modules implement."""
+    assert set(kernels.KERNELS) == DEQUANTIZABLE
+    if not HAVE_NUMBA:
+        return
+    from fallback.kernels import numba_matvec
+
+    blocks = {t for t, k in kernels.KERNELS.items() if k.numba == "blocks"}
+    assert blocks == numba_matvec.TYPES
+    try:
+        from fallback.kernels import avx2
+    except Exception:  # no x86 LLVM intrinsics on this platform
+        return
+    assert {t for t, k in kernels.KERNELS.items() if k.avx2} == avx2.FLOAT_TYPES
+    assert {t for t, k in kernels.KERNELS.items() if k.avx2_int8} == avx2.INT8_TYPES
+
+
+def test_kernel_set_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine per type, width and machine; one `KernelSet` object per type and engine."""
+    q4k = kernel_set(GGMLType.Q4_K, 256, use_numba=False)
+    assert (q4k.engine, q4k.matvec_int8) == ("numpy", None)
+    assert kernel_set(GGMLType.F32, 256, use_numba=HAVE_NUMBA).engine == "numpy"
+    if not HAVE_NUMBA:
+        return
+    assert kernel_set(GGMLType.Q5_0, 256, use_numba=True).engine == "numba"
+    assert kernel_set(GGMLType.Q4_K, 512, use_numba=True) is kernel_set(
+        GGMLType.Q4_K, 256, use_numba=True
+    )
+    if HAVE_INT8:  # an AVX2 CPU
+        q4k = kernel_set(GGMLType.Q4_K, 256, use_numba=True)
+        assert q4k.engine == "avx2" and q4k.matvec_int8 is not None
+        f16 = kernel_set(GGMLType.F16, 64, use_numba=True)
+        assert f16.engine == "avx2" and f16.matvec_int8 is None
+        assert kernel_set(GGMLType.F16, 48, use_numba=True).engine == "numba"  # not 32-groups
+    monkeypatch.setattr(kernels, "_avx2", False)  # as on a CPU without AVX2
+    q4k = kernel_set(GGMLType.Q4_K, 256, use_numba=True)
+    assert (q4k.engine, q4k.matvec_int8) == ("numba", None)
+
+
+_CACHE_SCRIPT = """
+import json, sys
+import numpy as np
+from fallback.kernels import avx2
+from phimlx.gguf import TYPE_SIZES, GGMLType
+
+res = {}
+for name in ("Q4_0", "Q8_0"):
+    t = GGMLType[name]
+    block, size = TYPE_SIZES[t]
+    rng = np.random.default_rng(5)
+    w = rng.integers(0, 256, (3, 2 * size), dtype=np.uint8)
+    for o in (0, size):  # finite scales
+        w[:, o : o + 2] = np.float16(0.01 * (o + 1)).reshape(1).view(np.uint8)
+    x = rng.standard_normal(2 * block).astype(np.float32)
+    e, out, tile = w[:0], np.empty(3, np.float32), np.empty((3, 2 * block), np.float32)
+    avx2.decode_tile(t)(w, 0, tile)
+    avx2.matvec_float(t, parallel=False)(w, e, e, x, out)
+    f = out.tolist()
+    avx2.matvec_int8(t, parallel=False)(w, e, e, x, out)
+    res[name] = {"w": w.tolist(), "x": x.tolist(), "tile": tile.tolist(), "float": f,
+                 "int8": out.tolist()}
+json.dump(res, sys.stdout)
+"""
+
+
+@NEEDS_INT8
+def test_avx2_drivers_load_from_the_cache_per_type(tmp_path: Path) -> None:
+    """A driver is a closure over its type's code: numba caches it per type, and a second
+    process loads each type's own driver instead of compiling (or of taking another type's)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
+    root = str(Path(__file__).resolve().parents[1])
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _CACHE_SCRIPT],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for _ in range(2)
+    ]
+    drivers = [f"{task}_{t}" for t in ("q4_0", "q8_0") for task in ("matvec_float", "matvec_int8")]
+    drivers = [d + "_serial" for d in drivers] + ["decode_tile_q4_0", "decode_tile_q8_0"]
+    log = runs[1].stdout + runs[1].stderr
+    assert "data saved" not in log
+    loaded = [line for line in log.splitlines() if "data loaded" in line]
+    for d in drivers:
+        assert any(f"avx2.{d}-" in line for line in loaded), d
+    first, second = (json.loads(r.stdout[r.stdout.index("{") :]) for r in runs)
+    assert first == second
+    for name, r in second.items():  # and the loaded drivers compute their own type
+        w = reference(np.array(r["w"], np.uint8), name).reshape(3, -1).astype(np.float64)
+        x = np.array(r["x"], np.float64)
+        np.testing.assert_allclose(r["tile"], w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+        assert np.all(np.abs(np.array(r["float"]) - w @ x) <= dot_tolerance(w, x))
+        xhat = check_quantized(x.astype(np.float32))
+        assert np.all(np.abs(np.array(r["int8"]) - w @ xhat) <= dot_tolerance(w, xhat))
+
+
 def test_errors() -> None:
     with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
         QuantMatrix(np.zeros((2, 66), np.uint8), GGMLType.IQ2_XXS, (2, 256))
@@ -195,6 +303,8 @@ def test_errors() -> None:
         m.take_rows(np.array([0, 2]))
     with pytest.raises(ValueError, match="matmul expects"):
         m.matmul(np.zeros((3, 31), np.float32))
+    with pytest.raises(ValueError, match="x has shape"):
+        m.matvec(np.zeros(31, np.float32))
 
 
 def test_set_threads() -> None:

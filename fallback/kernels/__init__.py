@@ -1,28 +1,42 @@
-"""The NumPy backend's compiled kernels: which exist on this machine, and for which types.
+"""The NumPy backend's matrix kernels: which exist for which type, and on this machine.
 
-- `avx2_ir` / `avx2`: row loops written as LLVM IR with explicit 8-wide vectors (x86-64 with
-  AVX2, FMA and F16C): float- and int8-activation matvec, and tile decoders for prefill;
-- `numba_matvec` / `numba_decode`: plain numba loops for every other CPU and type (float
-  matvec in registers, row and tile decoders);
-- without numba (or with ``PHIMLX_NO_NUMBA=1``) `phimlx.gguf.dequantize_rows` decodes tiles in
-  NumPy: correct and memory-bounded, not fast.
+Three engines, each a set of modules:
+
+- AVX2 (`avx2_ir`: the LLVM IR, each block layout unpacked once; `avx2`: numba drivers
+  generated per type around it): float- and int8-activation matvec and prefill tile
+  decoders, on x86-64 CPUs with AVX2, FMA and F16C, for the types the IR covers;
+- numba (`numba_decode`: the block layouts and row decoders for every type; `numba_matvec`:
+  float matvec in registers): everywhere else numba runs, and for the tasks and types the IR
+  does not cover;
+- NumPy (`numpy_engine`): `phimlx.gguf.dequantize_rows` in tiles, without numba (or with
+  ``PHIMLX_NO_NUMBA=1``): correct and memory-bounded, not fast.  F32 weights always take it
+  (BLAS reads them as they are).
+
+`KERNELS` says, per type, what the AVX2 and numba engines have; `kernel_set` resolves it
+once per type and engine into a `KernelSet`, the kernels one matrix calls, each with one
+signature whatever the engine (`QuantMatrix` takes its set at construction).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from phimlx.gguf import GGMLType
 
+from . import numpy_engine
+
 log = logging.getLogger(__name__)
 
-_numba: Any = None  # the numba kernel modules, imported on first use
+_numba: Any = None  # the numba engine's modules, imported on first use
 numba_error: str | None = None
-_avx2: Any = None  # the AVX2 kernels module, or False where the CPU lacks AVX2
+_avx2: Any = None  # the AVX2 engine's driver module, or False where the CPU lacks AVX2
 
 
 def _numba_disabled() -> bool:
@@ -30,7 +44,8 @@ def _numba_disabled() -> bool:
 
 
 def numba_kernels() -> Any:
-    """Import the numba kernels once; None if numba is missing, broken or disabled."""
+    """The numba engine's modules ``(numba_matvec, numba_decode)``, imported once; None if
+    numba is missing or broken."""
     global _numba, numba_error
     if _numba is None and numba_error is None:
         try:
@@ -49,7 +64,7 @@ def numba_available() -> bool:
 
 
 def avx2_kernels() -> Any:
-    """The AVX2 matvec kernels (`avx2`), or None (no numba, no AVX2)."""
+    """The AVX2 engine's driver module (`avx2`), or None (no numba, no AVX2)."""
     global _avx2
     if _avx2 is None:
         _avx2 = False
@@ -70,45 +85,138 @@ def int8_activations_default() -> bool:
     return v not in ("0", "false", "no", "off")
 
 
+class TypeKernels(NamedTuple):
+    """What the engines have for one type (the NumPy engine has every type).
+
+    ``avx2``: an AVX2 float matvec and tile decoder (taken when the columns are a multiple of
+    32); ``avx2_int8``: an AVX2 int8-activation matvec too; ``numba``: numba's float matvec,
+    ``"blocks"`` (decoded in registers, `numba_matvec`) or ``"rows"`` (a row decoded at a time,
+    `numba_decode`), None for no numba kernels (F32: BLAS reads the weights as they are)."""
+
+    avx2: bool
+    avx2_int8: bool
+    numba: Literal["blocks", "rows"] | None
+
+
+# The one table of which kernels run which type.  Row and tile decoders for embeddings and
+# prefill exist in every engine that has the type.
+KERNELS: dict[GGMLType, TypeKernels] = {
+    GGMLType.F32: TypeKernels(avx2=False, avx2_int8=False, numba=None),
+    GGMLType.F16: TypeKernels(avx2=True, avx2_int8=False, numba="rows"),
+    GGMLType.BF16: TypeKernels(avx2=True, avx2_int8=False, numba="rows"),
+    GGMLType.Q4_0: TypeKernels(avx2=True, avx2_int8=True, numba="blocks"),
+    GGMLType.Q4_1: TypeKernels(avx2=True, avx2_int8=True, numba="blocks"),
+    GGMLType.Q5_0: TypeKernels(avx2=False, avx2_int8=False, numba="blocks"),
+    GGMLType.Q5_1: TypeKernels(avx2=False, avx2_int8=False, numba="blocks"),
+    GGMLType.Q8_0: TypeKernels(avx2=True, avx2_int8=True, numba="blocks"),
+    GGMLType.Q2_K: TypeKernels(avx2=False, avx2_int8=False, numba="rows"),
+    GGMLType.Q3_K: TypeKernels(avx2=False, avx2_int8=False, numba="rows"),
+    GGMLType.Q4_K: TypeKernels(avx2=True, avx2_int8=True, numba="blocks"),
+    GGMLType.Q5_K: TypeKernels(avx2=True, avx2_int8=True, numba="blocks"),
+    GGMLType.Q6_K: TypeKernels(avx2=True, avx2_int8=True, numba="blocks"),
+}
+
+# out[: n1 + n2 + n3] = [w1; w2; w3] @ x, as fn(w1, w2, w3, x, out): up to three matrices of
+# one type and width sharing x (q|k|v, gate|up); unused slots are (0, row_bytes) arrays.
+MatvecFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+# out[i] = row r0 + i of w, float32, as fn(w, r0, out), on the calling thread.
+DecodeTileFn = Callable[[np.ndarray, int, np.ndarray], None]
+# out[i] = row ids[i] of w, float32, as fn(w, ids, out), ids int64.
+DecodeRowsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+Engine = Literal["avx2", "numba", "numpy"]
+
+
+@dataclass(frozen=True)
+class Matvec:
+    """One matvec kernel (`MatvecFn`) in two forms: ``parallel`` (rows split across the
+    threads) and ``serial`` (on the calling thread: below a size a thread launch costs more
+    than it saves).  The same function where an engine has one form."""
+
+    parallel: MatvecFn
+    serial: MatvecFn
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels a matrix of one type calls on this machine, resolved by `kernel_set`.
+
+    ``engine`` names who runs the matvec; ``matvec_float`` computes ``W @ x`` (to float32
+    rounding), ``matvec_int8`` ``W @ x_hat`` with ``x`` rounded to int8 per 32 values (None
+    where the type has no such kernel here); ``decode_tile`` decodes prefill tiles (rows
+    ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup).  One field per task:
+    a new task is a new field, filled per engine in `_resolve`."""
+
+    qtype: GGMLType
+    engine: Engine
+    matvec_float: Matvec
+    matvec_int8: Matvec | None
+    decode_tile: DecodeTileFn
+    decode_rows: DecodeRowsFn
+
+
+def _each_matrix(single: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> Matvec:
+    """A `Matvec` from a one-matrix kernel ``single(w, x, out)``, run per slot."""
+
+    def run(w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        if not (w2.shape[0] or w3.shape[0]):  # one matrix, the usual case: no slicing
+            single(w1, x, out)
+            return
+        n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
+        single(w1, x, out[:n1])
+        single(w2, x, out[n1:n2])
+        if w3.shape[0]:
+            single(w3, x, out[n2:])
+
+    return Matvec(parallel=run, serial=run)
+
+
+@functools.cache
+def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
+    """The `KernelSet` of ``qtype`` on ``engine`` (built once: matrices of one type share
+    it, which `fallback.matrix` relies on to fuse them)."""
+    kinds = KERNELS[qtype]
+    if engine == "numpy":
+        single = numpy_engine.matvec_float(qtype)
+        tile, rows = numpy_engine.decode_tile(qtype), numpy_engine.decode_rows(qtype)
+        return KernelSet(qtype, engine, _each_matrix(single), None, tile, rows)
+    numba_matvec, numba_decode = numba_kernels()
+    rows = numba_decode.decode_rows(qtype)
+    if engine == "numba":
+        single = (numba_matvec if kinds.numba == "blocks" else numba_decode).matvec_float(qtype)
+        return KernelSet(
+            qtype, engine, _each_matrix(single), None, numba_decode.decode_tile(qtype), rows
+        )
+    avx2 = avx2_kernels()
+    fv = Matvec(avx2.matvec_float(qtype, parallel=True), avx2.matvec_float(qtype, parallel=False))
+    iv = None
+    if kinds.avx2_int8:
+        iv = Matvec(avx2.matvec_int8(qtype, parallel=True), avx2.matvec_int8(qtype, parallel=False))
+    return KernelSet(qtype, engine, fv, iv, avx2.decode_tile(qtype), rows)
+
+
+def kernel_set(qtype: GGMLType, cols: int, *, use_numba: bool) -> KernelSet:
+    """The kernels a ``qtype`` matrix of ``cols`` columns runs with here: AVX2 where the CPU
+    has it and the type has its kernels (``cols`` a multiple of 32), else numba, else (or
+    with ``use_numba=False``) NumPy.
+
+    Raises:
+        KeyError: ``qtype`` is not in `KERNELS`.
+    """
+    qtype = GGMLType(qtype)
+    kinds = KERNELS[qtype]
+    engine: Engine = "numpy"
+    if use_numba and kinds.numba is not None and numba_kernels() is not None:
+        avx2 = kinds.avx2 and cols % 32 == 0 and avx2_kernels() is not None
+        engine = "avx2" if avx2 else "numba"
+    return _resolve(qtype, engine)
+
+
 def int8_kernel_available(qtype: GGMLType, cols: int) -> bool:
     """True if a ``qtype`` matrix of ``cols`` columns has an int8-activation matvec kernel
     here (numba, an AVX2 CPU, Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, whole groups of 32)."""
-    return (
-        qtype in AVX2_INT8 and cols % 32 == 0 and numba_available() and avx2_kernels() is not None
-    )
-
-
-# A float32 for every float16 bit pattern: the kernels decode block scales with one lookup.
-F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-F16_TABLE = F16_TABLE.astype(np.float32)
-
-
-# The types with AVX2 kernels in `avx2` (float and int8 activations): name suffixes.
-AVX2_INT8 = {
-    GGMLType.Q4_0: "q4_0",
-    GGMLType.Q4_1: "q4_1",
-    GGMLType.Q8_0: "q8_0",
-    GGMLType.Q4_K: "q4_k",
-    GGMLType.Q5_K: "q5_k",
-    GGMLType.Q6_K: "q6_k",
-}
-# ... and with float activations only (columns a multiple of 32).
-AVX2_FLOAT = {**AVX2_INT8, GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
-
-# The types with an in-register float matvec kernel in `numba_matvec` (no AVX2, Q5_0, Q5_1);
-# the rest decode per row (`mv_deq`).
-NUMBA_REGISTER_MATVEC = frozenset(
-    {
-        GGMLType.Q8_0,
-        GGMLType.Q4_0,
-        GGMLType.Q4_1,
-        GGMLType.Q5_0,
-        GGMLType.Q5_1,
-        GGMLType.Q4_K,
-        GGMLType.Q5_K,
-        GGMLType.Q6_K,
-    }
-)
+    if qtype not in KERNELS:
+        return False
+    return kernel_set(qtype, cols, use_numba=numba_available()).matvec_int8 is not None
 
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,4 +233,4 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise ValueError("int8 activations need numba and an AVX2 CPU")
     if x.size % 32:
         raise ValueError(f"int8 activations need a multiple of 32 values, got {x.size}")
-    return avx2_kernels().quantized(x)
+    return avx2_kernels().quantized_int8(x)

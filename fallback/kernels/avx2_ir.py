@@ -1,19 +1,42 @@
-"""LLVM IR for the AVX2 kernels of `avx2`: one numba ``@intrinsic`` per type and task.
+"""LLVM IR of the AVX2 engine: each GGUF block layout unpacked in one place, three row loops.
 
-``_dot_*`` (int8 activations), ``_fdot_*`` (float activations) compute one row's dot product
-as an IR loop over its blocks; ``_deq_*`` decode one row to float32.  Built with llvmlite's
-IR builder: explicit 8-wide vectors, x86 ``pmaddubsw`` / ``pmaddwd`` intrinsics for the int8
-products, two alternating accumulators.  Block layouts are in `phimlx.gguf.quants`; the drivers
-that call these (and what they compute) are in `avx2`.
+Per layout, one helper reads a block's header (scales, mins) and one yields its quants, in
+the form the caller asks for: 32 bytes for ``vpmaddubsw`` (``wide=False``, the int8 dot) or
+8 x i32 vectors for float math (``wide=True``, the float dot and the decoder).  The bit
+positions are those of `phimlx.gguf.quants`.  Around them, per type, a block body for each
+task:
+
+- int8 dot: ``x`` as int8 with one scale per 32 values; weights x ``x`` by ``vpmaddubsw``
+  (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32), converted and fma'd by ``d * dx``;
+- float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
+  vector scaled once; zero points / mins applied against float sums of ``x``;
+- decode: weights stored as float32.
+
+`TYPES` lists the types and their bodies.  Three numba intrinsics run one row of one type,
+the type given as a compile-time constant code (its `GGMLType` value), so one intrinsic
+serves every type and the drivers of `avx2` differ only in that constant:
+
+- ``dot_int8(code, w, r, xq, dx, xs, nb) -> float32``: row ``r`` of ``w`` times ``x_hat``;
+- ``dot_float(code, w, r, x, xs, nb) -> float32``: row ``r`` of ``w`` times ``x``;
+- ``decode_row(code, w, r, y, i, nb)``: row ``r`` of ``w`` into row ``i`` of ``y``.
+
+Dots loop over the blocks unrolled by two, alternating two vector accumulators so that
+consecutive fma's do not wait on each other.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
+
+from phimlx.gguf import GGMLType
 
 _feat = _llvm.get_host_cpu_features()
 AVAILABLE = all(_feat.get(k, False) for k in ("avx2", "fma", "f16c"))
@@ -132,30 +155,6 @@ def _blocks(h, n, body):
         body(b.sub(n, i64(1)), 0)
 
 
-def _row_intrinsic(body):
-    """Wrap ``body(h, p_row, p_xq, p_dx, p_xs, acc, blk, k)`` run per block into an
-    intrinsic ``(w u8[:, :], r intp, xq i8[:], dx f32[:], xs f32[:], nb intp) -> float32`` for
-    row ``r``."""
-
-    @intrinsic
-    def dot(typingctx, w, r, xq, dx, xs, nb):
-        sig = types.float32(w, types.intp, xq, dx, xs, nb)
-
-        def codegen(context, builder, signature, args):
-            h = _B(context, builder)
-            a = signature.args
-            pr = h.row(a[0], args[0], args[1])
-            pq, pd, ps = h.data(a[2], args[2]), h.data(a[3], args[3]), h.data(a[4], args[4])
-            n = args[5]
-            acc = _Acc(h)
-            _blocks(h, n, lambda blk, k: body(h, pr, pq, pd, ps, acc, blk, k))
-            return acc.total(h)
-
-        return sig, codegen
-
-    return dot
-
-
 def _acc_fma(h, acc, v, s, k):  # accumulator k += v * s
     p = acc.v[k & 1]
     h.b.store(h.fma(v, s, h.b.load(p)), p)
@@ -167,165 +166,6 @@ def _corr_scalar(h, acc, s):
 
 def _corr_fma(h, acc, a, c):  # correction vector += a * c
     h.b.store(h.fma(a, c, h.b.load(acc.corr)), acc.corr)
-
-
-def _nibbles32(h, q16):  # 16 bytes -> 32 values: low nibbles (weights 0..15), then high
-    lo = h.b.and_(q16, _c(V16I8, 15))
-    hi = h.b.lshr(q16, _c(V16I8, 4))
-    return h.shuf(lo, hi, range(32))
-
-
-def _body_q4_0(h, pr, pq, pd, ps, acc, b, k):
-    o = h.b.mul(b, i64(18))
-    d = h.f16(pr, o)
-    q = _nibbles32(h, h.load(pr, h.b.add(o, i64(2)), V16I8))
-    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
-    p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
-    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
-
-
-def _body_q4_1(h, pr, pq, pd, ps, acc, b, k):
-    o = h.b.mul(b, i64(20))
-    d, m = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
-    q = _nibbles32(h, h.load(pr, h.b.add(o, i64(4)), V16I8))
-    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
-    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s), k)
-    _corr_scalar(h, acc, h.b.fmul(m, h.load(ps, h.b.mul(b, i64(4)), f32, 4)))
-
-
-def _body_q8_0(h, pr, pq, pd, ps, acc, b, k):
-    o = h.b.mul(b, i64(34))
-    d = h.f16(pr, o)
-    q = h.load(pr, h.b.add(o, i64(2)), V32I8)
-    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
-    # |q| (u8) x sign(q)*x (i8): the signed product through vpmaddubsw, as llama.cpp does.
-    aq = h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)])
-    sx = h.call("llvm.x86.avx2.psign.b", V32I8, [xv, q])
-    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
-
-
-def _k_scales_mins(h, pr, o):
-    """Q4_K/Q5_K: the 8 six-bit scales and mins of the block at ``o`` as float vectors."""
-    raw = h.load(pr, h.b.add(o, i64(4)), V16I8)  # 12 scale bytes (+4 of the block's data)
-    z8 = ir.Constant(V8I8, ir.Undefined)
-    s1 = h.shuf(raw, raw, [0, 1, 2, 3, 8, 9, 10, 11])
-    s2 = h.shuf(raw, raw, [0, 1, 2, 3, 0, 1, 2, 3])
-    m1 = h.shuf(raw, raw, [4, 5, 6, 7, 8, 9, 10, 11])
-    m2 = h.shuf(raw, raw, [4, 5, 6, 7, 4, 5, 6, 7])
-    del z8
-    lo_mask = _c(V8I8, [63, 63, 63, 63, 15, 15, 15, 15])
-    hi_mask = _c(V8I8, [0, 0, 0, 0, 48, 48, 48, 48])
-    b = h.b
-    hi_s = b.and_(b.shl(b.lshr(s2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
-    sc = b.or_(b.and_(s1, lo_mask), hi_s)
-    hi_m = b.and_(b.shl(b.lshr(m2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
-    mn = b.or_(b.and_(b.lshr(m1, _c(V8I8, [0, 0, 0, 0, 4, 4, 4, 4])), lo_mask), hi_m)
-    return b.uitofp(sc, V8F), b.uitofp(mn, V8F)
-
-
-def _body_qk(h, pr, pq, pd, ps, acc, b, k, five):
-    bs = 176 if five else 144
-    o = h.b.mul(b, i64(bs))
-    d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
-    scf, mnf = _k_scales_mins(h, pr, o)
-    g = h.b.mul(b, i64(32))  # byte offset of this block's 8 group floats
-    dx8 = h.load(pd, g, V8F, 4)
-    xs8 = h.load(ps, g, V8F, 4)
-    sv = h.b.fmul(h.b.fmul(scf, h.splat(d)), dx8)  # d * sc_j * dx_j
-    # corr -= dmin * m_j * xs_j
-    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8)
-    qo = h.b.add(o, i64(48 if five else 16))
-    qh = h.load(pr, h.b.add(o, i64(16)), V32I8) if five else None
-    xo = h.b.mul(b, i64(256))
-    for pair in range(4):
-        q = h.load(pr, h.b.add(qo, i64(32 * pair)), V32I8)
-        nib = [h.b.and_(q, _c(V32I8, 15)), h.b.lshr(q, _c(V32I8, 4))]
-        for k in range(2):
-            j = 2 * pair + k
-            v = nib[k]
-            if five:
-                bit = h.b.and_(qh, _c(V32I8, 1 << j))
-                v = h.b.or_(
-                    v,
-                    h.b.select(
-                        h.b.icmp_unsigned("!=", bit, _c(V32I8, 0)), _c(V32I8, 16), _c(V32I8, 0)
-                    ),
-                )
-            xv = h.load(pq, h.b.add(xo, i64(32 * j)), V32I8)
-            p = h.tofloat(h.maddwd(h.maddubs(v, xv), _ONES16))
-            _acc_fma(h, acc, p, h.lane(sv, j), j)
-
-
-def _body_q4_k(h, pr, pq, pd, ps, acc, b, k):
-    _body_qk(h, pr, pq, pd, ps, acc, b, k, False)
-
-
-def _body_q5_k(h, pr, pq, pd, ps, acc, b, k):
-    _body_qk(h, pr, pq, pd, ps, acc, b, k, True)
-
-
-def _body_q6_k(h, pr, pq, pd, ps, acc, b, k):
-    o = h.b.mul(b, i64(210))
-    d = h.f16(pr, h.b.add(o, i64(208)))
-    sc16 = h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), V16I16)
-    g = h.b.mul(b, i64(32))
-    dxd = h.b.fmul(h.load(pd, g, V8F, 4), h.splat(d))  # d * dx_g for the 8 groups
-    xo = h.b.mul(b, i64(256))
-    c32 = _c(V32I8, 32)
-    for hh in range(2):
-        qh = h.load(pr, h.b.add(o, i64(128 + 32 * hh)), V32I8)
-        for half in range(2):
-            ql = h.load(pr, h.b.add(o, i64(64 * hh + 32 * half)), V32I8)
-            for nib in range(2):
-                k = half + 2 * nib  # group 128hh + 32k
-                low = h.b.and_(ql, _c(V32I8, 15)) if nib == 0 else h.b.lshr(ql, _c(V32I8, 4))
-                top = h.b.and_(h.b.shl(h.b.lshr(qh, _c(V32I8, 2 * k)), _c(V32I8, 4)), _c(V32I8, 48))
-                q = h.b.or_(low, top)
-                xv = h.load(pq, h.b.add(xo, i64(128 * hh + 32 * k)), V32I8)
-                p = h.b.sub(h.maddubs(q, xv), h.maddubs(c32, xv))  # sum (q - 32) x, pairs
-                si = 8 * hh + 2 * k
-                scv = h.shuf(sc16, sc16, [si] * 8 + [si + 1] * 8)
-                gi = 4 * hh + k
-                _acc_fma(h, acc, h.tofloat(h.maddwd(p, scv)), h.lane(dxd, gi), gi)
-
-
-_dot_q4_0 = _row_intrinsic(_body_q4_0)
-_dot_q4_1 = _row_intrinsic(_body_q4_1)
-_dot_q8_0 = _row_intrinsic(_body_q8_0)
-_dot_q4_k = _row_intrinsic(_body_q4_k)
-_dot_q5_k = _row_intrinsic(_body_q5_k)
-_dot_q6_k = _row_intrinsic(_body_q6_k)
-
-
-# ---------------------------------------------------------------------------------------------
-# Float activations: the same row loops with x in float32 (exact to float32 rounding, the
-# default).  Weights are widened to 8 x i32 (vpmovzxbd), masked, converted to float and
-# fma'd with x; each group's partial vector is scaled once.
-
-
-def _row_intrinsic_f(body):
-    """Wrap ``body(h, p_row, p_x, p_xs, acc, blk, k)`` run per block into an intrinsic
-    ``(w u8[:, :], r intp, x f32[:], xs f32[:], nb intp) -> float32`` for row ``r``."""
-
-    @intrinsic
-    def dot(typingctx, w, r, x, xs, nb):
-        sig = types.float32(w, types.intp, x, xs, nb)
-
-        def codegen(context, builder, signature, args):
-            h = _B(context, builder)
-            a = signature.args
-            pr = h.row(a[0], args[0], args[1])
-            px, ps = h.data(a[2], args[2]), h.data(a[3], args[3])
-            acc = _Acc(h)
-            _blocks(h, args[4], lambda blk, k: body(h, pr, px, ps, acc, blk, k))
-            return acc.total(h)
-
-        return sig, codegen
-
-    return dot
 
 
 def _u8x8(h, p, off):  # 8 bytes -> 8 x i32 (zero-extended)
@@ -347,112 +187,316 @@ def _dot4(h, vals, xs):  # sum of vals[i] * xs[i] (float vectors) as one vector
     return t
 
 
-def _f_q4(h, pr, px, ps, acc, b, k, has_min):
-    bs = 20 if has_min else 18
-    o = h.b.mul(b, i64(bs))
-    d = h.f16(pr, o)
-    qo = h.b.add(o, i64(4 if has_min else 2))
+def _store(h, py, idx, v):  # y[idx : idx + 8] = v, idx an i64 element index
+    h.b.store(v, h.b.bitcast(h.at(py, h.b.mul(idx, i64(4))), V8F.as_pointer()), align=4)
+
+
+def _neg(h, s):  # -s, a float scalar
+    return h.b.fsub(ir.Constant(f32, 0.0), s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_0 (18 bytes: f16 d, 16 bytes of nibbles) and Q4_1 (20 bytes: f16 d, f16 m, nibbles):
+# weight l is the low nibble of byte l, weight 16 + l the high one; d * q - 8 d or d * q + m.
+
+
+def _q4_block(h, pr, b, has_min):
+    """Block ``b``: ``(o, d, byte offset of its 16 quant bytes)``, o its byte offset."""
+    o = h.b.mul(b, i64(20 if has_min else 18))
+    return o, h.f16(pr, o), h.b.add(o, i64(4 if has_min else 2))
+
+
+def _q4_min(h, pr, o):  # Q4_1's m of the block at o: read where each body uses it
+    return h.f16(pr, h.b.add(o, i64(2)))
+
+
+def _q4_quants(h, pr, qo, wide):
+    """The 32 quants (0..15) in weight order: 32 x i8, or (``wide``) four 8 x i32."""
+    if not wide:
+        q16 = h.load(pr, qo, V16I8)
+        lo, hi = h.b.and_(q16, _c(V16I8, 15)), h.b.lshr(q16, _c(V16I8, 4))
+        return h.shuf(lo, hi, range(32))
     z0, z1 = _u8x8(h, pr, qo), _u8x8(h, pr, h.b.add(qo, i64(8)))
     m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
-    vals = [h.b.and_(z0, m15), h.b.and_(z1, m15), h.b.lshr(z0, s4), h.b.lshr(z1, s4)]
+    return [h.b.and_(z0, m15), h.b.and_(z1, m15), h.b.lshr(z0, s4), h.b.lshr(z1, s4)]
+
+
+def _int8_q4(h, pr, pq, pd, ps, acc, b, k, has_min):
+    o, d, qo = _q4_block(h, pr, b, has_min)
+    m = _q4_min(h, pr, o) if has_min else None
+    q = _q4_quants(h, pr, qo, False)
+    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
+    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
+    if has_min:
+        _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s), k)
+        _corr_scalar(h, acc, h.b.fmul(m, h.load(ps, h.b.mul(b, i64(4)), f32, 4)))
+    else:
+        p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
+        _acc_fma(h, acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
+
+
+def _float_q4(h, pr, px, ps, acc, b, k, has_min):
+    o, d, qo = _q4_block(h, pr, b, has_min)
+    vals = _q4_quants(h, pr, qo, True)
     x0 = h.b.mul(b, i64(32))
     xv = [_xv(h, px, h.b.add(x0, i64(8 * k))) for k in range(4)]
-    t = _dot4(h, [h.tofloat(v) for v in vals], xv)
-    _acc_fma(h, acc, t, h.splat(d), k)
+    _acc_fma(h, acc, _dot4(h, [h.tofloat(v) for v in vals], xv), h.splat(d), k)
     xsb = h.load(ps, h.b.mul(b, i64(4)), f32, 4)
     if has_min:
-        _corr_scalar(h, acc, h.b.fmul(h.f16(pr, h.b.add(o, i64(2))), xsb))
+        _corr_scalar(h, acc, h.b.fmul(_q4_min(h, pr, o), xsb))
     else:
         _corr_scalar(h, acc, h.b.fmul(h.b.fmul(d, ir.Constant(f32, -8.0)), xsb))
 
 
-def _f_q4_0(h, pr, px, ps, acc, b, k):
-    _f_q4(h, pr, px, ps, acc, b, k, False)
+def _decode_q4(h, pr, py, b, has_min):
+    o, d, qo = _q4_block(h, pr, b, has_min)
+    d = h.splat(d)
+    m = h.splat(_q4_min(h, pr, o)) if has_min else h.b.fmul(d, _c(V8F, -8.0))
+    y0 = h.b.mul(b, i64(32))
+    for k, v in enumerate(_q4_quants(h, pr, qo, True)):
+        _store(h, py, h.b.add(y0, i64(8 * k)), h.fma(h.tofloat(v), d, m))
 
 
-def _f_q4_1(h, pr, px, ps, acc, b, k):
-    _f_q4(h, pr, px, ps, acc, b, k, True)
+# ---------------------------------------------------------------------------------------------
+# Q8_0 (34 bytes: f16 d, 32 int8 quants): d * q.
 
 
-def _f_q8_0(h, pr, px, ps, acc, b, k):
+def _q8_block(h, pr, b):
+    """Block ``b``: ``(d, byte offset of its 32 quants)``."""
     o = h.b.mul(b, i64(34))
-    d = h.f16(pr, o)
+    return h.f16(pr, o), h.b.add(o, i64(2))
+
+
+def _q8_quants(h, pr, qo, wide):
+    """The 32 quants (signed): 32 x i8, or (``wide``) four 8 x i32 (an iterator)."""
+    if not wide:
+        return h.load(pr, qo, V32I8)
+    return (_s8x8(h, pr, h.b.add(qo, i64(8 * k))) for k in range(4))
+
+
+def _int8_q8_0(h, pr, pq, pd, ps, acc, b, k):
+    d, qo = _q8_block(h, pr, b)
+    q = _q8_quants(h, pr, qo, False)
+    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
+    # |q| (u8) x sign(q)*x (i8): the signed product through vpmaddubsw, as llama.cpp does.
+    aq = h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)])
+    sx = h.call("llvm.x86.avx2.psign.b", V32I8, [xv, q])
+    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
+    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
+
+
+def _float_q8_0(h, pr, px, ps, acc, b, k):
+    d, qo = _q8_block(h, pr, b)
+    vals = [h.tofloat(v) for v in _q8_quants(h, pr, qo, True)]
     x0 = h.b.mul(b, i64(32))
-    vals = [h.tofloat(_s8x8(h, pr, h.b.add(o, i64(2 + 8 * k)))) for k in range(4)]
     xv = [_xv(h, px, h.b.add(x0, i64(8 * k))) for k in range(4)]
     _acc_fma(h, acc, _dot4(h, vals, xv), h.splat(d), k)
 
 
-def _f_qk(h, pr, px, ps, acc, b, k, five):
-    bs = 176 if five else 144
-    o = h.b.mul(b, i64(bs))
+def _decode_q8_0(h, pr, py, b):
+    d, qo = _q8_block(h, pr, b)
+    d = h.splat(d)
+    y0 = h.b.mul(b, i64(32))
+    for k, v in enumerate(_q8_quants(h, pr, qo, True)):
+        _store(h, py, h.b.add(y0, i64(8 * k)), h.b.fmul(h.tofloat(v), d))
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_K (144 bytes) / Q5_K (176 bytes): f16 d, f16 dmin, 12 bytes of eight 6-bit scales and
+# mins, (Q5_K: 32 bytes of 5th bits), 128 bytes of nibbles.  Sub-block j (32 weights) is
+# nibble j & 1 of bytes 32 (j >> 1) .. + 31, its 5th bit bit j of the qh bytes;
+# weight = d * sc_j * q - dmin * m_j.
+
+
+def _qk_block(h, pr, b, five):
+    """Block ``b``: ``(o, d, dmin, scales, mins)``, o its byte offset, the 8 six-bit scales
+    and mins as float vectors."""
+    o = h.b.mul(b, i64(176 if five else 144))
     d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
-    scf, mnf = _k_scales_mins(h, pr, o)
-    sv = h.b.fmul(scf, h.splat(d))  # d * sc_j
-    xs8 = h.load(ps, h.b.mul(b, i64(32)), V8F, 4)
-    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm))), xs8)
-    qo = h.b.add(o, i64(48 if five else 16))
-    x0 = h.b.mul(b, i64(256))
+    raw = h.load(pr, h.b.add(o, i64(4)), V16I8)  # 12 scale bytes (+4 of the block's data)
+    s1 = h.shuf(raw, raw, [0, 1, 2, 3, 8, 9, 10, 11])
+    s2 = h.shuf(raw, raw, [0, 1, 2, 3, 0, 1, 2, 3])
+    m1 = h.shuf(raw, raw, [4, 5, 6, 7, 8, 9, 10, 11])
+    m2 = h.shuf(raw, raw, [4, 5, 6, 7, 4, 5, 6, 7])
+    lo_mask = _c(V8I8, [63, 63, 63, 63, 15, 15, 15, 15])
+    hi_mask = _c(V8I8, [0, 0, 0, 0, 48, 48, 48, 48])
+    bb = h.b
+    hi_s = bb.and_(bb.shl(bb.lshr(s2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
+    sc = bb.or_(bb.and_(s1, lo_mask), hi_s)
+    hi_m = bb.and_(bb.shl(bb.lshr(m2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
+    mn = bb.or_(bb.and_(bb.lshr(m1, _c(V8I8, [0, 0, 0, 0, 4, 4, 4, 4])), lo_mask), hi_m)
+    return o, d, dm, bb.uitofp(sc, V8F), bb.uitofp(mn, V8F)
+
+
+def _qk_quants(h, pr, o, five, wide):
+    """Yield ``(j, quants of sub-block j)`` for j = 0..7, the quants (0..15, Q5_K 0..31) as
+    32 x i8, or (``wide``) four 8 x i32."""
+    b = h.b
+    qo = b.add(o, i64(48 if five else 16))
+    if not wide:
+        qh = h.load(pr, b.add(o, i64(16)), V32I8) if five else None
+        for pair in range(4):
+            q = h.load(pr, b.add(qo, i64(32 * pair)), V32I8)
+            nib = [b.and_(q, _c(V32I8, 15)), b.lshr(q, _c(V32I8, 4))]
+            for half in range(2):
+                j = 2 * pair + half
+                v = nib[half]
+                if five:
+                    bit = b.and_(qh, _c(V32I8, 1 << j))
+                    hi = b.icmp_unsigned("!=", bit, _c(V32I8, 0))
+                    v = b.or_(v, b.select(hi, _c(V32I8, 16), _c(V32I8, 0)))
+                yield j, v
+        return
     m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
-    qh = [_u8x8(h, pr, h.b.add(o, i64(16 + 8 * k))) for k in range(4)] if five else None
+    qh = [_u8x8(h, pr, b.add(o, i64(16 + 8 * k))) for k in range(4)] if five else None
     for pair in range(4):
-        z = [_u8x8(h, pr, h.b.add(qo, i64(32 * pair + 8 * k))) for k in range(4)]
+        z = [_u8x8(h, pr, b.add(qo, i64(32 * pair + 8 * k))) for k in range(4)]
         for half in range(2):
             j = 2 * pair + half
             vals = []
             for k in range(4):
-                v = h.b.and_(z[k], m15) if half == 0 else h.b.lshr(z[k], s4)
-                if five:  # bit j of qh[l] -> bit 4
-                    bit = h.b.and_(qh[k], _c(V8I32, 1 << j))
+                v = b.and_(z[k], m15) if half == 0 else b.lshr(z[k], s4)
+                if five:  # bit j of qh[k] -> bit 4
+                    bit = b.and_(qh[k], _c(V8I32, 1 << j))
                     if j < 4:
-                        bit = h.b.shl(bit, _c(V8I32, 4 - j))
+                        bit = b.shl(bit, _c(V8I32, 4 - j))
                     elif j > 4:
-                        bit = h.b.lshr(bit, _c(V8I32, j - 4))
-                    v = h.b.or_(v, bit)
-                vals.append(h.tofloat(v))
-            xb = h.b.add(x0, i64(32 * j))
-            xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
-            _acc_fma(h, acc, _dot4(h, vals, xv), h.lane(sv, j), j)
+                        bit = b.lshr(bit, _c(V8I32, j - 4))
+                    v = b.or_(v, bit)
+                vals.append(v)
+            yield j, vals
 
 
-def _f_q4_k(h, pr, px, ps, acc, b, k):
-    _f_qk(h, pr, px, ps, acc, b, k, False)
+def _int8_qk(h, pr, pq, pd, ps, acc, b, k, five):
+    o, d, dm, scf, mnf = _qk_block(h, pr, b, five)
+    g = h.b.mul(b, i64(32))  # byte offset of this block's 8 group floats
+    dx8 = h.load(pd, g, V8F, 4)
+    xs8 = h.load(ps, g, V8F, 4)
+    sv = h.b.fmul(h.b.fmul(scf, h.splat(d)), dx8)  # d * sc_j * dx_j
+    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(_neg(h, dm))), xs8)  # corr -= dmin m_j xs_j
+    xo = h.b.mul(b, i64(256))
+    for j, v in _qk_quants(h, pr, o, five, False):
+        xv = h.load(pq, h.b.add(xo, i64(32 * j)), V32I8)
+        p = h.tofloat(h.maddwd(h.maddubs(v, xv), _ONES16))
+        _acc_fma(h, acc, p, h.lane(sv, j), j)
 
 
-def _f_q5_k(h, pr, px, ps, acc, b, k):
-    _f_qk(h, pr, px, ps, acc, b, k, True)
+def _float_qk(h, pr, px, ps, acc, b, k, five):
+    o, d, dm, scf, mnf = _qk_block(h, pr, b, five)
+    sv = h.b.fmul(scf, h.splat(d))  # d * sc_j
+    xs8 = h.load(ps, h.b.mul(b, i64(32)), V8F, 4)
+    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(_neg(h, dm))), xs8)
+    x0 = h.b.mul(b, i64(256))
+    for j, vals in _qk_quants(h, pr, o, five, True):
+        xb = h.b.add(x0, i64(32 * j))
+        xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
+        _acc_fma(h, acc, _dot4(h, [h.tofloat(v) for v in vals], xv), h.lane(sv, j), j)
 
 
-def _f_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
+def _decode_qk(h, pr, py, b, five):
+    o, d, dm, scf, mnf = _qk_block(h, pr, b, five)
+    sv = h.b.fmul(scf, h.splat(d))
+    mv = h.b.fmul(mnf, h.splat(_neg(h, dm)))
+    y0 = h.b.mul(b, i64(256))
+    for j, vals in _qk_quants(h, pr, o, five, True):
+        s, m = h.lane(sv, j), h.lane(mv, j)
+        for k, v in enumerate(vals):
+            _store(h, py, h.b.add(y0, i64(32 * j + 8 * k)), h.fma(h.tofloat(v), s, m))
+
+
+# ---------------------------------------------------------------------------------------------
+# Q6_K (210 bytes): 128 bytes of low nibbles (ql), 64 of 2-bit pairs (qh), 16 int8 scales, f16
+# d.  Group g = 4 hh + k (32 weights, hh = 0..1, k = 0..3): nibble k >> 1 of ql bytes
+# 64 hh + 32 (k & 1) .., bits 2k..2k+1 of qh bytes 32 hh ..; scales 2g, 2g + 1 (16 weights
+# each); weight = d * sc * (q - 32).
+
+
+def _q6k_block(h, pr, b, wide):
+    """Block ``b``: ``(o, d, scales)``, o its byte offset; the 16 scales as 16 x i16, or
+    (``wide``) as 16 floats already times d."""
     o = h.b.mul(b, i64(210))
     d = h.f16(pr, h.b.add(o, i64(208)))
-    sc = h.b.sitofp(h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), _vt(i32, 16)), _vt(f32, 16))
-    sc = h.b.fmul(sc, h.splat(d, 16))  # d * sc_j, j = 0..15
+    raw = h.load(pr, h.b.add(o, i64(192)), V16I8)
+    if not wide:
+        return o, d, h.b.sext(raw, V16I16)
+    sc = h.b.sitofp(h.b.sext(raw, _vt(i32, 16)), _vt(f32, 16))
+    return o, d, h.b.fmul(sc, h.splat(d, 16))
+
+
+def _q6k_quants(h, pr, o, wide):
+    """Yield ``(g, quants of group g)`` (0..63, unsigned) for the 8 groups of 32 weights:
+    32 x i8, or (``wide``) four 8 x i32 (an iterator: the IR is emitted as it is consumed)."""
+    b = h.b
+    if not wide:
+        for hh in range(2):
+            qh = h.load(pr, b.add(o, i64(128 + 32 * hh)), V32I8)
+            for half in range(2):
+                ql = h.load(pr, b.add(o, i64(64 * hh + 32 * half)), V32I8)
+                for nib in range(2):
+                    k = half + 2 * nib
+                    low = b.and_(ql, _c(V32I8, 15)) if nib == 0 else b.lshr(ql, _c(V32I8, 4))
+                    top = b.and_(b.shl(b.lshr(qh, _c(V32I8, 2 * k)), _c(V32I8, 4)), _c(V32I8, 48))
+                    yield 4 * hh + k, b.or_(low, top)
+        return
+    for hh in range(2):
+        qh = [_u8x8(h, pr, b.add(o, i64(128 + 32 * hh + 8 * k))) for k in range(4)]
+        for half in range(2):
+            ql = [_u8x8(h, pr, b.add(o, i64(64 * hh + 32 * half + 8 * k))) for k in range(4)]
+            for nib in range(2):
+                k = half + 2 * nib
+                yield 4 * hh + k, _q6k_words(h, ql, qh, nib, k)
+
+
+def _q6k_words(h, ql, qh, nib, k):  # the four 8 x i32 of `_q6k_quants`, one at a time
+    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
+    for lo, hi in zip(ql, qh, strict=True):
+        low = h.b.and_(lo, m15) if nib == 0 else h.b.lshr(lo, s4)
+        top = h.b.and_(h.b.lshr(hi, _c(V8I32, 2 * k)), _c(V8I32, 3))
+        yield h.b.or_(low, h.b.shl(top, s4))
+
+
+def _int8_q6_k(h, pr, pq, pd, ps, acc, b, k):
+    o, d, sc16 = _q6k_block(h, pr, b, False)
+    dxd = h.b.fmul(h.load(pd, h.b.mul(b, i64(32)), V8F, 4), h.splat(d))  # d * dx_g
+    xo = h.b.mul(b, i64(256))
+    c32 = _c(V32I8, 32)
+    for g, q in _q6k_quants(h, pr, o, False):
+        xv = h.load(pq, h.b.add(xo, i64(32 * g)), V32I8)
+        p = h.b.sub(h.maddubs(q, xv), h.maddubs(c32, xv))  # sum (q - 32) x, pairs
+        scv = h.shuf(sc16, sc16, [2 * g] * 8 + [2 * g + 1] * 8)
+        _acc_fma(h, acc, h.tofloat(h.maddwd(p, scv)), h.lane(dxd, g), g)
+
+
+def _float_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
+    o, d, sc = _q6k_block(h, pr, b, True)  # d * sc_j, j = 0..15
     xs16 = h.load(ps, h.b.mul(b, i64(64)), _vt(f32, 16), 4)
     # corr -= 32 * sum_j d sc_j xs_j
     p = h.b.fmul(sc, xs16)
     p8 = h.b.fadd(h.shuf(p, p, range(8)), h.shuf(p, p, range(8, 16)))
     _corr_fma(h, acc, p8, _c(V8F, -32.0))
     x0 = h.b.mul(b, i64(256))
-    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
-    for hh in range(2):
-        qh = [_u8x8(h, pr, h.b.add(o, i64(128 + 32 * hh + 8 * k))) for k in range(4)]
-        for half in range(2):
-            ql = [_u8x8(h, pr, h.b.add(o, i64(64 * hh + 32 * half + 8 * k))) for k in range(4)]
-            for nib in range(2):
-                k2 = half + 2 * nib  # group 128hh + 32k2: scales 8hh + 2k2 (+1)
-                vals = []
-                for k in range(4):
-                    low = h.b.and_(ql[k], m15) if nib == 0 else h.b.lshr(ql[k], s4)
-                    top = h.b.and_(h.b.lshr(qh[k], _c(V8I32, 2 * k2)), _c(V8I32, 3))
-                    vals.append(h.tofloat(h.b.or_(low, h.b.shl(top, s4))))
-                xb = h.b.add(x0, i64(128 * hh + 32 * k2))
-                xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
-                si = 8 * hh + 2 * k2
-                t0 = h.fma(vals[1], xv[1], h.b.fmul(vals[0], xv[0]))
-                t1 = h.fma(vals[3], xv[3], h.b.fmul(vals[2], xv[2]))
-                _acc_fma(h, acc, t0, h.lane(sc, si), 0)
-                _acc_fma(h, acc, t1, h.lane(sc, si + 1), 1)
+    for g, q in _q6k_quants(h, pr, o, True):
+        vals = [h.tofloat(v) for v in q]
+        xb = h.b.add(x0, i64(32 * g))
+        xv = [_xv(h, px, h.b.add(xb, i64(8 * k))) for k in range(4)]
+        t0 = h.fma(vals[1], xv[1], h.b.fmul(vals[0], xv[0]))
+        t1 = h.fma(vals[3], xv[3], h.b.fmul(vals[2], xv[2]))
+        _acc_fma(h, acc, t0, h.lane(sc, 2 * g), 0)
+        _acc_fma(h, acc, t1, h.lane(sc, 2 * g + 1), 1)
+
+
+def _decode_q6_k(h, pr, py, b):
+    o, d, sc = _q6k_block(h, pr, b, True)
+    y0 = h.b.mul(b, i64(256))
+    c32 = _c(V8I32, 32)
+    for g, q in _q6k_quants(h, pr, o, True):
+        for k, v in enumerate(q):
+            v = h.b.fmul(h.tofloat(h.b.sub(v, c32)), h.lane(sc, 2 * g + k // 2))
+            _store(h, py, h.b.add(y0, i64(32 * g + 8 * k)), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# F16 / BF16: no blocks; the loops take 32 values at a time.
 
 
 def _float8(h, pr, i, bf16):  # 8 F16 / BF16 values starting at element index i -> 8 x float
@@ -463,7 +507,7 @@ def _float8(h, pr, i, bf16):  # 8 F16 / BF16 values starting at element index i 
     return h.b.bitcast(h.b.shl(w, _c(V8I32, 16)), V8F)
 
 
-def _f_half(h, pr, px, ps, acc, b, k, bf16):  # b: a block of 32 values
+def _float_half(h, pr, px, ps, acc, b, k, bf16):  # b: a run of 32 values
     x0 = h.b.mul(b, i64(32))
     idx = [h.b.add(x0, i64(8 * j)) for j in range(4)]
     vals = [_float8(h, pr, i, bf16) for i in idx]
@@ -472,161 +516,115 @@ def _f_half(h, pr, px, ps, acc, b, k, bf16):  # b: a block of 32 values
     h.b.store(h.b.fadd(h.b.load(p), _dot4(h, vals, xv)), p)
 
 
-def _f_f16(h, pr, px, ps, acc, b, k):
-    _f_half(h, pr, px, ps, acc, b, k, False)
-
-
-def _f_bf16(h, pr, px, ps, acc, b, k):
-    _f_half(h, pr, px, ps, acc, b, k, True)
-
-
-_fdot_f16 = _row_intrinsic_f(_f_f16)
-_fdot_bf16 = _row_intrinsic_f(_f_bf16)
-_fdot_q4_0 = _row_intrinsic_f(_f_q4_0)
-_fdot_q4_1 = _row_intrinsic_f(_f_q4_1)
-_fdot_q8_0 = _row_intrinsic_f(_f_q8_0)
-_fdot_q4_k = _row_intrinsic_f(_f_q4_k)
-_fdot_q5_k = _row_intrinsic_f(_f_q5_k)
-_fdot_q6_k = _row_intrinsic_f(_f_q6_k)
-
-
-# ---------------------------------------------------------------------------------------------
-# Row decoders for prefill tiles: the same unpacking, stored as float32 rows for BLAS sgemm.
-
-
-def _deq_intrinsic(body):
-    """Wrap ``body(h, p_row, p_y, blk)`` (writes block ``blk`` of one row to float32 at
-    ``p_y``) into an intrinsic ``(w u8[:, :], r intp, y f32[:, :], i intp, nb intp) -> none``
-    that decodes row ``r`` of ``w`` into row ``i`` of ``y``."""
-
-    @intrinsic
-    def deq(typingctx, w, r, y, i, nb):
-        sig = types.none(w, types.intp, y, types.intp, nb)
-
-        def codegen(context, builder, signature, args):
-            h = _B(context, builder)
-            a = signature.args
-            pr, py = h.row(a[0], args[0], args[1]), h.row(a[2], args[2], args[3])
-            with cgutils.for_range(builder, args[4]) as loop:
-                body(h, pr, py, loop.index)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return deq
-
-
-def _store(h, py, idx, v):  # y[idx : idx + 8] = v, idx an i64 element index
-    h.b.store(v, h.b.bitcast(h.at(py, h.b.mul(idx, i64(4))), V8F.as_pointer()), align=4)
-
-
-def _d_q4(h, pr, py, b, has_min):
-    o = h.b.mul(b, i64(20 if has_min else 18))
-    d = h.splat(h.f16(pr, o))
-    m = h.splat(h.f16(pr, h.b.add(o, i64(2)))) if has_min else h.b.fmul(d, _c(V8F, -8.0))
-    qo = h.b.add(o, i64(4 if has_min else 2))
-    z0, z1 = _u8x8(h, pr, qo), _u8x8(h, pr, h.b.add(qo, i64(8)))
-    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
-    vals = [h.b.and_(z0, m15), h.b.and_(z1, m15), h.b.lshr(z0, s4), h.b.lshr(z1, s4)]
-    y0 = h.b.mul(b, i64(32))
-    for k, v in enumerate(vals):
-        _store(h, py, h.b.add(y0, i64(8 * k)), h.fma(h.tofloat(v), d, m))
-
-
-def _d_q4_0(h, pr, py, b):
-    _d_q4(h, pr, py, b, False)
-
-
-def _d_q4_1(h, pr, py, b):
-    _d_q4(h, pr, py, b, True)
-
-
-def _d_q8_0(h, pr, py, b):
-    o = h.b.mul(b, i64(34))
-    d = h.splat(h.f16(pr, o))
-    y0 = h.b.mul(b, i64(32))
-    for k in range(4):
-        v = h.tofloat(_s8x8(h, pr, h.b.add(o, i64(2 + 8 * k))))
-        _store(h, py, h.b.add(y0, i64(8 * k)), h.b.fmul(v, d))
-
-
-def _d_qk(h, pr, py, b, five):
-    o = h.b.mul(b, i64(176 if five else 144))
-    d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
-    scf, mnf = _k_scales_mins(h, pr, o)
-    sv = h.b.fmul(scf, h.splat(d))
-    mv = h.b.fmul(mnf, h.splat(h.b.fsub(ir.Constant(f32, 0.0), dm)))
-    qo = h.b.add(o, i64(48 if five else 16))
-    y0 = h.b.mul(b, i64(256))
-    m15, s4 = _c(V8I32, 15), _c(V8I32, 4)
-    qh = [_u8x8(h, pr, h.b.add(o, i64(16 + 8 * k))) for k in range(4)] if five else None
-    for pair in range(4):
-        z = [_u8x8(h, pr, h.b.add(qo, i64(32 * pair + 8 * k))) for k in range(4)]
-        for half in range(2):
-            j = 2 * pair + half
-            s, m = h.lane(sv, j), h.lane(mv, j)
-            for k in range(4):
-                v = h.b.and_(z[k], m15) if half == 0 else h.b.lshr(z[k], s4)
-                if five:
-                    bit = h.b.and_(qh[k], _c(V8I32, 1 << j))
-                    if j < 4:
-                        bit = h.b.shl(bit, _c(V8I32, 4 - j))
-                    elif j > 4:
-                        bit = h.b.lshr(bit, _c(V8I32, j - 4))
-                    v = h.b.or_(v, bit)
-                _store(h, py, h.b.add(y0, i64(32 * j + 8 * k)), h.fma(h.tofloat(v), s, m))
-
-
-def _d_q4_k(h, pr, py, b):
-    _d_qk(h, pr, py, b, False)
-
-
-def _d_q5_k(h, pr, py, b):
-    _d_qk(h, pr, py, b, True)
-
-
-def _d_q6_k(h, pr, py, b):
-    o = h.b.mul(b, i64(210))
-    d = h.f16(pr, h.b.add(o, i64(208)))
-    sc = h.b.sitofp(h.b.sext(h.load(pr, h.b.add(o, i64(192)), V16I8), _vt(i32, 16)), _vt(f32, 16))
-    sc = h.b.fmul(sc, h.splat(d, 16))
-    y0 = h.b.mul(b, i64(256))
-    m15, s4, c32 = _c(V8I32, 15), _c(V8I32, 4), _c(V8I32, 32)
-    for hh in range(2):
-        qh = [_u8x8(h, pr, h.b.add(o, i64(128 + 32 * hh + 8 * k))) for k in range(4)]
-        for half in range(2):
-            ql = [_u8x8(h, pr, h.b.add(o, i64(64 * hh + 32 * half + 8 * k))) for k in range(4)]
-            for nib in range(2):
-                k2 = half + 2 * nib
-                si = 8 * hh + 2 * k2
-                for k in range(4):
-                    low = h.b.and_(ql[k], m15) if nib == 0 else h.b.lshr(ql[k], s4)
-                    top = h.b.and_(h.b.lshr(qh[k], _c(V8I32, 2 * k2)), _c(V8I32, 3))
-                    q = h.b.sub(h.b.or_(low, h.b.shl(top, s4)), c32)
-                    v = h.b.fmul(h.tofloat(q), h.lane(sc, si + k // 2))
-                    _store(h, py, h.b.add(y0, i64(128 * hh + 32 * k2 + 8 * k)), v)
-
-
-def _d_half(h, pr, py, b, bf16):
+def _decode_half(h, pr, py, b, bf16):
     y0 = h.b.mul(b, i64(32))
     for j in range(4):
         i = h.b.add(y0, i64(8 * j))
         _store(h, py, i, _float8(h, pr, i, bf16))
 
 
-def _d_f16(h, pr, py, b):
-    _d_half(h, pr, py, b, False)
+# ---------------------------------------------------------------------------------------------
+# The table and the three intrinsics.
 
 
-def _d_bf16(h, pr, py, b):
-    _d_half(h, pr, py, b, True)
+@dataclass(frozen=True)
+class IRType:
+    """One type's block bodies.  ``block``: weights per loop step (``nb`` counts these);
+    ``x_group``: `dot_float` takes the sums of ``x`` per this many values (0: none);
+    ``int8_body`` is None where the type has no int8 dot."""
+
+    block: int
+    x_group: int
+    float_body: Callable
+    decode_body: Callable
+    int8_body: Callable | None = None
 
 
-_deq_f16 = _deq_intrinsic(_d_f16)
-_deq_bf16 = _deq_intrinsic(_d_bf16)
-_deq_q4_0 = _deq_intrinsic(_d_q4_0)
-_deq_q4_1 = _deq_intrinsic(_d_q4_1)
-_deq_q8_0 = _deq_intrinsic(_d_q8_0)
-_deq_q4_k = _deq_intrinsic(_d_q4_k)
-_deq_q5_k = _deq_intrinsic(_d_q5_k)
-_deq_q6_k = _deq_intrinsic(_d_q6_k)
+def _ir(block, x_group, float_body, decode_body, int8_body=None, **variant) -> IRType:
+    """An `IRType` with the layout ``variant`` (keyword arguments of the bodies) bound."""
+    bind = functools.partial
+    return IRType(
+        block,
+        x_group,
+        bind(float_body, **variant),
+        bind(decode_body, **variant),
+        None if int8_body is None else bind(int8_body, **variant),
+    )
+
+
+# The types of the IR engine, by GGMLType value.
+TYPES: dict[int, IRType] = {
+    GGMLType.Q4_0: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, has_min=False),
+    GGMLType.Q4_1: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, has_min=True),
+    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0),
+    GGMLType.Q4_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=False),
+    GGMLType.Q5_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=True),
+    GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k),
+    GGMLType.F16: _ir(32, 0, _float_half, _decode_half, bf16=False),
+    GGMLType.BF16: _ir(32, 0, _float_half, _decode_half, bf16=True),
+}
+
+
+def _type(code, task):
+    """The `IRType` of a literal type code that has ``task``; a typing error otherwise."""
+    if not isinstance(code, types.IntegerLiteral):
+        raise errors.TypingError("the type code must be a compile-time constant")
+    spec = TYPES.get(code.literal_value)
+    if spec is None or getattr(spec, task) is None:
+        raise errors.TypingError(f"no {task} for type code {code.literal_value}")
+    return spec
+
+
+@intrinsic(prefer_literal=True)
+def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
+    """Row ``r`` of ``w`` (u8[:, :]) times ``x_hat``: ``xq`` i8[:], ``dx`` f32[:] (one scale
+    per 32), ``xs`` f32[:] (``dx * sum(xq)`` per 32), over ``nb`` blocks -> float32."""
+    body = _type(code, "int8_body").int8_body
+    sig = types.float32(code, w, types.intp, xq, dx, xs, nb)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        a = signature.args
+        pr = h.row(a[1], args[1], args[2])
+        pq, pd, ps = h.data(a[3], args[3]), h.data(a[4], args[4]), h.data(a[5], args[5])
+        acc = _Acc(h)
+        _blocks(h, args[6], lambda blk, k: body(h, pr, pq, pd, ps, acc, blk, k))
+        return acc.total(h)
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def dot_float(typingctx, code, w, r, x, xs, nb):
+    """Row ``r`` of ``w`` (u8[:, :]) times ``x`` (f32[:]), ``xs`` the sums of ``x`` per
+    `IRType.x_group`, over ``nb`` blocks -> float32."""
+    body = _type(code, "float_body").float_body
+    sig = types.float32(code, w, types.intp, x, xs, nb)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        a = signature.args
+        pr = h.row(a[1], args[1], args[2])
+        px, ps = h.data(a[3], args[3]), h.data(a[4], args[4])
+        acc = _Acc(h)
+        _blocks(h, args[5], lambda blk, k: body(h, pr, px, ps, acc, blk, k))
+        return acc.total(h)
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def decode_row(typingctx, code, w, r, y, i, nb):
+    """Row ``r`` of ``w`` (u8[:, :], ``nb`` blocks) as float32 into row ``i`` of ``y``."""
+    body = _type(code, "decode_body").decode_body
+    sig = types.none(code, w, types.intp, y, types.intp, nb)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        a = signature.args
+        pr, py = h.row(a[1], args[1], args[2]), h.row(a[3], args[3], args[4])
+        with cgutils.for_range(builder, args[5]) as loop:
+            body(h, pr, py, loop.index)
+        return context.get_dummy_value()
+
+    return sig, codegen

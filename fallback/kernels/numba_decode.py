@@ -1,15 +1,31 @@
-"""numba row decoders: GGUF rows -> float32, for prefill tiles, embeddings and the types
-without an in-register matvec (Q2_K, Q3_K, F16, BF16).
+"""The numba engine's block layouts and row decoders: GGUF rows -> float32.
 
-The layouts are documented in `phimlx.gguf.quants`; these loops follow the same bit positions and
-are tested against it.  ``code`` is the `GGMLType` value; every kernel is compiled once for all
-types (a branch per row costs nothing next to the row itself).
+- Layout helpers (``inline="always"``) that `numba_matvec` inlines too, so each packed field
+  is decoded in one place: `f16_bits` (a half's bits, for the `F16_TABLE` lookup),
+  `q5_high_bits` (Q5_0/Q5_1's 32 fifth bits), `k_scale_min_low` / `k_scale_min_high` (Q4_K /
+  Q5_K's 12 bytes of 6-bit scales and mins).  The bit positions are those of
+  `phimlx.gguf.quants`, and the loops are tested against it.
+- Kernels that take the type at run time (``code``, its `GGMLType` value; compiled once for
+  all types, a branch per row costs nothing next to the row): `decode_tile_by_code` (prefill
+  tiles, on every CPU without AVX2 and for Q5_0/Q5_1/Q2_K/Q3_K on AVX2 ones),
+  `decode_rows_by_code` (the embedding lookup, every CPU), `matvec_by_code` (decode a row,
+  then the dot: Q2_K, Q3_K, F16, BF16 without AVX2).
+- `decode_tile`, `decode_rows`, `matvec_float`: those kernels bound to one type, with the
+  signatures of `fallback.kernels.KernelSet`.
+
+`numba_matvec` inlines the layout helpers from here, and numba's cache is keyed by each
+kernel's own file: after editing a helper, touch `numba_matvec` too (or clear
+``__pycache__``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit, prange
+
+from phimlx.gguf import TYPE_SIZES, GGMLType
 
 U = np.uint64
 I = np.int32  # noqa: E741
@@ -21,10 +37,38 @@ Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 
 _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
 
+# A float32 for every float16 bit pattern: the kernels decode block scales with one lookup
+# (float16 is no numba type), ``F16_TABLE[f16_bits(row, o)]``.
+F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+F16_TABLE = F16_TABLE.astype(np.float32)
+
 
 @njit(inline="always")
-def _h(row, o):
+def f16_bits(row, o):
+    """The bits of the float16 at byte ``o`` of ``row``, as an index into `F16_TABLE`."""
     return I(row[o]) | (I(row[o + U(1)]) << I(8))
+
+
+@njit(inline="always")
+def q5_high_bits(row, ho):
+    """Q5_0 / Q5_1: the 32 fifth bits at byte ``ho`` (bit l for weight l), as uint64."""
+    qh = U(row[ho]) | (U(row[ho + U(1)]) << U(8))
+    return qh | (U(row[ho + U(2)]) << U(16)) | (U(row[ho + U(3)]) << U(24))
+
+
+@njit(inline="always")
+def k_scale_min_low(row, so, j):
+    """Q4_K / Q5_K: the six-bit scale and min of sub-block ``j`` (0..3); ``so`` is the byte
+    offset of the 12 scale bytes (low 6 bits of bytes j and 4 + j)."""
+    return I(row[so + j]) & I(63), I(row[so + U(4) + j]) & I(63)
+
+
+@njit(inline="always")
+def k_scale_min_high(row, so, j):
+    """Q4_K / Q5_K: the scale and min of sub-block ``4 + j`` (j = 0..3): low nibble / high
+    nibble of byte 8 + j, their top two bits the top bits of bytes j / 4 + j."""
+    a, bm, c = I(row[so + j]), I(row[so + U(4) + j]), I(row[so + U(8) + j])
+    return (c & I(15)) | ((a >> I(6)) << I(4)), (c >> I(4)) | ((bm >> I(6)) << I(4))
 
 
 @njit(inline="always")
@@ -32,7 +76,7 @@ def _q32(row, rowi, y, f16, code, bs):  # the 32-weight block types; y (cols,)
     nb = U(y.shape[0] // 32)
     for b in range(nb):
         o, yo = b * U(bs), b * U(32)
-        d = f16[_h(row, o)]
+        d = f16[f16_bits(row, o)]
         if code == Q8_0:
             for l in range(U(32)):
                 y[yo + l] = d * F(rowi[o + U(2) + l])
@@ -43,13 +87,12 @@ def _q32(row, rowi, y, f16, code, bs):  # the 32-weight block types; y (cols,)
         if code == Q4_0:
             m = F(-8) * d
         elif code == Q4_1:
-            m = f16[_h(row, o + U(2))]
+            m = f16[f16_bits(row, o + U(2))]
             qo = o + U(4)
         else:
             ho = o + U(2) if code == Q5_0 else o + U(4)
-            m = F(-16) * d if code == Q5_0 else f16[_h(row, o + U(2))]
-            qh = U(row[ho]) | (U(row[ho + U(1)]) << U(8))
-            qh |= (U(row[ho + U(2)]) << U(16)) | (U(row[ho + U(3)]) << U(24))
+            m = F(-16) * d if code == Q5_0 else f16[f16_bits(row, o + U(2))]
+            qh = q5_high_bits(row, ho)
             qo = ho + U(4)
         for l in range(U(16)):
             q = I(row[qo + l])
@@ -60,11 +103,10 @@ def _q32(row, rowi, y, f16, code, bs):  # the 32-weight block types; y (cols,)
 
 
 @njit(inline="always")
-def _k_scale_min(row, o, j):  # Q4_K/Q5_K six-bit scale and min of sub-block j (0..7)
+def _k_scale_min(row, so, j):  # sub-block j = 0..7
     if j < 4:
-        return I(row[o + j]) & I(63), I(row[o + U(4) + j]) & I(63)
-    a, bm, c = I(row[o + j - U(4)]), I(row[o + j]), I(row[o + U(4) + j])
-    return (c & I(15)) | ((a >> I(6)) << I(4)), (c >> I(4)) | ((bm >> I(6)) << I(4))
+        return k_scale_min_low(row, so, j)
+    return k_scale_min_high(row, so, j - U(4))
 
 
 @njit(inline="always")
@@ -73,7 +115,7 @@ def _qk(row, rowi, y, f16, code, bs):  # the 256-weight K-quants; y (cols,)
     for b in range(nb):
         o, yo = b * U(bs), b * U(256)
         if code in (Q4_K, Q5_K):
-            d, dm = f16[_h(row, o)], f16[_h(row, o + U(2))]
+            d, dm = f16[f16_bits(row, o)], f16[f16_bits(row, o + U(2))]
             qo = o + U(16) if code == Q4_K else o + U(48)
             for j in range(U(8)):
                 sc, mn = _k_scale_min(row, o + U(4), j)
@@ -86,7 +128,7 @@ def _qk(row, rowi, y, f16, code, bs):  # the 256-weight K-quants; y (cols,)
                         q |= ((I(row[o + U(16) + l]) >> I(j)) & I(1)) << I(4)
                     y[yo + U(32) * j + l] = ds * F(q) - ms
         elif code == Q6_K:
-            d = f16[_h(row, o + U(208))]
+            d = f16[f16_bits(row, o + U(208))]
             for hh in range(U(2)):
                 for k in range(U(4)):
                     qlo = o + U(64) * hh + U(32) * (k & U(1))
@@ -97,7 +139,7 @@ def _qk(row, rowi, y, f16, code, bs):  # the 256-weight K-quants; y (cols,)
                         s = F(rowi[o + U(192) + U(8) * hh + U(2) * k + (l >> U(4))])
                         y[yo + U(128) * hh + U(32) * k + l] = d * s * F(q - I(32))
         elif code == Q2_K:
-            d, dm = f16[_h(row, o + U(80))], f16[_h(row, o + U(82))]
+            d, dm = f16[f16_bits(row, o + U(80))], f16[f16_bits(row, o + U(82))]
             for hh in range(U(2)):
                 for s in range(U(4)):
                     for l in range(U(32)):
@@ -106,7 +148,7 @@ def _qk(row, rowi, y, f16, code, bs):  # the 256-weight K-quants; y (cols,)
                         v = d * F(sc & I(15)) * F(q) - dm * F(sc >> I(4))
                         y[yo + U(128) * hh + U(32) * s + l] = v
         else:  # Q3_K
-            d = f16[_h(row, o + U(108))]
+            d = f16[f16_bits(row, o + U(108))]
             for hh in range(U(2)):
                 for s in range(U(4)):
                     for l in range(U(32)):
@@ -124,7 +166,7 @@ def _float_row(row, y, f16, code):  # F32 / F16 / BF16 rows; y (cols,)
     n = U(y.shape[0])
     if code == F16:
         for i in range(n):
-            y[i] = f16[_h(row, U(2) * i)]
+            y[i] = f16[f16_bits(row, U(2) * i)]
     elif code == BF16:
         bits = y.view(np.uint32)
         for i in range(n):
@@ -144,7 +186,7 @@ def _float_row(row, y, f16, code):  # F32 / F16 / BF16 rows; y (cols,)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row(row, rowi, y, f16, code, bs):  # compiled once, called by the three drivers
+def _decode_row(row, rowi, y, f16, code, bs):  # compiled once, called by the three kernels
     if code in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
         _q32(row, rowi, y, f16, code, bs)
     elif code in (F32, F16, BF16):
@@ -154,36 +196,67 @@ def _row(row, rowi, y, f16, code, bs):  # compiled once, called by the three dri
 
 
 @njit(**_OPTS)
-def deq_rows(w, wi8, ids, code, bs, f16, out):
+def decode_rows_by_code(w, wi8, ids, code, bs, f16, out):
     """out[i] = row ids[i] of w decoded; w uint8 (rows, row_bytes), out float32 (n, cols)."""
     for i in prange(ids.shape[0]):
-        _row(w[ids[i]], wi8[ids[i]], out[i], f16, code, bs)
-
-
-@njit(**_OPTS)
-def deq_range(w, wi8, r0, code, bs, f16, out):
-    """out[i] = row r0 + i of w decoded, for i < out.shape[0] (a prefill tile)."""
-    for i in prange(out.shape[0]):
-        _row(w[r0 + i], wi8[r0 + i], out[i], f16, code, bs)
+        _decode_row(w[ids[i]], wi8[ids[i]], out[i], f16, code, bs)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def deq_range_serial(w, wi8, r0, code, bs, f16, out):
-    """`deq_range` on the calling thread: a prefill tile goes on to a multi-threaded BLAS
-    sgemm, and numba's OpenMP workers spinning after a parallel region would take the cores
-    BLAS wants (measured: 60x slower on 2 cores)."""
+def decode_tile_by_code(w, wi8, r0, code, bs, f16, out):
+    """out[i] = row r0 + i of w decoded, for i < out.shape[0] (a prefill tile), on the
+    calling thread: the tile goes on to a multi-threaded BLAS sgemm, and numba's OpenMP
+    workers spinning after a parallel region would take the cores BLAS wants (measured: 60x
+    slower on 2 cores)."""
     for i in range(out.shape[0]):
-        _row(w[r0 + i], wi8[r0 + i], out[i], f16, code, bs)
+        _decode_row(w[r0 + i], wi8[r0 + i], out[i], f16, code, bs)
 
 
 @njit(**_OPTS)
-def mv_deq(w, wi8, code, bs, x, f16, out):
+def matvec_by_code(w, wi8, code, bs, x, f16, out):
     """out[r] = W[r] . x by decoding each row into a per-row buffer (the simple types)."""
     n = x.shape[0]
     for r in prange(w.shape[0]):
         y = np.empty(n, np.float32)  # (cols,)
-        _row(w[r], wi8[r], y, f16, code, bs)
+        _decode_row(w[r], wi8[r], y, f16, code, bs)
         s = F(0)
         for i in range(n):
             s += y[i] * x[i]
         out[r] = s
+
+
+# The kernels bound to one type, as `fallback.kernels.KernelSet` calls them.
+
+
+def decode_tile(qtype: GGMLType) -> Callable[[np.ndarray, int, np.ndarray], None]:
+    """``(w, r0, out)``: ``out[i]`` = row ``r0 + i`` of the ``qtype`` matrix ``w`` (uint8
+    ``(rows, row_bytes)``) as float32, on the calling thread."""
+    code, bs = int(qtype), TYPE_SIZES[qtype][1]
+
+    def run(w: np.ndarray, r0: int, out: np.ndarray) -> None:
+        decode_tile_by_code(w, w.view(np.int8), r0, code, bs, F16_TABLE, out)
+
+    return run
+
+
+def decode_rows(qtype: GGMLType) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``(w, ids, out)``: ``out[i]`` = row ``ids[i]`` (int64) of ``w`` as float32."""
+    code, bs = int(qtype), TYPE_SIZES[qtype][1]
+
+    def run(w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+        if ids.size == 1:  # a decode step: one row, no thread launch
+            decode_tile_by_code(w, w.view(np.int8), int(ids[0]), code, bs, F16_TABLE, out)
+        else:
+            decode_rows_by_code(w, w.view(np.int8), ids, code, bs, F16_TABLE, out)
+
+    return run
+
+
+def matvec_float(qtype: GGMLType) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``(w, x, out)``: ``out = w @ x`` for one ``qtype`` matrix, a row decoded at a time."""
+    code, bs = int(qtype), TYPE_SIZES[qtype][1]
+
+    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        matvec_by_code(w, w.view(np.int8), code, bs, x, F16_TABLE, out)
+
+    return run

@@ -1,8 +1,13 @@
-"""numba matrix-vector kernels that read GGUF blocks in place: the portable decode path (CPUs
-without AVX2, and Q5_0/Q5_1 everywhere); AVX2 CPUs run `avx2`'s LLVM IR kernels instead.
+"""The numba engine's float matvec kernels, reading GGUF blocks in place: the portable decode
+path (CPUs without AVX2, and Q5_0/Q5_1 everywhere); AVX2 CPUs run `avx2`'s LLVM IR instead.
 
-One kernel per type: ``out[r] = W[r] . x`` with the weights decoded in registers.  Layouts are
-in `phimlx.gguf.quants`.  What makes them fast (measured on AVX2; see bench/kernels.py):
+One kernel per layout, ``out[r] = W[r] . x`` with the weights decoded in registers, all with
+the signature ``(w, wi8, x, xs, f16, out, qk, bs, sub)`` (a kernel ignores what its layout
+does not need); `matvec_float` binds one to a type.  The packed fields they share with the
+decoders (float16 scales, Q5 fifth bits, K-quant scales and mins) come from `numba_decode`'s
+layout helpers; the weights' nibbles and bit pairs are decoded in the hot loops below, in a
+form of their own (masked in place, powers of two folded into the scales).  Layouts are in
+`phimlx.gguf.quants`.  What makes them fast (measured on AVX2; see bench/kernels.py):
 
 - Indices are ``uint64``: signed indices make numba emit a negative-index wraparound per load,
   which turns vector loads into byte gathers.
@@ -18,8 +23,14 @@ in `phimlx.gguf.quants`.  What makes them fast (measured on AVX2; see bench/kern
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit, prange
+
+from phimlx.gguf import TYPE_SIZES, GGMLType
+
+from .numba_decode import F16_TABLE, f16_bits, k_scale_min_high, k_scale_min_low, q5_high_bits
 
 U = np.uint64
 I = np.int32  # noqa: E741
@@ -28,13 +39,8 @@ F = np.float32
 _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
 
 
-@njit(inline="always")
-def _h(row, o):  # f16 at byte o of row, via the 65536-entry table (float16 is no numba type)
-    return I(row[o]) | (I(row[o + U(1)]) << I(8))
-
-
 @njit(**_OPTS)
-def mv_q8_0(w, wi8, x, xs, f16, out, qk, bs):  # w uint8 (rows, nb*34); wi8 the same as int8
+def matvec_q8_0(w, wi8, x, xs, f16, out, qk, bs, sub):  # w uint8 (rows, nb*34); wi8 as int8
     nb = U(x.shape[0] // qk)
     qku, bsu = U(qk), U(bs)
     for r in prange(w.shape[0]):
@@ -42,7 +48,7 @@ def mv_q8_0(w, wi8, x, xs, f16, out, qk, bs):  # w uint8 (rows, nb*34); wi8 the 
         acc = np.zeros(qk, np.float32)  # (qk,)
         for b in range(nb):
             o = b * bsu
-            d = f16[_h(row, o)]
+            d = f16[f16_bits(row, o)]
             qo, xo = o + U(2), b * qku
             for l in range(qku):
                 acc[l] += d * F(rowi[qo + l]) * x[xo + l]
@@ -50,7 +56,7 @@ def mv_q8_0(w, wi8, x, xs, f16, out, qk, bs):  # w uint8 (rows, nb*34); wi8 the 
 
 
 @njit(**_OPTS)
-def mv_q4_0(w, x, xs, f16, out, qk, bs):  # w (rows, nb*18); xs (nb,) block sums of x
+def matvec_q4_0(w, wi8, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*18); xs (nb,) sums of x
     nb = U(x.shape[0] // qk)
     qku, bsu, half = U(qk), U(bs), U(qk // 2)
     m15, m240 = I(15), I(240)
@@ -60,7 +66,7 @@ def mv_q4_0(w, x, xs, f16, out, qk, bs):  # w (rows, nb*18); xs (nb,) block sums
         corr = F(0)
         for b in range(nb):
             o = b * bsu
-            d = f16[_h(row, o)]
+            d = f16[f16_bits(row, o)]
             dh = d * F(0.0625)
             qo, xo = o + U(2), b * qku
             for l in range(half):
@@ -71,7 +77,7 @@ def mv_q4_0(w, x, xs, f16, out, qk, bs):  # w (rows, nb*18); xs (nb,) block sums
 
 
 @njit(**_OPTS)
-def mv_q4_1(w, x, xs, f16, out, qk, bs):  # w (rows, nb*20)
+def matvec_q4_1(w, wi8, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*20)
     nb = U(x.shape[0] // qk)
     qku, bsu, half = U(qk), U(bs), U(qk // 2)
     m15, m240 = I(15), I(240)
@@ -81,18 +87,19 @@ def mv_q4_1(w, x, xs, f16, out, qk, bs):  # w (rows, nb*20)
         corr = F(0)
         for b in range(nb):
             o = b * bsu
-            d = f16[_h(row, o)]
+            d = f16[f16_bits(row, o)]
             dh = d * F(0.0625)
             qo, xo = o + U(4), b * qku
             for l in range(half):
                 q = I(row[qo + l])
                 acc[l] += d * F(I(q & m15)) * x[xo + l] + dh * F(I(q & m240)) * x[xo + half + l]
-            corr += f16[_h(row, o + U(2))] * xs[b]
+            corr += f16[f16_bits(row, o + U(2))] * xs[b]
         out[r] = acc.sum() + corr
 
 
 @njit(**_OPTS)
-def mv_q5(w, x, xs, f16, out, qk, bs, has_min):  # Q5_0 (rows, nb*22) / Q5_1 (rows, nb*24)
+def matvec_q5(w, wi8, x, xs, f16, out, qk, bs, sub):  # Q5_0 (rows, nb*22) / Q5_1 (nb*24)
+    has_min = bs == 24  # Q5_1's block has m after d
     nb = U(x.shape[0] // qk)
     qku, bsu, half = U(qk), U(bs), U(qk // 2)
     m15, m240 = I(15), I(240)
@@ -103,14 +110,9 @@ def mv_q5(w, x, xs, f16, out, qk, bs, has_min):  # Q5_0 (rows, nb*22) / Q5_1 (ro
         corr = F(0)
         for b in range(nb):
             o = b * bsu
-            d = f16[_h(row, o)]
+            d = f16[f16_bits(row, o)]
             dh, d16 = d * F(0.0625), d * F(16)
-            qh = (
-                U(row[o + hoff])
-                | (U(row[o + hoff + U(1)]) << U(8))
-                | (U(row[o + hoff + U(2)]) << U(16))
-                | (U(row[o + hoff + U(3)]) << U(24))
-            )
+            qh = q5_high_bits(row, o + hoff)
             qo, xo = o + hoff + U(4), b * qku
             for l in range(half):
                 q = I(row[qo + l])
@@ -118,31 +120,32 @@ def mv_q5(w, x, xs, f16, out, qk, bs, has_min):  # Q5_0 (rows, nb*22) / Q5_1 (ro
                 hi = dh * F(I(q & m240)) + d16 * F((qh >> (l + half)) & U(1))
                 acc[l] += lo * x[xo + l] + hi * x[xo + half + l]
             if has_min:
-                corr += f16[_h(row, o + U(2))] * xs[b]
+                corr += f16[f16_bits(row, o + U(2))] * xs[b]
             else:
                 corr -= F(16) * d * xs[b]
         out[r] = acc.sum() + corr
 
 
 @njit(inline="always")
-def _k_scales(row, o, d, dm, xs, g, sc):
-    """Q4_K/Q5_K: the 8 sub-block scales d*sc_j into sc; returns dmin * sum_j m_j * xs[g+j]."""
-    m15, m63, s4, s6 = I(15), I(63), I(4), I(6)
+def _k_scales(row, o, f16, xs, g, sc):
+    """Q4_K/Q5_K block at ``o``: the 8 sub-block scales d*sc_j into sc; returns
+    dmin * sum_j m_j * xs[g+j]."""
+    d, dm = f16[f16_bits(row, o)], f16[f16_bits(row, o + U(2))]
+    so = o + U(4)
     corr = F(0)
     for j in range(U(4)):
-        sc[j] = d * F(I(row[o + U(4) + j]) & m63)
-        corr += F(I(row[o + U(8) + j]) & m63) * xs[g + j]
+        s, m = k_scale_min_low(row, so, j)
+        sc[j] = d * F(s)
+        corr += F(m) * xs[g + j]
     for j in range(U(4)):
-        a = I(row[o + U(4) + j])
-        bm = I(row[o + U(8) + j])
-        c = I(row[o + U(12) + j])
-        sc[j + U(4)] = d * F((c & m15) | ((a >> s6) << s4))
-        corr += F((c >> s4) | ((bm >> s6) << s4)) * xs[g + U(4) + j]
+        s, m = k_scale_min_high(row, so, j)
+        sc[j + U(4)] = d * F(s)
+        corr += F(m) * xs[g + U(4) + j]
     return dm * corr
 
 
 @njit(**_OPTS)
-def mv_q4_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*144); xs (nb*8,) sums of 32
+def matvec_q4_k(w, wi8, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*144); xs (nb*8,) sums of 32
     nb = U(x.shape[0] // qk)
     qku, bsu, subu = U(qk), U(bs), U(sub)
     m15, m240 = I(15), I(240)
@@ -154,7 +157,7 @@ def mv_q4_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*144); xs (nb*8,) su
         corr = F(0)
         for b in range(nb):
             o = b * bsu
-            corr += _k_scales(row, o, f16[_h(row, o)], f16[_h(row, o + U(2))], xs, b * U(8), sc)
+            corr += _k_scales(row, o, f16, xs, b * U(8), sc)
             s0, s1, s2, s3 = sc[0], sc[1] * h, sc[2], sc[3] * h
             s4, s5, s6, s7 = sc[4], sc[5] * h, sc[6], sc[7] * h
             qo, xo = o + U(16), b * qku
@@ -177,7 +180,7 @@ def mv_q4_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*144); xs (nb*8,) su
 
 
 @njit(**_OPTS)
-def mv_q5_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*176); xs (nb*8,)
+def matvec_q5_k(w, wi8, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*176); xs (nb*8,)
     nb = U(x.shape[0] // qk)
     qku, bsu, subu = U(qk), U(bs), U(sub)
     m15, m240 = I(15), I(240)
@@ -189,7 +192,7 @@ def mv_q5_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*176); xs (nb*8,)
         corr = F(0)
         for b in range(nb):
             o = b * bsu
-            corr += _k_scales(row, o, f16[_h(row, o)], f16[_h(row, o + U(2))], xs, b * U(8), sc)
+            corr += _k_scales(row, o, f16, xs, b * U(8), sc)
             # Sub-block j: scale s_j on the nibble, t_j = 16 s_j / 2^j on qh & (1 << j).
             s0, s1, s2, s3 = sc[0], sc[1] * h, sc[2], sc[3] * h
             s4, s5, s6, s7 = sc[4], sc[5] * h, sc[6], sc[7] * h
@@ -216,7 +219,7 @@ def mv_q5_k(w, x, xs, f16, out, qk, bs, sub):  # w (rows, nb*176); xs (nb*8,)
 
 
 @njit(**_OPTS)
-def mv_q6_k(w, wi8, x, xs16, f16, out, qk, bs, sub):  # w (rows, nb*210); xs16 (nb*16,)
+def matvec_q6_k(w, wi8, x, xs16, f16, out, qk, bs, sub):  # w (rows, nb*210); xs16 (nb*16,)
     nb = U(x.shape[0] // qk)
     qku, bsu, subu = U(qk), U(bs), U(sub)  # sub = 16
     m15, m240 = I(15), I(240)
@@ -226,7 +229,7 @@ def mv_q6_k(w, wi8, x, xs16, f16, out, qk, bs, sub):  # w (rows, nb*210); xs16 (
         corr = F(0)
         for b in range(nb):
             o = b * bsu
-            d = f16[_h(row, o + U(208))]
+            d = f16[f16_bits(row, o + U(208))]
             for j in range(U(16)):
                 corr += d * F(rowi[o + U(192) + j]) * xs16[b * U(16) + j]
             dq = d * F(0.0625)
@@ -254,3 +257,34 @@ def mv_q6_k(w, wi8, x, xs16, f16, out, qk, bs, sub):  # w (rows, nb*210); xs16 (
                         + (a3 * F(I(p1 & m240)) + c3 * F(I(e & I(192)))) * x[xo + U(96) + l]
                     )
         out[r] = acc.sum() - F(32) * corr
+
+
+# GGMLType -> (kernel, the group of the sums of x it takes, its sub-block length).
+_KERNELS = {
+    GGMLType.Q8_0: (matvec_q8_0, 32, 32),
+    GGMLType.Q4_0: (matvec_q4_0, 32, 32),
+    GGMLType.Q4_1: (matvec_q4_1, 32, 32),
+    GGMLType.Q5_0: (matvec_q5, 32, 32),
+    GGMLType.Q5_1: (matvec_q5, 32, 32),
+    GGMLType.Q4_K: (matvec_q4_k, 32, 32),
+    GGMLType.Q5_K: (matvec_q5_k, 32, 32),
+    GGMLType.Q6_K: (matvec_q6_k, 16, 16),
+}
+TYPES = frozenset(_KERNELS)  # the types with a kernel here
+
+
+def matvec_float(qtype: GGMLType) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``(w, x, out)``: ``out = w @ x`` for one ``qtype`` matrix (uint8 ``(rows,
+    row_bytes)``), ``x`` float32 ``(cols,)``.
+
+    Raises:
+        KeyError: no kernel for ``qtype`` here (`TYPES`).
+    """
+    kernel, group, sub = _KERNELS[qtype]
+    qk, bs = TYPE_SIZES[qtype]
+
+    def run(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        xs = x.reshape(-1, group).sum(axis=1, dtype=np.float32)  # (cols / group,)
+        kernel(w, w.view(np.int8), x, xs, F16_TABLE, out, qk, bs, sub)
+
+    return run
