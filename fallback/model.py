@@ -1,34 +1,52 @@
 """The NumPy backend's transformer: phi3 and llama from GGUF blocks, with a KV cache.
 
-One forward pass serves both architectures; what differs is in `ModelConfig` (fused or
-split projections, rope style, LongRoPE factors, sliding window).  Weight matrices stay in
-their GGUF blocks (`QuantMatrix`); only norms are decoded to float32.
+One forward pass, `NumpySession._forward`, serves both architectures (what differs is in
+`ModelConfig`: fused or split projections, rope style, LongRoPE factors, sliding window)
+and every call: prefill chunks of up to `PREFILL_CHUNK` tokens, and decode steps.  Its
+layer loop is written once; two choices made per call plug into it:
 
-Shapes: T = tokens in this call, P = positions in the cache, H = query heads,
-KV = key/value heads, G = H // KV (queries per kv head), D = head dim.
+- the projections: for one token, vectors through matvec plans (`matvec_plan`: the kernel
+  chosen once at load, int8 activations where enabled); for a chunk, (T, n) rows through
+  tiled matmuls (`QuantMatrix.matmul`, BLAS sgemm);
+- the attention block (rope q and k, write k and v into the cache, attend): for one token
+  over a short cache, the compiled `ops.attend_token` (one call); otherwise `ops.attend`,
+  whose batched attention lets BLAS's threads work (prefill, long caches).  See `fallback.ops`.
+
+A small model's decode step is dominated by Python glue (SmolLM2-135M: 30 layers in a few
+milliseconds), so a layer is eight compiled calls with nothing between them: each residual
+add is fused with the norm that follows it (`ops.add_rms_norm`; after the last layer, the
+output norm), and the per-layer callables come pre-built in `_LayerCalls` tuples.
+
+Weight matrices stay in their GGUF blocks (`QuantMatrix`); only norms are decoded to
+float32.  Shapes: T = tokens in this call, P = positions in the cache, H = query heads,
+KV = key/value heads, D = head dim.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from phimlx.backends import checked_tokens
+from phimlx.backends import Finished, checked_tokens
 from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
 from . import ops
 from .kernels import int8_kernel_available
-from .matrix import QuantMatrix, matvec_many, matvec_plan
+from .matrix import QuantMatrix, matvec_plan
 from .threads import set_threads
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # tokens per prefill chunk: bounds the (H, T, P) score matrix
 _CACHE_GROW = 256  # KV cache capacity grows in steps of this many positions
+
+_Project = Callable[[np.ndarray], np.ndarray]
 
 
 def _matrix(mf: ModelFile, name: str, int8: bool | None) -> QuantMatrix:
@@ -37,6 +55,12 @@ def _matrix(mf: ModelFile, name: str, int8: bool | None) -> QuantMatrix:
     if int8:  # where this type has an int8 kernel; float elsewhere
         int8 = int8_kernel_available(t.type, cols)
     return QuantMatrix(mf.raw(name), t.type, (rows, cols), int8_activations=int8)
+
+
+def _matmul_many(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
+    """x (T, in) through matrices that share it (q|k|v, gate|up): (T, sum of rows)."""
+    outs = [m.matmul(x) for m in mats]
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
 
 
 @dataclass
@@ -48,21 +72,16 @@ class _Layer:
     gate_up: list[QuantMatrix]  # one fused matrix (gate rows first), or gate, up
     down: QuantMatrix
 
-    def __post_init__(self) -> None:
-        # the decode step's matvecs, kernels chosen once (`matvec_plan`)
-        self.qkv_mv = matvec_plan(self.qkv)
-        self.out_mv = matvec_plan([self.out])
-        self.gate_up_mv = matvec_plan(self.gate_up)
-        self.down_mv = matvec_plan([self.down])
 
+class _LayerCalls(NamedTuple):
+    """One layer as the forward pass's loop unpacks it."""
 
-def _project(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
-    """x (T, in) or (in,) through matrices that share it (q|k|v, gate|up), outputs
-    concatenated on the last axis; one kernel launch for a single token."""
-    if x.ndim == 1:
-        return matvec_many(mats, x)
-    outs = [m.matmul(x) for m in mats]
-    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
+    qkv: _Project  # h -> [q | k | v]
+    out: _Project  # attention -> hidden
+    gate_up: _Project  # h -> [gate | up]
+    down: _Project  # ffn -> hidden
+    ffn_norm: np.ndarray  # (hidden,): the norm after the attention's residual add
+    next_norm: np.ndarray  # (hidden,): after the FFN's: the next layer's attn_norm, or output
 
 
 class NumpyModel:
@@ -80,6 +99,7 @@ class NumpyModel:
         threads: int | None = None,
         int8_activations: bool | None = None,
     ):
+        # The norms are not checked for NaN/Inf here: `ModelConfig.from_gguf` refuses them.
         self.config = config
         self.file = mf
         self.threads = set_threads(threads)
@@ -104,19 +124,33 @@ class NumpyModel:
                     down=_matrix(mf, b + "ffn_down.weight", i8),
                 )
             )
-        for i, layer in enumerate(self.layers):
-            for name, w in (("attn_norm", layer.attn_norm), ("ffn_norm", layer.ffn_norm)):
-                if not np.isfinite(w).all():
-                    from phimlx.errors import GGUFError
-
-                    raise GGUFError(
-                        f"{mf.path}: tensor 'blk.{i}.{name}.weight' contains NaN "
-                        "or Inf; the file is corrupt"
-                    )
         self.weight_bytes = sum(m.nbytes for m in self._matrices())
         self.attn_scale = np.float32(1.0 / np.sqrt(c.head_dim))
-        # the norm after each layer's residual add: the next layer's, then the output's
-        self.next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
+        nexts = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
+        # one token: vectors through matvec plans (kernels chosen once, here)
+        self.token_calls = [
+            _LayerCalls(
+                matvec_plan(la.qkv),
+                matvec_plan([la.out]),
+                matvec_plan(la.gate_up),
+                matvec_plan([la.down]),
+                la.ffn_norm,
+                nxt,
+            )
+            for la, nxt in zip(self.layers, nexts, strict=True)
+        ]
+        # a chunk: (T, n) rows through tiled matmuls
+        self.chunk_calls = [
+            _LayerCalls(
+                functools.partial(_matmul_many, la.qkv),
+                la.out.matmul,
+                functools.partial(_matmul_many, la.gate_up),
+                la.down.matmul,
+                la.ffn_norm,
+                nxt,
+            )
+            for la, nxt in zip(self.layers, nexts, strict=True)
+        ]
 
     def _matrices(self) -> list[QuantMatrix]:
         mats = [self.embed] if self.output is self.embed else [self.embed, self.output]
@@ -129,7 +163,7 @@ class NumpyModel:
         return NumpySession(self, max_context or self.config.context_length)
 
     def close(self) -> None:
-        self.layers = []
+        self.layers, self.token_calls, self.chunk_calls = [], [], []
         self.file.close()
 
 
@@ -166,10 +200,11 @@ class NumpySession:
 
     def step(self, token_id: int) -> np.ndarray:
         ids = checked_tokens([token_id], self._pos, self.max_context, self.model.config)
-        c = self.model.config
-        if ops.FUSED_DECODE and (self._pos + 1) * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX:
-            return self._forward_token(ids)
         return self._forward(ids)
+
+    def step_async(self, token_id: int) -> Finished:
+        """`step`, computed now (this backend is eager); the handle holds the logits."""
+        return Finished(self.step(token_id))
 
     def _ensure_capacity(self, n: int) -> None:
         if n <= self._cap:
@@ -187,56 +222,38 @@ class NumpySession:
         self._cos = (np.cos(ang) * f).astype(np.float32)
         self._sin = (np.sin(ang) * f).astype(np.float32)
 
-    def _forward_token(self, ids: np.ndarray) -> np.ndarray:
-        """`_forward` for one token over a short cache, as four compiled calls per layer
-        around the matrices (a small model's step is otherwise dominated by glue)."""
-        m, c = self.model, self.model.config
-        p0 = self._pos
-        self._ensure_capacity(p0 + 1)
-        cos, sin = self._cos[p0 : p0 + 1], self._sin[p0 : p0 + 1]
-        neox, window, scale = c.rope_style == "neox", c.sliding_window or 0, m.attn_scale
-        heads, eps, ffn = c.n_heads, c.norm_eps, c.ffn_size
-        attend, add_norm, silu_mul = ops.attend_token, ops.add_rms_norm, ops.silu_mul
-        x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
-        h = ops.rms_norm(x[None], m.layers[0].attn_norm, eps)[0]
-        for layer, kc, vc, nxt in zip(m.layers, self._k, self._v, m.next_norms, strict=True):
-            qkv = layer.qkv_mv(h)  # ((H + 2 KV) * D,)
-            att = attend(qkv, cos, sin, neox, kc, vc, p0, window, scale, heads)
-            h = add_norm(x, layer.out_mv(att), layer.ffn_norm, eps)
-            act = silu_mul(layer.gate_up_mv(h)[None], ffn)[0]
-            h = add_norm(x, layer.down_mv(act), nxt, eps)  # nxt: next layer's attn_norm
-        self._pos = p0 + 1
-        return m.output_mv(h)
-
     def _forward(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` (T tokens at positions pos .. pos + T - 1) through the model, adding
+        them to the cache; returns float32 logits [vocab] of the last."""
         m, c = self.model, self.model.config
         T, p0 = ids.size, self._pos
         P = p0 + T
-        H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
         self._ensure_capacity(P)
-        cos, sin = self._cos[p0:P], self._sin[p0:P]
-        neox = c.rope_style == "neox"
-        window = c.sliding_window or 0
-        scale = m.attn_scale
-        single = T == 1
-        x = m.embed.take_rows(ids)  # (T, hidden)
-        for li, layer in enumerate(m.layers):
-            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)
-            qkv = _project(layer.qkv, h[0] if single else h).reshape(T, -1)  # (T, (H+2KV)*D)
-            q = qkv[:, : H * D].reshape(T, H, D)
-            k = qkv[:, H * D : (H + KV) * D].reshape(T, KV, D)
-            v = qkv[:, (H + KV) * D :].reshape(T, KV, D)
-            ops.rope(q, cos, sin, neox)
-            ops.rope(k, cos, sin, neox)
-            kc, vc = self._k[li], self._v[li]  # (KV, cap, D)
-            kc[:, p0:P] = k.transpose(1, 0, 2)
-            vc[:, p0:P] = v.transpose(1, 0, 2)
-            att = ops.attention(q, kc, vc, p0, window, scale)  # (T, H*D)
-            x += layer.out.matvec(att[0])[None] if single else layer.out.matmul(att)
-            h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)
-            gu = _project(layer.gate_up, h[0] if single else h).reshape(T, -1)
-            act = ops.silu_mul(gu, c.ffn_size)  # (T, ffn)
-            x += layer.down.matvec(act[0])[None] if single else layer.down.matmul(act)
+        if T == 1:  # activations are vectors, through the matvec plans
+            calls = m.token_calls
+            x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
+            fused = ops.FUSED_DECODE and P * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX
+        else:
+            calls = m.chunk_calls
+            x = m.embed.take_rows(ids)  # (T, hidden)
+            fused = False
+        attend = functools.partial(
+            ops.attend_token if fused else ops.attend,
+            self._cos[p0:P],  # (T, rope_dim/2)
+            self._sin[p0:P],
+            c.rope_style == "neox",
+            p0,
+            c.sliding_window or 0,
+            m.attn_scale,
+            c.n_heads,
+        )  # then attend(qkv, kc, vc) -> (T, H * D), or (H * D,) for one token
+        add_norm, silu_mul, eps, ffn = ops.add_rms_norm, ops.silu_mul, c.norm_eps, c.ffn_size
+        h = ops.rms_norm(x, m.layers[0].attn_norm, eps)
+        for (qkv, out, gate_up, down, ffn_norm, next_norm), kc, vc in zip(
+            calls, self._k, self._v, strict=True
+        ):
+            att = attend(qkv(h), kc, vc)  # kc, vc: (KV, cap, D)
+            h = add_norm(x, out(att), ffn_norm, eps)  # x += attention; h = norm(x)
+            h = add_norm(x, down(silu_mul(gate_up(h), ffn)), next_norm, eps)
         self._pos = P
-        last = ops.rms_norm(x[-1:], m.output_norm, c.norm_eps)[0]
-        return m.output.matvec(last).astype(np.float32, copy=False)
+        return m.output_mv(h if T == 1 else h[-1])  # h: output-normed after the last layer

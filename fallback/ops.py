@@ -1,11 +1,30 @@
-"""The transformer's small operations: RMS norm, rotary embedding, attention, SiLU gate.
+"""The transformer's small operations: RMS norm, SiLU gate, rotary embedding, attention.
 
-Each exists twice: a vectorized NumPy version (used where numba is missing, and the
-reference in tests) and a loop version that numba compiles into one call.  A decode step of
-a small model makes ~10 of these calls per layer; as NumPy expressions they cost dozens of
-interpreter round trips each, which is more than the matrix work of a 135M model.
+Two engines compute them:
 
-Shapes: T tokens, H query heads, KV key/value heads, D head dim, P cache positions.
+- NumPy (the ``*_np`` functions): vectorized expressions, the reference in tests and what
+  runs where numba is missing.  `attention_np` is batched matmuls, so BLAS's threads do the
+  work: the engine for prefill chunks and for decoding over long caches, where the score
+  matrix is large.
+- numba: loops compiled into one call each.  A decode step of a small model is dominated
+  by interpreter round trips (a NumPy expression costs several, each op a handful), so
+  over a short cache the whole attention block of one token (rope q and k, write k and v
+  into the cache, attend) is the single call `attend_token`.  It is built from the row
+  helpers `_rope_row` and `_attend_row`, which the other loops use too: rope and attention
+  are each written once per engine.
+
+The unsuffixed names (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`) are the compiled
+versions where numba is available and the NumPy ones elsewhere.  `attend` is the attention
+block of T tokens on the BLAS engine; `attend_token` (numba only, else None) is the same
+block for one token, for caches up to `LOOP_ATTENTION_MAX`.  Both take the per-call values
+first, so the forward pass binds them once (`functools.partial`) and calls
+``attend(qkv, kc, vc)`` per layer.
+
+Activations are ``(T, n)`` for T tokens or ``(n,)`` for one (the decode step, whose matvecs
+take and return vectors); the norms and the SiLU gate accept both, C-contiguous.
+
+Shapes: T tokens, H query heads, KV key/value heads, G = H // KV, D head dim, P positions
+in the cache (cap: its capacity), rd/2 rotated pairs per head.
 """
 
 from __future__ import annotations
@@ -14,13 +33,29 @@ import numpy as np
 
 from .kernels import numba_available
 
-# ---------------------------------------------------------------------------- NumPy versions
+# Above this many multiply-adds per decode step, BLAS's threads beat one compiled loop.
+LOOP_ATTENTION_MAX = 1 << 20
+
+# ---------------------------------------------------------------------------- NumPy engine
 
 
 def rms_norm_np(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x (T, n) normalized by its root mean square, times w (n,)."""
+    """x (..., n) normalized by its root mean square over the last axis, times w (n,)."""
     ms = np.mean(np.square(x), axis=-1, keepdims=True)
     return (x / np.sqrt(ms + eps)) * w
+
+
+def add_rms_norm_np(x: np.ndarray, y: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x += y (the residual add, in place), then return `rms_norm_np` (x, w)."""
+    x += y
+    return rms_norm_np(x, w, eps)
+
+
+def silu_mul_np(gu: np.ndarray, ffn: int) -> np.ndarray:
+    """SiLU(gate) * up for gu = [gate | up] (..., 2 * ffn); returns (..., ffn)."""
+    gate, up = gu[..., :ffn], gu[..., ffn:]
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> SiLU = -0, as intended
+        return gate / (1.0 + np.exp(-gate)) * up
 
 
 def rope_np(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
@@ -62,14 +97,50 @@ def attention_np(
     return out.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
 
 
-def silu_mul_np(gu: np.ndarray, ffn: int) -> np.ndarray:
-    """SiLU(gate) * up for gu = [gate | up] (T, 2 * ffn)."""
-    gate, up = gu[:, :ffn], gu[:, ffn:]
-    with np.errstate(over="ignore"):  # exp overflow -> inf -> SiLU = -0, as intended
-        return gate / (1.0 + np.exp(-gate)) * up
+def attend(
+    cos: np.ndarray,
+    sin: np.ndarray,
+    neox: bool,
+    p0: int,
+    window: int,
+    scale: float,
+    n_heads: int,
+    qkv: np.ndarray,
+    kc: np.ndarray,
+    vc: np.ndarray,
+) -> np.ndarray:
+    """The attention block of T tokens at positions p0 .. p0 + T - 1: rotate the q and k
+    parts of qkv in place (`rope`), write k and v into the caches, attend (`attention_np`).
+
+    Args:
+        cos, sin: (T, rd/2) rotation of each token's position.
+        neox: rotate pairs (i, i + rd/2) rather than (2i, 2i + 1).
+        p0: position of the first token; the caches hold the positions before it.
+        window: sliding window (0: none).
+        scale: the attention scale.
+        n_heads: H.
+        qkv: (T, (H + 2 KV) * D) projections [q | k | v], or ((H + 2 KV) * D,) for one.
+        kc, vc: this layer's caches (KV, cap, D), cap >= p0 + T.
+
+    Returns:
+        (T, H * D), or (H * D,) for a one-dimensional qkv.
+    """
+    KV, _, D = kc.shape
+    T, H = cos.shape[0], n_heads
+    rows = qkv.reshape(T, -1)  # (T, (H + 2 KV) * D)
+    q = rows[:, : H * D].reshape(T, H, D)
+    k = rows[:, H * D : (H + KV) * D].reshape(T, KV, D)
+    v = rows[:, (H + KV) * D :].reshape(T, KV, D)
+    rope(q, cos, sin, neox)
+    rope(k, cos, sin, neox)
+    kc[:, p0 : p0 + T] = k.transpose(1, 0, 2)
+    vc[:, p0 : p0 + T] = v.transpose(1, 0, 2)
+    out = attention_np(q, kc, vc, p0, window, scale)  # (T, H * D)
+    return out.reshape(*qkv.shape[:-1], H * D)
 
 
-# ---------------------------------------------------------------------------- loop versions
+# ---------------------------------------------------------------------------- numba engine
+# Plain Python here; compiled at the bottom of the module where numba is available.
 
 _exp = np.exp  # replaced by `_exp_f32` where numba compiles the loops
 
@@ -95,40 +166,78 @@ def _exp_f32(x):  # noqa: ANN001, ANN202
     return np.float32(0.0) if x < lo else y
 
 
+def _rows(a, n):  # noqa: ANN001, ANN202
+    """A C-contiguous (..., n) array as a (rows, n) view: one loop serves (n,) and (T, n)."""
+    return a.reshape(a.size // n, n)
+
+
 def _rms_norm_loop(x, w, eps):  # noqa: ANN001, ANN202
-    T, n = x.shape
+    n = x.shape[-1]
     out = np.empty_like(x)
-    for t in range(T):
+    x2, o2 = _rows(x, n), _rows(out, n)
+    for t in range(x2.shape[0]):
         ss = np.float32(0.0)
         for i in range(n):
-            ss += x[t, i] * x[t, i]
+            ss += x2[t, i] * x2[t, i]
         r = np.float32(1.0 / np.sqrt(ss / n + eps))
         for i in range(n):
-            out[t, i] = x[t, i] * r * w[i]
+            o2[t, i] = x2[t, i] * r * w[i]
     return out
 
 
-def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
-    T, heads, _ = x.shape
+def _add_rms_norm_loop(x, y, w, eps):  # noqa: ANN001, ANN202
+    """x += y (the residual add), then return rms_norm(x) * w: one call per junction."""
+    n = x.shape[-1]
+    out = np.empty_like(x)
+    x2, y2, o2 = _rows(x, n), _rows(y, n), _rows(out, n)
+    for t in range(x2.shape[0]):
+        ss = np.float32(0.0)
+        for i in range(n):
+            x2[t, i] += y2[t, i]
+            ss += x2[t, i] * x2[t, i]
+        r = np.float32(1.0 / np.sqrt(ss / n + eps))
+        for i in range(n):
+            o2[t, i] = x2[t, i] * r * w[i]
+    return out
+
+
+def _silu_mul_loop(gu, ffn):  # noqa: ANN001, ANN202
+    out = np.empty(gu.shape[:-1] + (ffn,), dtype=np.float32)
+    g2, o2 = _rows(gu, 2 * ffn), _rows(out, ffn)
+    for t in range(g2.shape[0]):
+        for i in range(ffn):
+            g = g2[t, i]
+            o2[t, i] = g / (np.float32(1.0) + _exp(-g)) * g2[t, ffn + i]
+    return out
+
+
+def _rope_row(x, o, cos, sin, t, neox):  # noqa: ANN001, ANN202
+    """Rotate one head, x[o : o + D], by the angles of row t of cos/sin (T, rd/2)."""
     half = cos.shape[1]
+    for i in range(half):
+        if neox:
+            ia, ib = o + i, o + i + half
+        else:
+            ia, ib = o + 2 * i, o + 2 * i + 1
+        a, b = x[ia], x[ib]
+        c, s = cos[t, i], sin[t, i]
+        x[ia] = a * c - b * s
+        x[ib] = b * c + a * s
+
+
+def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
+    """`rope_np`: x (T, heads, D) in place."""
+    T, heads, _ = x.shape
     for t in range(T):
         for h in range(heads):
-            for i in range(half):
-                if neox:
-                    ia, ib = i, i + half
-                else:
-                    ia, ib = 2 * i, 2 * i + 1
-                a, b = x[t, h, ia], x[t, h, ib]
-                c, s = cos[t, i], sin[t, i]
-                x[t, h, ia] = a * c - b * s
-                x[t, h, ib] = b * c + a * s
+            _rope_row(x[t, h], 0, cos, sin, t, neox)
 
 
 def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0, s):  # noqa: ANN001, ANN202
     """out[o0:o0+D] += softmax(scale * K @ q[q0:q0+D]) @ V over cache rows start..start+n-1
-    of kv head ``kv``: one query head's attention, shared by both loop versions; ``s`` is
-    scratch space for >= n scores.  Four cache rows per iteration (four dot products share
-    the loads of q, four V rows one load/store of ``out``): ~20% faster than one."""
+    of kv head ``kv``: one query head's attention; ``s`` is scratch space for >= n scores.
+    Four cache rows per iteration (four dot products share the loads of q, four V rows one
+    load/store of ``out``): ~20% faster than one."""
     D = kc.shape[2]
     j = 0
     while j + 4 <= n:
@@ -170,61 +279,12 @@ def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0, s):  # noqa: ANN001
             out[o0 + d] += p * vc[kv, start + i, d]
 
 
-def _attention_loop(q, kc, vc, p0, window, scale):  # noqa: ANN001, ANN202
-    T, H, D = q.shape
-    G = H // kc.shape[0]
-    out = np.zeros((T, H * D), dtype=np.float32)
-    s = np.empty(p0 + T, dtype=np.float32)
-    for h in range(H):
-        kv = h // G
-        for t in range(T):
-            pos = p0 + t
-            start = max(0, pos - window + 1) if window > 0 else 0
-            _attend_row(q[t, h], 0, kc, vc, kv, start, pos + 1 - start, scale, out[t], h * D, s)
-    return out
-
-
-def _silu_mul_loop(gu, ffn):  # noqa: ANN001, ANN202
-    T = gu.shape[0]
-    out = np.empty((T, ffn), dtype=np.float32)
-    for t in range(T):
-        for i in range(ffn):
-            g = gu[t, i]
-            out[t, i] = g / (np.float32(1.0) + _exp(-g)) * gu[t, ffn + i]
-    return out
-
-
-def _add_rms_norm_loop(x, y, w, eps):  # noqa: ANN001, ANN202
-    """x (n,) += y (the residual add), then return rms_norm(x) * w: one call per junction."""
-    n = x.shape[0]
-    ss = np.float32(0.0)
-    for i in range(n):
-        x[i] += y[i]
-        ss += x[i] * x[i]
-    r = np.float32(1.0 / np.sqrt(ss / n + eps))
-    out = np.empty_like(x)
-    for i in range(n):
-        out[i] = x[i] * r * w[i]
-    return out
-
-
-def _attend_token_loop(qkv, cos, sin, neox, kc, vc, p0, window, scale, n_heads):  # noqa: ANN001, ANN202
-    """One token at position p0: rope the q and k parts of qkv [(H + 2 KV) * D] in place,
-    store k and v in the caches kc/vc (KV, cap, D), attend; returns (H * D,).  The same
-    arithmetic as `rope` + the cache write + `attention` for T = 1, in one call."""
+def _attend_token_loop(cos, sin, neox, p0, window, scale, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202
+    """`attend` for one token at position p0 (qkv a vector), in one call."""
     KV, _, D = kc.shape
     G = n_heads // KV
-    half = cos.shape[1]
     for h in range(n_heads + KV):  # q heads, then k heads
-        base = h * D
-        for i in range(half):
-            if neox:
-                ia, ib = base + i, base + i + half
-            else:
-                ia, ib = base + 2 * i, base + 2 * i + 1
-            a, b = qkv[ia], qkv[ib]
-            qkv[ia] = a * cos[0, i] - b * sin[0, i]
-            qkv[ib] = b * cos[0, i] + a * sin[0, i]
+        _rope_row(qkv, h * D, cos, sin, 0, neox)
     koff, voff = n_heads * D, (n_heads + KV) * D
     for kv in range(KV):
         for d in range(D):
@@ -239,17 +299,15 @@ def _attend_token_loop(qkv, cos, sin, neox, kc, vc, p0, window, scale, n_heads):
     return out
 
 
-# Above this many multiply-adds per decode step, BLAS's threads beat one compiled loop.
-LOOP_ATTENTION_MAX = 1 << 20
-
 if numba_available():
     import numba
-
-    # error_model="numpy": a zero norm gives inf/nan like NumPy, never ZeroDivisionError.
     from llvmlite import ir
     from numba.extending import intrinsic
 
+    # error_model="numpy": a zero norm gives inf/nan like NumPy, never ZeroDivisionError.
     _jit = numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+    # helpers inlined into the loops that call them (a real call per head costs 3x)
+    _inline = numba.njit(inline="always", fastmath=True, error_model="numpy")
 
     @intrinsic
     def _f32_from_bits(typingctx, i):  # noqa: ANN001, ANN202, ARG001
@@ -260,26 +318,17 @@ if numba_available():
 
         return numba.types.float32(numba.types.int32), codegen
 
-    _exp = numba.njit(inline="always", fastmath=True, error_model="numpy")(_exp_f32)
-    # inlined into the two attention loops that call it (a real call per head costs 3x)
-    _attend_row = numba.njit(inline="always", fastmath=True, error_model="numpy")(_attend_row)
+    _exp = _inline(_exp_f32)
+    _rows = _inline(_rows)
+    _rope_row = _inline(_rope_row)
+    _attend_row = _inline(_attend_row)
     rms_norm = _jit(_rms_norm_loop)
-    rope = _jit(_rope_loop)
-    silu_mul = _jit(_silu_mul_loop)
-    _attention_decode = _jit(_attention_loop)
     add_rms_norm = _jit(_add_rms_norm_loop)
+    silu_mul = _jit(_silu_mul_loop)
+    rope = _jit(_rope_loop)
     attend_token = _jit(_attend_token_loop)
-    FUSED_DECODE = True  # the forward pass may use add_rms_norm / attend_token
-
-    def attention(
-        q: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int, window: int, scale: float
-    ) -> np.ndarray:
-        """`attention_np`, compiled for decoding over short caches; prefill and long caches
-        keep NumPy's batched BLAS matmuls (multi-threaded)."""
-        if q.shape[0] == 1 and (p0 + 1) * q.shape[1] * q.shape[2] <= LOOP_ATTENTION_MAX:
-            return _attention_decode(q, kc, vc, p0, window, np.float32(scale))
-        return attention_np(q, kc, vc, p0, window, scale)
+    FUSED_DECODE = True  # the forward pass may call attend_token
 else:  # pragma: no cover - exercised where numba is missing
-    rms_norm, rope, silu_mul, attention = rms_norm_np, rope_np, silu_mul_np, attention_np
-    add_rms_norm = attend_token = None
+    rms_norm, add_rms_norm, silu_mul, rope = rms_norm_np, add_rms_norm_np, silu_mul_np, rope_np
+    attend_token = None
     FUSED_DECODE = False

@@ -147,6 +147,53 @@ def test_prefill_in_chunks_equals_steps(tiny_phi3, monkeypatch):
     np.testing.assert_allclose(chunked, one_by_one, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_engine_dispatch(tiny_phi3, monkeypatch):
+    """Single tokens over a cache of at most ``LOOP_ATTENTION_MAX / (H * D)`` positions take
+    the fused compiled block (`ops.attend_token`, once per layer); prefill chunks and longer
+    caches take the batched one (`ops.attend`).  Across the switch the logits still match
+    transformers."""
+    from fallback import ops
+
+    cfg = ModelConfig.from_gguf(open_gguf(tiny_phi3))
+    calls = {"attend": 0, "attend_token": 0}
+
+    def counted(name):
+        real = getattr(ops, name)
+
+        def call(*args):
+            calls[name] += 1
+            return real(*args)
+
+        return call
+
+    for name in calls:
+        if getattr(ops, name) is not None:  # attend_token is None without numba
+            monkeypatch.setattr(ops, name, counted(name))
+    # prefill of 8, then steps at positions 8..15 (caches of 9..16): the first 4 fused
+    monkeypatch.setattr(ops, "LOOP_ATTENTION_MAX", 12 * cfg.n_heads * cfg.head_dim)
+    ids = np.random.default_rng(6).integers(0, 32000, size=16).tolist()
+    ours = our_logits(tiny_phi3, ids, 8)
+    fused = 4 if ops.FUSED_DECODE else 0
+    L = cfg.n_layers
+    assert calls == {"attend": L * (1 + 8 - fused), "attend_token": L * fused}
+    assert rel_err(ours, hf_logits(tiny_phi3, ids)[7:]) < 1e-4
+
+
+def test_step_async_is_a_finished_step(tiny_phi3):
+    """The NumPy backend computes eagerly: `step_async` appends the token and returns
+    `Finished` logits equal to transformers' for that position."""
+    from phimlx.backends import Finished, Session
+
+    ids = np.random.default_rng(8).integers(0, 32000, size=6).tolist()
+    mf = open_gguf(tiny_phi3)
+    s = fallback.load(mf, ModelConfig.from_gguf(mf), int8_activations=False).new_session(16)
+    assert isinstance(s, Session)
+    s.prefill(ids[:5])
+    handle = s.step_async(ids[5])
+    assert isinstance(handle, Finished) and s.position == 6
+    assert rel_err(handle.result(), hf_logits(tiny_phi3, ids)[5]) < 1e-4
+
+
 @pytest.mark.parametrize("int8", [None, False], ids=["default", "float"])
 def test_smollm2_teacher_forced_argmax_agrees_with_llama_cpp(smollm2_path, int8):
     """llama.cpp quantizes activations to 8 bits inside its matmuls, so logits differ a

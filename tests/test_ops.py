@@ -1,5 +1,6 @@
-"""The compiled small ops equal their NumPy versions; attention equals a hand-written
-per-head softmax; the NumPy versions are what runs where numba is missing."""
+"""The transformer's small ops against hand-written references (a per-head softmax loop,
+float64 norms), on both engines: the NumPy versions (what runs where numba is missing) and
+the compiled ones, including the fused single-token attention block."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 from fallback import ops
 from fallback.kernels import numba_available
 
-pytestmark = pytest.mark.skipif(not numba_available(), reason="numba not installed")
+compiled = pytest.mark.skipif(not numba_available(), reason="numba not installed")
 rng = np.random.default_rng(0)
 
 
+@compiled
 def test_compiled_exp_matches_float64_exp():
     """The vectorizable exp of the compiled softmax and SiLU: relative error < 3e-7 over
     float32's range, 0 below -86.5, inf past the overflow bound."""
@@ -26,28 +28,57 @@ def test_compiled_exp_matches_float64_exp():
     assert ops._exp(np.float32(0.0)) == 1.0
 
 
-def test_rms_norm():
-    x = rng.standard_normal((3, 40)).astype(np.float32)
+def _norm_ref(x, w, eps=1e-5):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (40,)], ids=["rows", "vector"])
+@pytest.mark.parametrize("fn", [ops.rms_norm, ops.rms_norm_np], ids=["ops", "np"])
+def test_rms_norm(fn, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal(40).astype(np.float32)
-    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
-    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ops.rms_norm_np(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
+    got = fn(x, w, 1e-5)
+    assert got.shape == shape
+    np.testing.assert_allclose(got, _norm_ref(x, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (40,)], ids=["rows", "vector"])
+@pytest.mark.parametrize("fn", [ops.add_rms_norm, ops.add_rms_norm_np], ids=["ops", "np"])
+def test_add_rms_norm_adds_in_place_and_normalizes(fn, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    expected_x = x.astype(np.float64) + y
+    out = fn(x, y, w, 1e-5)
+    np.testing.assert_allclose(x, expected_x, rtol=1e-6)  # the residual stream is updated
+    np.testing.assert_allclose(out, _norm_ref(expected_x, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 10), (10,)], ids=["rows", "vector"])
+@pytest.mark.parametrize("fn", [ops.silu_mul, ops.silu_mul_np], ids=["ops", "np"])
+def test_silu_mul(fn, shape):
+    gu = (rng.standard_normal(shape) * 30).astype(np.float32)  # large: exp overflows
+    gate, up = gu[..., :5].astype(np.float64), gu[..., 5:]
+    ref = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(fn(gu, 5), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("neox", [True, False])
-def test_rope(neox):
+@pytest.mark.parametrize("fn", [ops.rope, ops.rope_np], ids=["ops", "np"])
+def test_rope(fn, neox):
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     ang = rng.uniform(0, 6, (2, 3))  # rope over the first 6 of 8 dims
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-    a, b = x.copy(), x.copy()
-    ops.rope(a, cos, sin, neox)
-    ops.rope_np(b, cos, sin, neox)
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    # hand-computed: pair (0, 3) for neox, (0, 1) for normal, angle ang[t, 0]
-    j = 3 if neox else 1
-    c, s = cos[1, 0], sin[1, 0]
-    assert a[1, 2, 0] == pytest.approx(x[1, 2, 0] * c - x[1, 2, j] * s, abs=1e-6)
-    assert a[1, 2, j] == pytest.approx(x[1, 2, j] * c + x[1, 2, 0] * s, abs=1e-6)
+    a = x.copy()
+    fn(a, cos, sin, neox)
+    # hand-computed: pairs (i, i + 3) for neox, (2i, 2i + 1) otherwise, angle ang[t, i]
+    for t in range(2):
+        for i in range(3):
+            ia, ib = (i, i + 3) if neox else (2 * i, 2 * i + 1)
+            c, s = cos[t, i], sin[t, i]
+            np.testing.assert_allclose(a[t, :, ia], x[t, :, ia] * c - x[t, :, ib] * s, atol=1e-6)
+            np.testing.assert_allclose(a[t, :, ib], x[t, :, ib] * c + x[t, :, ia] * s, atol=1e-6)
     np.testing.assert_array_equal(a[..., 6:], x[..., 6:])  # beyond rope_dim untouched
 
 
@@ -72,47 +103,62 @@ def test_attention_gqa(T, p0, window):
     kc = rng.standard_normal((KV, cap, D)).astype(np.float32)
     vc = rng.standard_normal((KV, cap, D)).astype(np.float32)
     ref = reference_attention(q, kc, vc, p0, window, 0.35)
-    np.testing.assert_allclose(ops.attention(q, kc, vc, p0, window, 0.35), ref, atol=1e-5)
     np.testing.assert_allclose(ops.attention_np(q, kc, vc, p0, window, 0.35), ref, atol=1e-5)
 
 
-def test_silu_mul():
-    gu = (rng.standard_normal((2, 10)) * 30).astype(np.float32)  # large: exp overflows
-    ref = gu[:, :5] / (1 + np.exp(-gu[:, :5].astype(np.float64))) * gu[:, 5:]
-    np.testing.assert_allclose(ops.silu_mul(gu, 5), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ops.silu_mul_np(gu, 5), ref, rtol=1e-5, atol=1e-5)
+def _block_case(T, neox, window, p0=9):
+    """Inputs of an attention block (H=6, KV=2, D=8, rope over 6 dims) and its expected
+    output and caches, from hand-written rope + cache write + `reference_attention`."""
+    H, KV, D, cap = 6, 2, 8, 16
+    qkv = rng.standard_normal((T, (H + 2 * KV) * D)).astype(np.float32)
+    kc = rng.standard_normal((KV, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((KV, cap, D)).astype(np.float32)
+    ang = rng.uniform(0, 6, (T, 3))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    x = qkv.astype(np.float64).reshape(T, H + 2 * KV, D)
+    rot = x.copy()
+    for i in range(3):
+        ia, ib = (i, i + 3) if neox else (2 * i, 2 * i + 1)
+        c, s = cos[:, None, i], sin[:, None, i]
+        rot[:, : H + KV, ia] = x[:, : H + KV, ia] * c - x[:, : H + KV, ib] * s
+        rot[:, : H + KV, ib] = x[:, : H + KV, ib] * c + x[:, : H + KV, ia] * s
+    k_ref, v_ref = kc.astype(np.float64), vc.astype(np.float64)
+    k_ref[:, p0 : p0 + T] = rot[:, H : H + KV].transpose(1, 0, 2)
+    v_ref[:, p0 : p0 + T] = rot[:, H + KV :].transpose(1, 0, 2)
+    out = reference_attention(rot[:, :H], k_ref, v_ref, p0, window, 0.35)
+    args = (cos, sin, neox, p0, window, np.float32(0.35), H)
+    return args, (qkv, kc, vc), (out, k_ref[:, : p0 + T], v_ref[:, : p0 + T])
 
 
-def test_add_rms_norm_adds_in_place_and_normalizes():
-    x = rng.standard_normal(40).astype(np.float32)
-    y = rng.standard_normal(40).astype(np.float32)
-    w = rng.standard_normal(40).astype(np.float32)
-    expected_x = x + y
-    out = ops.add_rms_norm(x, y, w, 1e-5)
-    np.testing.assert_allclose(x, expected_x, rtol=1e-6)  # the residual stream is updated
-    np.testing.assert_allclose(
-        out, ops.rms_norm_np(expected_x[None], w, 1e-5)[0], rtol=1e-5, atol=1e-6
-    )
+def _check_block(got, kc, vc, expected, p0_T):
+    out, k_ref, v_ref = expected
+    np.testing.assert_allclose(got, out, atol=1e-5)
+    np.testing.assert_allclose(kc[:, :p0_T], k_ref, atol=1e-6)  # the caches hold the tokens
+    np.testing.assert_allclose(vc[:, :p0_T], v_ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("neox, window", [(True, 0), (False, 0), (True, 3)])
-def test_attend_token_equals_rope_cache_write_and_attention(neox, window):
-    """The fused single-token call = rope (NumPy) + cache write + reference attention."""
-    H, KV, D, cap, p0 = 6, 2, 8, 16, 9
-    qkv = rng.standard_normal((H + 2 * KV) * D).astype(np.float32)
-    kc = rng.standard_normal((KV, cap, D)).astype(np.float32)
-    vc = rng.standard_normal((KV, cap, D)).astype(np.float32)
-    ang = rng.uniform(0, 6, (1, 3))  # rope over the first 6 of 8 dims
-    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-    q = qkv[: H * D].reshape(1, H, D).copy()
-    k = qkv[H * D : (H + KV) * D].reshape(1, KV, D).copy()
-    v = qkv[(H + KV) * D :].reshape(KV, D)
-    ops.rope_np(q, cos, sin, neox)
-    ops.rope_np(k, cos, sin, neox)
-    kc2, vc2 = kc.copy(), vc.copy()
-    kc2[:, p0], vc2[:, p0] = k[0], v
-    ref = reference_attention(q, kc2, vc2, p0, window, 0.35)[0]
-    out = ops.attend_token(qkv, cos, sin, neox, kc, vc, p0, window, np.float32(0.35), H)
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-    np.testing.assert_allclose(kc[:, p0], k[0], atol=1e-6)  # the caches now hold this token
-    np.testing.assert_array_equal(vc[:, p0], v)
+@pytest.mark.parametrize("T", [1, 4])
+def test_attend_block(T, neox, window):
+    """The batched block: rope q and k, write k and v into the caches, attend."""
+    args, (qkv, kc, vc), expected = _block_case(T, neox, window)
+    got = ops.attend(*args, qkv, kc, vc)
+    assert got.shape == (T, 48)
+    _check_block(got, kc, vc, expected, 9 + T)
+
+
+def test_attend_block_takes_a_vector_for_one_token():
+    args, (qkv, kc, vc), expected = _block_case(1, True, 0)
+    got = ops.attend(*args, qkv[0], kc, vc)
+    assert got.shape == (48,)
+    _check_block(got[None], kc, vc, expected, 10)
+
+
+@compiled
+@pytest.mark.parametrize("neox, window", [(True, 0), (False, 0), (True, 3)])
+def test_attend_token_is_the_block_for_one_token(neox, window):
+    """The fused compiled call: the same rope, cache write and attention, one token."""
+    args, (qkv, kc, vc), expected = _block_case(1, neox, window)
+    got = ops.attend_token(*args, qkv[0], kc, vc)
+    assert got.shape == (48,)
+    _check_block(got[None], kc, vc, expected, 10)
