@@ -96,6 +96,23 @@ class LoadedModel(Protocol):
         ...
 
 
+def check_fits(n: int, position: int, max_context: int, model_context: int | None = None) -> None:
+    """Raise unless ``n`` new tokens fit in a session holding ``position`` of ``max_context``.
+
+    Raises:
+        ValueError: ``n`` is 0 (a session needs at least one token).
+        ContextLengthError: they do not fit.
+    """
+    if n == 0:
+        raise ValueError("no tokens given (an empty prompt?); give at least one token")
+    if position + n > max_context:
+        limit = f" (at most the model's context length {model_context})" if model_context else ""
+        raise ContextLengthError(
+            f"{n} tokens do not fit: the session's context holds {max_context} and "
+            f"{position} are used; shorten the prompt or use a larger max_context{limit}"
+        )
+
+
 def checked_tokens(
     token_ids: Sequence[int], position: int, max_context: int, config: ModelConfig
 ) -> np.ndarray:
@@ -106,20 +123,22 @@ def checked_tokens(
         ContextLengthError: they do not fit in what is left of the session's context.
     """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("no tokens given; a session needs at least one token")
-    if position + ids.size > max_context:
-        raise ContextLengthError(
-            f"{position} tokens in the cache + {ids.size} new would exceed the session's "
-            f"context of {max_context} tokens; shorten the prompt or open a session with a "
-            f"larger max_context (at most the model's context length {config.context_length})"
-        )
+    check_fits(ids.size, position, max_context, config.context_length)
     vocab = config.vocab_size
     lo, hi = (int(ids[0]),) * 2 if ids.size == 1 else (ids.min(), ids.max())
     if lo < 0 or hi >= vocab:
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
     return ids
+
+
+def check_max_context(max_context: int | None, config: ModelConfig) -> None:
+    """Raise `ValueError` unless ``max_context`` is None or in 1 .. the model's context."""
+    c = config.context_length
+    if max_context is not None and not (isinstance(max_context, int) and 0 < max_context <= c):
+        raise ValueError(
+            f"max_context={max_context!r} must be between 1 and the model's context length {c}"
+        )
 
 
 @dataclass(frozen=True)

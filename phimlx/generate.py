@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .backends import Session
-from .errors import ContextLengthError
+from .backends import Session, check_fits
 from .sampling import Sampler
 from .tokenizer import StreamingDetokenizer
 
@@ -101,14 +100,7 @@ def generate_tokens(
     (``max_tokens`` reached) or ``"context"`` (the session is full).
     """
     stats = stats if stats is not None else Stats()
-    if len(prompt_ids) == 0:
-        raise ValueError("the prompt is empty after tokenization; give at least one token")
-    if len(prompt_ids) > session.max_context - session.position:
-        raise ContextLengthError(
-            f"the prompt has {len(prompt_ids)} tokens but the context holds "
-            f"{session.max_context} ({session.position} already used); shorten the prompt "
-            "or raise max_context (up to the model's context length)"
-        )
+    check_fits(len(prompt_ids), session.position, session.max_context)  # even if max_tokens=0
     if max_tokens <= 0:
         return
     t0 = time.perf_counter()

@@ -128,11 +128,7 @@ class Model:
         Args:
             max_context: positions to allow; default the model's context length.
         """
-        c = self.config.context_length
-        if max_context is not None and not 0 < max_context <= c:
-            raise ValueError(
-                f"max_context={max_context} must be between 1 and the model's context length {c}"
-            )
+        backends.check_max_context(max_context, self.config)
         return Session(self._backend_model.new_session(max_context), self._lock)
 
     # -- prompts ---------------------------------------------------------------------------
@@ -223,11 +219,7 @@ class Model:
             raise ValueError(f"max_tokens={max_tokens!r} is invalid: must be an integer >= 0")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         ids = self.encode_prompt(prompt, chat=chat, system=system)
-        if max_context is not None and not 0 < max_context <= self.config.context_length:
-            raise ValueError(
-                f"max_context={max_context} must be between 1 and the model's "
-                f"context length {self.config.context_length}"
-            )
+        backends.check_max_context(max_context, self.config)
         session = Session(self._backend_model.new_session(max_context), self._lock)
         tok = self.tokenizer
         return stream(
