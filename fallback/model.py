@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from phimlx.backends import Finished, checked_tokens
+from phimlx.backends import Finished, check_trim, checked_tokens
 from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
@@ -191,16 +191,22 @@ class NumpySession:
     def reset(self) -> None:
         self._pos = 0
 
+    def trim(self, n: int) -> int:
+        """Forget positions ``n ..``: the cache rows past them are overwritten by what comes
+        next (attention never reads past the position)."""
+        self._pos = check_trim(n, self._pos)
+        return self._pos
+
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = checked_tokens(token_ids, self._pos, self.max_context, self.model.config)
         logits = None
         for start in range(0, ids.size, PREFILL_CHUNK):
-            logits = self._forward(ids[start : start + PREFILL_CHUNK])
+            logits = self._forward(ids[start : start + PREFILL_CHUNK], decode=False)
         return logits
 
     def step(self, token_id: int) -> np.ndarray:
         ids = checked_tokens([token_id], self._pos, self.max_context, self.model.config)
-        return self._forward(ids)
+        return self._forward(ids, decode=True)
 
     def step_async(self, token_id: int) -> Finished:
         """`step`, computed now (this backend is eager); the handle holds the logits."""
@@ -222,14 +228,19 @@ class NumpySession:
         self._cos = (np.cos(ang) * f).astype(np.float32)
         self._sin = (np.sin(ang) * f).astype(np.float32)
 
-    def _forward(self, ids: np.ndarray) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, *, decode: bool) -> np.ndarray:
         """Run ``ids`` (T tokens at positions pos .. pos + T - 1) through the model, adding
-        them to the cache; returns float32 logits [vocab] of the last."""
+        them to the cache; returns float32 logits [vocab] of the last.
+
+        ``decode``: a generation step (one token): matvecs with the decode kernels (int8
+        activations by default).  A prefill, even of one token, multiplies in float as a
+        whole prompt does, so a prompt continued from a cached prefix gets the logits a
+        full prefill gives (to float rounding), and so the same sampled text."""
         m, c = self.model, self.model.config
         T, p0 = ids.size, self._pos
         P = p0 + T
         self._ensure_capacity(P)
-        if T == 1:  # activations are vectors, through the matvec plans
+        if decode:  # one token: activations are vectors, through the matvec plans
             calls = m.token_calls
             x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
             fused = ops.FUSED_DECODE and P * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX
@@ -256,4 +267,4 @@ class NumpySession:
             h = add_norm(x, out(att), ffn_norm, eps)  # x += attention; h = norm(x)
             h = add_norm(x, down(silu_mul(gate_up(h), ffn)), next_norm, eps)
         self._pos = P
-        return m.output_mv(h if T == 1 else h[-1])  # h: output-normed after the last layer
+        return m.output_mv(h[-1] if h.ndim == 2 else h)  # h: output-normed after the last layer

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+
+import threadpoolctl
 
 from .kernels import numba_available
 
@@ -36,38 +37,10 @@ def physical_cores() -> int:
     return len(pairs) or os.cpu_count() or 1
 
 
-def _set_blas_threads(n: int) -> bool:
-    """Limit the BLAS behind NumPy to ``n`` threads (threadpoolctl, else OpenBLAS via ctypes)."""
-    try:
-        import threadpoolctl
-
-        threadpoolctl.threadpool_limits(limits=n, user_api="blas")
-        return True
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln}
-    except OSError:
-        return False
-    done = False
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_",
-            "openblas_set_num_threads",
-        ):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                done = True
-                break
-    return done
+def _set_blas_threads(n: int) -> None:
+    """Limit the BLAS behind NumPy (OpenBLAS, MKL, BLIS, ...) to ``n`` threads, for the
+    whole process (threadpoolctl finds and sets whichever library NumPy loaded)."""
+    threadpoolctl.threadpool_limits(limits=n, user_api="blas")
 
 
 def set_threads(n: int | None = None) -> int:
@@ -78,14 +51,19 @@ def set_threads(n: int | None = None) -> int:
 
     Returns:
         The count in effect (capped by numba's maximum, ``NUMBA_NUM_THREADS``).
+
+    Raises:
+        ValueError: ``n`` is not a positive integer.
     """
-    want = physical_cores() if n is None else int(n)
-    want = max(1, want)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(
+            f"threads={n!r} is invalid: give a positive integer, or None for all cores"
+        )
+    want = physical_cores() if n is None else n
     if numba_available():
         import numba
 
         want = min(want, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(want)
-    if not _set_blas_threads(want):
-        log.debug("could not set BLAS threads (no threadpoolctl, no OpenBLAS found)")
+    _set_blas_threads(want)
     return want

@@ -11,6 +11,7 @@ MLX on Apple Silicon, a NumPy CPU backend everywhere else, one streaming interfa
 
 from __future__ import annotations
 
+from .chat import ChatTemplateError
 from .config import ModelConfig
 from .errors import (
     BackendUnavailableError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ChatTemplateError",
     "Chunk",
     "ContextLengthError",
     "GGUFError",

@@ -76,6 +76,13 @@ class Session(Protocol):
         an eager one returns a `Finished` handle."""
         ...
 
+    def trim(self, n: int) -> int:
+        """Forget positions ``n`` and later (``0 <= n <= position``), so the session can
+        continue from a shared prefix; returns the position afterwards: ``n``, or 0 where
+        the cache cannot go back that far (a sliding-window cache that has already
+        overwritten the positions before ``n``), in which case it was emptied."""
+        ...
+
     def reset(self) -> None:
         """Empty the cache (position 0)."""
         ...
@@ -113,6 +120,17 @@ def check_fits(n: int, position: int, max_context: int, model_context: int | Non
         )
 
 
+def check_trim(n: int, position: int) -> int:
+    """``n`` as a position to trim a session at ``position`` back to.
+
+    Raises:
+        ValueError: ``n`` is not an integer in ``0 .. position``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= position:
+        raise ValueError(f"cannot trim to {n!r}: the session holds {position} positions")
+    return int(n)
+
+
 def checked_tokens(
     token_ids: Sequence[int], position: int, max_context: int, config: ModelConfig
 ) -> np.ndarray:
@@ -130,6 +148,16 @@ def checked_tokens(
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
     return ids
+
+
+def check_threads(threads: int | None) -> None:
+    """Raise `ValueError` unless ``threads`` is None (all physical cores) or a positive int."""
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(
+            f"threads={threads!r} is invalid: give a positive integer, or None for all cores"
+        )
 
 
 def check_max_context(max_context: int | None, config: ModelConfig) -> None:

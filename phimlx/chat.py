@@ -25,7 +25,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import PhimlxError
 
-__all__ = ["PHI3_CHAT_TEMPLATE", "ChatTemplateError", "render_chat"]
+__all__ = ["PHI3_CHAT_TEMPLATE", "ROLES", "ChatTemplateError", "render_chat"]
+
+# The roles chat templates handle (OpenAI's, which the Phi-3 and llama templates follow).
+ROLES = ("system", "user", "assistant", "tool")
 
 # Microsoft's template for Phi-3-mini-4k-instruct (tokenizer_config.json, the July 2024 update
 # that added the system role).  It writes no BOS: the tokenizer adds it (add_bos_token is true).
@@ -100,8 +103,13 @@ def _plain_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             raise TypeError(
                 f"message {i} is a {type(m).__name__}, not a mapping with 'role' and 'content'"
             )
-        if not isinstance(m.get("role"), str):
+        role = m.get("role")
+        if not isinstance(role, str):
             raise ValueError(f"message {i} has no 'role' string: {dict(m)!r}")
+        if role not in ROLES:
+            raise ValueError(
+                f"message {i} has the role {role!r}; chat templates know {', '.join(ROLES)}"
+            )
         plain.append(dict(m))
     return plain
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .backends import Session, check_fits
 from .sampling import Sampler
 from .tokenizer import StreamingDetokenizer
@@ -21,8 +23,10 @@ from .tokenizer import StreamingDetokenizer
 class Stats:
     """Timing and size figures of one generation."""
 
-    prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
+    prompt_tokens: int = 0  # the whole prompt, cached_tokens of them from the prompt cache
+    prompt_seconds: float = 0.0  # the prefill of the prompt tokens that were not cached
+    cached_tokens: int = 0
+    dropped_messages: int = 0  # oldest messages left out to fit the context
     generation_tokens: int = 0
     generation_seconds: float = 0.0
     time_to_first_token: float = 0.0  # seconds from the call to the first sampled token
@@ -30,8 +34,9 @@ class Stats:
 
     @property
     def prompt_tps(self) -> float:
-        """Prompt tokens per second (prefill)."""
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        """Prompt tokens per second (prefill of the tokens that were not cached)."""
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def generation_tps(self) -> float:
@@ -40,10 +45,15 @@ class Stats:
         return n / self.generation_seconds if n > 0 and self.generation_seconds else 0.0
 
     def summary(self) -> str:
+        """One line: prompt and generation sizes and speeds, time to first token, memory.
+        A speed needs two timed points: with one generated token it is shown as n/a."""
         mem = f", peak memory {self.peak_memory / 2**30:.2f} GiB" if self.peak_memory else ""
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        prompt_tps = f"{self.prompt_tps:.1f} tok/s" if self.prompt_seconds else "n/a tok/s"
+        gen_tps = f"{self.generation_tps:.1f} tok/s" if self.generation_tokens > 1 else "n/a tok/s"
         return (
-            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s; "
-            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s; "
+            f"prompt: {self.prompt_tokens} tokens{cached}, {prompt_tps}; "
+            f"generation: {self.generation_tokens} tokens, {gen_tps}; "
             f"time to first token {self.time_to_first_token:.3f} s{mem}"
         )
 
@@ -92,21 +102,36 @@ def generate_tokens(
     max_tokens: int,
     stop_ids: frozenset[int] = frozenset(),
     stats: Stats | None = None,
+    cached: int = 0,
+    cached_logits: np.ndarray | None = None,
 ) -> Iterator[tuple[int, str | None]]:
     """Prefill ``prompt_ids`` and yield ``(token, finish_reason)`` pairs.
+
+    ``cached``: the session already holds the first ``cached`` prompt ids (its position);
+    only the rest is prefilled.  All of them may be cached when ``cached_logits`` gives the
+    logits after the last one (kept from the prefill that computed it).
 
     ``finish_reason`` is None while generation goes on; the pair that ends it carries
     ``"stop"`` (the token is in ``stop_ids`` and is not part of the output), ``"length"``
     (``max_tokens`` reached) or ``"context"`` (the session is full).
     """
     stats = stats if stats is not None else Stats()
-    check_fits(len(prompt_ids), session.position, session.max_context)  # even if max_tokens=0
+    whole = cached_logits is not None and cached == len(prompt_ids) > 0
+    if not (0 <= cached < len(prompt_ids) or whole) or session.position != cached:
+        raise ValueError(
+            f"cached={cached} must be below the prompt's {len(prompt_ids)} tokens (or all of "
+            f"them, with their logits) and equal the session's position {session.position}"
+        )
+    rest = prompt_ids[cached:]
+    if not whole:
+        check_fits(len(rest), session.position, session.max_context)  # even if max_tokens=0
     if max_tokens <= 0:
         return
     t0 = time.perf_counter()
-    logits = session.prefill(prompt_ids)
+    logits = cached_logits if whole else session.prefill(rest)
     t1 = time.perf_counter()
     stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), t1 - t0
+    stats.cached_tokens = cached
     generated: list[int] = []
     while True:
         token = sampler(logits, generated)
@@ -172,6 +197,8 @@ def stream(
     max_tokens: int,
     stop_ids: frozenset[int] = frozenset(),
     stop_strings: Sequence[str] = (),
+    cached: int = 0,
+    cached_logits: np.ndarray | None = None,
 ) -> Iterator[Chunk]:
     """Yield `Chunk`s of text as tokens are generated; the last one has the finish reason
     and stats.  ``decode`` turns ids into text (the tokenizer's, without special tokens)."""
@@ -182,7 +209,14 @@ def stream(
     last: int | None = None
     carry = ""  # text of the token that ended generation, sent with the final chunk
     tokens = generate_tokens(
-        session, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats
+        session,
+        prompt_ids,
+        sampler,
+        max_tokens=max_tokens,
+        stop_ids=stop_ids,
+        stats=stats,
+        cached=cached,
+        cached_logits=cached_logits,
     )
     for token, reason in tokens:
         last = token

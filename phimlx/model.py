@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,70 +17,28 @@ from .chat import render_chat
 from .config import ModelConfig
 from .generate import Chunk, Result, stream
 from .gguf import ModelFile, open_gguf
+from .prompt_cache import PromptCache, ReplyIds
 from .sampling import Sampler, SamplingParams
+from .session import Session
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+_OVERFLOW_POLICIES = ("drop_oldest", "error")
+# Prompt-cache budget: KV bytes kept across calls (the most recent session always stays).
+DEFAULT_CACHE_BYTES = 2 << 30
+
 Messages = Sequence[Mapping[str, str]]
-Prompt = str | Messages
-
-
-class Session:
-    """The incremental-decode interface: one KV cache, NumPy logits on every backend.
-
-    Obtain one with `Model.new_session`.  A session is used by one thread at a time; the
-    model's lock serializes forward passes, so several sessions of one `Model` may run in
-    different threads.  The generation loop drives the same class.
-    """
-
-    def __init__(self, inner: backends.Session, lock: threading.Lock) -> None:
-        self._inner = inner
-        self._lock = lock
-
-    @property
-    def position(self) -> int:
-        """Tokens held in the cache."""
-        return self._inner.position
-
-    @property
-    def max_context(self) -> int:
-        """Positions this session can hold."""
-        return self._inner.max_context
-
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Run the prompt (batched); float32 logits [vocab] after its last token.
-
-        Raises:
-            ContextLengthError: the tokens do not fit in what is left of the context.
-            ValueError: empty input or an id outside the vocabulary.
-        """
-        with self._lock:
-            return np.asarray(self._inner.prefill(list(token_ids)), dtype=np.float32)
-
-    def step(self, token_id: int) -> np.ndarray:
-        """Append ``token_id``; float32 logits [vocab] for the next position.
-
-        Raises:
-            ContextLengthError: the session is full.
-            ValueError: an id outside the vocabulary.
-        """
-        with self._lock:
-            return np.asarray(self._inner.step(int(token_id)), dtype=np.float32)
-
-    def step_async(self, token_id: int) -> backends.PendingLogits:
-        """`step` that returns a handle at once; ``handle.result()`` gives the logits.  On
-        MLX the step computes while the caller works (samples, streams text)."""
-        with self._lock:  # the graph is built (rope, cache slots) under the lock
-            return self._inner.step_async(int(token_id))
-
-    def reset(self) -> None:
-        """Forget everything (position 0)."""
-        self._inner.reset()
+Prompt = str | Messages | Sequence[int]
 
 
 class Model:
     """A model ready to generate.  Use `phimlx.load` to get one.
+
+    Threads: a `Model` may be shared between threads.  Each call generates in its own
+    session; forward passes take turns under one lock (each already uses every core); the
+    prompt cache lends a kept session to one call at a time.  A `Session` itself is for one
+    thread at a time.
 
     Attributes:
         config: the model's shape (`ModelConfig`).
@@ -108,6 +67,10 @@ class Model:
         # Backends compute with all cores already; one forward pass at a time keeps two
         # threads streaming from one Model correct (each has its own session).
         self._lock = threading.Lock()
+        c = self.config
+        kv_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # K and V, float32
+        self._prompt_cache = PromptCache(kv_bytes, DEFAULT_CACHE_BYTES)
+        self._replies = ReplyIds()
 
     def __repr__(self) -> str:
         c = self.config
@@ -135,6 +98,11 @@ class Model:
 
     def render(self, prompt: Prompt, *, chat: bool = True, system: str | None = None) -> str:
         """The text the model sees for ``prompt`` (chat template applied unless ``chat=False``)."""
+        if not isinstance(prompt, (str, Sequence)) or isinstance(prompt, bytes):
+            raise TypeError(
+                "prompt must be a string or a list of {'role': ..., 'content': ...} messages, "
+                f"not {type(prompt).__name__}"
+            )
         if isinstance(prompt, str):
             if not chat:
                 return prompt
@@ -164,11 +132,63 @@ class Model:
     def encode_prompt(
         self, prompt: Prompt, *, chat: bool = True, system: str | None = None
     ) -> list[int]:
-        """Token ids of ``prompt`` as `stream` feeds them (no doubled BOS)."""
+        """Token ids of ``prompt`` as `stream` feeds them (no doubled BOS); a list of ids is
+        used as it is.
+
+        An assistant message whose text is a reply this model generated recently is
+        encoded with the ids it was generated as, not re-tokenized (which can give other
+        ids), so a conversation fed back continues the cached session."""
+        if _is_ids(prompt):
+            return [int(t) for t in prompt]  # type: ignore[union-attr]
         text = self.render(prompt, chat=chat, system=system)
-        if chat or not isinstance(prompt, str):
-            return self.tokenizer.encode_chat(text)  # no second BOS after the template's
-        return self.tokenizer.encode(text)
+        if not (chat or not isinstance(prompt, str)):
+            return self.tokenizer.encode(text)
+        if not isinstance(prompt, str):
+            spliced = self._encode_with_replies(list(prompt), text)
+            if spliced is not None:
+                return spliced
+        return self.tokenizer.encode_chat(text)  # no second BOS after the template's
+
+    def _encode_with_replies(
+        self, messages: list[Mapping[str, str]], text: str
+    ) -> list[int] | None:
+        """`encode_prompt` of ``messages`` (rendered: ``text``) with the generated ids of
+        its recent replies spliced in; None when there are none, or when the template does
+        not render each reply's text as it is, cut off from its neighbours (a special token
+        on each side), so that splicing changes nothing but the reply's own ids."""
+        generated: dict[str, tuple[int, ...]] = {}  # mark -> the reply's generated ids
+        original: dict[str, str] = {}  # mark -> the reply's text
+        marked = []
+        for m in messages:
+            content = m.get("content", "")
+            ids = self._replies.get(content) if m.get("role") == "assistant" else None
+            if ids is None:
+                marked.append(m)
+                continue
+            mark = f"\ue000{len(generated)}\ue001"  # private-use characters
+            generated[mark], original[mark] = ids, content
+            marked.append({**m, "content": mark})
+        if not generated:
+            return None
+        try:
+            rendered = self.render(marked)
+        except Exception:  # noqa: BLE001 - a template that chokes on the marks: no splicing
+            return None
+        parts = re.split("(\ue000\\d+\ue001)", rendered)  # text, mark, text, ..., mark, text
+        if sorted(parts[1::2]) != sorted(generated):  # each reply rendered exactly once
+            return None
+        if "".join(original.get(p, p) if i % 2 else p for i, p in enumerate(parts)) != text:
+            return None  # the template changed the text (stripped it, escaped it, ...)
+        tok = self.tokenizer
+        spliced = tok.encode_chat(parts[0])
+        plain = list(spliced)
+        for mark, after in zip(parts[1::2], parts[2::2], strict=True):
+            rest = tok.encode(after, add_bos=False) if after else []
+            spliced += [*generated[mark], *rest]
+            plain += [*tok.encode(original[mark], add_bos=False), *rest]
+        # The pieces encoded apart must give the whole prompt's ids, or a cut fell inside a
+        # text run and the spliced prompt would differ from the plain one around the reply.
+        return spliced if plain == tok.encode_chat(text) else None
 
     # -- generation ------------------------------------------------------------------------
 
@@ -188,12 +208,16 @@ class Model:
         chat: bool = True,
         system: str | None = None,
         max_context: int | None = None,
+        cache: bool = True,
+        context_overflow: str = "drop_oldest",
+        ignore_eos: bool = False,
     ) -> Iterator[Chunk]:
         """Generate text for ``prompt``, chunk by chunk.
 
         Args:
             prompt: a user message (the chat template is applied; ``chat=False`` sends the
-                text raw), or a list of ``{"role", "content"}`` messages.
+                text raw), a list of ``{"role", "content"}`` messages, or a list of token
+                ids (fed as they are).
             max_tokens: stop after this many generated tokens (finish reason ``"length"``).
             temperature: 0 is greedy; higher is more random.
             top_k, top_p, min_p: filters (None = off); see `phimlx.sampling`.
@@ -203,6 +227,18 @@ class Model:
             chat: apply the chat template to a string prompt.
             system: a system message for a string prompt.
             max_context: context for this call (default: the model's).
+            cache: continue the kept session that shares the longest prefix with this
+                prompt (only the rest is prefilled; ``stats.cached_tokens`` says how much
+                was reused) and keep this call's session for the next one.  The output is
+                a fresh prefill's to float rounding; with int8 activations (the NumPy
+                backend's default) a cached reply holds its decode-time values, which can
+                move a near-tie.  The same call again reproduces its output.
+            context_overflow: a list of messages too long for the context (with room for
+                ``max_tokens``, or a quarter of the context if less): ``"drop_oldest"``
+                leaves out the oldest turns after the system messages, keeping the last
+                message (``stats.dropped_messages`` counts them); ``"error"`` raises.
+            ignore_eos: go on past the end-of-generation tokens (benchmarks: a fixed
+                number of tokens).
 
         Yields:
             `Chunk`s; the last has ``finish_reason`` (``"stop"``, ``"length"``,
@@ -210,27 +246,115 @@ class Model:
 
         Raises:
             ContextLengthError: the prompt does not fit in the context.
-            ValueError: an invalid sampling parameter (named in the message).
+            ValueError: an invalid parameter (named in the message).
         """
         params = SamplingParams(
             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
         )
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens={max_tokens!r} is invalid: must be an integer >= 0")
+        if context_overflow not in _OVERFLOW_POLICIES:
+            raise ValueError(
+                f"context_overflow={context_overflow!r} is invalid: use one of "
+                f"{', '.join(map(repr, _OVERFLOW_POLICIES))}"
+            )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        ids = self.encode_prompt(prompt, chat=chat, system=system)
         backends.check_max_context(max_context, self.config)
-        session = Session(self._backend_model.new_session(max_context), self._lock)
+        context = max_context or self.config.context_length
+        ids, dropped = self._fit_prompt(prompt, chat, system, context, max_tokens, context_overflow)
+        self._backend_model  # noqa: B018 - a closed model fails here, not at the first chunk
+        stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
+        return self._stream(ids, dropped, params, stops, stop_ids, max_tokens, context, cache)
+
+    def _stream(
+        self,
+        ids: list[int],
+        dropped: int,
+        params: SamplingParams,
+        stops: list[str],
+        stop_ids: frozenset[int],
+        max_tokens: int,
+        context: int,
+        cache: bool,
+    ) -> Iterator[Chunk]:
+        """`stream` after validation: take (or open) a session, generate, keep it."""
+        session, shared = self._prompt_cache.take(ids, context) if cache else (None, 0)
+        if session is None:
+            session = self.new_session(context)
+        # Continue from the shared prefix.  Generation starts from the logits after the
+        # prompt's last id: kept if a prefill ended exactly there (the same prompt again),
+        # else that id is fed again.
+        kept = session.logits_at(len(ids)) if shared == len(ids) else None
+        if kept is not None:
+            cached = session.trim(len(ids))
+            kept = kept if cached == len(ids) else None
+        else:
+            cached = session.trim(min(shared, len(ids) - 1)) if session.position else 0
         tok = self.tokenizer
-        return stream(
-            session,
-            ids,
-            Sampler(params),
-            lambda t: tok.decode(t, skip_special=True),
-            max_tokens=max_tokens,
-            stop_ids=tok.stop_ids,
-            stop_strings=stops,
-        )
+        generated: list[int] = []
+        text: list[str] = []
+        try:
+            chunks = stream(
+                session,
+                ids,
+                Sampler(params),
+                lambda t: tok.decode(t, skip_special=True),
+                max_tokens=max_tokens,
+                stop_ids=stop_ids,
+                stop_strings=stops,
+                cached=cached,
+                cached_logits=kept,
+            )
+            for chunk in chunks:
+                if chunk.token is not None and chunk.token not in stop_ids:
+                    generated.append(chunk.token)
+                text.append(chunk.text)
+                if chunk.stats is not None:
+                    chunk.stats.dropped_messages = dropped
+                yield chunk
+            reply = "".join(text)
+            if tok.decode(generated, skip_special=True) == reply:  # not cut by a stop string
+                self._replies.remember(reply, generated)
+        finally:
+            if cache:
+                self._prompt_cache.put(session)
+
+    def _fit_prompt(
+        self,
+        prompt: Prompt,
+        chat: bool,
+        system: str | None,
+        context: int,
+        max_tokens: int,
+        policy: str,
+    ) -> tuple[list[int], int]:
+        """The prompt's ids, with the oldest turns left out while it does not fit (the
+        ``"drop_oldest"`` policy, message lists only); and how many messages were left out."""
+        ids = self.encode_prompt(prompt, chat=chat, system=system)
+        if isinstance(prompt, str) or _is_ids(prompt) or policy == "error":
+            return ids, 0
+        room = min(max_tokens, context // 4)
+        messages = list(prompt)
+        dropped = 0
+        while len(ids) + room > context:
+            first = next(
+                (i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages)
+            )
+            if first >= len(messages) - 1:  # only system messages and the last one are left
+                break
+            del messages[first]
+            dropped += 1
+            while first < len(messages) - 1 and messages[first].get("role") != "user":
+                del messages[first]  # a turn starts with the user's message
+                dropped += 1
+            ids = self.encode_prompt(messages, chat=chat, system=system)
+        if dropped:
+            log.info("left out the %d oldest messages to fit the context of %d", dropped, context)
+        return ids, dropped
+
+    def clear_cache(self) -> None:
+        """Forget the sessions kept for prefix reuse (and the memory they hold)."""
+        self._prompt_cache.clear()
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
         """Generate to the end and return the whole `Result` (same arguments as `stream`)."""
@@ -258,6 +382,7 @@ class Model:
 
     def close(self) -> None:
         """Release the weights and the file mapping; the model is unusable afterwards."""
+        self._prompt_cache.clear()
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None
@@ -307,6 +432,12 @@ def load(
     """
     from .hub import resolve_model
 
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(
+            f"threads={threads!r} is invalid: give a positive integer, or None for all cores"
+        )
     resolved = resolve_model(
         model,
         filename=filename,
@@ -331,3 +462,14 @@ def load(
         raise
     log.info("loaded %s with backend %s (%s)", Path(resolved.path).name, name, reason)
     return Model(mf, loaded, tokenizer, name, reason)
+
+
+def _is_ids(prompt: object) -> bool:
+    """True for a non-empty list (or tuple, array) of token ids."""
+    if isinstance(prompt, np.ndarray):
+        return prompt.ndim == 1 and prompt.dtype.kind in "iu" and prompt.size > 0
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
+    )

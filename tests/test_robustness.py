@@ -165,11 +165,11 @@ def test_interrupt_inside_a_forward_pass(
     calls = {"n": 0}
 
     def interrupting(real: object) -> object:
-        def forward(self: object, ids: np.ndarray) -> object:
+        def forward(self: object, ids: np.ndarray, **kw: object) -> object:
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyboardInterrupt
-            return real(self, ids)  # type: ignore[operator]
+            return real(self, ids, **kw)  # type: ignore[operator]
 
         return forward
 

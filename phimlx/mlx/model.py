@@ -20,7 +20,7 @@ import numpy as np
 from mlx_lm.models import llama, phi3
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from ..backends import checked_tokens
+from ..backends import check_trim, checked_tokens
 from ..config import ModelConfig
 from ..gguf import GGMLType, ModelFile
 from .quant import GROUP, Quantized
@@ -185,6 +185,20 @@ class MLXSession:
             self._cache = [KVCache() for _ in range(n)]
         self._pos = 0
 
+    def trim(self, n: int) -> int:
+        """Forget positions ``n ..`` as mlx-lm trims its caches (the offset moves back); a
+        sliding-window cache that has wrapped cannot go back and is emptied instead."""
+        n = check_trim(n, self._pos)
+        if n == self._pos:
+            return n
+        if not all(c.is_trimmable() for c in self._cache):
+            self.reset()
+            return 0
+        for c in self._cache:
+            c.trim(self._pos - n)
+        self._pos = n
+        return n
+
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Run the prompt in chunks; float32 logits ``[vocab]`` after its last token."""
         ids = self._checked(token_ids)
@@ -213,7 +227,15 @@ class MLXSession:
     def _forward(self, ids: np.ndarray) -> mx.array:
         m = self._m
         m._rope.freqs, m._rope.scale = self._freqs, m.config.rope_attn_factor
-        h = m.model.model(mx.array(ids.astype(np.int32))[None], cache=self._cache)  # (1, T, H)
+        try:
+            h = m.model.model(mx.array(ids.astype(np.int32))[None], cache=self._cache)  # (1, T, H)
+        except BaseException:  # interrupted between layers: put every layer back at _pos
+            for c in self._cache:
+                if c.offset > self._pos and c.is_trimmable():
+                    c.trim(c.offset - self._pos)
+            if any(c.offset != self._pos for c in self._cache):
+                self.reset()
+            raise
         h = h[:, -1:, :]
         if m.config.tied_embeddings:
             out = m.model.model.embed_tokens.as_linear(h)

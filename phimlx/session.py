@@ -1,0 +1,126 @@
+"""`Session`: one KV cache behind the model's lock, and the token ids it holds.
+
+It is the public incremental-decode handle (`Model.new_session`) and what the generation
+loop and the prompt cache drive, so there is one path from a token to its logits.  Knowing
+the ids it holds is what lets a later call continue it from the longest common prefix.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import backends
+
+_KEPT_ENDS = 4  # prefill end logits kept per session
+
+
+class Session:
+    """The incremental-decode interface: one KV cache, NumPy logits on every backend.
+
+    Obtain one with `Model.new_session`.  A session is used by one thread at a time; the
+    model's lock serializes forward passes, so sessions of one `Model` may run in different
+    threads.
+    """
+
+    def __init__(self, inner: backends.Session, lock: threading.Lock) -> None:
+        self._inner = inner
+        self._lock = lock
+        self._tokens: list[int] = []  # the ids at positions 0 .. position - 1
+        # Logits at the end of the last prefills, by position: a call that continues from
+        # exactly there (the same prompt again, "regenerate") reuses them instead of
+        # recomputing the prompt's last token, so it samples from the same logits.
+        self._ends: dict[int, np.ndarray] = {}
+
+    @property
+    def position(self) -> int:
+        """Tokens held in the cache."""
+        return self._inner.position
+
+    @property
+    def max_context(self) -> int:
+        """Positions this session can hold."""
+        return self._inner.max_context
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The token ids held in the cache, in order."""
+        return tuple(self._tokens)
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Run the prompt (batched); float32 logits [vocab] after its last token.
+
+        Raises:
+            ContextLengthError: the tokens do not fit in what is left of the context.
+            ValueError: empty input or an id outside the vocabulary.
+        """
+        ids = [int(t) for t in token_ids]
+        with self._lock:
+            try:
+                logits = np.asarray(self._inner.prefill(ids), dtype=np.float32)
+            finally:  # an interrupted prefill may have cached some of its chunks
+                self._sync(ids)
+            self._ends[self.position] = logits
+            while len(self._ends) > _KEPT_ENDS:
+                del self._ends[next(iter(self._ends))]
+            return logits
+
+    def logits_at(self, position: int) -> np.ndarray | None:
+        """The logits a prefill ending at ``position`` returned, if the session still holds
+        that position and kept them (the last few prefills' are kept); else None."""
+        return self._ends.get(position) if position <= self.position else None
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append ``token_id``; float32 logits [vocab] for the next position.
+
+        Raises:
+            ContextLengthError: the session is full.
+            ValueError: an id outside the vocabulary.
+        """
+        token_id = int(token_id)
+        with self._lock:
+            try:
+                return np.asarray(self._inner.step(token_id), dtype=np.float32)
+            finally:
+                self._sync([token_id])
+
+    def step_async(self, token_id: int) -> backends.PendingLogits:
+        """`step` that returns a handle at once; ``handle.result()`` gives the logits.  On
+        MLX the step computes while the caller works (samples, streams text)."""
+        token_id = int(token_id)
+        with self._lock:  # the graph is built (rope, cache slots) under the lock
+            try:
+                return self._inner.step_async(token_id)
+            finally:
+                self._sync([token_id])
+
+    def trim(self, n: int) -> int:
+        """Forget positions ``n`` and later (``0 <= n <= position``); returns the position
+        afterwards: ``n``, or 0 where the cache cannot go back that far (a sliding-window
+        cache that has wrapped), in which case it was emptied.
+
+        Raises:
+            ValueError: ``n`` is outside ``0 .. position``.
+        """
+        with self._lock:
+            kept = self._inner.trim(n)
+            del self._tokens[kept:]
+            self._ends = {p: v for p, v in self._ends.items() if p <= kept}
+            return kept
+
+    def reset(self) -> None:
+        """Forget everything (position 0)."""
+        with self._lock:
+            self._inner.reset()
+            self._tokens.clear()
+            self._ends.clear()
+
+    def _sync(self, fed: list[int]) -> None:
+        """Make `tokens` match the backend's position after feeding ``fed``."""
+        pos = self._inner.position
+        if pos <= len(self._tokens):
+            del self._tokens[pos:]
+        else:
+            self._tokens.extend(fed[: pos - len(self._tokens)])
