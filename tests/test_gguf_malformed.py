@@ -13,7 +13,10 @@ import importlib.util
 import os
 import random
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import craft
@@ -24,6 +27,7 @@ import pytest
 from phimlx.config import ModelConfig
 from phimlx.errors import GGUFError, UnsupportedModelError
 from phimlx.gguf import open_gguf
+from phimlx.tokenizer import Tokenizer
 
 TITLE = "malformed GGUF suite"
 
@@ -245,6 +249,189 @@ def test_malformed_field(case: str, tmp_path: Path, tally: craft.Tally) -> None:
     expect_error(write(tmp_path, g.build()), tally, match)
 
 
+# -- what the spec or llama.cpp forbids: keys, bools, types of known keys ----------------------
+#
+# Each case adds (or replaces) one metadata entry of a tiny valid model.  The error must name
+# the key and the byte offset of the offending field, computed here from the layout `craft`
+# wrote: the key (its length field), the value type, or the value (plus ``extra`` bytes into
+# it, for an element of an array).
+
+
+@dataclass(frozen=True)
+class Strict:
+    kv: craft.KV
+    match: str  # the rule, in the message
+    at: str  # "key", "type" or "value"
+    extra: int = 0
+
+
+_ARR = 12  # element type u32 + count u64 before an array's elements
+STRICT_CASES: dict[str, Strict] = {
+    # keys (gguf.cpp: "key %d is empty"; the spec: ASCII, at most 65535 bytes)
+    "key-empty": Strict(craft.KV("", craft.UINT8, 1), "is empty", "key"),
+    "key-latin1": Strict(craft.KV("t\u00e9st.key", craft.UINT8, 1), "not ASCII", "key"),
+    "key-not-utf8": Strict(craft.KV(b"general.n\xffme", craft.STRING, "x"), "not ASCII", "key"),
+    "key-65536-bytes": Strict(craft.KV("k" * 65536, craft.UINT8, 1), "65535", "key"),
+    # bools (the spec: 0 or 1, "Anything else is invalid")
+    "bool-2": Strict(craft.KV("tokenizer.ggml.add_bos_token", craft.BOOL, raw=b"\x02"),
+                     "bool", "value"),
+    "bool-ff-unknown-key": Strict(craft.KV("test.flag", craft.BOOL, raw=b"\xff"), "bool",
+                                  "value"),
+    "bool-array-element-2": Strict(craft.KV("test.flags", craft.ARRAY, (craft.BOOL, [0, 1, 2])),
+                                   "bool", "value", _ARR + 2),
+    "bool-nested-array": Strict(
+        craft.KV("test.nested", craft.ARRAY, (craft.ARRAY, [(craft.BOOL, [1, 0]),
+                                                            (craft.BOOL, [1, 9])])),
+        "bool", "value", _ARR + (_ARR + 2) + _ARR + 1),
+}  # fmt: skip
+
+# Known keys with a type llama.cpp refuses (each checked against llama.cpp itself below).
+A = "llama."
+TYPE_CASES: dict[str, craft.KV] = {
+    "alignment-int32": craft.KV("general.alignment", craft.INT32, 32),
+    "alignment-uint64": craft.KV("general.alignment", craft.UINT64, 32),
+    "architecture-uint32": craft.KV("general.architecture", craft.UINT32, 7),
+    "architecture-string-array": craft.KV("general.architecture", craft.ARRAY,
+                                          (craft.STRING, ["llama"])),
+    "name-uint32": craft.KV("general.name", craft.UINT32, 7),
+    "file-type-int32": craft.KV("general.file_type", craft.INT32, 1),
+    "context-uint64": craft.KV(A + "context_length", craft.UINT64, 64),
+    "context-int32": craft.KV(A + "context_length", craft.INT32, 64),
+    "context-uint16": craft.KV(A + "context_length", craft.UINT16, 64),
+    "block-count-int32": craft.KV(A + "block_count", craft.INT32, 1),
+    "embedding-int64": craft.KV(A + "embedding_length", craft.INT64, 32),
+    "ffn-int32": craft.KV(A + "feed_forward_length", craft.INT32, 64),
+    "ffn-array-uint64": craft.KV(A + "feed_forward_length", craft.ARRAY, (craft.UINT64, [64])),
+    "ffn-array-float32": craft.KV(A + "feed_forward_length", craft.ARRAY,
+                                  (craft.FLOAT32, [64.0])),
+    "heads-array-uint16": craft.KV(A + "attention.head_count", craft.ARRAY, (craft.UINT16, [4])),
+    "kv-heads-float32": craft.KV(A + "attention.head_count_kv", craft.FLOAT32, 2.0),
+    "eps-float64": craft.KV(A + "attention.layer_norm_rms_epsilon", craft.FLOAT64, 1e-5),
+    "rope-base-float64": craft.KV(A + "rope.freq_base", craft.FLOAT64, 1e4),
+    "rope-base-uint32": craft.KV(A + "rope.freq_base", craft.UINT32, 10000),
+    "rope-dim-int32": craft.KV(A + "rope.dimension_count", craft.INT32, 8),
+    "key-length-int32": craft.KV(A + "attention.key_length", craft.INT32, 8),
+    "value-length-int32": craft.KV(A + "attention.value_length", craft.INT32, 8),
+    "vocab-size-uint64": craft.KV(A + "vocab_size", craft.UINT64, 299),
+    "original-context-uint64": craft.KV(A + "rope.scaling.original_context_length",
+                                        craft.UINT64, 64),
+    "attn-factor-float64": craft.KV(A + "rope.scaling.attn_factor", craft.FLOAT64, 1.0),
+    "rope-scaling-type-uint32": craft.KV(A + "rope.scaling.type", craft.UINT32, 0),
+    "rope-scaling-factor-float64": craft.KV(A + "rope.scaling.factor", craft.FLOAT64, 1.0),
+    "tokenizer-model-uint32": craft.KV("tokenizer.ggml.model", craft.UINT32, 1),
+    "pre-string-array": craft.KV("tokenizer.ggml.pre", craft.ARRAY, (craft.STRING, ["default"])),
+    "tokens-uint32-array": craft.KV("tokenizer.ggml.tokens", craft.ARRAY,
+                                    (craft.UINT32, list(range(299)))),
+    "tokens-string": craft.KV("tokenizer.ggml.tokens", craft.STRING, "abc"),
+    "token-type-uint8": craft.KV("tokenizer.ggml.token_type", craft.ARRAY,
+                                 (craft.UINT8, craft.spm_vocab()[2])),
+    "token-type-uint32": craft.KV("tokenizer.ggml.token_type", craft.ARRAY,
+                                  (craft.UINT32, craft.spm_vocab()[2])),
+    "token-type-int32-scalar": craft.KV("tokenizer.ggml.token_type", craft.INT32, 1),
+    "scores-float64": craft.KV("tokenizer.ggml.scores", craft.ARRAY,
+                               (craft.FLOAT64, craft.spm_vocab()[1])),
+    "scores-float32-scalar": craft.KV("tokenizer.ggml.scores", craft.FLOAT32, 0.0),
+    "bos-id-int32": craft.KV("tokenizer.ggml.bos_token_id", craft.INT32, 1),
+    "bos-id-uint64": craft.KV("tokenizer.ggml.bos_token_id", craft.UINT64, 1),
+    "eot-id-int32": craft.KV("tokenizer.ggml.eot_token_id", craft.INT32, 2),
+    "padding-id-uint16": craft.KV("tokenizer.ggml.padding_token_id", craft.UINT16, 0),
+    "add-bos-uint8": craft.KV("tokenizer.ggml.add_bos_token", craft.UINT8, 1),
+    "add-space-prefix-uint8": craft.KV("tokenizer.ggml.add_space_prefix", craft.UINT8, 1),
+}  # fmt: skip
+STRICT_CASES.update({name: Strict(kv, "must be", "type") for name, kv in TYPE_CASES.items()})
+
+# What llama.cpp reads without complaint is not refused: integer arrays for per-layer
+# hyperparameters, integer scores, keys it does not read (another architecture's, an unknown
+# one, or one it reads as text), a key that breaks the spec's lower_snake_case convention.
+LLAMA_CPP_ACCEPTS: dict[str, craft.KV] = {
+    "heads-array-int32": craft.KV(A + "attention.head_count", craft.ARRAY, (craft.INT32, [4])),
+    "kv-heads-array-uint32": craft.KV(A + "attention.head_count_kv", craft.ARRAY,
+                                      (craft.UINT32, [2])),
+    "ffn-array-uint32": craft.KV(A + "feed_forward_length", craft.ARRAY, (craft.UINT32, [64])),
+    "scores-int32": craft.KV("tokenizer.ggml.scores", craft.ARRAY,
+                             (craft.INT32, [int(x) for x in craft.spm_vocab()[1]])),
+    "file-type-uint32": craft.KV("general.file_type", craft.UINT32, 1),
+    "quantization-version-int32": craft.KV("general.quantization_version", craft.INT32, 2),
+    "other-arch-context-uint64": craft.KV("phi3.context_length", craft.UINT64, 64),
+    "chat-template-uint32": craft.KV("tokenizer.chat_template", craft.UINT32, 1),
+    "unknown-key-int64-array": craft.KV("test.anything", craft.ARRAY, (craft.INT64, [-1])),
+    "upper-case-key": craft.KV("Test.Key-2", craft.UINT8, 1),
+    "bools-0-and-1": craft.KV("test.flags", craft.ARRAY, (craft.BOOL, [0, 1, 1, 0])),
+}  # fmt: skip
+
+
+def _with_kv(kv: craft.KV) -> craft.GGUF:
+    g = craft.tiny_model()
+    g.kvs = [k for k in g.kvs if k.key != kv.key]
+    g.kvs.append(kv)
+    return g
+
+
+def _offset(data: bytes, case: Strict) -> int:
+    """Where the offending field lies, found in the bytes `craft` wrote (not by the reader)."""
+    encoded = case.kv.encode()
+    assert data.count(encoded) == 1
+    start = data.index(encoded)
+    (key_len,) = struct.unpack_from("<Q", encoded)
+    type_at = start + 8 + key_len
+    return {"key": start, "type": type_at, "value": type_at + 4 + case.extra}[case.at]
+
+
+@pytest.mark.parametrize("case", list(STRICT_CASES))
+def test_forbidden_by_spec_or_llama_cpp(case: str, tmp_path: Path, tally: craft.Tally) -> None:
+    c = STRICT_CASES[case]
+    data = _with_kv(c.kv).build()
+    err = expect_error(write(tmp_path, data), tally, c.match)
+    assert f"(at byte {_offset(data, c)})" in str(err), str(err)
+    key = c.kv.key.encode() if isinstance(c.kv.key, str) else c.kv.key
+    shown = key[:80].decode("ascii", "backslashreplace")  # non-ASCII bytes as \xNN
+    assert (f"'{shown}" if key else "entry") in str(err), str(err)
+
+
+@pytest.mark.parametrize("case", list(LLAMA_CPP_ACCEPTS))
+def test_what_llama_cpp_reads_opens(case: str, tmp_path: Path) -> None:
+    kv = LLAMA_CPP_ACCEPTS[case]
+    mf = open_gguf(write(tmp_path, _with_kv(kv).build()))
+    assert kv.key in mf.metadata
+
+
+def test_key_types_agree_with_llama_cpp(tmp_path: Path) -> None:
+    """llama.cpp itself is the oracle for the type table: every TYPE_CASES file is one it
+    refuses to load and every LLAMA_CPP_ACCEPTS file one it loads (a tiny model; one child
+    process, since a llama.cpp assertion would abort the interpreter)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    files = {}
+    for name, kv in [*TYPE_CASES.items(), *LLAMA_CPP_ACCEPTS.items(), ("baseline", None)]:
+        g = _with_kv(kv) if kv is not None else craft.tiny_model()
+        files[name] = write(tmp_path, g.build(), f"{name}.gguf")
+    child = (
+        "import sys, llama_cpp\n"
+        "for p in sys.argv[1:]:\n"
+        "    try:\n"
+        "        llama_cpp.Llama(model_path=p, n_ctx=16, n_threads=1, verbose=False)\n"
+        "        print('accept', p, flush=True)\n"
+        "    except ValueError:\n"
+        "        print('refuse', p, flush=True)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", child, *map(str, files.values())],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdicts = [line.split() for line in run.stdout.splitlines()]
+    theirs = {Path(p).stem: verdict == "accept" for verdict, p in verdicts}
+    ours = {}
+    for name, path in files.items():
+        try:
+            open_gguf(path).close()
+            ours[name] = True
+        except GGUFError:
+            ours[name] = False
+    assert theirs == ours
+    assert ours["baseline"] and not any(ours[n] for n in TYPE_CASES)
+
+
 # -- cases made by patching the bytes of a valid file ----------------------------------
 
 
@@ -337,7 +524,7 @@ def test_header_ends_at_file_end(tmp_path: Path, tally: craft.Tally) -> None:
 
 def test_valid_edge_cases_open(tmp_path: Path) -> None:
     """Legal but unusual files are not refused: no tensors, no metadata, v2, alignment 1,
-    an empty array as the last thing in the file, a key that is not UTF-8."""
+    an empty array as the last thing in the file, a string value that is not UTF-8."""
     empty = craft.GGUF()
     mf = open_gguf(write(tmp_path, empty.build(), "empty.gguf"))
     assert mf.tensors == {} and mf.metadata == {}
@@ -350,8 +537,12 @@ def test_valid_edge_cases_open(tmp_path: Path) -> None:
     assert open_gguf(write(tmp_path, a1.build(), "a1.gguf")).alignment == 1
     tail = craft.GGUF(kvs=[craft.KV("x", craft.ARRAY, (craft.UINT8, []))], padding=b"")
     assert open_gguf(write(tmp_path, tail.build(), "tail.gguf")).metadata == {"x": []}
-    bad_utf8 = craft.GGUF(kvs=[craft.KV(b"k\xff", craft.UINT8, 1)])
-    assert len(open_gguf(write(tmp_path, bad_utf8.build(), "u.gguf")).metadata) == 1
+    # Nested arrays: the spec allows them ("Arrays can be nested"); llama.cpp's gguf.cpp
+    # refuses them ("invalid GGUF type"), but a stricter reader than the spec is not wanted.
+    nested = craft.GGUF(kvs=[craft.KV("x", craft.ARRAY, (craft.ARRAY, [(craft.INT8, [-1])]))])
+    assert open_gguf(write(tmp_path, nested.build(), "n.gguf")).metadata == {"x": [[-1]]}
+    bad_utf8 = craft.GGUF(kvs=[craft.KV("k", craft.STRING, b"a\xffb")])
+    assert open_gguf(write(tmp_path, bad_utf8.build(), "u.gguf")).metadata == {"k": "a\ufffdb"}
 
 
 # -- valid files: our views equal gguf-py's -------------------------------------------------
@@ -413,6 +604,48 @@ def test_crafted_views_match_gguf_py(arch: str, tmp_path: Path) -> None:
     ModelConfig.from_gguf(open_gguf(path))  # and it is a valid model
 
 
+def _not_utf8_model(tmp_path: Path) -> Path:
+    """The tiny model with a name and one vocabulary entry that are not valid UTF-8."""
+    g = craft.tiny_model()
+    g.kv("general.name").value = b"tiny-\xff"
+    tokens = g.kv("tokenizer.ggml.tokens").value[1]
+    tokens[-1] = b"\xff" + tokens[-1].encode()
+    return g.write(tmp_path / "not-utf8.gguf")
+
+
+@pytest.mark.parametrize("which", ["smollm2", "phi3-longrope-swa", "llama", "not-utf8"])
+def test_valid_files_still_load(which: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The strict rules refuse nothing real: SmolLM2, synthetic models written by gguf-py (its
+    typed writers are what llama.cpp's converter uses), and a file whose string values are not
+    UTF-8 (decoded with U+FFFD, as before) all give a config and a tokenizer."""
+    if which == "smollm2":
+        path = request.getfixturevalue("smollm2_path")
+    elif which == "not-utf8":
+        path = _not_utf8_model(tmp_path)
+    else:
+        make = request.getfixturevalue("make_model")
+        extra = {"original_context": 32, "sliding_window": 64, "rope_base": 1e4}
+        shape = dict(n_layers=1, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=128)
+        arch = which.split("-")[0]
+        path = make(architecture=arch, **shape, **(extra if "swa" in which else {}))
+    with open_gguf(path) as mf:
+        config = ModelConfig.from_gguf(mf)
+        tok = Tokenizer.from_gguf(mf)
+    assert config.n_layers >= 1 and len(tok.encode("Hello world")) > 0
+    if which == "not-utf8":
+        assert mf.metadata["general.name"] == "tiny-\ufffd"
+        assert mf.metadata["tokenizer.ggml.tokens"][-1].startswith("\ufffd")
+
+
+def test_not_utf8_model_generates(tmp_path: Path) -> None:
+    """The whole load path, not only the reader, takes string values that are not UTF-8."""
+    import phimlx
+
+    with phimlx.load(_not_utf8_model(tmp_path), backend="numpy") as model:
+        result = model.generate("ab", max_tokens=2, temperature=0)
+    assert result.text is not None
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -452,16 +685,15 @@ def test_multi_gb_header_opens_without_reading_data(tmp_path: Path) -> None:
 def _config_error(g: craft.GGUF, tmp_path: Path, tally: craft.Tally) -> GGUFError:
     path = write(tmp_path, g.build())
     tally.add("files tried")
-    with craft.time_bound(10), craft.traced() as peak:
-        mf = open_gguf(path)
-        with pytest.raises(GGUFError) as ei:
-            ModelConfig.from_gguf(mf)
+    # A value of a type llama.cpp refuses is caught by the reader already (`KEY_TYPES`); a
+    # legal type with an impossible value, by the config.
+    with craft.time_bound(10), craft.traced() as peak, pytest.raises(GGUFError) as ei:
+        ModelConfig.from_gguf(open_gguf(path))
     assert peak[0] <= craft.alloc_bound(path.stat().st_size), peak
     tally.add("clean GGUFError")
     return ei.value
 
 
-A = "llama."
 MODEL_CASES: dict[str, tuple[Mutator, str]] = {
     "embd-rows-vs-vocab": (_t("token_embd.weight", ne=[32, 298], data=b"\0" * 32 * 298 * 4),
                            "token_embd.weight"),

@@ -13,6 +13,10 @@ Strings are a u64 byte length and UTF-8 bytes; arrays are an element type u32,
 a u64 count and the elements.  Every length and count here comes from a
 stranger, so each is bounded by the bytes that remain before it is used, and
 every tensor must lie aligned, inside the file and apart from the others.
+What the spec or llama.cpp forbids is refused too: empty, non-ASCII or over-long
+keys, bools other than 0 and 1, and a known key (`format.KEY_TYPES`) stored with a
+type llama.cpp would not read.  Invalid UTF-8 in a string *value* is decoded with
+U+FFFD (and logged), as llama.cpp passes such bytes through.
 Nothing reads tensor data at open time: ``open_gguf`` on a multi-GB file costs
 the header only.
 """
@@ -32,10 +36,13 @@ import numpy as np
 
 from ..errors import GGUFError, UnsupportedModelError
 from .format import (
+    ARCH_KEY_TYPES,
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
+    KEY_TYPES,
     MAX_ARRAY_NESTING,
     MAX_DIMS,
+    MAX_KEY_LENGTH,
     MIN_KV_SIZE,
     MIN_TENSOR_INFO_SIZE,
     MIN_VALUE_SIZE,
@@ -50,6 +57,7 @@ from .quants import dequantize
 
 log = logging.getLogger(__name__)
 
+_U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
@@ -212,7 +220,7 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar(ValueType.UINT64, what)
 
-    def string(self, what: str) -> str:
+    def raw_string(self, what: str) -> bytes:
         start = self.pos
         n = self.u64(f"length of {what}")
         if n > self.size - self.pos:
@@ -223,6 +231,11 @@ class _Cursor:
             )
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
+        return raw
+
+    def string(self, what: str) -> str:
+        start = self.pos
+        raw = self.raw_string(what)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -230,6 +243,46 @@ class _Cursor:
                 "%s: %s at byte %d is not valid UTF-8; decoded with U+FFFD", self.path, what, start
             )
             return raw.decode("utf-8", errors="replace")
+
+    def key(self, index: int) -> str:
+        """A metadata key: non-empty (llama.cpp's gguf.cpp: "key %d is empty"), ASCII and at
+        most 65535 bytes (the spec: "It must be a valid ASCII string", "at most 2^16-1")."""
+        start = self.pos
+        raw = self.raw_string(f"key of metadata entry {index}")
+        if not raw:
+            raise self.fail(
+                f"key of metadata entry {index} is empty",
+                "a GGUF key must not be empty (llama.cpp refuses the file); the file is corrupt",
+                at=start,
+            )
+        shown = raw[:80].decode("ascii", "backslashreplace")
+        if len(raw) > MAX_KEY_LENGTH:
+            raise self.fail(
+                f"metadata key '{shown}...' (entry {index}) is {len(raw)} bytes long",
+                f"the GGUF spec limits a key to {MAX_KEY_LENGTH} bytes; the file is corrupt",
+                at=start,
+            )
+        if not raw.isascii():
+            raise self.fail(
+                f"metadata key '{shown}' (entry {index}) is not ASCII",
+                "the GGUF spec requires a key to be a valid ASCII string; the file is corrupt",
+                at=start,
+            )
+        return raw.decode("ascii")
+
+    def boolean(self, what: str) -> bool:
+        """A bool byte: the spec allows 0 (false) and 1 (true) only ("Anything else is
+        invalid"), although llama.cpp reads any nonzero byte as true."""
+        at = self.pos
+        b = self.scalar(ValueType.UINT8, what)
+        if b > 1:
+            raise self.fail(
+                f"{what} is a bool stored as byte {b:#04x}",
+                "a GGUF bool must be 0 or 1 (the spec: anything else is invalid); "
+                "the file is corrupt",
+                at=at,
+            )
+        return bool(b)
 
     def value_type(self, what: str) -> ValueType:
         at = self.pos
@@ -244,6 +297,8 @@ class _Cursor:
     def value(self, vtype: ValueType, what: str, depth: int = 0) -> Any:
         if vtype == ValueType.STRING:
             return self.string(what)
+        if vtype == ValueType.BOOL:
+            return self.boolean(what)
         if vtype != ValueType.ARRAY:
             return self.scalar(vtype, what)
         if depth >= MAX_ARRAY_NESTING:
@@ -266,8 +321,21 @@ class _Cursor:
             return arr.tolist()
         if etype == ValueType.BOOL:
             arr = np.frombuffer(self.buf, dtype=np.uint8, count=count, offset=self.pos)
+            bad = np.flatnonzero(arr > 1)
+            flags = None if bad.size else (arr != 0).tolist()
+            first = (int(bad[0]), int(arr[bad[0]])) if bad.size else (0, 0)
+            # `arr` views the map: a traceback holding it would keep the map from closing.
+            del arr
+            if flags is None:
+                i, byte = first
+                raise self.fail(
+                    f"{what}[{i}] is a bool stored as byte {byte:#04x}",
+                    "a GGUF bool must be 0 or 1 (the spec: anything else is invalid); "
+                    "the file is corrupt",
+                    at=self.pos + i,
+                )
             self.pos += count
-            return (arr != 0).tolist()
+            return flags
         if etype == ValueType.STRING:
             return self._strings(count, what)
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
@@ -308,7 +376,9 @@ def open_gguf(path: str | os.PathLike[str]) -> ModelFile:
     Returns:
         A `ModelFile` whose metadata and tensor directory have been checked: every length
         and count fits in the file, every tensor is aligned, inside the file, and apart from
-        the others, every type is known, keys and tensor names are unique.
+        the others, every type is known, keys and tensor names are unique, keys are
+        non-empty ASCII, bools are 0 or 1, and the keys llama.cpp reads have the types it
+        reads them as (`format.KEY_TYPES`).
 
     Raises:
         GGUFError: the file is not a valid GGUF; the message names the field, the byte offset
@@ -350,6 +420,33 @@ def _check_magic(head: bytes, path: Path) -> None:
     )
 
 
+def _check_key_types(cur: _Cursor, metadata: dict[str, Any], type_at: dict[str, int]) -> None:
+    """Refuse a known key stored with a type llama.cpp does not read (`format.KEY_TYPES`,
+    and `format.ARCH_KEY_TYPES` under the file's own architecture), in file order."""
+    arch = metadata.get("general.architecture")
+    prefix = f"{arch}." if isinstance(arch, str) else None
+    for key, at in type_at.items():
+        rule = KEY_TYPES.get(key)
+        if rule is None and prefix is not None and key.startswith(prefix):
+            rule = ARCH_KEY_TYPES.get(key[len(prefix) :])
+        if rule is None:
+            continue
+        # Both were validated while the value was read.
+        vtype = ValueType(_U32.unpack_from(cur.buf, at)[0])
+        etype = (
+            ValueType(_U32.unpack_from(cur.buf, at + 4)[0]) if vtype == ValueType.ARRAY else None
+        )
+        if rule.accepts(vtype, etype):
+            continue
+        stored = f"an array of {etype.name}" if etype is not None else vtype.name
+        raise cur.fail(
+            f"metadata '{key}' is stored as {stored}; it must be {rule.describe()}",
+            f"llama.cpp ({rule.where}) refuses any other type; the file is corrupt or was "
+            "written by a broken converter",
+            at=at,
+        )
+
+
 def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
     _check_magic(buf[:4], path)
     cur = _Cursor(buf, size, path)
@@ -386,14 +483,17 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> ModelFile:
         )
 
     metadata: dict[str, Any] = {}
+    type_at: dict[str, int] = {}  # key -> byte offset of its value type
     for i in range(kv_count):
         at = cur.pos
-        key = cur.string(f"key of metadata entry {i}")
+        key = cur.key(i)
+        type_at[key] = cur.pos
         vtype = cur.value_type(f"value type of '{key}'")
         value = cur.value(vtype, f"value of '{key}'")
         if key in metadata:
             raise cur.fail(f"metadata key '{key}' appears twice", "the file is corrupt", at=at)
         metadata[key] = value
+    _check_key_types(cur, metadata, type_at)
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if (
