@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from phimlx.backends import Finished, check_trim, checked_tokens
+from phimlx.backends import Finished, check_kv_state, check_trim, checked_tokens
 from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
@@ -196,6 +196,27 @@ class NumpySession:
         next (attention never reads past the position)."""
         self._pos = check_trim(n, self._pos)
         return self._pos
+
+    def kv_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of K (after rope) and V of the positions held: float32
+        (layers, KV, position, D) each."""
+        p = self._pos
+        return self._k[:, :, :p].copy(), self._v[:, :, :p].copy()
+
+    def load_kv_state(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Replace the cache with ``k``, ``v`` (float32 (layers, KV, P, D), as `kv_state`
+        gives them); the position becomes P.
+
+        Raises:
+            ValueError: a dtype or shape that does not fit the model or ``max_context``.
+        """
+        c = self.model.config
+        n = check_kv_state(k, v, c, self.max_context, np.dtype(np.float32))
+        self._pos = 0  # nothing to carry over when the capacity grows
+        self._ensure_capacity(n)
+        self._k[:, :, :n] = k
+        self._v[:, :, :n] = v
+        self._pos = n
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = checked_tokens(token_ids, self._pos, self.max_context, self.model.config)

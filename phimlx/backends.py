@@ -83,6 +83,25 @@ class Session(Protocol):
         overwritten the positions before ``n``), in which case it was emptied."""
         ...
 
+    def kv_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of K (after rope) and V of the positions held, each of shape
+        ``(n_layers, n_kv_heads, position, head_dim)`` in the cache's own dtype.
+
+        Raises:
+            ValueError: the cache no longer holds every position from 0 (a sliding-window
+                cache that has wrapped).
+        """
+        ...
+
+    def load_kv_state(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Replace the cache with these positions (as `kv_state` returns them); the
+        position becomes ``k.shape[2]``.
+
+        Raises:
+            ValueError: a shape or dtype that does not fit the model or ``max_context``.
+        """
+        ...
+
     def reset(self) -> None:
         """Empty the cache (position 0)."""
         ...
@@ -129,6 +148,38 @@ def check_trim(n: int, position: int) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= position:
         raise ValueError(f"cannot trim to {n!r}: the session holds {position} positions")
     return int(n)
+
+
+def check_kv_state(
+    k: np.ndarray, v: np.ndarray, config: ModelConfig, max_context: int, dtype: np.dtype
+) -> int:
+    """Raise unless ``k`` and ``v`` are a KV state a session of ``max_context`` positions
+    with caches of ``dtype`` can hold; returns the position count.
+
+    Raises:
+        ValueError: a wrong dtype, shape, or more positions than ``max_context`` (named).
+    """
+    c = config
+    for name, a in (("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype:
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"KV state {name} must be a {np.dtype(dtype)} array, got {got}")
+        if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != (
+            c.n_layers,
+            c.n_kv_heads,
+            c.head_dim,
+        ):
+            raise ValueError(
+                f"KV state {name} has shape {a.shape}; this model's is (n_layers={c.n_layers}, "
+                f"n_kv_heads={c.n_kv_heads}, positions, head_dim={c.head_dim})"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"KV state k {k.shape} and v {v.shape} differ in shape")
+    if k.shape[2] > max_context:
+        raise ValueError(
+            f"KV state holds {k.shape[2]} positions; the session's max_context is {max_context}"
+        )
+    return int(k.shape[2])
 
 
 def checked_tokens(

@@ -25,3 +25,7 @@ class BackendUnavailableError(PhimlxError, RuntimeError):
 
 class ModelNotFoundError(PhimlxError, FileNotFoundError):
     """A model file could not be found locally, in the cache, or on the hub."""
+
+
+class PromptCacheError(PhimlxError, ValueError):
+    """A saved prompt cache is missing, damaged, or was made for another model or backend."""

@@ -20,7 +20,7 @@ import numpy as np
 from mlx_lm.models import llama, phi3
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from ..backends import check_trim, checked_tokens
+from ..backends import check_kv_state, check_trim, checked_tokens
 from ..config import ModelConfig
 from ..gguf import GGMLType, ModelFile
 from .quant import GROUP, Quantized
@@ -198,6 +198,60 @@ class MLXSession:
             c.trim(self._pos - n)
         self._pos = n
         return n
+
+    def kv_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of K (after rope) and V of the positions held: (layers, KV, position, D)
+        each, in the model's compute dtype (float32 on the CPU, float16 on Metal).
+
+        Raises:
+            ValueError: a sliding-window cache has wrapped (it no longer holds position 0).
+        """
+        p, c0 = self._pos, self._m.config
+        dtype = np.float32 if self._m.dtype == mx.float32 else np.float16
+        if p == 0:
+            empty = np.zeros((c0.n_layers, c0.n_kv_heads, 0, c0.head_dim), dtype)
+            return empty, empty.copy()
+        for c in self._cache:
+            # In temporal order from position 0 until the window is full, or after one
+            # prefill longer than the window (kept whole); past that it has overwritten or
+            # dropped the first positions.
+            rotating = isinstance(c, RotatingKVCache)
+            if rotating and c.offset > c.max_size and c.keys.shape[2] != c.offset:
+                raise ValueError(
+                    f"this session's sliding-window cache has wrapped ({p} positions, "
+                    f"window {c.max_size}): it no longer holds the first positions, so "
+                    "it cannot be saved; save before it passes the window, or use a "
+                    "max_context no larger than the window"
+                )
+        # C order: NumPy keeps the strides of MLX's transposed (KV, P, D) views through
+        # np.array and np.stack, and a byte-level consumer (safetensors) would misread them.
+        k = np.stack([np.array(c.keys[0, :, :p, :]) for c in self._cache])  # (L, KV, P, D)
+        v = np.stack([np.array(c.values[0, :, :p, :]) for c in self._cache])
+        return np.ascontiguousarray(k, dtype), np.ascontiguousarray(v, dtype)
+
+    def load_kv_state(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Replace the cache with ``k``, ``v`` ((layers, KV, P, D) in the model's compute
+        dtype, as `kv_state` gives them); the position becomes P.
+
+        Raises:
+            ValueError: a dtype or shape that does not fit the model or ``max_context``.
+        """
+        dtype = np.float32 if self._m.dtype == mx.float32 else np.float16
+        n = check_kv_state(k, v, self._m.config, self.max_context, np.dtype(dtype))
+        self.reset()
+        if n == 0:
+            return
+        # The attributes, not `cache.state`: the layout of that tuple changed between
+        # mlx-lm versions, these did not.  The state is the one a single prefill of n
+        # tokens leaves (keys exactly n long, next slot n), so a longer-than-window state
+        # (saved after such a prefill) continues as it would have.
+        for c, kl, vl in zip(self._cache, k, v, strict=True):
+            c.keys, c.values = mx.array(kl)[None], mx.array(vl)[None]  # (1, KV, n, D)
+            c.offset = n
+            if isinstance(c, RotatingKVCache):
+                c._idx = n
+        mx.eval([(c.keys, c.values) for c in self._cache])
+        self._pos = n
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Run the prompt in chunks; float32 logits ``[vocab]`` after its last token."""
