@@ -19,6 +19,7 @@ from .errors import (
     GGUFError,
     ModelNotFoundError,
     PhimlxError,
+    PromptCacheError,
     UnsupportedModelError,
 )
 from .generate import Chunk, Result, Stats
@@ -38,6 +39,7 @@ __all__ = [
     "ModelFile",
     "ModelNotFoundError",
     "PhimlxError",
+    "PromptCacheError",
     "Result",
     "Session",
     "Stats",

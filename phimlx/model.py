@@ -352,6 +352,64 @@ class Model:
             log.info("left out the %d oldest messages to fit the context of %d", dropped, context)
         return ids, dropped
 
+    def save_prompt_cache(
+        self,
+        path: str | os.PathLike[str],
+        prompt: Prompt,
+        *,
+        chat: bool = True,
+        system: str | None = None,
+        max_context: int | None = None,
+    ) -> int:
+        """Prefill ``prompt`` (a long system prompt, a document) and save its KV cache to
+        ``path``, a safetensors file that `load_prompt_cache` reads back, so a later process
+        starts from it instead of prefilling again.  The prompt is encoded as `stream`
+        encodes it; a chat prompt ends with the assistant's header, so save the part that
+        later prompts share (``chat=False`` and a plain text or ids keep it open-ended).
+
+        Returns:
+            The number of tokens saved.
+
+        Raises:
+            ContextLengthError: the prompt does not fit in the context.
+            PromptCacheError: the cache cannot be saved (a sliding-window MLX cache that
+                has wrapped).
+        """
+        from . import cache_file
+
+        backends.check_max_context(max_context, self.config)
+        ids = self.encode_prompt(prompt, chat=chat, system=system)
+        context = max_context or self.config.context_length
+        session, shared = self._prompt_cache.take(ids, context)
+        if session is None:
+            session = self.new_session(context)
+        try:
+            session.trim(min(shared, len(ids)))
+            if session.position < len(ids):
+                session.prefill(ids[session.position :])
+            cache_file.save(path, session, self)
+        finally:
+            self._prompt_cache.put(session)
+        return len(ids)
+
+    def load_prompt_cache(self, path: str | os.PathLike[str]) -> int:
+        """Read a cache written by `save_prompt_cache` (for this model file and backend)
+        into the prompt cache: a later call whose prompt starts with the saved ids prefills
+        only the rest.
+
+        Returns:
+            The number of tokens loaded.
+
+        Raises:
+            PromptCacheError: the file is missing, damaged, or made for another model,
+                backend or KV type.
+        """
+        from . import cache_file
+
+        session = cache_file.load(path, self)
+        self._prompt_cache.put(session)
+        return session.position
+
     def clear_cache(self) -> None:
         """Forget the sessions kept for prefix reuse (and the memory they hold)."""
         self._prompt_cache.clear()

@@ -272,3 +272,23 @@ def test_overflow_with_nothing_left_to_drop_is_a_context_error(phi3):
                 {"role": "user", "content": long}]  # fmt: skip
     with pytest.raises(phimlx.ContextLengthError):
         phi3.chat(messages, max_context=64)
+
+
+# ------------------------------------------------------------- saved prompt caches
+
+
+def test_a_saved_prompt_cache_is_continued_by_another_model_object(smollm2_path, tmp_path):
+    document = "Ice hockey is played on ice by two teams of six skaters. " * 8
+    question = [{"role": "user", "content": document + "How many skaters?"}]
+    with phimlx.load(smollm2_path, backend="numpy") as a:
+        expected = a.chat(question, max_tokens=10, cache=False, **GREEDY)
+        prefix = a.encode_prompt(question)[:-12]  # what later prompts share
+        n = a.save_prompt_cache(tmp_path / "doc.safetensors", prefix)
+    assert n == len(prefix)
+    with phimlx.load(smollm2_path, backend="numpy") as b:
+        assert b.load_prompt_cache(tmp_path / "doc.safetensors") == n
+        r = b.chat(question, max_tokens=10, **GREEDY)
+        assert r.stats.cached_tokens == n
+        assert r.tokens == expected.tokens  # the saved prefix was prefilled in float too
+        with pytest.raises(phimlx.PhimlxError, match="made for another model|not found|missing"):
+            b.load_prompt_cache(tmp_path / "missing.safetensors")
