@@ -1,13 +1,21 @@
 """The NumPy backend: runs GGUF models on any CPU, straight from the quantized blocks.
 
 This package never imports mlx.  numba compiles its kernels where it is installed; a pure
-NumPy path serves everywhere else.
+NumPy path serves everywhere else.  numba compiles on first use, for seconds, and keeps the
+result on disk: `load` warms the kernels up so that the first prompt is timed fairly, and
+`kernels_cached` tells beforehand whether that will compile anything.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from typing import Any
+
 from phimlx.config import ModelConfig
-from phimlx.gguf import ModelFile
+from phimlx.gguf import GGMLType, ModelFile
+
+log = logging.getLogger(__name__)
 
 
 def probe() -> str | None:
@@ -21,12 +29,93 @@ def load(  # noqa: ANN201
     *,
     threads: int | None = None,
     int8_activations: bool | None = None,
+    warmup: bool = True,
 ):
     """Load ``mf`` for CPU inference (see `phimlx.backends`); weights stay memory-mapped.
 
-    ``int8_activations``: None (default) decodes with int8 activations where a kernel
-    exists, as llama.cpp does, unless ``PHIMLX_INT8_ACTIVATIONS=0``; False keeps float32
-    activations (exact to float32 rounding, slower); True forces int8 where available."""
+    Args:
+        mf: the open GGUF file.
+        config: its `ModelConfig`.
+        threads: CPU threads (default: the physical cores).
+        int8_activations: None (default) decodes with int8 activations where a kernel
+            exists, as llama.cpp does, unless ``PHIMLX_INT8_ACTIVATIONS=0``; False keeps
+            float32 activations (exact to float32 rounding, slower); True forces int8 where
+            available.
+        warmup: run `warm_up` before returning, so that numba compiles (or loads from its
+            on-disk cache) every kernel a prompt and a decode step call now rather than
+            inside the first prompt's timing.
+
+    Returns:
+        A `fallback.model.NumpyModel`.
+    """
+    from .kernels import numba_available
     from .model import NumpyModel
 
-    return NumpyModel(mf, config, threads=threads, int8_activations=int8_activations)
+    model = NumpyModel(mf, config, threads=threads, int8_activations=int8_activations)
+    if warmup and numba_available():  # the pure NumPy path has nothing to compile
+        warm_up(model)
+    return model
+
+
+def warm_up(model: Any) -> None:
+    """A 2-token prefill and one decode step on a throwaway session of ``model``.
+
+    They call every compiled kernel a generation calls (the prefill's tile decoders and
+    norms, the step's matvecs, fused attention and embedding lookup) with the argument types
+    of a real call, which is what numba compiles for; the session is dropped afterwards.
+    """
+    session = model.new_session(min(4, model.config.context_length))
+    session.prefill([0, 0])
+    session.step(0)
+
+
+def _fresh_on_disk(dispatcher: Any) -> bool:
+    """True if numba's on-disk cache holds a compiled version of ``dispatcher`` for its
+    current source (False when it is missing or stale, or numba's cache cannot be read)."""
+    try:
+        return bool(dispatcher._cache._cache_file._load_index())
+    except Exception:  # noqa: BLE001 - numba internals: when unsure, say it will compile
+        return False
+
+
+def kernels_cached(mf: ModelFile) -> bool:
+    """Whether loading ``mf`` with this backend will find its kernels compiled on disk.
+
+    Checks the kernels every model calls (norms, SiLU, rope, attention) and the tile decoder
+    of each weight type in ``mf``: numba compiles these on first use, for seconds, and keeps
+    them in its cache (``__pycache__`` or ``NUMBA_CACHE_DIR``).  Without numba nothing is
+    compiled: True.  When the cache cannot be read: False.
+
+    Args:
+        mf: the open GGUF file that is about to be loaded.
+
+    Returns:
+        True if nothing (or nothing checked) needs compiling.
+    """
+    from .kernels import kernel_set, numba_available
+
+    if not numba_available():
+        return True
+    from . import ops
+
+    dispatchers = [ops.rms_norm, ops.add_rms_norm, ops.silu_mul, ops.rope, ops.attend_token]
+    kinds = {
+        (t.type, t.shape[-1])
+        for t in mf.tensors.values()
+        if len(t.shape) == 2 and t.type != GGMLType.F32
+    }
+    for qtype, cols in kinds:
+        try:
+            tile = kernel_set(qtype, cols, use_numba=True).decode_tile
+        except KeyError:  # a type with no kernel: loading it fails later, and says why
+            continue
+        if hasattr(tile, "_cache"):  # the per-type compiled ones (others are shared)
+            dispatchers.append(tile)
+    missing = [d for d in dispatchers if not _fresh_on_disk(d)]
+    if missing:
+        log.debug(
+            "not in numba's cache (%s): %s",
+            os.environ.get("NUMBA_CACHE_DIR") or "__pycache__",
+            ", ".join(getattr(d, "__name__", "?") for d in missing),
+        )
+    return not missing

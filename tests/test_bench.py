@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,12 @@ from phimlx.bench import cli, machine, models, report, runners
 from phimlx.gguf import open_gguf
 
 PHI3_EOS = 32000  # <|endoftext|> in the Phi-3-like vocabulary of synthetic models
+
+
+def _source_tree_version() -> str:
+    """phimlx's version as pyproject.toml states it (read apart from the package)."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    return re.search(r'^version = "([^"]+)"', text, re.M).group(1)  # type: ignore[union-attr]
 
 
 # -- measure(): the core loop, on a fake engine --------------------------------------------
@@ -216,6 +223,8 @@ def test_main_records_the_environment(bench_result: dict[str, Any]) -> None:
     ):
         assert m.get(key) is not None, key
     assert m["versions"]["numpy"] == np.__version__
+    assert m["versions"]["phimlx"] == bench_result["version"] == _source_tree_version()
+    assert bench_result["commit"]  # a commit here (a checkout), a version where installed
     assert bench_result["command"].startswith("phimlx bench ")
     model = bench_result["model"]
     assert model["n_vocab"] == 32064 and model["weight_bytes"] <= model["file_bytes"]
@@ -307,20 +316,46 @@ def test_engine_names_and_aliases() -> None:
 
 
 def test_model_names() -> None:
-    spec = models.synthetic_spec("phi3-mini:q4_0")
+    spec = models.synthetic_spec("synthetic:phi-3-mini-4k-instruct:q4_0")
     assert spec is not None and spec.mix == "Q4_0" and spec.n_layers == 32
-    assert models.synthetic_spec("phi3-mini").mix == "Q4_K_M"  # type: ignore[union-attr]
-    assert models.synthetic_spec("SmolLM2") is None
+    assert spec.context == 4096
+    long = models.synthetic_spec("synthetic:phi-3-mini-128k-instruct")
+    assert long is not None and long.mix == "Q4_K_M" and long.context == 131072
+    assert models.synthetic_spec("smollm2-135m-instruct") is None
+    assert models.synthetic_spec("phi-3-mini-4k-instruct") is None  # the real model
     with pytest.raises(models.ModelNameError, match="unknown quant mix"):
-        models.synthetic_spec("phi3-mini:Q9_X")
-    with pytest.raises(models.ModelNameError, match="not a file"):
+        models.synthetic_spec("synthetic:phi-3-mini-4k-instruct:Q9_X")
+    with pytest.raises(models.ModelNameError, match="no synthetic model"):
+        models.synthetic_spec("synthetic:smollm2-135m-instruct")
+    with pytest.raises(models.ModelNameError, match="not a local file.*synthetic:PRESET"):
         models.resolve("/nonexistent/model.gguf")
 
 
-def test_smollm2_name(smollm2_path: Path) -> None:
-    m = models.resolve("SmolLM2")
-    assert m.path == smollm2_path.resolve()
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("SmolLM2", "smollm2-135m-instruct"),
+        ("phi3-mini", "synthetic:phi-3-mini-4k-instruct"),
+        ("phi3-mini:Q4_0", "synthetic:phi-3-mini-4k-instruct:Q4_0"),
+        ("phi3-mini-128k:q8_0", "synthetic:phi-3-mini-128k-instruct:q8_0"),
+    ],
+)
+def test_old_names_are_translated_with_a_warning(
+    old: str, new: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="phimlx.bench.models"):
+        assert models.canonical_name(old) == new
+    assert f"--model {old} is deprecated; it is now {new}" in caplog.text
+    caplog.clear()
+    assert models.canonical_name(new) == new and not caplog.text
+
+
+def test_smollm2_name(smollm2_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = models.resolve("smollm2-135m-instruct")  # the preset, as `phimlx generate -m` names it
+    assert m.path == smollm2_path.resolve() and not m.synthetic
     assert m.architecture == "llama" and m.n_vocab == 49152
+    assert models.resolve("SmolLM2").path == m.path  # the old name still works
+    assert "deprecated" in caplog.text
     with open_gguf(smollm2_path) as mf:  # tied embeddings: the whole table is read per token
         assert "output.weight" not in mf.tensors
         assert m.weight_bytes == sum(t.nbytes for t in mf.tensors.values())
@@ -328,9 +363,11 @@ def test_smollm2_name(smollm2_path: Path) -> None:
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--model", "/nonexistent.gguf", "--no-progress"]) == 2
-    assert "not a file" in capsys.readouterr().err
+    assert "not a local file" in capsys.readouterr().err
     assert cli.main(["--pp", "-1"]) == 2
+    assert "argument --pp: -1 is invalid" in capsys.readouterr().err
     assert cli.main(["--threads", "0"]) == 2
+    assert "argument --threads: 0 is invalid" in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib_says_so(

@@ -17,7 +17,9 @@ def our_logits(path, ids, n_prefill, max_context=256, int8_activations=False):
     """Logits after each of ids[n_prefill-1:], via one batched prefill and then steps;
     float activations unless asked (the int8 default rounds x, as llama.cpp does)."""
     mf = open_gguf(path)
-    model = fallback.load(mf, ModelConfig.from_gguf(mf), int8_activations=int8_activations)
+    model = fallback.load(
+        mf, ModelConfig.from_gguf(mf), int8_activations=int8_activations, warmup=False
+    )
     s = model.new_session(max_context)
     out = [s.prefill(ids[:n_prefill])]
     out += [s.step(t) for t in ids[n_prefill:]]

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from phimlx.errors import PhimlxError
+
 from . import machine, report
-from .models import ModelNameError, _progress, resolve
+from .models import DEFAULT_MODEL, NAMES_HELP, ModelNameError, _progress, resolve
 from .runners import ENGINES, OURS
 
 log = logging.getLogger("phimlx.bench")
@@ -36,11 +38,14 @@ SCHEMA = "phimlx.bench/1"
 
 def build_parser() -> argparse.ArgumentParser:
     """The `phimlx bench` command line."""
-    p = argparse.ArgumentParser(
+    from phimlx.cli import ArgumentParser, HelpFormatter
+
+    p = ArgumentParser(
         prog="phimlx bench",
         description="Prompt and generation tokens/s, time to first token, load time, peak "
         "memory and achieved bandwidth of phimlx's backends and of llama.cpp, mlx-lm and "
         "transformers, on the same GGUF file and thread count (llama-bench's conventions).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "model_pos",
@@ -48,34 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="the model, as --model (so that `phimlx bench MODEL ...` works too)",
     )
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=NAMES_HELP)
     p.add_argument(
-        "--model",
-        "-m",
-        default="SmolLM2",
-        help="phi3-mini[:MIX] (a synthetic Phi-3-mini-shaped model, MIX default "
-        "Q4_K_M; also phi3-mini-128k[:MIX]), SmolLM2, or a .gguf path "
-        "(default: SmolLM2)",
-    )
-    p.add_argument(
-        "--backends",
         "-b",
+        "--backends",
         default="auto",
+        metavar="LIST",
         help="comma-separated engines among numpy, mlx, llama.cpp, mlx-lm, "
-        "transformers; 'auto' (default): every one installed, except MLX engines "
+        "transformers; 'auto': every one installed, except MLX engines "
         "off Apple Silicon and transformers where its float32 copy does not fit",
     )
-    p.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
-    p.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
-    p.add_argument("--repetitions", "-r", type=int, default=5, help="default 5")
+    p.add_argument("--pp", type=int, default=512, metavar="N", help="prompt tokens")
+    p.add_argument("--tg", type=int, default=128, metavar="N", help="generated tokens")
+    p.add_argument(
+        "-r", "--repetitions", type=int, default=5, metavar="N", help="runs of each engine"
+    )
     p.add_argument(
         "--threads",
-        "-t",
         type=int,
+        metavar="N",
         default=None,
-        help="CPU threads for every engine (default: physical cores)",
+        help="CPU threads for every engine (default: physical cores). No short form: -t is "
+        "--temperature in phimlx generate and chat",
     )
-    p.add_argument("--n-batch", type=int, default=512, help="llama.cpp batch size (512)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the random token ids")
+    p.add_argument("--n-batch", type=int, default=512, metavar="N", help="llama.cpp batch size")
+    p.add_argument(
+        "--seed", type=int, default=1234, metavar="N", help="seed of the random token ids"
+    )
     p.add_argument(
         "--no-warmup",
         dest="warmup",
@@ -86,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bandwidth-mib",
         type=int,
         default=512,
-        help="size of the array the bandwidth test reads (default 512 MiB)",
+        metavar="MIB",
+        help="size of the array the bandwidth test reads, MiB",
     )
     p.add_argument(
         "--no-bandwidth",
@@ -107,17 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=3600.0,
-        help="seconds one runner may take before it is stopped (default 3600)",
+        metavar="S",
+        help="seconds one runner may take before it is stopped",
     )
     p.add_argument(
         "--cache-dir",
+        metavar="DIR",
         help="where synthetic models are kept (default "
         "$PHIMLX_SYNTHETIC_DIR or ~/.cache/phimlx/synthetic)",
     )
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar on stderr"
     )
-    p.add_argument("--verbose", "-v", action="store_true", help="diagnostics on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="diagnostics on stderr")
     return p
 
 
@@ -248,9 +255,20 @@ def run_child(job: dict[str, Any], *, timeout: float, verbose: bool = False) -> 
 
 
 def git_commit() -> str | None:
-    """The phimlx source checkout's commit (``abc1234`` or ``abc1234+dirty``), if any."""
+    """The phimlx source checkout's commit (``abc1234`` or ``abc1234+dirty``), if any.
+
+    None for an installed copy, even one inside some other git work tree (a virtual
+    environment in a project's folder): the checkout must be the folder holding phimlx/."""
     root = Path(__file__).resolve().parents[2]
     try:
+        top = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return None
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -278,6 +296,12 @@ def git_commit() -> str | None:
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def source_version() -> str:
+    """What the report names the code by: the checkout's commit, or, for an installed copy,
+    its version (`machine.phimlx_version`)."""
+    return git_commit() or machine.phimlx_version()
 
 
 def measure_bandwidth(
@@ -313,7 +337,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,
-        "commit": git_commit(),
+        "version": machine.phimlx_version(),
+        "commit": source_version(),
         "machine": info,
         "machine_line": machine.describe(info),
         "model": model.as_dict(),
@@ -386,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `phimlx bench -- --model ...` hands the separator on
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "-t" in argv or any(a.startswith("-t") and a[2:3].isdigit() for a in argv):
+        parser.error(
+            "-t is not a bench option (in generate and chat it is --temperature); use --threads"
+        )
+    args = parser.parse_args(argv)
     if args.model_pos:
         args.model = args.model_pos
     logging.basicConfig(
@@ -394,16 +424,19 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(name)s: %(message)s",
     )
-    for flag in ("pp", "tg", "repetitions"):
-        if getattr(args, flag) < (1 if flag == "repetitions" else 0):
-            print(f"phimlx bench: --{flag} must be positive", file=sys.stderr)
+    limits = {"pp": 0, "tg": 0, "repetitions": 1, "threads": 1, "n_batch": 1, "bandwidth_mib": 1}
+    for flag, low in limits.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            opt = "--" + flag.replace("_", "-")
+            print(
+                f"phimlx bench: error: argument {opt}: {value} is invalid: must be >= {low}",
+                file=sys.stderr,
+            )
             return 2
-    if args.threads is not None and args.threads < 1:
-        print("phimlx bench: --threads must be at least 1", file=sys.stderr)
-        return 2
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(
-            "phimlx bench: --plot needs matplotlib, which is not installed: "
+            "phimlx bench: error: --plot needs matplotlib, which is not installed: "
             "pip install matplotlib (or pip install 'phimlx[bench]')",
             file=sys.stderr,
         )
@@ -411,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "phimlx bench " + shlex.join(argv)
     try:
         result = run_benchmark(args, command)
-    except (ModelNameError, ValueError, OSError) as e:
-        print(f"phimlx bench: {e}", file=sys.stderr)
+    except (PhimlxError, ModelNameError, ValueError, OSError) as e:
+        print(f"phimlx bench: error: {e}", file=sys.stderr)
         return 2
     if args.json == "-":
         sys.stdout.write(json.dumps(result, indent=1) + "\n")

