@@ -117,14 +117,14 @@ def generate_tokens(
     """
     stats = stats if stats is not None else Stats()
     whole = cached_logits is not None and cached == len(prompt_ids) > 0
+    rest = prompt_ids[cached:]
+    if not whole:  # an empty prompt or one too long: an error even if max_tokens=0
+        check_fits(len(rest), session.position, session.max_context)
     if not (0 <= cached < len(prompt_ids) or whole) or session.position != cached:
         raise ValueError(
             f"cached={cached} must be below the prompt's {len(prompt_ids)} tokens (or all of "
             f"them, with their logits) and equal the session's position {session.position}"
         )
-    rest = prompt_ids[cached:]
-    if not whole:
-        check_fits(len(rest), session.position, session.max_context)  # even if max_tokens=0
     if max_tokens <= 0:
         return
     t0 = time.perf_counter()
