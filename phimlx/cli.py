@@ -1,4 +1,4 @@
-"""`phimlx generate | chat | info | convert | download | list | bench`.
+"""`phimlx generate | chat | cache-prompt | info | convert | download | list | bench`.
 
 Every command names a model the same way: a preset (`phimlx list`), a hub repo id, a .gguf
 path, or ``synthetic:PRESET[:MIX]`` (random weights with a preset's shapes, for speed
@@ -97,6 +97,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         dest="cache",
         action="store_false",
         help="do not reuse the computed prefix of the previous prompt (same output, slower)",
+    )
+    p.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="start from a prompt cache written by `phimlx cache-prompt` (for this model)",
     )
 
 
@@ -232,6 +237,13 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
             f"argument --max-context: {args.max_context} is more than the model's context "
             f"of {n} tokens"
         )
+    if getattr(args, "prompt_cache", None):
+        try:
+            held = model.load_prompt_cache(args.prompt_cache)
+        except BaseException:
+            model.close()
+            raise
+        log.info("%d tokens from the prompt cache %s", held, args.prompt_cache)
     return model
 
 
@@ -268,6 +280,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if last is not None and last.stats is not None:
             summary = last.stats.summary()
             print(f"[{last.finish_reason}] {summary} ({model.backend})", file=sys.stderr)
+    return 0
+
+
+def cmd_cache_prompt(args: argparse.Namespace) -> int:
+    if args.max_context is not None and args.max_context < 1:
+        args.parser.error(f"argument --max-context: {args.max_context} must be at least 1")
+    prompt = _read_prompt(args)
+    with _load(args) as model:
+        n = model.save_prompt_cache(
+            args.output,
+            prompt,
+            chat=not args.raw,
+            system=args.system,
+            max_context=args.max_context,
+        )
+    print(f"phimlx: saved {n} tokens to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -481,6 +509,21 @@ def build_parser() -> ArgumentParser:
     _add_run_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat, parser=c)
+
+    cp = command(
+        "cache-prompt",
+        "prefill a long prompt (a system prompt, a document) once and save its KV cache; "
+        "generate and chat start from it with --prompt-cache FILE",
+    )
+    _add_model_args(cp)
+    _add_run_args(cp)
+    cp.add_argument(
+        "-p", "--prompt", metavar="TEXT", help="the prompt (default: read standard input)"
+    )
+    cp.add_argument("--system", metavar="TEXT", help="a system message before the prompt")
+    cp.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    cp.add_argument("-o", "--output", metavar="FILE", required=True, help="the file to write")
+    cp.set_defaults(func=cmd_cache_prompt, parser=cp)
 
     i = command("info", "describe a model file")
     _add_model_args(i, positional=True)

@@ -486,3 +486,19 @@ def test_chat_without_cache_reuses_nothing(
     _, err, _ = _chat(["--no-cache", "--verbose"], capsys, monkeypatch)
     stats = [ln for ln in err.splitlines() if ln.startswith("[") and "prompt:" in ln]
     assert len(stats) == len(TURNS) and not any("cached" in s for s in stats)
+
+
+def test_cache_prompt_then_generate_starts_from_it(
+    smollm2_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "system.safetensors"
+    system = "You are a terse assistant who answers about ice hockey. " * 6
+    base = ["-m", str(smollm2_path), "--backend", "numpy", "--system", system]
+    code, _, err = run(["cache-prompt", *base, "-p", "Rules?", "-o", str(cache)], capsys)
+    assert code == 0 and cache.exists() and "saved" in err
+    gen = ["generate", *base, "-p", "Rules of offside?", "-n", "4", "-t", "0", "-v"]
+    code, _, err = run([*gen, "--prompt-cache", str(cache)], capsys)
+    cached = re.search(r"\((\d+) cached\)", err)
+    assert code == 0 and cached and int(cached.group(1)) > 60  # the system message at least
+    code, _, err = run([*gen, "--prompt-cache", str(tmp_path / "nope.safetensors")], capsys)
+    assert code == 2 and "prompt cache" in err.lower() and "Traceback" not in err
