@@ -62,7 +62,7 @@ class Session:
                 logits = np.asarray(self._inner.prefill(ids), dtype=np.float32)
             finally:  # an interrupted prefill may have cached some of its chunks
                 self._sync(ids)
-            self._ends[self.position] = logits
+            self._ends[self.position] = logits.copy()  # the caller may write into its own
             while len(self._ends) > _KEPT_ENDS:
                 del self._ends[next(iter(self._ends))]
             return logits
