@@ -236,8 +236,12 @@ class QuantMatrix:
             raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
         if self.qtype == GGMLType.F32:
             return x @ self._f32().T
-        if x.shape[0] == 1 and not self._int8:  # (the int8 kernels would round x)
-            return self.matvec(x[0])[None]
+        if x.shape[0] == 1:  # one row: the float matvec reads the blocks once, no tiles
+            out = np.empty((1, self.rows), dtype=np.float32)
+            fv = self.kernels.matvec_float  # (not the int8 kernel: a prefill is float)
+            small = self.rows * self.cols < SERIAL_WEIGHTS
+            (fv.serial if small else fv.parallel)(self.raw, self._empty, self._empty, x[0], out[0])
+            return out
         out = np.empty((x.shape[0], self.rows), dtype=np.float32)  # (n, rows)
         buf = np.empty((self._tile_rows, self.cols), dtype=np.float32)  # (tile, cols)
         for r0 in range(0, self.rows, self._tile_rows):
