@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -165,16 +166,9 @@ def _check_options(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             opt = "--" + name.replace("_", "-")
             parser.error(f"argument {opt}: {value} is invalid: must be >= {low}")
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
     try:  # the library's own checks, so that the CLI accepts exactly what it accepts
-        SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            min_p=args.min_p,
-            repeat_penalty=args.repeat_penalty,
-            repeat_last_n=args.repeat_last_n,
-            seed=args.seed,
-        )
+        SamplingParams(**{k: v for k, v in _sampling(args).items() if k in fields})
     except ValueError as e:
         m = _INVALID.match(str(e))
         if m is None:
