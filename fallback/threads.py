@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import threadpoolctl
 
-from .kernels import numba_available
+from phimlx.backends import check_threads
 
-log = logging.getLogger(__name__)
+from .kernels import numba_available
 
 
 def physical_cores() -> int:
@@ -55,10 +54,7 @@ def set_threads(n: int | None = None) -> int:
     Raises:
         ValueError: ``n`` is not a positive integer.
     """
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(
-            f"threads={n!r} is invalid: give a positive integer, or None for all cores"
-        )
+    check_threads(n)
     want = physical_cores() if n is None else n
     if numba_available():
         import numba

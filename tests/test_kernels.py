@@ -309,6 +309,8 @@ def test_errors() -> None:
 
 def test_set_threads() -> None:
     assert set_threads(1) == 1
+    with pytest.raises(ValueError, match="threads=0 is invalid"):
+        set_threads(0)  # not silently 1
     n = set_threads(None)
     assert n >= 1
     if HAVE_NUMBA:
