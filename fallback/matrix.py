@@ -15,9 +15,13 @@ calls them:
   time into a small buffer (`kernels.numba_decode`); F32 goes straight to BLAS.
   ``matvec_many`` runs matrices that share ``x`` (q|k|v, gate|up) as one call (on AVX2 one
   parallel launch); every matvec can write into ``out``.
-- ``matmul`` (prefill) decodes a tile of rows at a time (the kernel set's ``decode_tile``, on
-  the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded by
-  one tile.
+- ``matmul`` (prefill, batched decode: n rows of ``x``) runs, where ``matvec`` takes int8
+  activations, the int8 matmul kernel (`kernels.avx2.matmul_int8`): ``x`` rounded to int8
+  per row, each weight block read and unpacked once per few rows, every output row equal to
+  ``matvec`` of that row bit for bit.  Elsewhere (float activations, the exact path) it
+  decodes a tile of rows at a time (the kernel set's ``decode_tile``, on the calling
+  thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded by one tile.
+  ``matmul_many`` is ``matvec_many`` for n rows.
 - ``take_rows`` (the embedding lookup) decodes rows by id (``decode_rows``).
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are
   decoded by `phimlx.gguf.dequantize_rows`: correct and memory-bounded, not fast.
@@ -34,13 +38,28 @@ from phimlx.errors import UnsupportedModelError
 from phimlx.gguf import DEQUANTIZABLE, TYPE_SIZES, GGMLType
 
 from . import kernels
-from .kernels import Matvec, MatvecFn, int8_activations_default, kernel_set, numba_available
+from .kernels import (
+    Matvec,
+    MatvecFn,
+    int8_activations_default,
+    int8_group,
+    int8_prefill,
+    kernel_set,
+    numba_available,
+    quantize_rows,
+)
 
 # Bytes of float32 one decoded prefill tile may take (`QuantMatrix.matmul`).
 TILE_BYTES = 8 << 20
 
 # Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.
 SERIAL_WEIGHTS = 1 << 18
+
+# On the int8 path, `matmul` takes the int8 kernel for up to this many rows of x (batched
+# decode, drafted tokens: one weight read for all of them, where float tiles would decode
+# every weight for a few rows); longer prompts go to float tiles and BLAS sgemm where that
+# is faster (`kernels.int8_prefill`).
+INT8_MATMUL_ROWS = 32
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -81,11 +100,31 @@ def matvec_many(
     return out
 
 
-def _fused_kernel(mats: list[QuantMatrix]) -> tuple[MatvecFn, list[np.ndarray]] | None:
+def matmul_many(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
+    """``x @ [W1; W2; ...].T`` for matrices sharing ``x`` (q|k|v, gate|up): float32
+    ``(n, sum of rows)``.  On the int8 path, up to three matrices with the same kernel run
+    as one call, ``x`` quantized once; otherwise one `QuantMatrix.matmul` per matrix."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or (mats and x.shape[1] != mats[0].cols):
+        raise ValueError(f"x has shape {x.shape}, the matrices {mats[0].cols} columns")
+    fused = _fused_kernel(mats, x.shape[0]) if mats and mats[0]._int8_matmul(len(x)) else None
+    if fused is None:
+        outs = [m.matmul(x) for m in mats]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
+    kernel, (w1, w2, w3) = fused
+    out = np.empty((x.shape[0], sum(m.rows for m in mats)), np.float32)
+    kernel(w1, w2, w3, *quantize_rows(x, mats[0].int8_group), out)
+    return out
+
+
+def _fused_kernel(
+    mats: list[QuantMatrix], n: int | None = None
+) -> tuple[MatvecFn, list[np.ndarray]] | None:
     """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one call as
     ``kernel(w1, w2, w3, x, out)`` (unused slots are empty), for 1-3 matrices with the same
-    `kernels.Matvec` (type, engine, activation kind) and columns; else None.  The serial form
-    below `SERIAL_WEIGHTS` weights."""
+    `kernels.Matvec` (type, engine, activation kind) and columns; else None.  With ``n``
+    (rows of ``x``), the int8 matmul instead, ``kernel(w1, w2, w3, xq, dx, xs, out)``.  The
+    serial form below `SERIAL_WEIGHTS` weights (times ``n``)."""
     m0 = mats[0]
     if not (
         1 <= len(mats) <= 3
@@ -93,8 +132,9 @@ def _fused_kernel(mats: list[QuantMatrix]) -> tuple[MatvecFn, list[np.ndarray]] 
         and len({m.raw.flags.writeable for m in mats}) == 1  # one compiled signature
     ):
         return None
-    small = sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS
-    kernel = m0._matvec.serial if small else m0._matvec.parallel
+    pair = m0._matvec if n is None else m0._matmul
+    small = sum(m.rows for m in mats) * m0.cols * (n or 1) < SERIAL_WEIGHTS
+    kernel = pair.serial if small else pair.parallel
     return kernel, [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
 
 
@@ -133,8 +173,8 @@ class QuantMatrix:
             Q4_K, Q5_K, Q6_K): True, False, or None for "where available, unless
             ``PHIMLX_INT8_ACTIVATIONS=0``".  They compute ``W @ x_hat`` with ``x`` rounded
             to 8 bits per 32 values, like llama.cpp (logits move by a few percent); the
-            float kernels compute ``W @ x`` to float32 rounding.  Prefill (`matmul`) is
-            always float.
+            float kernels compute ``W @ x`` to float32 rounding.  `matmul` follows the
+            same choice.
 
     Raises:
         UnsupportedModelError: ``qtype`` has no kernel (the message names the type).
@@ -194,6 +234,8 @@ class QuantMatrix:
             )
         self._int8 = bool(int8_activations)
         self._matvec: Matvec = self.kernels.matvec_int8 if self._int8 else self.kernels.matvec_float
+        self._matmul: Matvec | None = self.kernels.matmul_int8 if self._int8 else None
+        self._int8_prefill = int8_prefill(self.qtype)
         self._empty = _empty_like_rows(self.raw)  # the unused slots of a matvec kernel
         self._own_kernel = _fused_kernel([self])  # for `matvec`
 
@@ -207,6 +249,12 @@ class QuantMatrix:
     def int8_activations(self) -> bool:
         """True if `matvec` runs the int8-activation kernel."""
         return self._int8
+
+    @property
+    def int8_group(self) -> int:
+        """On the int8 path, how many values of ``x`` share one int8 scale (32; 256 for the
+        K-quants); 0 on the float path."""
+        return int8_group(self.qtype) if self._int8 else 0
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (the decode step).
@@ -227,13 +275,18 @@ class QuantMatrix:
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """``x @ W.T``: float32 ``[n, cols]`` -> float32 ``[n, rows]`` (prefill).
+        """``x @ W.T``: float32 ``[n, cols]`` -> float32 ``[n, rows]`` (prefill, batched
+        decode).
 
-        A tile of rows is decoded at a time and multiplied with BLAS sgemm; memory beyond
-        the output is one tile (`TILE_BYTES`)."""
+        With int8 activations (`int8_activations`), the int8 matmul kernel: row i of the
+        result equals ``matvec(x[i])`` bit for bit.  Otherwise a tile of rows is decoded at
+        a time and multiplied with BLAS sgemm; memory beyond the output is one tile
+        (`TILE_BYTES`)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.cols:
             raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
+        if self._int8_matmul(x.shape[0]):
+            return matmul_many([self], x)
         if self.qtype == GGMLType.F32:
             return x @ self._f32().T
         if x.shape[0] == 1:  # one row: the float matvec reads the blocks once, no tiles
@@ -249,6 +302,10 @@ class QuantMatrix:
             self.kernels.decode_tile(self.raw, r0, tile)  # on this thread: BLAS wants the cores
             np.matmul(x, tile.T, out=out[:, r0 : r0 + tile.shape[0]])
         return out
+
+    def _int8_matmul(self, n: int) -> bool:
+        """Whether `matmul` of ``n`` rows runs the int8 kernel."""
+        return self._matmul is not None and (n <= INT8_MATMUL_ROWS or self._int8_prefill)
 
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W decoded: float32 ``[len(ids), cols]`` (the embedding lookup).

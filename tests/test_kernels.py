@@ -80,19 +80,22 @@ def make_matrix(raw: np.ndarray, name: str, shape, path: dict) -> QuantMatrix:
 
 
 def effective_x(m: QuantMatrix, x: np.ndarray) -> np.ndarray:
-    """The vector ``m.matvec(x)`` multiplies with: ``x_hat`` on the int8 path, else ``x``."""
+    """What ``m.matvec(x)`` (``x`` a vector) or ``m.matmul(x)`` (rows, where they take the
+    int8 kernel) multiplies with: ``x_hat`` on the int8 path, else ``x``."""
     if not m.int8_activations:
         return x
-    return check_quantized(x)
+    if x.ndim == 2:
+        return np.stack([check_quantized(row, m.int8_group) for row in x])
+    return check_quantized(x, m.int8_group)
 
 
-def check_quantized(x: np.ndarray) -> np.ndarray:
-    """``x_hat`` is ``x`` rounded to the nearest step of ``max|x| / 127`` per 32 values;
-    returns it (float64)."""
-    xq, dx, xs = quantize_activations(x)
+def check_quantized(x: np.ndarray, group: int = 32) -> np.ndarray:
+    """``x_hat`` is ``x`` rounded to the nearest step of ``max|x| / 127`` per ``group``
+    values; returns it (float64)."""
+    xq, dx, xs = quantize_activations(x, group)
     xhat = (xq.reshape(-1, 32) * dx.astype(np.float64)[:, None]).reshape(-1)
     g = x.reshape(-1, 32).astype(np.float64)
-    amax = np.abs(g).max(axis=1)
+    amax = np.repeat(np.abs(x.reshape(-1, group)).max(axis=1), group // 32)
     np.testing.assert_allclose(dx, amax / 127, rtol=1e-6)
     assert np.all(np.abs(xq.astype(np.int32)) <= 127)
     step = dx.astype(np.float64)[:, None]
@@ -122,12 +125,13 @@ def test_matvec_matmul_take_rows(name: str, rows: int, n_blocks: int, path: dict
     np.testing.assert_array_equal(out, y)
 
     xs = rng.standard_normal((5, cols), dtype=np.float32)
-    ys = m.matmul(xs)
+    ys = m.matmul(xs)  # a few rows: on the int8 path, the int8 matmul
     assert ys.dtype == np.float32 and ys.shape == (5, rows)
-    assert np.all(np.abs(ys - xs @ w.T) <= dot_tolerance(w, xs).T)
+    xse = effective_x(m, xs)
+    assert np.all(np.abs(ys - xse @ w.T) <= dot_tolerance(w, xse).T)
     one = m.matmul(xs[:1])
     assert one.shape == (1, rows)
-    assert np.all(np.abs(one - xs[:1] @ w.T) <= dot_tolerance(w, xs[:1]).T)
+    assert np.all(np.abs(one - xse[:1] @ w.T) <= dot_tolerance(w, xse[:1]).T)
 
     ids = np.array([rows - 1, 0, rows // 2, rows - 1])
     got = m.take_rows(ids)
@@ -167,6 +171,8 @@ def test_matmul_crosses_tiles(path: dict, monkeypatch: pytest.MonkeyPatch) -> No
     # A tiny tile budget: 7 rows per tile, 50 rows -> 8 tiles, the last one partial.
     monkeypatch.setattr(matrix, "TILE_BYTES", 7 * 256 * 4)
     monkeypatch.setattr(numpy_engine, "TILE_BYTES", 7 * 256 * 4)  # the NumPy matvec, rows
+    monkeypatch.setattr(matrix, "INT8_MATMUL_ROWS", 0)  # the float tiles on every path
+    monkeypatch.setenv("PHIMLX_INT8_PREFILL", "0")
     raw, w, cols, rng = matrix_case("Q4_K", 50, 1, seed=2)
     m = make_matrix(raw, "Q4_K", (50, cols), path)
     xs = rng.standard_normal((4, cols), dtype=np.float32)
@@ -358,17 +364,75 @@ def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> No
 
 
 @NEEDS_INT8
-@pytest.mark.parametrize("n", [64, 96, 3072])
-def test_quantize_vector(n: int) -> None:
+@pytest.mark.parametrize("n,group", [(64, 32), (96, 32), (3072, 32), (512, 256), (3072, 256)])
+def test_quantize_vector(n: int, group: int) -> None:
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n, dtype=np.float32) * np.float32(3)
-    x[:32] = 0  # an all-zero group: scale 0, values 0
-    x[40] = 1e6  # one outlier rules its group's scale
-    check_quantized(x)
-    xq, dx, _ = quantize_activations(x)
-    assert dx[0] == 0 and not xq[:32].any()
-    with pytest.raises(ValueError, match="multiple of 32"):
+    x[:group] = 0  # an all-zero group: scale 0, values 0
+    x[-group + 8] = 1e6  # one outlier rules its group's scale
+    check_quantized(x, group)
+    xq, dx, _ = quantize_activations(x, group)
+    assert not dx[: group // 32].any() and not xq[:group].any()
+    tail = np.delete(xq[-group:], 8)  # the outlier is 127; its group's others round to 0
+    assert xq[-group + 8] == 127 and np.all(np.abs(tail) <= 1)
+    with pytest.raises(ValueError, match="whole groups of 32"):
         quantize_activations(x[:31])
+    with pytest.raises(ValueError, match="whole groups of 256"):
+        quantize_activations(x[:224], 256)
+    rows = np.stack([x, -x, 0 * x])
+    xq2, dx2, xs2 = kernels.quantize_rows(rows, group)  # each row as if alone
+    for i, row in enumerate(rows):
+        for got, want in zip(
+            (xq2[i], dx2[i], xs2[i]), quantize_activations(row, group), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", INT8_TYPES)
+@pytest.mark.parametrize("rows", [1, 9, 37])
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 13, 17, 40])
+def test_int8_matmul(name: str, rows: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 matmul (n activation rows, each weight block unpacked once per few rows)
+    against gguf's dequantization times the int8-rounded rows, and equal bit for bit to the
+    int8 matvec of each row: a batch gives each sequence what it would get alone.  n covers
+    the register tile (8), its remainder steps (4, then 1-3) and rows not a multiple of a
+    parallel task's; ``PHIMLX_INT8_PREFILL=1`` keeps the 40 rows on the int8 kernel."""
+    monkeypatch.setenv("PHIMLX_INT8_PREFILL", "1")
+    monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1000)  # the parallel driver too
+    raw, w, cols, rng = matrix_case(name, rows, 2, seed=n)
+    m = make_matrix(raw, name, (rows, cols), {"use_numba": True, "int8_activations": True})
+    x = rng.standard_normal((n, cols), dtype=np.float32)
+    y = m.matmul(x)
+    assert y.dtype == np.float32 and y.shape == (n, rows)
+    xe = effective_x(m, x)
+    assert np.all(np.abs(y - xe @ w.T) <= dot_tolerance(w, xe).T)
+    np.testing.assert_array_equal(y, np.stack([m.matvec(row) for row in x]))
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K"])
+def test_int8_matmul_many_and_the_prefill_choice(name: str, monkeypatch) -> None:
+    """matmul_many fuses up to three matrices into one int8 call, equal to one by one; long
+    products go to float tiles unless `int8_prefill` says otherwise."""
+    cases = [matrix_case(name, r, 1, seed=r) for r in (5, 11, 3, 2)]
+    cols = cases[0][2]
+    mats = [
+        make_matrix(c[0], name, (c[1].shape[0], cols), {"int8_activations": True}) for c in cases
+    ]
+    x = np.random.default_rng(5).standard_normal((6, cols), dtype=np.float32)
+    for group in (mats[:1], mats[:3], mats):  # one kernel call, one, four calls
+        np.testing.assert_array_equal(
+            matrix.matmul_many(group, x), np.concatenate([m.matmul(x) for m in group], axis=1)
+        )
+    long = np.repeat(x, 8, axis=0)  # 48 rows: beyond INT8_MATMUL_ROWS
+    monkeypatch.setattr(matrix, "INT8_MATMUL_ROWS", 16)
+    for flag, exact in (("1", True), ("0", False)):
+        monkeypatch.setenv("PHIMLX_INT8_PREFILL", flag)
+        m = make_matrix(cases[0][0], name, (5, cols), {"int8_activations": True})
+        w = cases[0][1]
+        xe = effective_x(m, long) if exact else long  # int8 rows, or float (sgemm)
+        assert np.all(np.abs(m.matmul(long) - xe @ w.T) <= dot_tolerance(w, xe).T)
 
 
 @NEEDS_INT8

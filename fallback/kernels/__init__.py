@@ -3,8 +3,9 @@
 Three engines, each a set of modules:
 
 - AVX2 (`avx2_ir`: the LLVM IR, each block layout unpacked once; `avx2`: numba drivers
-  generated per type around it): float- and int8-activation matvec and prefill tile
-  decoders, on x86-64 CPUs with AVX2, FMA and F16C, for the types the IR covers;
+  generated per type around it): float- and int8-activation matvecs, an int8-activation
+  matmul for many rows (prefill, batched decode), and float prefill tile decoders, on
+  x86-64 CPUs with AVX2, FMA and F16C, for the types the IR covers;
 - numba (`numba_decode`: the block layouts and row decoders for every type; `numba_matvec`:
   float matvec in registers): everywhere else numba runs, and for the tasks and types the IR
   does not cover;
@@ -119,6 +120,9 @@ KERNELS: dict[GGMLType, TypeKernels] = {
 # out[: n1 + n2 + n3] = [w1; w2; w3] @ x, as fn(w1, w2, w3, x, out): up to three matrices of
 # one type and width sharing x (q|k|v, gate|up); unused slots are (0, row_bytes) arrays.
 MatvecFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+# out = x_hat @ [w1; w2; w3].T, float32 (n, rows), as fn(w1, w2, w3, xq, dx, xs, out): n
+# activation rows already rounded to int8 (`quantize_rows`); unused slots as for MatvecFn.
+MatmulFn = Callable[..., None]
 # out[i] = row r0 + i of w, float32, as fn(w, r0, out), on the calling thread.
 DecodeTileFn = Callable[[np.ndarray, int, np.ndarray], None]
 # out[i] = row ids[i] of w, float32, as fn(w, ids, out), ids int64.
@@ -128,9 +132,10 @@ Engine = Literal["avx2", "numba", "numpy"]
 
 @dataclass(frozen=True)
 class Matvec:
-    """One matvec kernel (`MatvecFn`) in two forms: ``parallel`` (rows split across the
-    threads) and ``serial`` (on the calling thread: below a size a thread launch costs more
-    than it saves).  The same function where an engine has one form."""
+    """One matrix kernel (a `MatvecFn`, or a `MatmulFn` in ``matmul_int8``) in two forms:
+    ``parallel`` (rows split across the threads) and ``serial`` (on the calling thread:
+    below a size a thread launch costs more than it saves).  The same function where an
+    engine has one form."""
 
     parallel: MatvecFn
     serial: MatvecFn
@@ -142,7 +147,9 @@ class KernelSet:
 
     ``engine`` names who runs the matvec; ``matvec_float`` computes ``W @ x`` (to float32
     rounding), ``matvec_int8`` ``W @ x_hat`` with ``x`` rounded to int8 per 32 values (None
-    where the type has no such kernel here); ``decode_tile`` decodes prefill tiles (rows
+    where the type has no such kernel here), ``matmul_int8`` the same for n rows of ``x``
+    at once (each block read once per few rows; each row equal to ``matvec_int8``'s, bit
+    for bit; None where ``matvec_int8`` is); ``decode_tile`` decodes prefill tiles (rows
     ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup).  One field per task:
     a new task is a new field, filled per engine in `_resolve`."""
 
@@ -150,6 +157,7 @@ class KernelSet:
     engine: Engine
     matvec_float: Matvec
     matvec_int8: Matvec | None
+    matmul_int8: Matvec | None
     decode_tile: DecodeTileFn
     decode_rows: DecodeRowsFn
 
@@ -178,20 +186,20 @@ def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
     if engine == "numpy":
         single = numpy_engine.matvec_float(qtype)
         tile, rows = numpy_engine.decode_tile(qtype), numpy_engine.decode_rows(qtype)
-        return KernelSet(qtype, engine, _each_matrix(single), None, tile, rows)
+        return KernelSet(qtype, engine, _each_matrix(single), None, None, tile, rows)
     numba_matvec, numba_decode = numba_kernels()
     rows = numba_decode.decode_rows(qtype)
     if engine == "numba":
         single = (numba_matvec if kinds.numba == "blocks" else numba_decode).matvec_float(qtype)
-        return KernelSet(
-            qtype, engine, _each_matrix(single), None, numba_decode.decode_tile(qtype), rows
-        )
+        tile = numba_decode.decode_tile(qtype)
+        return KernelSet(qtype, engine, _each_matrix(single), None, None, tile, rows)
     avx2 = avx2_kernels()
     fv = Matvec(avx2.matvec_float(qtype, parallel=True), avx2.matvec_float(qtype, parallel=False))
-    iv = None
+    iv = im = None
     if kinds.avx2_int8:
         iv = Matvec(avx2.matvec_int8(qtype, parallel=True), avx2.matvec_int8(qtype, parallel=False))
-    return KernelSet(qtype, engine, fv, iv, avx2.decode_tile(qtype), rows)
+        im = Matvec(avx2.matmul_int8(qtype, parallel=True), avx2.matmul_int8(qtype, parallel=False))
+    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows)
 
 
 def kernel_set(qtype: GGMLType, cols: int, *, use_numba: bool) -> KernelSet:
@@ -219,18 +227,58 @@ def int8_kernel_available(qtype: GGMLType, cols: int) -> bool:
     return kernel_set(qtype, cols, use_numba=numba_available()).matvec_int8 is not None
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What the int8 kernels multiply with: ``x`` (float32, a multiple of 32 values) rounded
-    to int8 with one scale per 32 values, as ``(xq, dx, xs)``: int8 ``(n,)``, float32
-    ``(n/32,)`` scales (max|x| / 127 per group) and ``dx * sum(xq)`` per group; the vector
-    is ``x_hat = xq * dx`` (per group).
+def quantize_activations(
+    x: np.ndarray, group: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the int8 kernels multiply with: ``x`` (float32, a multiple of ``group`` values)
+    rounded to int8 with one scale per ``group`` values (32; 256 for the K-quants, see
+    `int8_group`), as ``(xq, dx, xs)``: int8 ``(n,)``, float32 ``(n/32,)`` scales (max|x| /
+    127 over the scale's group, stored per 32) and ``dx * sum(xq)`` per 32; the vector is
+    ``x_hat = xq * dx`` (per 32).
 
     Raises:
-        ValueError: no int8 kernels here, or ``x`` is not whole groups of 32.
+        ValueError: no int8 kernels here, or ``x`` is not whole groups.
     """
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    _check_int8(x.shape, group)
+    return avx2_kernels().quantized_int8(x, group)
+
+
+def quantize_rows(x: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`quantize_activations` of each row of ``x`` (float32 ``(n, cols)``): ``(xq, dx, xs)``
+    of shapes ``(n, cols)``, ``(n, cols / 32)`` twice, each row rounded exactly as alone.
+
+    Raises:
+        ValueError: no int8 kernels here, or the rows are not whole groups.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"quantize_rows needs a 2-d array, got shape {x.shape}")
+    _check_int8(x.shape, group)
+    return avx2_kernels().quantized_rows_int8(x, group)
+
+
+def int8_group(qtype: GGMLType) -> int:
+    """How many activation values share one int8 scale in ``qtype``'s int8 kernels (256 for
+    the K-quants, whose sub-block dots then sum in integers, as llama.cpp's Q8_K; else 32)."""
+    return avx2_kernels().x_scale(qtype)
+
+
+def int8_prefill(qtype: GGMLType) -> bool:
+    """Whether a long product (a prompt) of a ``qtype`` matrix on the int8 path runs the
+    int8 matmul rather than float tiles and BLAS sgemm.  ``PHIMLX_INT8_PREFILL`` = 1 / 0
+    decides; else yes for the K-quants (whose sub-block dots sum in integers) on CPUs
+    without AVX-512, where BLAS's sgemm has 256-bit vectors as our kernels do, and no
+    elsewhere: 512-bit sgemm outruns a 256-bit int8 product (see the README's figures)."""
+    v = os.environ.get("PHIMLX_INT8_PREFILL", "").strip().lower()
+    if v:
+        return v not in ("0", "false", "no", "off")
+    avx2 = avx2_kernels()
+    return avx2 is not None and avx2.x_scale(qtype) == 256 and not avx2.AVX512
+
+
+def _check_int8(shape: tuple[int, ...], group: int) -> None:
     if avx2_kernels() is None:
         raise ValueError("int8 activations need numba and an AVX2 CPU")
-    if x.size % 32:
-        raise ValueError(f"int8 activations need a multiple of 32 values, got {x.size}")
-    return avx2_kernels().quantized_int8(x)
+    if group not in (32, 256) or shape[-1] % group:
+        raise ValueError(f"int8 activations need whole groups of {group} values, got {shape}")

@@ -9,8 +9,11 @@ vectors (`avx2_ir`).  Three tasks, each a driver per type:
 - `matvec_float` (exact to float32 rounding; F16, BF16, and the quantized types with
   ``int8_activations=False``): ``out = [w1; w2; w3] @ x``, the sums of ``x`` per group that
   the zero points / mins need computed inside the call;
-- `matvec_int8` (the quantized types' default): ``x`` quantized to int8 with one scale per 32
-  values first (`quantize_int8`, what llama.cpp does), so ``out = [w1; w2; w3] @ x_hat``;
+- `matvec_int8` (the quantized types' default): ``x`` quantized to int8 first with one scale
+  per 32 values (per 256 for the K-quants: `avx2_ir.IRType.x_scale`; `quantize_int8`, what
+  llama.cpp does), so ``out = [w1; w2; w3] @ x_hat``;
+- `matmul_int8`: the same for n rows of ``x`` (prefill, batched decode), quantized by the
+  caller (`quantized_rows_int8`), each weight block unpacked once per `GEMM_COLS` rows;
 - `decode_tile`: rows ``r0 ..`` decoded to float32, for prefill tiles handed to BLAS sgemm.
 
 Matvec drivers take up to three matrices (``w1, w2, w3``, rows concatenated, unused ones
@@ -35,18 +38,22 @@ from numba import njit, prange
 
 from phimlx.gguf import GGMLType
 
-from .avx2_ir import AVAILABLE, TYPES, decode_row, dot_float, dot_int8
+from .avx2_ir import AVAILABLE, AVX512, TYPES, decode_row, dot_float, dot_int8, gemm_int8
 
 __all__ = [
     "AVAILABLE",
+    "AVX512",
     "FLOAT_TYPES",
     "INT8_TYPES",
     "decode_tile",
     "matvec_float",
+    "matmul_int8",
     "matvec_int8",
     "quantize_int8",
+    "quantized_rows_int8",
     "quantized_int8",
     "sum_groups",
+    "x_scale",
 ]
 
 _OPTS = {"fastmath": True, "cache": True, "nogil": True}
@@ -57,30 +64,46 @@ INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is n
 
 
 @njit(**_OPTS)
-def quantize_int8(x, xq, dx, xs):
-    """x float32 (n,) -> xq int8 (n,), dx (n/32,) scales, xs (n/32,) sums of dx * xq."""
-    for g in range(x.shape[0] // 32):
+def quantize_int8(x, xq, dx, xs, group):
+    """x float32 (n,) -> xq int8 (n,) with one scale per ``group`` (32 or 256) values; dx
+    (n/32,) the scales (one per 32: a scale shared by 256 values is stored eight times), xs
+    (n/32,) the sums ``dx * sum(xq)`` per 32."""
+    for g0 in range(0, x.shape[0], group):
         amax = np.float32(0.0)
-        for i in range(32 * g, 32 * g + 32):
+        for i in range(g0, g0 + group):
             amax = max(amax, abs(x[i]))
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        t = np.int32(0)
-        for i in range(32 * g, 32 * g + 32):
-            q = np.int32(np.rint(x[i] * inv))
-            xq[i] = np.int8(q)
-            t += q
-        dx[g] = d
-        xs[g] = d * np.float32(t)
+        for g in range(g0 // 32, (g0 + group) // 32):
+            t = np.int32(0)
+            for i in range(32 * g, 32 * g + 32):
+                q = np.int32(np.rint(x[i] * inv))
+                xq[i] = np.int8(q)
+                t += q
+            dx[g] = d
+            xs[g] = d * np.float32(t)
 
 
 @njit(**_OPTS)
-def quantized_int8(x):
+def quantized_int8(x, group):
     """(xq, dx, xs) of `quantize_int8`, allocated."""
     xq = np.empty(x.shape[0], np.int8)
     dx = np.empty(x.shape[0] // 32, np.float32)
     xs = np.empty(x.shape[0] // 32, np.float32)
-    quantize_int8(x, xq, dx, xs)
+    quantize_int8(x, xq, dx, xs, group)
+    return xq, dx, xs
+
+
+@njit(parallel=True, **_OPTS)
+def quantized_rows_int8(x, group):
+    """`quantized_int8` of each row of x (float32 (n, cols)): xq int8 (n, cols), dx and xs
+    float32 (n, cols / 32), each row exactly as `quantize_int8` rounds it alone."""
+    n, cols = x.shape
+    xq = np.empty((n, cols), np.int8)
+    dx = np.empty((n, cols // 32), np.float32)
+    xs = np.empty((n, cols // 32), np.float32)
+    for i in prange(n):
+        quantize_int8(x[i], xq[i], dx[i], xs[i], group)
     return xq, dx, xs
 
 
@@ -110,6 +133,13 @@ def _name(task: str, qtype: GGMLType, parallel: bool) -> str:
 # A driver's closure holds only ints (code, block, group): see the module docstring.
 
 
+def x_scale(qtype: GGMLType) -> int:
+    """How many int8 activation values share one scale for ``qtype``'s int8 kernels (32
+    for a type without them)."""
+    spec = TYPES.get(int(qtype))
+    return 32 if spec is None else spec.x_scale
+
+
 @functools.cache
 def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     """The driver ``(w1, w2, w3, x, out)``: ``out = [w1; w2; w3] @ x_hat`` for ``qtype``
@@ -121,11 +151,11 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     """
     if qtype not in INT8_TYPES:
         raise KeyError(f"no AVX2 int8 matvec for {GGMLType(qtype).name}")
-    code, block = int(qtype), TYPES[qtype].block
+    code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
 
     def driver(w1, w2, w3, x, out):
         nb = x.shape[0] // block
-        xq, dx, xs = quantized_int8(x)
+        xq, dx, xs = quantized_int8(x, group)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
         for r in prange(n2 + w3.shape[0]):
             if r < n1:
@@ -136,6 +166,55 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
                 out[r] = dot_int8(code, w3, r - n2, xq, dx, xs, nb)
 
     return _compiled(driver, _name("matvec_int8", qtype, parallel), parallel)
+
+
+# The int8 product's register tile (activation rows per unpacked weight block; must be a
+# multiple of 4, `matmul_int8`'s remainder step) and the weight rows of one parallel task:
+# the task's rows and GEMM_COLS activation rows stay in L1 while they meet.
+GEMM_COLS = 8
+GEMM_TASK_ROWS = 8
+
+
+@functools.cache
+def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
+    """The driver ``(w1, w2, w3, xq, dx, xs, out)``: ``out = x_hat @ [w1; w2; w3].T`` for
+    ``qtype`` matrices and n activation rows already rounded to int8 (`quantized_rows_int8`
+    with the type's `x_scale`):
+    ``out`` float32 ``(n, rows)``.  Each weight block is read and unpacked once per
+    `GEMM_COLS` rows of ``x``; each of out's rows equals `matvec_int8` of that row of ``x``.
+
+    Raises:
+        KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`).
+    """
+    if qtype not in INT8_TYPES:
+        raise KeyError(f"no AVX2 int8 matmul for {GGMLType(qtype).name}")
+    code, block = int(qtype), TYPES[qtype].block
+    nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
+
+    def driver(w1, w2, w3, xq, dx, xs, out):
+        n, cols = xq.shape
+        nb = cols // block
+        rows = w1.shape[0] + w2.shape[0] + w3.shape[0]
+        for t in prange((rows + task_rows - 1) // task_rows):
+            r0, r1 = t * task_rows, min(rows, (t + 1) * task_rows)
+            c = 0  # nc activation rows (in L1) against the task's rows (in L1), in turn
+            while c + nc <= n:
+                for r in range(r0, r1):
+                    gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb)
+                c += nc
+            left = n - c
+            for r in range(r0, r1):
+                if left >= 4:
+                    gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c, 4, out, nb)
+                c4 = c + 4 if left >= 4 else c
+                if n - c4 == 1:
+                    gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c4, 1, out, nb)
+                elif n - c4 == 2:
+                    gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c4, 2, out, nb)
+                elif n - c4 == 3:
+                    gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c4, 3, out, nb)
+
+    return _compiled(driver, _name("matmul_int8", qtype, parallel), parallel)
 
 
 @functools.cache

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from llvmlite import binding as _llvm
 from llvmlite import ir
@@ -40,6 +41,11 @@ from phimlx.gguf import GGMLType
 
 _feat = _llvm.get_host_cpu_features()
 AVAILABLE = all(_feat.get(k, False) for k in ("avx2", "fma", "f16c"))
+AVX512 = _feat.get("avx512f", False) and _feat.get("avx512bw", False)
+# AVX-VNNI (or AVX-512 VNNI on 256-bit vectors): vpdpwssd fuses vpmaddwd and the add.
+VNNI = _feat.get("avxvnni", False) or (
+    _feat.get("avx512vnni", False) and _feat.get("avx512vl", False)
+)
 
 i1, i8, i16, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f16, f32 = ir.HalfType(), ir.FloatType()
@@ -106,6 +112,12 @@ class _B:
 
     def maddwd(self, a, c):  # i16 x i16 pairs -> i32
         return self.call("llvm.x86.avx2.pmadd.wd", V8I32, [a, c])
+
+    def madd_acc(self, acc, a, c):  # acc (8 x i32) + vpmaddwd(a, c)
+        if not VNNI:
+            return self.b.add(acc, self.maddwd(a, c))
+        i32s = [self.b.bitcast(v, V8I32) for v in (a, c)]
+        return self.call("llvm.x86.avx512.vpdpwssd.256", V8I32, [acc, *i32s])
 
     def fma(self, a, c, acc):
         return self.call("llvm.fma.v8f32", V8F, [a, c, acc])
@@ -221,18 +233,20 @@ def _q4_quants(h, pr, qo, wide):
     return [h.b.and_(z0, m15), h.b.and_(z1, m15), h.b.lshr(z0, s4), h.b.lshr(z1, s4)]
 
 
-def _int8_q4(h, pr, pq, pd, ps, acc, b, k, has_min):
+def _int8_q4(h, pr, cols, b, k, has_min):
     o, d, qo = _q4_block(h, pr, b, has_min)
     m = _q4_min(h, pr, o) if has_min else None
     q = _q4_quants(h, pr, qo, False)
-    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
-    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    if has_min:
-        _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s), k)
-        _corr_scalar(h, acc, h.b.fmul(m, h.load(ps, h.b.mul(b, i64(4)), f32, 4)))
-    else:
-        p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
-        _acc_fma(h, acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
+    xo, go = h.b.mul(b, i64(32)), h.b.mul(b, i64(4))
+    for c in cols:
+        xv = h.load(c.pq, xo, V32I8)
+        s = h.b.fmul(d, h.load(c.pd, go, f32, 4))
+        if has_min:
+            _acc_fma(h, c.acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s), k)
+            _corr_scalar(h, c.acc, h.b.fmul(m, h.load(c.ps, go, f32, 4)))
+        else:
+            p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
+            _acc_fma(h, c.acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
 
 
 def _float_q4(h, pr, px, ps, acc, b, k, has_min):
@@ -274,15 +288,16 @@ def _q8_quants(h, pr, qo, wide):
     return (_s8x8(h, pr, h.b.add(qo, i64(8 * k))) for k in range(4))
 
 
-def _int8_q8_0(h, pr, pq, pd, ps, acc, b, k):
+def _int8_q8_0(h, pr, cols, b, k):
     d, qo = _q8_block(h, pr, b)
     q = _q8_quants(h, pr, qo, False)
-    xv = h.load(pq, h.b.mul(b, i64(32)), V32I8)
     # |q| (u8) x sign(q)*x (i8): the signed product through vpmaddubsw, as llama.cpp does.
     aq = h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)])
-    sx = h.call("llvm.x86.avx2.psign.b", V32I8, [xv, q])
-    s = h.b.fmul(d, h.load(pd, h.b.mul(b, i64(4)), f32, 4))
-    _acc_fma(h, acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
+    xo, go = h.b.mul(b, i64(32)), h.b.mul(b, i64(4))
+    for c in cols:
+        sx = h.call("llvm.x86.avx2.psign.b", V32I8, [h.load(c.pq, xo, V32I8), q])
+        s = h.b.fmul(d, h.load(c.pd, go, f32, 4))
+        _acc_fma(h, c.acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
 
 
 def _float_q8_0(h, pr, px, ps, acc, b, k):
@@ -309,8 +324,8 @@ def _decode_q8_0(h, pr, py, b):
 
 
 def _qk_block(h, pr, b, five):
-    """Block ``b``: ``(o, d, dmin, scales, mins)``, o its byte offset, the 8 six-bit scales
-    and mins as float vectors."""
+    """Block ``b``: ``(o, d, dmin, scales, mins, sc)``, o its byte offset, the 8 six-bit
+    scales and mins as float vectors, and the scales as 8 x i8 too."""
     o = h.b.mul(b, i64(176 if five else 144))
     d, dm = h.f16(pr, o), h.f16(pr, h.b.add(o, i64(2)))
     raw = h.load(pr, h.b.add(o, i64(4)), V16I8)  # 12 scale bytes (+4 of the block's data)
@@ -325,7 +340,7 @@ def _qk_block(h, pr, b, five):
     sc = bb.or_(bb.and_(s1, lo_mask), hi_s)
     hi_m = bb.and_(bb.shl(bb.lshr(m2, _c(V8I8, 6)), _c(V8I8, 4)), hi_mask)
     mn = bb.or_(bb.and_(bb.lshr(m1, _c(V8I8, [0, 0, 0, 0, 4, 4, 4, 4])), lo_mask), hi_m)
-    return o, d, dm, bb.uitofp(sc, V8F), bb.uitofp(mn, V8F)
+    return o, d, dm, bb.uitofp(sc, V8F), bb.uitofp(mn, V8F), sc
 
 
 def _qk_quants(h, pr, o, five, wide):
@@ -367,22 +382,28 @@ def _qk_quants(h, pr, o, five, wide):
             yield j, vals
 
 
-def _int8_qk(h, pr, pq, pd, ps, acc, b, k, five):
-    o, d, dm, scf, mnf = _qk_block(h, pr, b, five)
+def _int8_qk(h, pr, cols, b, k, five):
+    # x has one scale per 256 here (`IRType.x_scale`), so a block's eight sub-block dots sum
+    # in integers, each times its 6-bit scale (vpmaddwd), converted to float once per block.
+    o, d, dm, _, mnf, sc = _qk_block(h, pr, b, five)
+    sc16 = h.b.zext(sc, _vt(i16, 8))
+    mnd = h.b.fmul(mnf, h.splat(_neg(h, dm)))
     g = h.b.mul(b, i64(32))  # byte offset of this block's 8 group floats
-    dx8 = h.load(pd, g, V8F, 4)
-    xs8 = h.load(ps, g, V8F, 4)
-    sv = h.b.fmul(h.b.fmul(scf, h.splat(d)), dx8)  # d * sc_j * dx_j
-    _corr_fma(h, acc, h.b.fmul(mnf, h.splat(_neg(h, dm))), xs8)  # corr -= dmin m_j xs_j
     xo = h.b.mul(b, i64(256))
+    isum = [h.var(_c(V8I32, 0)) for _ in cols]
     for j, v in _qk_quants(h, pr, o, five, False):
-        xv = h.load(pq, h.b.add(xo, i64(32 * j)), V32I8)
-        p = h.tofloat(h.maddwd(h.maddubs(v, xv), _ONES16))
-        _acc_fma(h, acc, p, h.lane(sv, j), j)
+        scj = h.shuf(sc16, sc16, [j] * 16)
+        for c, t in zip(cols, isum, strict=True):
+            xv = h.load(c.pq, h.b.add(xo, i64(32 * j)), V32I8)
+            h.b.store(h.madd_acc(h.b.load(t), h.maddubs(v, xv), scj), t)
+    for c, t in zip(cols, isum, strict=True):
+        s = h.b.fmul(d, h.load(c.pd, g, f32, 4))  # d * dx (one dx per 256)
+        _acc_fma(h, c.acc, h.tofloat(h.b.load(t)), h.splat(s), k)
+        _corr_fma(h, c.acc, mnd, h.load(c.ps, g, V8F, 4))  # corr -= dmin m_j xs_j
 
 
 def _float_qk(h, pr, px, ps, acc, b, k, five):
-    o, d, dm, scf, mnf = _qk_block(h, pr, b, five)
+    o, d, dm, scf, mnf, _ = _qk_block(h, pr, b, five)
     sv = h.b.fmul(scf, h.splat(d))  # d * sc_j
     xs8 = h.load(ps, h.b.mul(b, i64(32)), V8F, 4)
     _corr_fma(h, acc, h.b.fmul(mnf, h.splat(_neg(h, dm))), xs8)
@@ -394,7 +415,7 @@ def _float_qk(h, pr, px, ps, acc, b, k, five):
 
 
 def _decode_qk(h, pr, py, b, five):
-    o, d, dm, scf, mnf = _qk_block(h, pr, b, five)
+    o, d, dm, scf, mnf, _ = _qk_block(h, pr, b, five)
     sv = h.b.fmul(scf, h.splat(d))
     mv = h.b.fmul(mnf, h.splat(_neg(h, dm)))
     y0 = h.b.mul(b, i64(256))
@@ -455,16 +476,21 @@ def _q6k_words(h, ql, qh, nib, k):  # the four 8 x i32 of `_q6k_quants`, one at 
         yield h.b.or_(low, h.b.shl(top, s4))
 
 
-def _int8_q6_k(h, pr, pq, pd, ps, acc, b, k):
+def _int8_q6_k(h, pr, cols, b, k):
+    # x has one scale per 256 (`IRType.x_scale`): the block's dots sum in integers.
     o, d, sc16 = _q6k_block(h, pr, b, False)
-    dxd = h.b.fmul(h.load(pd, h.b.mul(b, i64(32)), V8F, 4), h.splat(d))  # d * dx_g
-    xo = h.b.mul(b, i64(256))
+    xo, g8 = h.b.mul(b, i64(256)), h.b.mul(b, i64(32))
     c32 = _c(V32I8, 32)
+    isum = [h.var(_c(V8I32, 0)) for _ in cols]
     for g, q in _q6k_quants(h, pr, o, False):
-        xv = h.load(pq, h.b.add(xo, i64(32 * g)), V32I8)
-        p = h.b.sub(h.maddubs(q, xv), h.maddubs(c32, xv))  # sum (q - 32) x, pairs
         scv = h.shuf(sc16, sc16, [2 * g] * 8 + [2 * g + 1] * 8)
-        _acc_fma(h, acc, h.tofloat(h.maddwd(p, scv)), h.lane(dxd, g), g)
+        for c, t in zip(cols, isum, strict=True):
+            xv = h.load(c.pq, h.b.add(xo, i64(32 * g)), V32I8)
+            p = h.b.sub(h.maddubs(q, xv), h.maddubs(c32, xv))  # sum (q - 32) x, pairs
+            h.b.store(h.madd_acc(h.b.load(t), p, scv), t)
+    for c, t in zip(cols, isum, strict=True):
+        s = h.b.fmul(d, h.load(c.pd, g8, f32, 4))  # d * dx (one dx per 256)
+        _acc_fma(h, c.acc, h.tofloat(h.b.load(t)), h.splat(s), k)
 
 
 def _float_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
@@ -531,13 +557,16 @@ def _decode_half(h, pr, py, b, bf16):
 class IRType:
     """One type's block bodies.  ``block``: weights per loop step (``nb`` counts these);
     ``x_group``: `dot_float` takes the sums of ``x`` per this many values (0: none);
-    ``int8_body`` is None where the type has no int8 dot."""
+    ``int8_body`` is None where the type has no int8 dot; ``x_scale``: the int8 ``x`` shares
+    one scale per this many values (32, as Q8_0; 256 for the K-quants, as llama.cpp's Q8_K:
+    their sub-block dots then sum in integers), stored once per 32 all the same."""
 
     block: int
     x_group: int
     float_body: Callable
     decode_body: Callable
     int8_body: Callable | None = None
+    x_scale: int = 32
 
 
 def _ir(block, x_group, float_body, decode_body, int8_body=None, **variant) -> IRType:
@@ -549,6 +578,7 @@ def _ir(block, x_group, float_body, decode_body, int8_body=None, **variant) -> I
         bind(float_body, **variant),
         bind(decode_body, **variant),
         None if int8_body is None else bind(int8_body, **variant),
+        x_scale=256 if block == 256 else 32,
     )
 
 
@@ -575,6 +605,16 @@ def _type(code, task):
     return spec
 
 
+class _Col(NamedTuple):
+    """One int8 activation vector of a product: pointers to its quants, scales and sums
+    (`dot_int8`'s ``xq``, ``dx``, ``xs``), and its accumulators."""
+
+    pq: ir.Value
+    pd: ir.Value
+    ps: ir.Value
+    acc: _Acc
+
+
 @intrinsic(prefer_literal=True)
 def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
     """Row ``r`` of ``w`` (u8[:, :]) times ``x_hat``: ``xq`` i8[:], ``dx`` f32[:] (one scale
@@ -587,9 +627,51 @@ def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
         a = signature.args
         pr = h.row(a[1], args[1], args[2])
         pq, pd, ps = h.data(a[3], args[3]), h.data(a[4], args[4]), h.data(a[5], args[5])
-        acc = _Acc(h)
-        _blocks(h, args[6], lambda blk, k: body(h, pr, pq, pd, ps, acc, blk, k))
-        return acc.total(h)
+        cols = [_Col(pq, pd, ps, _Acc(h))]
+        _blocks(h, args[6], lambda blk, k: body(h, pr, cols, blk, k))
+        return cols[0].acc.total(h)
+
+    return sig, codegen
+
+
+def _row3(h, a, args, r):
+    """Pointer to row ``r`` of the rows of ``w1; w2; w3`` (``a``, ``args``: their types and
+    values) stacked: the matrices' rows are never copied together."""
+    b = h.b
+    n1 = b.extract_value(h.ctx.make_array(a[0])(h.ctx, b, args[0]).shape, 0)
+    n2 = b.add(n1, b.extract_value(h.ctx.make_array(a[1])(h.ctx, b, args[1]).shape, 0))
+    p1, p2, p3 = (h.row(a[i], args[i], b.sub(r, o)) for i, o in enumerate((i64(0), n1, n2)))
+    return b.select(b.icmp_signed("<", r, n1), p1, b.select(b.icmp_signed("<", r, n2), p2, p3))
+
+
+@intrinsic(prefer_literal=True)
+def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
+    """Row ``r`` of ``[w1; w2; w3]`` (u8[:, :] each, rows stacked) times the ``nc`` int8
+    activation rows ``c .. c + nc - 1`` of ``xq`` (i8[:, :]; ``dx``, ``xs`` f32[:, :] as in
+    `dot_int8`), each weight block read and unpacked once for all of them, into
+    ``out[c + i, r]`` (f32[:, :]).  ``nc`` is a compile-time constant (the register tile);
+    each sum runs exactly as `dot_int8`'s, so a product equals the matvec's bit for bit."""
+    body = _type(code, "int8_body").int8_body
+    if not isinstance(nc, types.IntegerLiteral):
+        raise errors.TypingError("the column count must be a compile-time constant")
+    n = nc.literal_value
+    sig = types.none(code, w1, w2, w3, types.intp, xq, dx, xs, types.intp, nc, out, nb)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        a = signature.args
+        pr = _row3(h, a[1:4], args[1:4], args[4])
+        cs = [builder.add(args[8], i64(i)) for i in range(n)]
+        cols = [
+            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h))  # xq, dx, xs rows
+            for ci in cs
+        ]
+        _blocks(h, args[11], lambda blk, k: body(h, pr, cols, blk, k))
+        r4 = builder.mul(args[4], i64(4))
+        for ci, col in zip(cs, cols, strict=True):
+            dst = h.at(h.row(a[10], args[10], ci), r4)
+            builder.store(col.acc.total(h), builder.bitcast(dst, f32.as_pointer()))
+        return context.get_dummy_value()
 
     return sig, codegen
 
