@@ -180,6 +180,9 @@ def test_main_reports_every_field(bench_result: dict[str, Any]) -> None:
         "n_batch": 512,
         "seed": 1234,
         "warmup": True,
+        "depth": [0],
+        "batch": [],
+        "batch_prompt": runners.BATCH_PROMPT,
     }
     runs = r["engines"]["numpy"]["runs"]
     assert [x["repetition"] for x in runs] == [0, 1]

@@ -11,6 +11,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from phimlx.errors import PhimlxError
 
 from . import machine, report
 from .models import DEFAULT_MODEL, NAMES_HELP, ModelNameError, _progress, resolve
-from .runners import ENGINES, OURS
+from .runners import BATCH_PROMPT, ENGINES, OURS, WARMUP_STEPS
 
 log = logging.getLogger("phimlx.bench")
 
@@ -65,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pp", type=int, default=512, metavar="N", help="prompt tokens")
     p.add_argument("--tg", type=int, default=128, metavar="N", help="generated tokens")
+    p.add_argument(
+        "-d",
+        "--depth",
+        type=_int_list(0),
+        default="0",
+        metavar="LIST",
+        help="comma-separated context depths, as llama-bench's -d: pp and tg measured with "
+        "that many random tokens already in the cache (prefilled, not timed); depth + pp + tg "
+        "must fit in the model's context",
+    )
+    p.add_argument(
+        "--batch",
+        type=_int_list(1),
+        default=[],
+        metavar="LIST",
+        help="comma-separated batch sizes B: B sequences (each prefilled with its own "
+        f"{BATCH_PROMPT}-token prompt) decoded together for tg steps, greedy tokens; reports "
+        "aggregate and per-sequence tok/s and the ratio to B=1 (always measured too); "
+        "phimlx backends and llama.cpp",
+    )
     p.add_argument(
         "-r", "--repetitions", type=int, default=5, metavar="N", help="runs of each engine"
     )
@@ -126,6 +147,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="diagnostics on stderr")
     return p
+
+
+def _int_list(low: int) -> Callable[[str], list[int]]:
+    """An argparse type: ``"0,1024,4096"`` -> ``[0, 1024, 4096]`` (each >= ``low``, in the
+    order given, repeats dropped)."""
+
+    def parse(text: str) -> list[int]:
+        out: list[int] = []
+        for part in text.split(","):
+            try:
+                value = int(part.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not a comma-separated list of integers"
+                ) from None
+            if value < low:
+                raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= {low}")
+            if value not in out:
+                out.append(value)
+        return out
+
+    return parse
+
+
+def batch_sizes(requested: list[int]) -> list[int]:
+    """The batch sizes to measure: those requested, increasing, with 1 (the ratios' base)."""
+    return sorted({1, *requested}) if requested else []
+
+
+def check_fits(model_context: int, pp: int, tg: int, depths: list[int], batch: list[int]) -> None:
+    """Raise `ValueError` unless every measurement fits in the model's context, before
+    anything runs: a prompt or generation, depth + pp + tg (llama-bench sizes its context
+    so), a batched sequence's prompt + warm-up + tg."""
+    if pp + 2 > model_context or tg + 2 > model_context:
+        raise ValueError(
+            f"--pp {pp} / --tg {tg} do not fit in the model's context of {model_context} tokens"
+        )
+    deepest = max(depths)
+    if deepest + pp + tg > model_context:
+        raise ValueError(
+            f"--depth {deepest} + --pp {pp} + --tg {tg} = {deepest + pp + tg} tokens do not "
+            f"fit in the model's context of {model_context} tokens; lower the depth (at most "
+            f"{max(model_context - pp - tg, 0)} with these --pp and --tg)"
+        )
+    if batch and BATCH_PROMPT + WARMUP_STEPS + tg > model_context:
+        raise ValueError(
+            f"a batched sequence ({BATCH_PROMPT}-token prompt + {WARMUP_STEPS} warm-up steps + "
+            f"--tg {tg}) does not fit in the model's context of {model_context} tokens"
+        )
+    if batch and tg < 1:
+        raise ValueError("--batch times tg steps: give --tg of at least 1")
 
 
 def _installed(*modules: str) -> bool:
@@ -323,15 +395,12 @@ def measure_bandwidth(
 def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Everything but the output: resolve, select, measure, summarise."""
     model = resolve(args.model, cache_dir=args.cache_dir, progress=args.progress)
+    depths, batch = list(args.depth), batch_sizes(args.batch)
+    check_fits(model.context_length, args.pp, args.tg, depths, batch)
     engines, skipped = select_engines(args.backends, model.n_params)
     if not engines:
         raise ValueError("no engine to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     threads = args.threads or machine.physical_cores() or os.cpu_count() or 1
-    if args.pp + 2 > model.context_length or args.tg + 2 > model.context_length:
-        raise ValueError(
-            f"--pp {args.pp} / --tg {args.tg} do not fit in the model's context "
-            f"of {model.context_length} tokens"
-        )
     pp_ids, tg_ids = token_ids(model.n_vocab, args.pp, args.tg, args.seed)
     info = machine.machine_info()
     result: dict[str, Any] = {
@@ -350,6 +419,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "n_batch": args.n_batch,
             "seed": args.seed,
             "warmup": args.warmup,
+            "depth": depths,
+            "batch": batch,
+            "batch_prompt": BATCH_PROMPT,
         },
         "skipped": skipped,
     }
@@ -358,7 +430,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if args.bandwidth
         else {}
     )
-    max_context = max(args.pp, args.tg, 64) + 8
+    max_context = max(depths) + max(args.pp, args.tg, 64) + 8
     job_base = {
         "model": str(model.path),
         "threads": threads,
@@ -367,6 +439,10 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "max_context": min(max_context, model.context_length),
         "n_batch": args.n_batch,
         "warmup": args.warmup,
+        "depths": depths,
+        "batch": batch,
+        "seed": args.seed,
+        "n_vocab": model.n_vocab,
     }
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     failed: set[str] = set()
@@ -399,9 +475,12 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "summary": report.summarize(runs[e], model.weight_bytes, bw),
             "runs": runs[e],
         }
-    result["ratios_to_llama_cpp"] = report.ratios(
-        {e: v["summary"] for e, v in result["engines"].items()}
-    )
+    summaries = {e: v["summary"] for e, v in result["engines"].items()}
+    result["ratios_to_llama_cpp"] = report.ratios(summaries)
+    result["ratios_to_llama_cpp_by_depth"] = {
+        str(d): report.ratios({e: report.at_depth(s, d) or {} for e, s in summaries.items()})
+        for d in depths
+    }
     result["load_average_after"] = machine.load_average()
     return result
 

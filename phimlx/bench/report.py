@@ -9,6 +9,8 @@ from typing import Any
 REFERENCE_ENGINE = "llama.cpp"
 # Per-run figures summarised as median / min / max.
 FIGURES = ("pp_tps", "tg_tps", "ttft_s", "load_s", "peak_rss")
+# Figures that depend on the context depth (`by_depth`).
+DEPTH_FIGURES = ("pp_tps", "tg_tps", "ttft_s")
 
 
 def run_figures(run: dict[str, Any]) -> dict[str, float | None]:
@@ -43,15 +45,78 @@ def summarize(
     figs = [run_figures(r) for r in ok]
     out: dict[str, Any] = {k: spread([f[k] for f in figs]) for k in FIGURES}
     out["runs_ok"], out["runs_failed"] = len(ok), len(runs) - len(ok)
-    tg = out["tg_tps"]
-    if tg:
-        bw = {k: weight_bytes * tg[k] for k in ("median", "min", "max")}
-        bw["fraction_of_machine"] = bw["median"] / machine_bw if machine_bw else None
-        out["bandwidth_bytes_per_s"] = bw
-    else:
-        out["bandwidth_bytes_per_s"] = None
+    out["bandwidth_bytes_per_s"] = _bandwidth(out["tg_tps"], weight_bytes, machine_bw)
     errors = [r.get("error") for r in runs if not r.get("ok")]
     out["errors"] = [e for e in errors if e]
+    out["by_depth"] = _by_depth(ok, weight_bytes, machine_bw)
+    out["batch"] = summarize_batch(ok)
+    notes = [r.get("batch_skipped") or r.get("batch_error") for r in ok]
+    if any(notes):
+        out["batch_note"] = next(n for n in notes if n)
+    return out
+
+
+def _bandwidth(
+    tg: dict[str, float] | None, weight_bytes: int, machine_bw: float | None
+) -> dict[str, float | None] | None:
+    if not tg:
+        return None
+    bw: dict[str, float | None] = {k: weight_bytes * tg[k] for k in ("median", "min", "max")}
+    bw["fraction_of_machine"] = bw["median"] / machine_bw if machine_bw else None  # type: ignore[operator]
+    return bw
+
+
+def _by_depth(
+    ok: Sequence[dict[str, Any]], weight_bytes: int, machine_bw: float | None
+) -> list[dict[str, Any]]:
+    """Per depth (in the order measured): ``depth`` and the spreads of pp_tps, tg_tps and
+    ttft_s over the runs, and the tg bandwidth (weights only: the KV cache read at depth is
+    not counted)."""
+    per_run = [r.get("depths") or [r] for r in ok]  # a run without depths: one, at its own
+    order: list[int] = []
+    for rows in per_run:
+        order += [int(row.get("depth", 0)) for row in rows if int(row.get("depth", 0)) not in order]
+    out = []
+    for d in order:
+        figs = [run_figures(row) for rows in per_run for row in rows if row.get("depth", 0) == d]
+        entry: dict[str, Any] = {"depth": d}
+        entry.update({k: spread([f[k] for f in figs]) for k in DEPTH_FIGURES})
+        entry["bandwidth_bytes_per_s"] = _bandwidth(entry["tg_tps"], weight_bytes, machine_bw)
+        out.append(entry)
+    return out
+
+
+def at_depth(summary: dict[str, Any], depth: int) -> dict[str, Any] | None:
+    """The figures of ``summary`` (`summarize`) at ``depth``, None where not measured.  A
+    summary without depths (an older result) holds depth 0."""
+    by = summary.get("by_depth")
+    if by is None:
+        return summary if depth == 0 else None
+    return next((e for e in by if e["depth"] == depth), None)
+
+
+def summarize_batch(ok: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size B over the successful runs: ``batch``, the spreads of ``aggregate_tps``
+    (B x tg / seconds) and ``per_seq_tps`` (tg / seconds), and ``ratio_to_b1`` (median
+    aggregate over B=1's; None without B=1)."""
+    sizes: dict[int, list[dict[str, Any]]] = {}
+    for r in ok:
+        for row in r.get("batch") or []:
+            sizes.setdefault(int(row["batch"]), []).append(row)
+    out = []
+    for b in sorted(sizes):
+        rows = [x for x in sizes[b] if x.get("tg_s") and x.get("tg_tokens")]
+        out.append(
+            {
+                "batch": b,
+                "aggregate_tps": spread([b * x["tg_tokens"] / x["tg_s"] for x in rows]),
+                "per_seq_tps": spread([x["tg_tokens"] / x["tg_s"] for x in rows]),
+            }
+        )
+    base = next((e["aggregate_tps"] for e in out if e["batch"] == 1), None)
+    for e in out:
+        agg = e["aggregate_tps"]
+        e["ratio_to_b1"] = agg["median"] / base["median"] if agg and base else None
     return out
 
 
@@ -105,17 +170,23 @@ def busy(result: dict[str, Any]) -> bool:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The report: a header naming model, machine and settings, then one row per engine."""
+    """The report: a header naming model, machine and settings, then one row per engine (per
+    engine and depth with ``--depth``), and a table of batched decode with ``--batch``."""
     s, m, model = result["settings"], result["machine"], result["model"]
     bw = result.get("machine_bandwidth") or {}
     pp, tg = s["pp"], s["tg"]
+    depths = s.get("depth") or [0]
+    show_depth = depths != [0]
     lines = [
         f"**{model['label']}**: {model['file_bytes'] / 2**30:.2f} GiB file, "
         f"{model['n_params'] / 1e9:.2f} B parameters, "
         f"{model['weight_bytes'] / 1e9:.2f} GB read per generated token",
         "",
         f"Machine: {result['machine_line']}",
-        f"Settings: pp{pp} / tg{tg}, {s['threads']} threads, {s['repetitions']} repetitions "
+        f"Settings: pp{pp} / tg{tg}"
+        + (f" at depths {', '.join(map(str, depths))}" if show_depth else "")
+        + (f", batch sizes {', '.join(map(str, s['batch']))}" if s.get("batch") else "")
+        + f", {s['threads']} threads, {s['repetitions']} repetitions "
         f"(median (min..max)), warm-up {'on' if s['warmup'] else 'off'}, seed {s['seed']}, "
         f"phimlx {result.get('commit') or '?'}",
     ]
@@ -135,41 +206,68 @@ def markdown(result: dict[str, Any]) -> str:
                 "threads as cores suffer most (spinning thread pools), so treat them as lower "
                 "bounds."
             )
-    lines += [
-        "",
-        f"| engine | pp{pp} tok/s | tg{tg} tok/s | pp / llama.cpp | tg / llama.cpp "
-        f"| TTFT s | load s | peak RSS GiB | tg bandwidth GB/s (% of machine) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    columns = [
+        "engine",
+        *(["depth"] if show_depth else []),
+        f"pp{pp} tok/s",
+        f"tg{tg} tok/s",
+        "pp / llama.cpp",
+        "tg / llama.cpp",
+        "TTFT s",
+        "load s",
+        "peak RSS GiB",
+        "tg bandwidth GB/s (% of machine)",
     ]
-    rat = ratios({k: v["summary"] for k, v in result["engines"].items()})
-    for name, e in result["engines"].items():
-        sm = e["summary"]
-        label = engine_label(name, e.get("version"))
-        if not sm["runs_ok"]:
-            err = (sm["errors"] or ["failed"])[0].replace("|", "/")[:120]
-            lines.append(f"| {label} | failed: {err} | | | | | | | |")
-            continue
-        b = sm.get("bandwidth_bytes_per_s")
-        if b:
-            frac = b.get("fraction_of_machine")
-            bw_cell = f"{b['median'] / 1e9:.1f}" + (f" ({frac:.0%})" if frac else "")
-        else:
-            bw_cell = "-"
-        lines.append(
-            f"| {label} | {_cell(sm['pp_tps'])} | {_cell(sm['tg_tps'])} "
-            f"| {_ratio(rat[name]['pp_tps'])} | {_ratio(rat[name]['tg_tps'])} "
-            f"| {_cell(sm['ttft_s'])} | {_cell(sm['load_s'])} | {_cell(sm['peak_rss'], 2**30)} "
-            f"| {bw_cell} |"
-        )
+    lines += ["", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+    summaries = {k: v["summary"] for k, v in result["engines"].items()}
+    for d in depths if show_depth else [None]:
+        at = summaries if d is None else {k: at_depth(v, d) or {} for k, v in summaries.items()}
+        rat = ratios(at)
+        for name, e in result["engines"].items():
+            sm, fig = e["summary"], at[name]
+            label = engine_label(name, e.get("version"))
+            lead = [label] + ([str(d)] if show_depth else [])
+            if not sm["runs_ok"]:
+                err = (sm["errors"] or ["failed"])[0].replace("|", "/")[:120]
+                rest = " |" * (len(columns) - len(lead) - 1)
+                lines.append("| " + " | ".join([*lead, f"failed: {err}"]) + " |" + rest)
+                continue
+            b = fig.get("bandwidth_bytes_per_s")
+            if b:
+                frac = b.get("fraction_of_machine")
+                bw_cell = f"{b['median'] / 1e9:.1f}" + (f" ({frac:.0%})" if frac else "")
+            else:
+                bw_cell = "-"
+            cells = lead + [
+                _cell(fig.get("pp_tps")),
+                _cell(fig.get("tg_tps")),
+                _ratio(rat[name]["pp_tps"]),
+                _ratio(rat[name]["tg_tps"]),
+                _cell(fig.get("ttft_s")),
+                _cell(sm["load_s"]),
+                _cell(sm["peak_rss"], 2**30),
+                bw_cell,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if s.get("batch"):
+        lines += _batch_table(result)
     for name, why in result.get("skipped", {}).items():
         lines.append(f"\nSkipped {name}: {why}")
+    depth_note = (
+        "; depth d: pp and tg each start from a context already holding d random token ids, "
+        "prefilled untimed (llama-bench's -d), and the bandwidth counts the weights only, not "
+        "the KV cache read at depth"
+        if show_depth
+        else ""
+    )
     lines += [
         "",
         f"pp: one batched prefill of {pp} random token ids; TTFT: that prefill plus the argmax "
         f"of its logits; tg: {tg} random ids fed one at a time into an empty context (EOS "
         "ignored, nothing sampled); load: file to ready, imports excluded; peak RSS: the "
         "runner process's (interpreter and libraries included); bandwidth: bytes read per "
-        "token x tg tok/s, against the machine's measured read bandwidth at the same threads. "
+        "token x tg tok/s, against the machine's measured read bandwidth at the same threads"
+        f"{depth_note}. "
         f"Each engine runs in its own process per repetition, engines alternating.",
         "",
         f"Command: `{result['command']}`",
@@ -177,8 +275,39 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _batch_table(result: dict[str, Any]) -> list[str]:
+    s = result["settings"]
+    lines = [
+        "",
+        f"Batched decode: B sequences, each prefilled with its own {s.get('batch_prompt', '?')}"
+        f"-token random prompt (untimed), then {s['tg']} steps that advance all B in one "
+        "forward pass, each fed its own greedy next token (EOS ignored):",
+        "",
+        "| engine | B | aggregate tok/s | per-sequence tok/s | aggregate / B=1 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, e in result["engines"].items():
+        sm = e["summary"]
+        if not sm["runs_ok"]:
+            continue  # the failure is in the table above
+        label = engine_label(name, e.get("version"))
+        rows = sm.get("batch") or []
+        if not rows:
+            note = (sm.get("batch_note") or "not measured").replace("|", "/")[:160]
+            lines.append(f"| {label} | - | {note} | | |")
+            continue
+        for r in rows:
+            lines.append(
+                f"| {label} | {r['batch']} | {_cell(r['aggregate_tps'])} "
+                f"| {_cell(r['per_seq_tps'])} | {_ratio(r['ratio_to_b1'])} |"
+            )
+    return lines
+
+
 def plot(result: dict[str, Any], path: str) -> None:
-    """Bar charts of pp and tg tokens/s per engine (median, whiskers min..max) into ``path``.
+    """Bar charts of pp and tg tokens/s per engine (median, whiskers min..max; one bar per
+    depth with ``--depth``), and of batched decode's aggregate tokens/s per batch size with
+    ``--batch``, into ``path``.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -189,25 +318,48 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n, e in result["engines"].items() if e["summary"]["runs_ok"]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     s = result["settings"]
+    depths = s.get("depth") or [0]
+    sums = {n: result["engines"][n]["summary"] for n in names}
+    with_batch = any(sums[n].get("batch") for n in names)
+    fig, axes = plt.subplots(1, 3 if with_batch else 2, figsize=(15 if with_batch else 10, 4))
+    labels = [engine_label(n, None) for n in names]
     for ax, key, title in (
         (axes[0], "pp_tps", f"prompt pp{s['pp']}"),
         (axes[1], "tg_tps", f"generation tg{s['tg']}"),
     ):
-        stats = [result["engines"][n]["summary"][key] for n in names]
-        med = [x["median"] if x else 0.0 for x in stats]
-        err = [
-            [m - x["min"] if x else 0.0 for m, x in zip(med, stats, strict=True)],
-            [x["max"] - m if x else 0.0 for m, x in zip(med, stats, strict=True)],
-        ]
-        colors = ["tab:blue" if n in ("numpy", "mlx") else "tab:gray" for n in names]
-        labels = [engine_label(n, None) for n in names]
-        ax.bar(labels, med, yerr=err, capsize=4, color=colors)
+        if len(depths) == 1:
+            colors = ["tab:blue" if n in ("numpy", "mlx") else "tab:gray" for n in names]
+            stats = [(at_depth(sums[n], depths[0]) or {}).get(key) for n in names]
+            _bars(ax, range(len(names)), stats, 0.8, colors, None)
+        else:
+            width = 0.8 / len(depths)
+            for k, d in enumerate(depths):
+                xs = [i + (k - (len(depths) - 1) / 2) * width for i in range(len(names))]
+                stats = [(at_depth(sums[n], d) or {}).get(key) for n in names]
+                _bars(ax, xs, stats, width, f"C{k}", f"depth {d}")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), labels)
         ax.set_title(f"{title}, tokens/s")
         ax.tick_params(axis="x", rotation=20)
-        for i, m in enumerate(med):
-            ax.annotate(_num(m), (i, m), ha="center", va="bottom", fontsize=8)
+    if with_batch:
+        ax = axes[2]
+        sizes = sorted({r["batch"] for n in names for r in sums[n].get("batch") or []})
+        width = 0.8 / len(sizes)
+        for k, b in enumerate(sizes):
+            xs = [i + (k - (len(sizes) - 1) / 2) * width for i in range(len(names))]
+            stats = [
+                next(
+                    (r["aggregate_tps"] for r in sums[n].get("batch") or [] if r["batch"] == b),
+                    None,
+                )
+                for n in names
+            ]
+            _bars(ax, xs, stats, width, f"C{k}", f"B={b}")
+        ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), labels)
+        ax.set_title(f"batched decode tg{s['tg']}, aggregate tokens/s")
+        ax.tick_params(axis="x", rotation=20)
     fig.suptitle(
         f"{result['model']['label']}: {s['threads']} threads; {result['machine']['cpu']}",
         fontsize=9,
@@ -215,3 +367,22 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _bars(
+    ax: Any,
+    xs: Sequence[float] | range,
+    stats: Sequence[dict[str, float] | None],
+    width: float,
+    color: Any,
+    label: str | None,
+) -> None:
+    """Medians as bars with min..max whiskers and the median written on top."""
+    med = [x["median"] if x else 0.0 for x in stats]
+    err = [
+        [m - x["min"] if x else 0.0 for m, x in zip(med, stats, strict=True)],
+        [x["max"] - m if x else 0.0 for m, x in zip(med, stats, strict=True)],
+    ]
+    ax.bar(list(xs), med, width, yerr=err, capsize=3, color=color, label=label)
+    for x, m in zip(xs, med, strict=True):
+        ax.annotate(_num(m), (x, m), ha="center", va="bottom", fontsize=7)

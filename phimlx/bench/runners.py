@@ -10,6 +10,12 @@ random prompt of ``pp`` tokens in one fresh context (prompt processing, and time
 token = that prefill plus an argmax over its logits), then ``tg`` fixed random tokens fed one
 at a time into another fresh context (generation).  Nothing is sampled, so EOS cannot end a
 run early: the token counts are exact, and each run reports the positions its cache holds.
+
+At a depth d (llama-bench's ``-d``) each of those contexts first holds d fixed random tokens,
+prefilled untimed.  A batched decode (``--batch``) opens B sequences, prefills each with its
+own short prompt (untimed) and times ``tg`` steps that advance all B at once (the backend
+protocol's `step_batch`; llama.cpp's `llama_decode` with B sequence ids), each sequence fed
+its own greedy next token.
 """
 
 from __future__ import annotations
@@ -34,6 +40,19 @@ ENGINES = OURS + PEERS
 
 WARMUP_PROMPT = 32  # llama-bench warms up with a short prompt and one generated token
 WARMUP_STEPS = 2
+BATCH_PROMPT = 16  # tokens each sequence of a batched decode is prefilled with
+
+
+def depth_token_ids(n_vocab: int, n: int, seed: int) -> list[int]:
+    """The fixed random ids a context is filled with before a measurement at depth ``n``
+    (made in the runner from the seed: a long depth would not fit in a command line)."""
+    return np.random.default_rng([seed, 1]).integers(0, n_vocab, n).tolist()
+
+
+def batch_prompts(n_vocab: int, batch: int, seed: int) -> list[list[int]]:
+    """The fixed random prompts of the ``batch`` sequences of a batched decode, one each."""
+    rng = np.random.default_rng([seed, 2])
+    return rng.integers(0, n_vocab, (batch, BATCH_PROMPT)).tolist()
 
 
 class Adapter(Protocol):
@@ -58,42 +77,137 @@ class Adapter(Protocol):
 
 
 def measure(
-    adapter: Adapter, pp_ids: Sequence[int], tg_ids: Sequence[int], *, warmup: bool = True
+    adapter: Adapter,
+    pp_ids: Sequence[int],
+    tg_ids: Sequence[int],
+    *,
+    warmup: bool = True,
+    depths: Sequence[int] = (0,),
+    depth_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Time prompt processing and generation on ``adapter``.
+    """Time prompt processing and generation on ``adapter``, at each depth.
+
+    Args:
+        depths: llama-bench's ``-d``: at depth d the context already holds the first d of
+            ``depth_ids`` (prefilled, not timed) when the prompt or the first generated
+            token goes in.  The warm-up runs at depth 0, as llama-bench's does.
 
     Returns:
         ``pp_tokens``, ``pp_s``, ``ttft_s``, ``pp_position``, ``first_token``, ``tg_tokens``,
-        ``tg_s``, ``tg_position`` (positions as reported by the engine's own cache).
+        ``tg_s``, ``tg_position`` (positions as reported by the engine's own cache) and
+        ``depth``, all at ``depths[0]``; under ``depths``, one such dict per depth.
+
+    Raises:
+        ValueError: a depth longer than ``depth_ids``.
     """
-    out: dict[str, Any] = {}
+    if max(depths, default=0) > len(depth_ids):
+        raise ValueError(f"depth {max(depths)} needs as many depth ids; {len(depth_ids)} given")
     if warmup:
         adapter.reset()
         if pp_ids:
             adapter.prefill(list(pp_ids[:WARMUP_PROMPT]))
         if tg_ids:
             adapter.decode(list(tg_ids[:WARMUP_STEPS]))
-    if pp_ids:
-        adapter.reset()
+    rows = []
+    for depth in depths:
+        row: dict[str, Any] = {"depth": depth}
+        if pp_ids:
+            _fill(adapter, depth_ids[:depth])
+            t0 = time.perf_counter()
+            logits = adapter.prefill(list(pp_ids))
+            t1 = time.perf_counter()
+            first = int(np.argmax(np.asarray(logits, dtype=np.float32).reshape(-1)))
+            t2 = time.perf_counter()
+            row.update(
+                pp_tokens=len(pp_ids),
+                pp_s=t1 - t0,
+                ttft_s=t2 - t0,
+                pp_position=adapter.position,
+                first_token=first,
+            )
+        if tg_ids:
+            _fill(adapter, depth_ids[:depth])
+            t0 = time.perf_counter()
+            adapter.decode(list(tg_ids))
+            t1 = time.perf_counter()
+            row.update(tg_tokens=len(tg_ids), tg_s=t1 - t0, tg_position=adapter.position)
+        rows.append(row)
+    return {**rows[0], "depths": rows}
+
+
+def _fill(adapter: Adapter, ids: Sequence[int]) -> None:
+    """A fresh context holding ``ids`` (the depth), prefilled untimed."""
+    adapter.reset()
+    if len(ids):
+        adapter.prefill(list(ids))
+
+
+class BatchAdapter(Protocol):
+    """What `measure_batch` needs: B sequences, stepped together."""
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Fresh sequences, one per prompt, each prefilled with it; float32 logits (B, vocab)
+        of each prompt's last token."""
+        ...
+
+    def step(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids[b]`` to sequence b, all in one forward pass; logits (B, vocab)."""
+        ...
+
+    def rewind(self, n: int) -> None:
+        """Forget every sequence's positions ``n`` and later."""
+        ...
+
+    def positions(self) -> list[int]:
+        """Tokens each sequence holds, as the engine's cache reports them."""
+        ...
+
+
+class BatchUnsupported(Exception):
+    """This engine has no batched decode here; the message says why."""
+
+
+def measure_batch(
+    adapter: BatchAdapter,
+    sizes: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    tg: int,
+    *,
+    warmup: bool = True,
+) -> list[dict[str, Any]]:
+    """Time ``tg`` batched steps of B sequences, for each B in ``sizes``.
+
+    Each sequence is prefilled with its own prompt (untimed), then every step feeds each
+    sequence its own greedy next token (the argmax of its logits, timed with the step).
+    The warm-up steps are forgotten (`BatchAdapter.rewind`) before the timed ones.
+
+    Returns:
+        One dict per B: ``batch``, ``tg_tokens`` (per sequence), ``tg_s``, ``positions``,
+        ``first_tokens`` (the greedy token after each prompt) and ``last_tokens``.
+    """
+    rows = []
+    for b in sizes:
+        logits = adapter.start(prompts[:b])
+        toks = firsts = np.argmax(logits, axis=1)
+        if warmup:
+            for _ in range(WARMUP_STEPS):
+                adapter.step(toks.tolist())
+            adapter.rewind(len(prompts[0]))
         t0 = time.perf_counter()
-        logits = adapter.prefill(list(pp_ids))
+        for _ in range(tg):
+            toks = np.argmax(adapter.step(toks.tolist()), axis=1)
         t1 = time.perf_counter()
-        first = int(np.argmax(np.asarray(logits, dtype=np.float32).reshape(-1)))
-        t2 = time.perf_counter()
-        out.update(
-            pp_tokens=len(pp_ids),
-            pp_s=t1 - t0,
-            ttft_s=t2 - t0,
-            pp_position=adapter.position,
-            first_token=first,
+        rows.append(
+            {
+                "batch": b,
+                "tg_tokens": tg,
+                "tg_s": t1 - t0,
+                "positions": adapter.positions(),
+                "first_tokens": firsts.tolist(),  # each prompt's greedy next token
+                "last_tokens": toks.tolist(),
+            }
         )
-    if tg_ids:
-        adapter.reset()
-        t0 = time.perf_counter()
-        adapter.decode(list(tg_ids))
-        t1 = time.perf_counter()
-        out.update(tg_tokens=len(tg_ids), tg_s=t1 - t0, tg_position=adapter.position)
-    return out
+    return rows
 
 
 # -- ours: any phimlx backend through the incremental-decode protocol --------------------------
@@ -121,6 +235,34 @@ class PhimlxAdapter:
     @property
     def position(self) -> int:
         return int(self.session.position)
+
+
+class PhimlxBatch:
+    """B sessions of one phimlx model, stepped by `LoadedModel.step_batch`."""
+
+    def __init__(self, loaded: Any, max_context: int) -> None:
+        if not callable(getattr(loaded, "step_batch", None)):
+            raise BatchUnsupported(
+                f"{type(loaded).__name__} has no step_batch (the batched step of the backend "
+                "protocol); this phimlx version cannot decode a batch"
+            )
+        self.loaded, self.max_context = loaded, max_context
+        self.sessions: list[Any] = []
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        self.sessions = []  # the previous batch's caches go first
+        self.sessions = [self.loaded.new_session(self.max_context) for _ in prompts]
+        return np.stack([s.prefill(list(p)) for s, p in zip(self.sessions, prompts, strict=True)])
+
+    def step(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self.loaded.step_batch(self.sessions, token_ids)
+
+    def rewind(self, n: int) -> None:
+        for s in self.sessions:
+            s.trim(n)
+
+    def positions(self) -> list[int]:
+        return [int(s.position) for s in self.sessions]
 
 
 def _load_phimlx(engine: str, path: str, threads: int, max_context: int) -> tuple[Any, dict]:
@@ -226,6 +368,71 @@ class LlamaCppAdapter:
     @property
     def position(self) -> int:
         return int(self.ll.llama_memory_seq_pos_max(self.mem, 0)) + 1
+
+
+class LlamaCppBatch:
+    """B sequences in one llama.cpp context (``n_seq_max = B``), stepped by one
+    `llama_decode` of a `llama_batch` holding one token of each sequence id."""
+
+    def __init__(self, single: LlamaCppAdapter, threads: int, per_seq: int, max_b: int) -> None:
+        ll = self.ll = single.ll
+        self.n_vocab = single.n_vocab
+        cp = ll.llama_context_default_params()
+        cp.n_seq_max = max_b
+        cp.n_ctx = per_seq * max_b  # each sequence gets per_seq positions of its own
+        cp.n_batch = cp.n_ubatch = max(max_b, BATCH_PROMPT, 32)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = ll.llama_init_from_model(single.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {max_b} sequences")
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(int(cp.n_batch), 0, 1)
+        self.pos: list[int] = []
+
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One `llama_decode` of (token, position, sequence id, wants logits) entries."""
+        ll, b = self.ll, self.batch
+        for i, (tok, pos, seq, out) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, out
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        rc = ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode of a batch returned {rc}")
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        self.ll.llama_memory_clear(self.mem, True)
+        rows = []
+        for seq, prompt in enumerate(prompts):
+            n = len(prompt)
+            self._decode([(int(t), i, seq, i == n - 1) for i, t in enumerate(prompt)])
+            rows.append(self._logits(n - 1).copy())
+        self.pos = [len(p) for p in prompts]
+        return np.stack(rows)
+
+    def step(self, token_ids: Sequence[int]) -> np.ndarray:
+        self._decode([(int(t), self.pos[s], s, True) for s, t in enumerate(token_ids)])
+        self.pos = [p + 1 for p in self.pos]
+        return np.stack([self._logits(s) for s in range(len(token_ids))])
+
+    def rewind(self, n: int) -> None:
+        for seq in range(len(self.pos)):
+            if not self.ll.llama_memory_seq_rm(self.mem, seq, n, -1):
+                raise RuntimeError(f"llama.cpp could not drop sequence {seq}'s positions >= {n}")
+        self.pos = [n] * len(self.pos)
+
+    def positions(self) -> list[int]:
+        ll = self.ll
+        return [int(ll.llama_memory_seq_pos_max(self.mem, s)) + 1 for s in range(len(self.pos))]
+
+    def close(self) -> None:
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
 
 
 # -- mlx-lm: its own model classes and its own generation loop --------------------------------
@@ -464,11 +671,55 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     result["load_s"] = time.perf_counter() - t0
-    result.update(measure(adapter, pp_ids, tg_ids, warmup=bool(job.get("warmup", True))))
-    result["peak_rss"] = peak_rss()
+    warmup = bool(job.get("warmup", True))
+    depths = [int(d) for d in job.get("depths", [0])]
+    seed, n_vocab = int(job.get("seed", 0)), int(job.get("n_vocab", 0))
+    depth_ids = depth_token_ids(n_vocab, max(depths), seed) if max(depths) else []
+    result.update(
+        measure(adapter, pp_ids, tg_ids, warmup=warmup, depths=depths, depth_ids=depth_ids)
+    )
+    result["peak_rss"] = peak_rss()  # before any batch: the single-sequence figure, as before
+    sizes = [int(b) for b in job.get("batch", [])]
+    if sizes:
+        result.update(_run_batch(engine, adapter, sizes, len(tg_ids), n_vocab, seed, job))
     result["info"] = info
     result["ok"] = True
     return result
+
+
+def _run_batch(
+    engine: str,
+    adapter: Adapter,
+    sizes: list[int],
+    tg: int,
+    n_vocab: int,
+    seed: int,
+    job: dict[str, Any],
+) -> dict[str, Any]:
+    """``{"batch": rows}`` of `measure_batch`, or ``{"batch": [], "batch_skipped": why}``
+    where the engine has no batched decode, ``"batch_error"`` where it failed."""
+    per_seq = BATCH_PROMPT + WARMUP_STEPS + tg + 8
+    try:
+        if isinstance(adapter, PhimlxAdapter):
+            batch: Any = PhimlxBatch(adapter.loaded, per_seq)
+        elif isinstance(adapter, LlamaCppAdapter):
+            batch = LlamaCppBatch(adapter, int(job["threads"]), per_seq, max(sizes))
+        else:
+            raise BatchUnsupported(
+                f"not measured for {engine}: batched decode is measured for phimlx's backends "
+                "and llama.cpp"
+            )
+        prompts = batch_prompts(n_vocab, max(sizes), seed)
+        rows = measure_batch(batch, sizes, prompts, tg, warmup=bool(job.get("warmup", True)))
+    except BatchUnsupported as e:
+        return {"batch": [], "batch_skipped": str(e)}
+    except Exception as e:  # noqa: BLE001 - the single-sequence figures stand; say what failed
+        log.debug("batched decode failed", exc_info=True)
+        return {"batch": [], "batch_error": f"{type(e).__name__}: {e}"}
+    close = getattr(batch, "close", None)
+    if close is not None:
+        close()
+    return {"batch": rows}
 
 
 def _current_rss() -> int | None:
