@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from phimlx.config import ModelConfig
 from phimlx.gguf import GGMLType, ModelFile
 
@@ -63,15 +65,22 @@ def load(  # noqa: ANN201
 
 
 def warm_up(model: Any) -> None:
-    """A 2-token prefill and one decode step on a throwaway session of ``model``.
+    """A 2-token prefill and one decode step on a throwaway session of ``model``, and one
+    row through each weight type's tile decoder.
 
-    They call every compiled kernel a generation calls (the prefill's tile decoders and
-    norms, the step's matvecs, fused attention and embedding lookup) with the argument types
-    of a real call, which is what numba compiles for; the session is dropped afterwards.
+    They call every compiled kernel a generation calls (the prefill's int8 matmuls and
+    norms, the tile decoders of long prompts, the step's matvecs, fused attention and
+    embedding lookup) with the argument types of a real call, which is what numba compiles
+    for; the session is dropped afterwards.
     """
     session = model.new_session(min(4, model.config.context_length))
     session.prefill([0, 0])
     session.step(0)
+    seen = set()
+    for m in model._matrices():
+        if m.use_numba and id(m.kernels) not in seen:
+            seen.add(id(m.kernels))
+            m.kernels.decode_tile(m.raw, 0, np.empty((1, m.cols), np.float32))
 
 
 def _fresh_on_disk(dispatcher: Any) -> bool:
@@ -111,11 +120,12 @@ def kernels_cached(mf: ModelFile) -> bool:
     }
     for qtype, cols in kinds:
         try:
-            tile = kernel_set(qtype, cols, use_numba=True).decode_tile
+            ks = kernel_set(qtype, cols, use_numba=True)
         except KeyError:  # a type with no kernel: loading it fails later, and says why
             continue
-        if hasattr(tile, "_cache"):  # the per-type compiled ones (others are shared)
-            dispatchers.append(tile)
+        for kernel in (ks.decode_tile, ks.matmul_int8 and ks.matmul_int8.parallel):
+            if hasattr(kernel, "_cache"):  # the per-type compiled ones (others are shared)
+                dispatchers.append(kernel)
     missing = [d for d in dispatchers if not _fresh_on_disk(d)]
     if missing:
         log.debug(

@@ -133,7 +133,8 @@ def _fused_kernel(
     ):
         return None
     pair = m0._matvec if n is None else m0._matmul
-    small = sum(m.rows for m in mats) * m0.cols * (n or 1) < SERIAL_WEIGHTS
+    # by the matrices' size alone, so that any n calls the kernel a warm-up compiled
+    small = sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS
     kernel = pair.serial if small else pair.parallel
     return kernel, [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
 

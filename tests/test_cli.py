@@ -89,6 +89,9 @@ used = {  # what a decode step calls (and a prefill: the tile decoder)
     "output": _fused_kernel([model.output])[0],
     "decode_tile": layer.down.kernels.decode_tile,
 }
+if layer.down.kernels.matmul_int8 is not None:  # a short prefill's products
+    used["qkv_rows"] = _fused_kernel(layer.qkv, 2)[0]
+    used["down_rows"] = _fused_kernel([layer.down], 2)[0]
 after = {n: len(d.signatures) for n, d in used.items() if hasattr(d, "signatures")}
 print(json.dumps({"before": before, "after": after}))
 """
