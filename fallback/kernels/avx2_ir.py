@@ -46,6 +46,7 @@ AVX512 = _feat.get("avx512f", False) and _feat.get("avx512bw", False)
 VNNI = _feat.get("avxvnni", False) or (
     _feat.get("avx512vnni", False) and _feat.get("avx512vl", False)
 )
+VNNI512 = AVX512 and _feat.get("avx512vnni", False)
 
 i1, i8, i16, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f16, f32 = ir.HalfType(), ir.FloatType()
@@ -57,6 +58,7 @@ def _vt(t, n):
 
 V16I8, V32I8, V8I8 = _vt(i8, 16), _vt(i8, 32), _vt(i8, 8)
 V16I16, V8I32, V8F = _vt(i16, 16), _vt(i32, 8), _vt(f32, 8)
+V64I8, V32I16, V16I32 = _vt(i8, 64), _vt(i16, 32), _vt(i32, 16)
 
 
 def _c(vty, vals):
@@ -118,6 +120,18 @@ class _B:
             return self.b.add(acc, self.maddwd(a, c))
         i32s = [self.b.bitcast(v, V8I32) for v in (a, c)]
         return self.call("llvm.x86.avx512.vpdpwssd.256", V8I32, [acc, *i32s])
+
+    def maddubs512(self, u, s):  # the same on 64 bytes (AVX-512BW)
+        return self.call("llvm.x86.avx512.pmaddubs.w.512", V32I16, [u, s])
+
+    def madd_acc512(self, acc, a, c):  # acc (16 x i32) + vpmaddwd(a, c) on 512 bits
+        if not VNNI512:
+            return self.b.add(acc, self.call("llvm.x86.avx512.pmaddw.d.512", V16I32, [a, c]))
+        i32s = [self.b.bitcast(v, V16I32) for v in (a, c)]
+        return self.call("llvm.x86.avx512.vpdpwssd.512", V16I32, [acc, *i32s])
+
+    def cat(self, a, c):  # two vectors of one type, one after the other
+        return self.shuf(a, c, range(2 * a.type.count))
 
     def fma(self, a, c, acc):
         return self.call("llvm.fma.v8f32", V8F, [a, c, acc])
@@ -382,23 +396,51 @@ def _qk_quants(h, pr, o, five, wide):
             yield j, vals
 
 
+def _block_isums(h, cols, xo, quants, scales, sub=None):
+    """Each column's integer dot with a 256-weight block, as 8 x i32 (exact, so any order
+    gives the same sums): ``quants[g]`` the 32 unsigned quants of group g (32 x i8),
+    ``scales[g]`` its integer scales (16 x i16, a pair per i32 lane), ``sub`` a value taken
+    off every quant (32 x i8) or None; ``xo`` the block's offset in the columns' ``x``.
+    With AVX-512BW two groups at a time on 512-bit vectors, else one on 256."""
+    b = h.b
+    wide = AVX512
+    acc_ty = V16I32 if wide else V8I32
+    isum = [h.var(_c(acc_ty, 0)) for _ in cols]
+    step = 2 if wide else 1
+    for g in range(0, 8, step):
+        if wide:
+            q, sc = h.cat(quants[g], quants[g + 1]), h.cat(scales[g], scales[g + 1])
+            sub_v = None if sub is None else h.cat(sub, sub)
+        else:
+            q, sc, sub_v = quants[g], scales[g], sub
+        for c, t in zip(cols, isum, strict=True):
+            xv = h.load(c.pq, b.add(xo, i64(32 * g)), q.type)
+            if wide:
+                p = h.maddubs512(q, xv)
+                p = p if sub_v is None else b.sub(p, h.maddubs512(sub_v, xv))
+                b.store(h.madd_acc512(b.load(t), p, sc), t)
+            else:
+                p = h.maddubs(q, xv)
+                p = p if sub_v is None else b.sub(p, h.maddubs(sub_v, xv))
+                b.store(h.madd_acc(b.load(t), p, sc), t)
+    if not wide:
+        return [b.load(t) for t in isum]
+    return [b.add(h.shuf(v, v, range(8)), h.shuf(v, v, range(8, 16))) for v in map(b.load, isum)]
+
+
 def _int8_qk(h, pr, cols, b, k, five):
     # x has one scale per 256 here (`IRType.x_scale`), so a block's eight sub-block dots sum
     # in integers, each times its 6-bit scale (vpmaddwd), converted to float once per block.
     o, d, dm, _, mnf, sc = _qk_block(h, pr, b, five)
     sc16 = h.b.zext(sc, _vt(i16, 8))
+    quants = [v for _, v in _qk_quants(h, pr, o, five, False)]  # j = 0 .. 7 in order
+    scales = [h.shuf(sc16, sc16, [j] * 16) for j in range(8)]
+    isums = _block_isums(h, cols, h.b.mul(b, i64(256)), quants, scales)
     mnd = h.b.fmul(mnf, h.splat(_neg(h, dm)))
     g = h.b.mul(b, i64(32))  # byte offset of this block's 8 group floats
-    xo = h.b.mul(b, i64(256))
-    isum = [h.var(_c(V8I32, 0)) for _ in cols]
-    for j, v in _qk_quants(h, pr, o, five, False):
-        scj = h.shuf(sc16, sc16, [j] * 16)
-        for c, t in zip(cols, isum, strict=True):
-            xv = h.load(c.pq, h.b.add(xo, i64(32 * j)), V32I8)
-            h.b.store(h.madd_acc(h.b.load(t), h.maddubs(v, xv), scj), t)
-    for c, t in zip(cols, isum, strict=True):
+    for c, t in zip(cols, isums, strict=True):
         s = h.b.fmul(d, h.load(c.pd, g, f32, 4))  # d * dx (one dx per 256)
-        _acc_fma(h, c.acc, h.tofloat(h.b.load(t)), h.splat(s), k)
+        _acc_fma(h, c.acc, h.tofloat(t), h.splat(s), k)
         _corr_fma(h, c.acc, mnd, h.load(c.ps, g, V8F, 4))  # corr -= dmin m_j xs_j
 
 
@@ -479,18 +521,14 @@ def _q6k_words(h, ql, qh, nib, k):  # the four 8 x i32 of `_q6k_quants`, one at 
 def _int8_q6_k(h, pr, cols, b, k):
     # x has one scale per 256 (`IRType.x_scale`): the block's dots sum in integers.
     o, d, sc16 = _q6k_block(h, pr, b, False)
-    xo, g8 = h.b.mul(b, i64(256)), h.b.mul(b, i64(32))
-    c32 = _c(V32I8, 32)
-    isum = [h.var(_c(V8I32, 0)) for _ in cols]
-    for g, q in _q6k_quants(h, pr, o, False):
-        scv = h.shuf(sc16, sc16, [2 * g] * 8 + [2 * g + 1] * 8)
-        for c, t in zip(cols, isum, strict=True):
-            xv = h.load(c.pq, h.b.add(xo, i64(32 * g)), V32I8)
-            p = h.b.sub(h.maddubs(q, xv), h.maddubs(c32, xv))  # sum (q - 32) x, pairs
-            h.b.store(h.madd_acc(h.b.load(t), p, scv), t)
-    for c, t in zip(cols, isum, strict=True):
+    quants = dict(_q6k_quants(h, pr, o, False))  # yielded in the order 0, 2, 1, 3, 4, ...
+    scales = [h.shuf(sc16, sc16, [2 * g] * 8 + [2 * g + 1] * 8) for g in range(8)]
+    xo = h.b.mul(b, i64(256))
+    isums = _block_isums(h, cols, xo, [quants[g] for g in range(8)], scales, _c(V32I8, 32))
+    g8 = h.b.mul(b, i64(32))
+    for c, t in zip(cols, isums, strict=True):
         s = h.b.fmul(d, h.load(c.pd, g8, f32, 4))  # d * dx (one dx per 256)
-        _acc_fma(h, c.acc, h.tofloat(h.b.load(t)), h.splat(s), k)
+        _acc_fma(h, c.acc, h.tofloat(t), h.splat(s), k)
 
 
 def _float_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
