@@ -1,16 +1,21 @@
 """The NumPy backend's transformer: phi3 and llama from GGUF blocks, with a KV cache.
 
-One forward pass, `NumpySession._forward`, serves both architectures (what differs is in
+One layer loop, `NumpyModel._layers`, serves both architectures (what differs is in
 `ModelConfig`: fused or split projections, rope style, LongRoPE factors, sliding window)
-and every call: prefill chunks of up to `PREFILL_CHUNK` tokens, and decode steps.  Its
-layer loop is written once; two choices made per call plug into it:
+and every call: prefill chunks of up to `PREFILL_CHUNK` tokens (`NumpySession._forward`),
+decode steps (the same), and batched steps of several sessions (`NumpyModel.step_batch`).
+Two choices made per call plug into it:
 
 - the projections: for one token, vectors through matvec plans (`matvec_plan`: the kernel
-  chosen once at load, int8 activations where enabled); for a chunk, (T, n) rows through
-  tiled matmuls (`QuantMatrix.matmul`, BLAS sgemm);
+  chosen once at load, int8 activations where enabled); for a chunk or a batch, (T, n) rows
+  through `matmul_many` / `QuantMatrix.matmul` (on the int8 path the int8 matmul for up to
+  `matrix.INT8_MATMUL_ROWS` rows, each row equal to the matvec's; float tiles and BLAS sgemm
+  for longer prompts, see `kernels.int8_prefill`);
 - the attention block (rope q and k, write k and v into the cache, attend): for one token
   over a short cache, the compiled `ops.attend_token` (one call); otherwise `ops.attend`,
   whose batched attention lets BLAS's threads work (prefill, long caches).  See `fallback.ops`.
+  A batch of B sessions runs one of these per row (`_attend_each`): each session's token
+  attends over its own cache at its own position.
 
 A small model's decode step is dominated by Python glue (SmolLM2-135M: 30 layers in a few
 milliseconds), so a layer is eight compiled calls with nothing between them: each residual
@@ -26,19 +31,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from phimlx.backends import Finished, check_kv_state, check_trim, checked_tokens
+from phimlx.backends import Finished, check_kv_state, check_trim, checked_batch, checked_tokens
 from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
 from . import ops
 from .kernels import int8_kernel_available
-from .matrix import QuantMatrix, matvec_plan
+from .matrix import QuantMatrix, matmul_many, matvec_plan
 from .threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ PREFILL_CHUNK = 256  # tokens per prefill chunk: bounds the (H, T, P) score matr
 _CACHE_GROW = 256  # KV cache capacity grows in steps of this many positions
 
 _Project = Callable[[np.ndarray], np.ndarray]
+_Attend = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (qkv, kc, vc) -> att
 
 
 def _matrix(mf: ModelFile, name: str, int8: bool | None) -> QuantMatrix:
@@ -57,10 +63,16 @@ def _matrix(mf: ModelFile, name: str, int8: bool | None) -> QuantMatrix:
     return QuantMatrix(mf.raw(name), t.type, (rows, cols), int8_activations=int8)
 
 
-def _matmul_many(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
-    """x (T, in) through matrices that share it (q|k|v, gate|up): (T, sum of rows)."""
-    outs = [m.matmul(x) for m in mats]
-    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
+def _attend_each(
+    attends: list[_Attend],
+    qkv: np.ndarray,
+    kcs: tuple[np.ndarray, ...],
+    vcs: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """The attention plug-in of a batch: row b of qkv (B, (H + 2 KV) * D), one token of
+    session b, through that session's own attention (``attends[b]``, bound to its position)
+    over its own caches (``kcs[b]``, ``vcs[b]``: (KV, cap, D)); returns (B, H * D)."""
+    return np.stack([a(row, kc, vc) for a, row, kc, vc in zip(attends, qkv, kcs, vcs, strict=True)])
 
 
 @dataclass
@@ -142,9 +154,9 @@ class NumpyModel:
         # a chunk: (T, n) rows through tiled matmuls
         self.chunk_calls = [
             _LayerCalls(
-                functools.partial(_matmul_many, la.qkv),
+                functools.partial(matmul_many, la.qkv),
                 la.out.matmul,
-                functools.partial(_matmul_many, la.gate_up),
+                functools.partial(matmul_many, la.gate_up),
                 la.down.matmul,
                 la.ffn_norm,
                 nxt,
@@ -161,6 +173,62 @@ class NumpyModel:
     def new_session(self, max_context: int | None = None) -> NumpySession:
         """A fresh KV cache for up to ``max_context`` tokens (default: the model's context)."""
         return NumpySession(self, max_context or self.config.context_length)
+
+    def step_batch(self, sessions: Sequence[NumpySession], token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids[b]`` to ``sessions[b]`` for each b in one forward pass; float32
+        logits (B, vocab).  See `phimlx.backends.LoadedModel.step_batch`.
+
+        The B rows go through each weight matrix at once (`QuantMatrix.matmul`, as a prefill
+        chunk's tokens do); each row attends over its own session's cache with the attention
+        `step` would choose for it.  B = 1 is `step` itself (the decode kernels).
+
+        Raises:
+            ValueError: see `phimlx.backends.checked_batch`.
+            ContextLengthError: a session is full.
+        """
+        ids = checked_batch(
+            sessions,
+            token_ids,
+            self.config,
+            lambda s: isinstance(s, NumpySession) and s.model is self,
+        )
+        if ids.size == 1:
+            return sessions[0].step(int(ids[0]))[None]
+        for s in sessions:
+            s._ensure_capacity(s._pos + 1)
+        attend = functools.partial(
+            _attend_each, [s._attention(1, one_token=True) for s in sessions]
+        )
+        # per layer, the B sessions' caches: tuples of (KV, cap, D)
+        ks = zip(*(s._k for s in sessions), strict=True)
+        vs = zip(*(s._v for s in sessions), strict=True)
+        h = self._layers(self.embed.take_rows(ids), self.chunk_calls, attend, ks, vs)  # (B, hidden)
+        for s in sessions:
+            s._pos += 1
+        return self.output.matmul(h)  # (B, vocab)
+
+    def _layers(
+        self,
+        x: np.ndarray,
+        calls: list[_LayerCalls],
+        attend: _Attend,
+        ks: Iterable[np.ndarray],
+        vs: Iterable[np.ndarray],
+    ) -> np.ndarray:
+        """The layer loop, for every kind of call: ``x`` the residual stream, (T, hidden)
+        rows or one (hidden,) vector, updated in place; ``calls`` the projections (matvec
+        plans or matmuls); ``attend(qkv, kc, vc)`` the attention block; ``ks``, ``vs`` what
+        it gets as kc, vc per layer.  Returns the output-normed hidden state, shaped as x."""
+        c = self.config
+        add_norm, silu_mul, eps, ffn = ops.add_rms_norm, ops.silu_mul, c.norm_eps, c.ffn_size
+        h = ops.rms_norm(x, self.layers[0].attn_norm, eps)
+        for (qkv, out, gate_up, down, ffn_norm, next_norm), kc, vc in zip(
+            calls, ks, vs, strict=True
+        ):
+            att = attend(qkv(h), kc, vc)  # kc, vc: (KV, cap, D), or a batch's tuples of them
+            h = add_norm(x, out(att), ffn_norm, eps)  # x += attention; h = norm(x)
+            h = add_norm(x, down(silu_mul(gate_up(h), ffn)), next_norm, eps)
+        return h  # output-normed after the last layer
 
     def close(self) -> None:
         self.layers, self.token_calls, self.chunk_calls = [], [], []
@@ -218,12 +286,19 @@ class NumpySession:
         self._v[:, :, :n] = v
         self._pos = n
 
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Run the prompt in chunks; float32 logits [vocab] after its last token, or with
+        ``all_logits`` (T, vocab) after each (the output matrix through `QuantMatrix.matmul`
+        over every row)."""
         ids = checked_tokens(token_ids, self._pos, self.max_context, self.model.config)
+        out = np.empty((ids.size, self.model.config.vocab_size), np.float32) if all_logits else None
         logits = None
         for start in range(0, ids.size, PREFILL_CHUNK):
-            logits = self._forward(ids[start : start + PREFILL_CHUNK], decode=False)
-        return logits
+            chunk = ids[start : start + PREFILL_CHUNK]
+            logits = self._forward(chunk, decode=False, all_logits=all_logits)
+            if out is not None:
+                out[start : start + chunk.size] = logits
+        return logits if out is None else out
 
     def step(self, token_id: int) -> np.ndarray:
         ids = checked_tokens([token_id], self._pos, self.max_context, self.model.config)
@@ -249,27 +324,18 @@ class NumpySession:
         self._cos = (np.cos(ang) * f).astype(np.float32)
         self._sin = (np.sin(ang) * f).astype(np.float32)
 
-    def _forward(self, ids: np.ndarray, *, decode: bool) -> np.ndarray:
-        """Run ``ids`` (T tokens at positions pos .. pos + T - 1) through the model, adding
-        them to the cache; returns float32 logits [vocab] of the last.
-
-        ``decode``: a generation step (one token): matvecs with the decode kernels (int8
-        activations by default).  A prefill, even of one token, multiplies in float as a
-        whole prompt does, so a prompt continued from a cached prefix gets the logits a
-        full prefill gives (to float rounding), and so the same sampled text."""
+    def _attention(self, T: int, *, one_token: bool) -> _Attend:
+        """The attention plug-in for T tokens from the current position (the cache must
+        hold P = position + T): ``attend(qkv, kc, vc)`` with this call's rope rows and
+        position bound.  ``one_token``: a decode step, which over a short cache takes the
+        compiled one-call block."""
         m, c = self.model, self.model.config
-        T, p0 = ids.size, self._pos
+        p0 = self._pos
         P = p0 + T
-        self._ensure_capacity(P)
-        if decode:  # one token: activations are vectors, through the matvec plans
-            calls = m.token_calls
-            x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
-            fused = ops.FUSED_DECODE and P * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX
-        else:
-            calls = m.chunk_calls
-            x = m.embed.take_rows(ids)  # (T, hidden)
-            fused = False
-        attend = functools.partial(
+        fused = (
+            one_token and ops.FUSED_DECODE and P * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX
+        )
+        return functools.partial(
             ops.attend_token if fused else ops.attend,
             self._cos[p0:P],  # (T, rope_dim/2)
             self._sin[p0:P],
@@ -279,13 +345,30 @@ class NumpySession:
             m.attn_scale,
             c.n_heads,
         )  # then attend(qkv, kc, vc) -> (T, H * D), or (H * D,) for one token
-        add_norm, silu_mul, eps, ffn = ops.add_rms_norm, ops.silu_mul, c.norm_eps, c.ffn_size
-        h = ops.rms_norm(x, m.layers[0].attn_norm, eps)
-        for (qkv, out, gate_up, down, ffn_norm, next_norm), kc, vc in zip(
-            calls, self._k, self._v, strict=True
-        ):
-            att = attend(qkv(h), kc, vc)  # kc, vc: (KV, cap, D)
-            h = add_norm(x, out(att), ffn_norm, eps)  # x += attention; h = norm(x)
-            h = add_norm(x, down(silu_mul(gate_up(h), ffn)), next_norm, eps)
-        self._pos = P
-        return m.output_mv(h[-1] if h.ndim == 2 else h)  # h: output-normed after the last layer
+
+    def _forward(self, ids: np.ndarray, *, decode: bool, all_logits: bool = False) -> np.ndarray:
+        """Run ``ids`` (T tokens at positions pos .. pos + T - 1) through the model, adding
+        them to the cache; returns float32 logits [vocab] of the last, or with
+        ``all_logits`` (T, vocab) of each.
+
+        ``decode``: a generation step (one token): matvecs with the decode kernels (int8
+        activations by default).  A prefill, even of one token, multiplies as a prompt
+        does (`QuantMatrix.matmul`).  With float activations a prompt continued from a
+        cached prefix gets the logits a full prefill gives (to float rounding); on the int8
+        path that holds where both take the same kernel (a short continuation takes the
+        int8 matmul, a long prompt may take float tiles: logits then differ at the int8
+        rounding's level, a few percent)."""
+        m = self.model
+        T, p0 = ids.size, self._pos
+        self._ensure_capacity(p0 + T)
+        if decode:  # one token: activations are vectors, through the matvec plans
+            calls = m.token_calls
+            x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
+        else:
+            calls = m.chunk_calls
+            x = m.embed.take_rows(ids)  # (T, hidden)
+        h = m._layers(x, calls, self._attention(T, one_token=decode), self._k, self._v)
+        self._pos = p0 + T
+        if all_logits:
+            return m.output.matmul(h.reshape(T, -1))  # (T, vocab)
+        return m.output_mv(h[-1] if h.ndim == 2 else h)

@@ -16,7 +16,7 @@ import importlib
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -62,8 +62,10 @@ class Session(Protocol):
         """Tokens held in the cache."""
         ...
 
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Run ``token_ids`` (batched, not one by one); float32 logits [vocab] of the last."""
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Run ``token_ids`` (batched, not one by one); float32 logits [vocab] of the last,
+        or with ``all_logits`` float32 [T, vocab] of every one (row i: the logits after
+        ``token_ids[i]``, for scoring a text or checking drafted tokens)."""
         ...
 
     def step(self, token_id: int) -> np.ndarray:
@@ -115,6 +117,24 @@ class LoadedModel(Protocol):
 
     def new_session(self, max_context: int | None = None) -> Session:
         """A fresh session; ``max_context`` defaults to the model's context length."""
+        ...
+
+    def step_batch(self, sessions: Sequence[Session], token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids[b]`` to ``sessions[b]`` for each b, in one forward pass: the
+        weight matrices are applied once to all B rows, attention runs per sequence over
+        its own cache and positions.  Returns float32 logits [B, vocab], row b the logits
+        ``sessions[b].step(token_ids[b])`` would return (to float rounding; B = 1 is
+        exactly `step`).
+
+        It lives on the model, not on a session, because it spans sessions: each must be
+        one this model opened.  Everything is validated (`checked_batch`) before anything
+        is computed, so an error leaves every session unchanged.
+
+        Raises:
+            ValueError: no sessions, a count of ids that differs, a session of another
+                model or given twice, an id outside the vocabulary.
+            ContextLengthError: a session is full.
+        """
         ...
 
     def close(self) -> None:
@@ -198,6 +218,47 @@ def checked_tokens(
     if lo < 0 or hi >= vocab:
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    return ids
+
+
+def checked_batch(
+    sessions: Sequence[Session],
+    token_ids: Sequence[int],
+    config: ModelConfig,
+    owns: Callable[[object], bool],
+) -> np.ndarray:
+    """Validate a batched step (`LoadedModel.step_batch`) before anything is computed;
+    returns the ids as an int64 array [B].  ``owns(session)`` says whether the model asked
+    opened that session.
+
+    Raises:
+        ValueError: no sessions, not one id per session, a session ``owns`` refuses or
+            that appears twice, an id outside the vocabulary.
+        ContextLengthError: a session is full (the error `step` raises, naming the session).
+    """
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if len(sessions) == 0:
+        raise ValueError("no sessions given; give at least one session and its token id")
+    if ids.shape != (len(sessions),):
+        raise ValueError(
+            f"give one token id per session: {len(sessions)} sessions, token ids of shape "
+            f"{ids.shape}"
+        )
+    seen: set[int] = set()
+    for i, s in enumerate(sessions):
+        if not owns(s):
+            raise ValueError(
+                f"sessions[{i}] ({type(s).__name__}) was not opened by this model; a batch "
+                "steps sessions of one model (open them with its new_session)"
+            )
+        if id(s) in seen:
+            raise ValueError(f"sessions[{i}] appears twice; a session advances once per step")
+        seen.add(id(s))
+    for i, s in enumerate(sessions):
+        try:
+            checked_tokens(ids[i : i + 1], s.position, s.max_context, config)
+        except ValueError as e:  # ContextLengthError too, keeping its type
+            raise type(e)(f"sessions[{i}]: {e}") from e
     return ids
 
 

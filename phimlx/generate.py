@@ -3,6 +3,11 @@
 Three layers, as in mlx-lm: `generate_tokens` (prefill, sample, step: token ids), `stream`
 (detokenize incrementally, stop strings, finish reasons, stats: `Chunk`s), and the blocking
 `Model.generate` in `phimlx.model` that joins a stream into a `Result`.
+
+Batches run the same loop, one per sequence: `StepBatch` gives each loop a ``step`` that
+only registers its token, and runs all registered tokens as one batched forward pass
+(`LoadedModel.step_batch`) when the first loop needs its logits; `run_together` advances
+the loops round-robin, so each pass steps every sequence still going.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import Session, check_fits
+from .backends import PendingLogits, Session, check_fits
 from .sampling import Sampler
 from .tokenizer import StreamingDetokenizer
+
+Step = Callable[[int], PendingLogits]  # feed a sampled token; a handle to the next logits
 
 
 @dataclass
@@ -104,12 +111,16 @@ def generate_tokens(
     stats: Stats | None = None,
     cached: int = 0,
     cached_logits: np.ndarray | None = None,
+    step: Step | None = None,
 ) -> Iterator[tuple[int, str | None]]:
     """Prefill ``prompt_ids`` and yield ``(token, finish_reason)`` pairs.
 
     ``cached``: the session already holds the first ``cached`` prompt ids (its position);
     only the rest is prefilled.  All of them may be cached when ``cached_logits`` gives the
     logits after the last one (kept from the prefill that computed it).
+
+    ``step``: how a sampled token is fed to the session (default ``session.step_async``);
+    a batch gives its own (`StepBatch.join`).
 
     ``finish_reason`` is None while generation goes on; the pair that ends it carries
     ``"stop"`` (the token is in ``stop_ids`` and is not part of the output), ``"length"``
@@ -127,6 +138,7 @@ def generate_tokens(
         )
     if max_tokens <= 0:
         return
+    step = step or session.step_async
     t0 = time.perf_counter()
     logits = cached_logits if whole else session.prefill(rest)
     t1 = time.perf_counter()
@@ -150,7 +162,7 @@ def generate_tokens(
         if session.position >= session.max_context:
             yield token, "context"
             break
-        handle = session.step_async(token)  # MLX computes it while the caller streams text
+        handle = step(token)  # MLX computes it while the caller streams text
         yield token, None
         logits = handle.result()
     stats.generation_seconds = time.perf_counter() - t_first
@@ -199,9 +211,11 @@ def stream(
     stop_strings: Sequence[str] = (),
     cached: int = 0,
     cached_logits: np.ndarray | None = None,
+    step: Step | None = None,
 ) -> Iterator[Chunk]:
     """Yield `Chunk`s of text as tokens are generated; the last one has the finish reason
-    and stats.  ``decode`` turns ids into text (the tokenizer's, without special tokens)."""
+    and stats.  ``decode`` turns ids into text (the tokenizer's, without special tokens);
+    the other arguments are `generate_tokens`'."""
     stats = Stats()
     detok = StreamingDetokenizer(decode)
     stops = _StopMatcher(stop_strings)
@@ -217,6 +231,7 @@ def stream(
         stats=stats,
         cached=cached,
         cached_logits=cached_logits,
+        step=step,
     )
     for token, reason in tokens:
         last = token
@@ -240,3 +255,89 @@ def stream(
         text += stops.flush()
     stats.peak_memory = peak_rss()
     yield Chunk(text, last, finish, stats)
+
+
+class _Waiting:
+    """A token registered with a `StepBatch`: the handle its loop gets (`PendingLogits`)."""
+
+    __slots__ = ("batch", "session", "token", "logits")
+
+    def __init__(self, batch: StepBatch, session: Session, token: int) -> None:
+        self.batch, self.session, self.token = batch, session, token
+        self.logits: np.ndarray | None = None
+
+    def result(self) -> np.ndarray:
+        if self.logits is None:
+            self.batch.run()
+        if self.logits is None:
+            raise RuntimeError("this batched step was withdrawn, or its batch failed")
+        return self.logits
+
+
+class StepBatch:
+    """Decode loops of several sessions of one model, stepped together.
+
+    Each loop's ``step(token)`` (from `join`) only registers the token; the first loop
+    that asks for its logits runs every registered token as one batched forward pass
+    (``step_batch(sessions, tokens) -> logits [B, vocab]``) and the others find theirs
+    computed.  Advanced round-robin (`run_together`), every loop still going registers once
+    per round, so each pass steps all of them, and the batch shrinks as loops finish.
+    """
+
+    def __init__(self, step_batch: Callable[[list[Session], list[int]], np.ndarray]) -> None:
+        self._step_batch = step_batch
+        self._waiting: list[_Waiting] = []
+
+    def join(self, session: Session) -> Step:
+        """The ``step`` for `generate_tokens` of ``session``'s loop."""
+
+        def step(token: int) -> PendingLogits:
+            waiting = _Waiting(self, session, token)
+            self._waiting.append(waiting)
+            return waiting
+
+        return step
+
+    def leave(self, session: Session) -> None:
+        """Withdraw ``session``'s registered token, if any: its loop ended (a stop string
+        after the step was registered) and the session may be handed on."""
+        self._waiting = [w for w in self._waiting if w.session is not session]
+
+    def run(self) -> None:
+        """Run every registered token as one forward pass (nothing when none waits)."""
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        logits = self._step_batch([w.session for w in waiting], [w.token for w in waiting])
+        for w, row in zip(waiting, logits, strict=True):
+            w.logits = row
+
+
+def run_together(streams: Sequence[Iterator[Chunk]]) -> list[list[Chunk]]:
+    """Advance ``streams`` (each one sequence's `stream`, stepping through one `StepBatch`)
+    round-robin to their ends; returns each one's chunks.
+
+    A stream is drained as soon as its last chunk (the one with a finish reason) arrives,
+    so its cleanup (withdrawing a step it registered, handing its session back) runs
+    before the next batched pass; on an error every stream is closed."""
+    chunks: list[list[Chunk]] = [[] for _ in streams]
+    going = list(range(len(streams)))
+    try:
+        while going:
+            still = []
+            for i in going:
+                chunk = next(streams[i], None)
+                if chunk is None:
+                    continue
+                chunks[i].append(chunk)
+                if chunk.finish_reason is None:
+                    still.append(i)
+                else:
+                    chunks[i].extend(streams[i])  # nothing more: runs the stream's cleanup
+            going = still
+    finally:
+        for s in streams:
+            close = getattr(s, "close", None)
+            if close is not None:
+                close()
+    return chunks

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,11 @@ import numpy as np
 from . import backends
 from .chat import render_chat
 from .config import ModelConfig
-from .generate import Chunk, Result, stream
+from .generate import Chunk, Result, StepBatch, run_together, stream
 from .gguf import ModelFile, open_gguf
 from .prompt_cache import PromptCache, ReplyIds
 from .sampling import Sampler, SamplingParams
-from .session import Session
+from .session import Session, step_batch
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,20 @@ DEFAULT_CACHE_BYTES = 2 << 30
 
 Messages = Sequence[Mapping[str, str]]
 Prompt = str | Messages | Sequence[int]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A `stream` call, validated: what `Model._stream` runs."""
+
+    ids: list[int]
+    dropped: int  # messages left out to fit the context
+    params: SamplingParams
+    stops: list[str]
+    stop_ids: frozenset[int]
+    max_tokens: int
+    context: int
+    cache: bool
 
 
 class Model:
@@ -93,6 +109,27 @@ class Model:
         """
         backends.check_max_context(max_context, self.config)
         return Session(self._backend_model.new_session(max_context), self._lock)
+
+    def step_batch(self, sessions: Sequence[Session], token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids[b]`` to ``sessions[b]`` for each b, in one forward pass: the
+        weights are applied once to all B tokens, each attends over its own session's cache
+        (sessions of different lengths are fine).  Row b equals what
+        ``sessions[b].step(token_ids[b])`` returns, to float rounding; one session is `step`.
+
+        Args:
+            sessions: distinct sessions of this model (`new_session`).
+            token_ids: one id per session.
+
+        Returns:
+            float32 logits of shape ``(len(sessions), vocab)``.
+
+        Raises:
+            ContextLengthError: a session is full.
+            ValueError: no sessions, not one id per session, a session given twice or not
+                of this model, an id outside the vocabulary.  Nothing has changed then.
+            TypeError: something that is not a `Session`.
+        """
+        return step_batch(self._backend_model, self._lock, sessions, token_ids)
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -248,6 +285,48 @@ class Model:
             ContextLengthError: the prompt does not fit in the context.
             ValueError: an invalid parameter (named in the message).
         """
+        return self._stream(
+            self._prepare(
+                prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n,
+                seed=seed,
+                stop=stop,
+                chat=chat,
+                system=system,
+                max_context=max_context,
+                cache=cache,
+                context_overflow=context_overflow,
+                ignore_eos=ignore_eos,
+            )
+        )
+
+    def _prepare(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        min_p: float | None,
+        repeat_penalty: float,
+        repeat_last_n: int,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        chat: bool,
+        system: str | None,
+        max_context: int | None,
+        cache: bool,
+        context_overflow: str,
+        ignore_eos: bool,
+    ) -> _Call:
+        """`stream`'s arguments checked and its prompt encoded (its defaults are `stream`'s)."""
         params = SamplingParams(
             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
         )
@@ -264,23 +343,15 @@ class Model:
         ids, dropped = self._fit_prompt(prompt, chat, system, context, max_tokens, context_overflow)
         self._backend_model  # noqa: B018 - a closed model fails here, not at the first chunk
         stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
-        return self._stream(ids, dropped, params, stops, stop_ids, max_tokens, context, cache)
+        return _Call(ids, dropped, params, stops, stop_ids, max_tokens, context, cache)
 
-    def _stream(
-        self,
-        ids: list[int],
-        dropped: int,
-        params: SamplingParams,
-        stops: list[str],
-        stop_ids: frozenset[int],
-        max_tokens: int,
-        context: int,
-        cache: bool,
-    ) -> Iterator[Chunk]:
-        """`stream` after validation: take (or open) a session, generate, keep it."""
-        session, shared = self._prompt_cache.take(ids, context) if cache else (None, 0)
+    def _stream(self, call: _Call, batch: StepBatch | None = None) -> Iterator[Chunk]:
+        """`stream` after validation: take (or open) a session, generate, keep it.  With
+        ``batch``, decode steps go through it (`batch_generate`)."""
+        ids, cache, stop_ids = call.ids, call.cache, call.stop_ids
+        session, shared = self._prompt_cache.take(ids, call.context) if cache else (None, 0)
         if session is None:
-            session = self.new_session(context)
+            session = self.new_session(call.context)
         # Continue from the shared prefix.  Generation starts from the logits after the
         # prompt's last id: kept if a prefill ended exactly there (the same prompt again),
         # else that id is fed again.
@@ -297,25 +368,28 @@ class Model:
             chunks = stream(
                 session,
                 ids,
-                Sampler(params),
+                Sampler(call.params),
                 lambda t: tok.decode(t, skip_special=True),
-                max_tokens=max_tokens,
+                max_tokens=call.max_tokens,
                 stop_ids=stop_ids,
-                stop_strings=stops,
+                stop_strings=call.stops,
                 cached=cached,
                 cached_logits=kept,
+                step=batch.join(session) if batch is not None else None,
             )
             for chunk in chunks:
                 if chunk.token is not None and chunk.token not in stop_ids:
                     generated.append(chunk.token)
                 text.append(chunk.text)
                 if chunk.stats is not None:
-                    chunk.stats.dropped_messages = dropped
+                    chunk.stats.dropped_messages = call.dropped
                 yield chunk
             reply = "".join(text)
             if tok.decode(generated, skip_special=True) == reply:  # not cut by a stop string
                 self._replies.remember(reply, generated)
         finally:
+            if batch is not None:  # before the session is handed on
+                batch.leave(session)
             if cache:
                 self._prompt_cache.put(session)
 
@@ -416,10 +490,59 @@ class Model:
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
         """Generate to the end and return the whole `Result` (same arguments as `stream`)."""
+        return self._result(self.stream(prompt, **kwargs))
+
+    def batch_generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
+        """Generate for several prompts at once: each is prefilled on its own, then all are
+        decoded together, one batched forward pass (`step_batch`) per token over the
+        sequences still going; a sequence that finishes (its own stop token, stop string,
+        ``max_tokens`` or context) leaves the batch.
+
+        Each sequence runs `generate`'s own loop, so its `Result` is what
+        ``generate(prompt, **kwargs)`` returns for that prompt alone, up to the float
+        rounding of the batched logits (greedy text is the same but for near-ties).  With
+        ``seed``, every sequence draws from its own generator seeded with it, as each
+        ``generate(prompt, seed=seed)`` call does.  ``cache`` works as in `stream`: each
+        sequence may continue a kept session (not one another sequence of the batch holds)
+        and is kept afterwards.  Stats time each sequence's own prefill; its generation
+        time is the batch's.
+
+        Args:
+            prompts: a list of prompts, each as `stream` takes one (text, messages, ids).
+            **kwargs: `stream`'s keyword arguments, applied to every prompt.
+
+        Returns:
+            One `Result` per prompt, in order.
+
+        Raises:
+            ContextLengthError: a prompt does not fit in the context (before anything runs).
+            ValueError: an invalid parameter (named in the message).
+            TypeError: ``prompts`` is one prompt rather than a list of them, or an unknown
+                keyword.
+        """
+        if isinstance(prompts, (str, bytes)) or _is_ids(prompts):
+            raise TypeError(
+                "prompts must be a list of prompts; for one prompt use generate(), or "
+                "batch_generate([prompt])"
+            )
+        bind = inspect.signature(self.stream).bind
+        calls = []
+        for prompt in prompts:  # every prompt checked before anything runs
+            args = bind(prompt, **kwargs)
+            args.apply_defaults()
+            call = self._prepare(**args.arguments)
+            backends.check_fits(len(call.ids), 0, call.context, self.config.context_length)
+            calls.append(call)
+        batch = StepBatch(self.step_batch)
+        chunks = run_together([self._stream(call, batch) for call in calls])
+        return [self._result(c) for c in chunks]
+
+    def _result(self, chunks: Iterable[Chunk]) -> Result:
+        """A stream's chunks joined into its `Result`."""
         parts: list[str] = []
         tokens: list[int] = []
         last: Chunk | None = None
-        for chunk in self.stream(prompt, **kwargs):
+        for chunk in chunks:
             parts.append(chunk.text)
             if chunk.token is not None and chunk.finish_reason != "stop":
                 tokens.append(chunk.token)

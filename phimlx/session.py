@@ -49,8 +49,14 @@ class Session:
         """The token ids held in the cache, in order."""
         return tuple(self._tokens)
 
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Run the prompt (batched); float32 logits [vocab] after its last token.
+
+        Args:
+            token_ids: the ids to append.
+            all_logits: return float32 [T, vocab] instead: row i is the logits after
+                ``token_ids[i]`` (what a prefill ending there gives, to float rounding), for
+                scoring a text or checking drafted tokens.
 
         Raises:
             ContextLengthError: the tokens do not fit in what is left of the context.
@@ -59,10 +65,13 @@ class Session:
         ids = [int(t) for t in token_ids]
         with self._lock:
             try:
-                logits = np.asarray(self._inner.prefill(ids), dtype=np.float32)
+                logits = np.asarray(
+                    self._inner.prefill(ids, all_logits=all_logits), dtype=np.float32
+                )
             finally:  # an interrupted prefill may have cached some of its chunks
                 self._sync(ids)
-            self._ends[self.position] = logits.copy()  # the caller may write into its own
+            last = logits[-1] if all_logits else logits
+            self._ends[self.position] = last.copy()  # the caller may write into its own
             while len(self._ends) > _KEPT_ENDS:
                 del self._ends[next(iter(self._ends))]
             return logits
@@ -124,3 +133,28 @@ class Session:
             del self._tokens[pos:]
         else:
             self._tokens.extend(fed[: pos - len(self._tokens)])
+
+
+def step_batch(
+    model: backends.LoadedModel,
+    lock: threading.Lock,
+    sessions: Sequence[Session],
+    token_ids: Sequence[int],
+) -> np.ndarray:
+    """`backends.LoadedModel.step_batch` for public sessions opened by ``model`` (whose
+    forward passes take turns under ``lock``): one forward pass under the lock, then each
+    session's ids follow its position.  See `phimlx.Model.step_batch`."""
+    for i, s in enumerate(sessions):
+        if not isinstance(s, Session):
+            raise TypeError(f"sessions[{i}] is a {type(s).__name__}, not a phimlx Session")
+        if s._lock is not lock:
+            raise ValueError(
+                f"sessions[{i}] belongs to another model; a batch steps sessions of one model"
+            )
+    ids = [int(t) for t in token_ids]
+    with lock:
+        try:
+            return np.asarray(model.step_batch([s._inner for s in sessions], ids), np.float32)
+        finally:  # positions move together or not at all; the ids follow
+            for s, t in zip(sessions, ids, strict=False):
+                s._sync([t])

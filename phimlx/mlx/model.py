@@ -6,6 +6,11 @@ does (mlx-lm always uses long), llama.cpp's attention factor, partial rotary dim
 interleaved ("normal") style of llama GGUFs -- so each attention's ``rope`` is replaced by
 `_Rope`, fed from the session.  Sliding-window attention uses mlx-lm's `RotatingKVCache`,
 whose mask keeps key j visible from query i iff ``i - j < window`` (as the NumPy backend).
+
+A batched step (`MLXModel.step_batch`) runs mlx-lm's layers' own modules in our loop: the
+B sessions' tokens go through every projection as one (B, 1, hidden) array, and attention
+runs per sequence, over that session's own cache with its own rope.  (mlx-lm batches with
+left-padded caches instead; ours are one per session, of different lengths, so they stay.)
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama, phi3
+from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from ..backends import check_kv_state, check_trim, checked_tokens
+from ..backends import check_kv_state, check_trim, checked_batch, checked_tokens
 from ..config import ModelConfig
 from ..gguf import GGMLType, ModelFile
 from .quant import GROUP, Quantized
@@ -126,6 +132,7 @@ class MLXModel:
         self.dtype = compute_dtype()
         self.model, self.weight_bytes = build_model(mf, config, self.dtype)
         self._rope = _install_rope(self.model, config)
+        self._fused_qkv = mlx_lm_module_name(config) == "phi3"  # qkv_proj, else q/k/v_proj
         log.info(
             "MLX model ready: %s layout, %.1f MB on %s, activations %s",
             mlx_lm_module_name(config),
@@ -137,6 +144,80 @@ class MLXModel:
     def new_session(self, max_context: int | None = None) -> MLXSession:
         """A fresh KV cache for up to ``max_context`` tokens (default: the model's context)."""
         return MLXSession(self, max_context or self.config.context_length)
+
+    def step_batch(self, sessions: Sequence[MLXSession], token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids[b]`` to ``sessions[b]`` for each b in one forward pass; float32
+        logits (B, vocab).  See `phimlx.backends.LoadedModel.step_batch`.
+
+        B = 1 is `MLXSession.step` itself.
+
+        Raises:
+            ValueError: see `phimlx.backends.checked_batch`.
+            ContextLengthError: a session is full.
+        """
+        ids = checked_batch(
+            sessions,
+            token_ids,
+            self.config,
+            lambda s: isinstance(s, MLXSession) and s._m is self,
+        )
+        if ids.size == 1:
+            return sessions[0].step(int(ids[0]))[None]
+        try:
+            logits = self._forward_batch(sessions, ids)
+        except BaseException:  # interrupted between layers: every session back at its _pos
+            for s in sessions:
+                s._restore()
+            raise
+        for s in sessions:
+            s._pos += 1
+        return np.array(logits, dtype=np.float32)
+
+    def _forward_batch(self, sessions: Sequence[MLXSession], ids: np.ndarray) -> mx.array:
+        """One token per session as a (B, 1) batch through the layers; (B, vocab) logits.
+        The layer is mlx-lm's ``TransformerBlock`` written out, with the attention split
+        at the sequences (`_attention_rows`)."""
+        inner = self.model.model
+        self._rope.scale = self.config.rope_attn_factor
+        x = inner.embed_tokens(mx.array(ids.astype(np.int32))[:, None])  # (B, 1, hidden)
+        for i, layer in enumerate(inner.layers):
+            caches = [s._cache[i] for s in sessions]
+            h = x + self._attention_rows(
+                layer.self_attn, layer.input_layernorm(x), sessions, caches
+            )
+            x = h + layer.mlp(layer.post_attention_layernorm(h))
+        out = self._head(inner.norm(x))  # (B, 1, vocab)
+        return out.reshape(len(sessions), -1).astype(mx.float32)
+
+    def _attention_rows(
+        self, attn: nn.Module, x: mx.array, sessions: Sequence[MLXSession], caches: list[Any]
+    ) -> mx.array:
+        """mlx-lm's ``Attention`` for x (B, 1, hidden), one token per session: q, k, v and
+        the output projection over all B rows; rope, cache and attention per session."""
+        B = x.shape[0]
+        H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        if self._fused_qkv:
+            q, k, v = mx.split(attn.qkv_proj(x), [H * D, (H + KV) * D], axis=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        # (B, 1, heads * D) -> (B, heads, 1, D): one position, so a reshape is the transpose
+        q, k, v = q.reshape(B, H, 1, D), k.reshape(B, KV, 1, D), v.reshape(B, KV, 1, D)
+        outs = []
+        for b, (s, c) in enumerate(zip(sessions, caches, strict=True)):
+            self._rope.freqs = s._freqs  # read as the graph is built
+            qb = attn.rope(q[b : b + 1], offset=c.offset)
+            kb, vb = c.update_and_fetch(attn.rope(k[b : b + 1], offset=c.offset), v[b : b + 1])
+            # One query: every key the cache returns is visible (mlx-lm's mask is None too).
+            outs.append(
+                scaled_dot_product_attention(qb, kb, vb, cache=c, scale=attn.scale, mask=None)
+            )  # (1, H, 1, D)
+        return attn.o_proj(mx.concatenate(outs, axis=0).reshape(B, 1, H * D))
+
+    def _head(self, h: mx.array) -> mx.array:
+        """Output-normed hidden states (..., hidden) -> logits (..., vocab)."""
+        if self.config.tied_embeddings:
+            return self.model.model.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
 
     def close(self) -> None:
         """Drop the weights and the file mapping."""
@@ -253,15 +334,16 @@ class MLXSession:
         mx.eval([(c.keys, c.values) for c in self._cache])
         self._pos = n
 
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Run the prompt in chunks; float32 logits ``[vocab]`` after its last token."""
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Run the prompt in chunks; float32 logits ``[vocab]`` after its last token, or
+        with ``all_logits`` ``[T, vocab]`` after each."""
         ids = self._checked(token_ids)
-        logits = None
+        parts = []
         for start in range(0, ids.size, PREFILL_CHUNK):
-            logits = self._forward(ids[start : start + PREFILL_CHUNK])
+            parts.append(self._forward(ids[start : start + PREFILL_CHUNK], all_logits=all_logits))
             if start + PREFILL_CHUNK < ids.size:
-                mx.eval([c.state for c in self._cache])
-        assert logits is not None
+                mx.eval([c.state for c in self._cache], parts if all_logits else [])
+        logits = mx.concatenate(parts) if all_logits else parts[-1]
         return np.array(logits, dtype=np.float32)
 
     def step(self, token_id: int) -> np.ndarray:
@@ -278,22 +360,25 @@ class MLXSession:
     def _checked(self, token_ids: Sequence[int]) -> np.ndarray:
         return checked_tokens(token_ids, self._pos, self.max_context, self._m.config)
 
-    def _forward(self, ids: np.ndarray) -> mx.array:
+    def _forward(self, ids: np.ndarray, *, all_logits: bool = False) -> mx.array:
+        """``ids`` (T tokens) through the model into the cache; logits (vocab,) of the last,
+        or with ``all_logits`` (T, vocab)."""
         m = self._m
         m._rope.freqs, m._rope.scale = self._freqs, m.config.rope_attn_factor
         try:
             h = m.model.model(mx.array(ids.astype(np.int32))[None], cache=self._cache)  # (1, T, H)
         except BaseException:  # interrupted between layers: put every layer back at _pos
-            for c in self._cache:
-                if c.offset > self._pos and c.is_trimmable():
-                    c.trim(c.offset - self._pos)
-            if any(c.offset != self._pos for c in self._cache):
-                self.reset()
+            self._restore()
             raise
-        h = h[:, -1:, :]
-        if m.config.tied_embeddings:
-            out = m.model.model.embed_tokens.as_linear(h)
-        else:
-            out = m.model.lm_head(h)
+        out = m._head(h[0] if all_logits else h[0, -1:])  # (T or 1, vocab)
         self._pos += int(ids.size)
-        return out.reshape(-1).astype(mx.float32)  # (vocab,)
+        return (out if all_logits else out.reshape(-1)).astype(mx.float32)
+
+    def _restore(self) -> None:
+        """Put every layer's cache back at ``_pos`` after an interrupted forward pass (or
+        empty the session where a cache cannot go back)."""
+        for c in self._cache:
+            if c.offset > self._pos and c.is_trimmable():
+                c.trim(c.offset - self._pos)
+        if any(c.offset != self._pos for c in self._cache):
+            self.reset()
