@@ -46,9 +46,8 @@ def load(  # noqa: ANN201
         warmup: run `warm_up` before returning, so that numba compiles (or loads from its
             on-disk cache) every kernel a prompt and a decode step call now rather than
             inside the first prompt's timing.  None (default): when something will compile
-            (`kernels_cached` is False), which takes seconds; a warm-up where the kernels
-            are cached would cost more than it saves (its 2-token prefill decodes every
-            weight tile: ~4 s on Phi-3-mini, against ~0.3 s of loading kernels from disk).
+            (`kernels_cached` is False), which takes seconds; where the kernels are cached
+            numba loads each from disk on its first call anyway.
 
     Returns:
         A `fallback.model.NumpyModel`.
