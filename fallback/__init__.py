@@ -17,6 +17,8 @@ import numpy as np
 from phimlx.config import ModelConfig
 from phimlx.gguf import GGMLType, ModelFile
 
+from . import threads as _threads  # noqa: F401 - sets GOMP_SPINCOUNT before numba's OpenMP
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,7 @@ def load(  # noqa: ANN201
     threads: int | None = None,
     int8_activations: bool | None = None,
     warmup: bool | None = None,
+    kv_cache_type: str | None = None,
 ):
     """Load ``mf`` for CPU inference (see `phimlx.backends`); weights stay memory-mapped.
 
@@ -55,7 +58,13 @@ def load(  # noqa: ANN201
     from .kernels import numba_available
     from .model import NumpyModel
 
-    model = NumpyModel(mf, config, threads=threads, int8_activations=int8_activations)
+    model = NumpyModel(
+        mf,
+        config,
+        threads=threads,
+        int8_activations=int8_activations,
+        kv_cache_type=kv_cache_type,
+    )
     if warmup is None:
         warmup = not kernels_cached(mf)
     if warmup and numba_available():  # the pure NumPy path has nothing to compile
@@ -69,12 +78,21 @@ def warm_up(model: Any) -> None:
 
     They call every compiled kernel a generation calls (the prefill's int8 matmuls and
     norms, the tile decoders of long prompts, the step's matvecs, fused attention and
-    embedding lookup) with the argument types of a real call, which is what numba compiles
-    for; the session is dropped afterwards.
+    embedding lookup; the parallel attention of long caches) with the argument types of a
+    real call and the model's KV cache type, which is what numba compiles for; the session
+    is dropped afterwards.
     """
     session = model.new_session(min(4, model.config.context_length))
     session.prefill([0, 0])
     session.step(0)
+    if model.threads > 1:  # the parallel attention of long caches, on this cache type
+        from . import ops
+
+        c, kc, vc = model.config, session._k[0], session._v[0]
+        kv, _, d = ops.cache_shape(kc)
+        qkv = np.zeros((c.n_heads + 2 * kv) * d, np.float32)
+        cos, sin = session._cos[:1], session._sin[:1]
+        ops.attend_token_parallel(2, cos, sin, True, 0, 0, model.attn_scale, c.n_heads, qkv, kc, vc)
     seen = set()
     for m in model._matrices():
         if m.use_numba and id(m.kernels) not in seen:
@@ -112,6 +130,7 @@ def kernels_cached(mf: ModelFile) -> bool:
     from . import ops
 
     dispatchers = [ops.rms_norm, ops.add_rms_norm, ops.silu_mul, ops.rope, ops.attend_token]
+    dispatchers.append(ops.attend_token_parallel)
     kinds = {
         (t.type, t.shape[-1])
         for t in mf.tensors.values()

@@ -11,11 +11,17 @@ Two choices made per call plug into it:
   through `matmul_many` / `QuantMatrix.matmul` (on the int8 path the int8 matmul for up to
   `matrix.INT8_MATMUL_ROWS` rows, each row equal to the matvec's; float tiles and BLAS sgemm
   for longer prompts, see `kernels.int8_prefill`);
-- the attention block (rope q and k, write k and v into the cache, attend): for one token
-  over a short cache, the compiled `ops.attend_token` (one call); otherwise `ops.attend`,
-  whose batched attention lets BLAS's threads work (prefill, long caches).  See `fallback.ops`.
-  A batch of B sessions runs one of these per row (`_attend_each`): each session's token
-  attends over its own cache at its own position.
+- the attention block (rope q and k, write k and v into the cache, attend): for one token,
+  the compiled one-call block (`ops.decode_attention`: `ops.attend_token` on this thread
+  over short caches, `ops.attend_token_parallel` on numba's threads over long ones: no BLAS
+  call in a decode step, so only numba's threads run); for a prefill chunk `ops.attend`,
+  whose batched attention lets BLAS's threads work.  See `fallback.ops`.  A batch of B
+  sessions runs the one-token block per row (`_attend_each`): each session's token attends
+  over its own cache at its own position.
+
+The KV cache is stored as ``kv_cache_type`` says (`phimlx.backends.KV_CACHE_TYPES`: float16
+by default, float32, or Q8_0 blocks), one cache per layer (see "KV cache storage" in
+`fallback.ops`); `NumpySession.kv_state` converts to float32 and `load_kv_state` back.
 
 A small model's decode step is dominated by Python glue (SmolLM2-135M: 30 layers in a few
 milliseconds), so a layer is eight compiled calls with nothing between them: each residual
@@ -37,7 +43,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from phimlx.backends import Finished, check_kv_state, check_trim, checked_batch, checked_tokens
+from phimlx.backends import (
+    Finished,
+    check_kv_cache_type,
+    check_kv_state,
+    check_trim,
+    checked_batch,
+    checked_tokens,
+)
 from phimlx.config import ModelConfig
 from phimlx.gguf import ModelFile
 
@@ -101,7 +114,8 @@ class NumpyModel:
 
     ``int8_activations``: decode with llama.cpp-style int8 activations where a kernel exists
     (True), exact float32 activations (False), or the default (None: int8 unless
-    ``PHIMLX_INT8_ACTIVATIONS=0``); see `fallback.kernels`."""
+    ``PHIMLX_INT8_ACTIVATIONS=0``); see `fallback.kernels`.  ``kv_cache_type``: how its
+    sessions store K and V (`phimlx.backends.KV_CACHE_TYPES`; None: ``"f16"``)."""
 
     def __init__(
         self,
@@ -110,7 +124,10 @@ class NumpyModel:
         *,
         threads: int | None = None,
         int8_activations: bool | None = None,
+        kv_cache_type: str | None = None,
     ):
+        check_kv_cache_type(kv_cache_type)
+        self.kv_cache_type = kv_cache_type or "f16"
         # The norms are not checked for NaN/Inf here: `ModelConfig.from_gguf` refuses them.
         self.config = config
         self.file = mf
@@ -244,11 +261,13 @@ class NumpySession:
             raise ValueError(f"max_context must be positive, got {max_context}")
         self.model = model
         self.max_context = max_context
+        self.kv_cache_type = model.kv_cache_type
         self._pos = 0
         self._cap = 0
-        # (layers, KV, capacity, D), grown on demand so memory follows the tokens held.
-        self._k = np.zeros((c.n_layers, c.n_kv_heads, 0, c.head_dim), np.float32)
-        self._v = np.zeros_like(self._k)
+        # per layer, (KV, capacity, D) rows of kv_cache_type (`ops.new_cache`), grown on
+        # demand so memory follows the tokens held
+        self._k = self._new_caches(0)
+        self._v = self._new_caches(0)
         inv_freq = c.rope_inv_freq(max_context).astype(np.float64)
         self._inv_freq = inv_freq  # (rope_dim / 2,)
 
@@ -265,15 +284,24 @@ class NumpySession:
         self._pos = check_trim(n, self._pos)
         return self._pos
 
+    def _new_caches(self, cap: int) -> list[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        c = self.model.config
+        return [
+            ops.new_cache(self.kv_cache_type, c.n_kv_heads, cap, c.head_dim)
+            for _ in range(c.n_layers)
+        ]
+
     def kv_state(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of K (after rope) and V of the positions held: float32
-        (layers, KV, position, D) each."""
+        (layers, KV, position, D) each, converted from the cache's type."""
         p = self._pos
-        return self._k[:, :, :p].copy(), self._v[:, :, :p].copy()
+        k = np.stack([ops.cache_rows(kc, p) for kc in self._k])
+        v = np.stack([ops.cache_rows(vc, p) for vc in self._v])
+        return k, v
 
     def load_kv_state(self, k: np.ndarray, v: np.ndarray) -> None:
         """Replace the cache with ``k``, ``v`` (float32 (layers, KV, P, D), as `kv_state`
-        gives them); the position becomes P.
+        gives them), stored as this session's ``kv_cache_type``; the position becomes P.
 
         Raises:
             ValueError: a dtype or shape that does not fit the model or ``max_context``.
@@ -282,8 +310,9 @@ class NumpySession:
         n = check_kv_state(k, v, c, self.max_context, np.dtype(np.float32))
         self._pos = 0  # nothing to carry over when the capacity grows
         self._ensure_capacity(n)
-        self._k[:, :, :n] = k
-        self._v[:, :, :n] = v
+        for kc, vc, kl, vl in zip(self._k, self._v, k, v, strict=True):
+            ops.cache_write(kc, 0, kl)
+            ops.cache_write(vc, 0, vl)
         self._pos = n
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
@@ -312,10 +341,9 @@ class NumpySession:
         if n <= self._cap:
             return
         cap = min(self.max_context, -(-n // _CACHE_GROW) * _CACHE_GROW)
-        shape = (*self._k.shape[:2], cap, self._k.shape[3])
-        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        k[:, :, : self._pos] = self._k[:, :, : self._pos]
-        v[:, :, : self._pos] = self._v[:, :, : self._pos]
+        k, v = self._new_caches(cap), self._new_caches(cap)
+        for new, old in zip(k + v, self._k + self._v, strict=True):
+            ops.cache_copy(new, old, self._pos)
         self._k, self._v, self._cap = k, v, cap
         # cos/sin (cap, rope_dim/2) of every position the cache can hold, LongRoPE's
         # attention factor applied; angles in float64 so far positions stay exact
@@ -327,16 +355,17 @@ class NumpySession:
     def _attention(self, T: int, *, one_token: bool) -> _Attend:
         """The attention plug-in for T tokens from the current position (the cache must
         hold P = position + T): ``attend(qkv, kc, vc)`` with this call's rope rows and
-        position bound.  ``one_token``: a decode step, which over a short cache takes the
-        compiled one-call block."""
+        position bound.  ``one_token``: a decode step, which takes the compiled one-call
+        block (`ops.decode_attention`: one thread or numba's, by the positions attended)."""
         m, c = self.model, self.model.config
         p0 = self._pos
         P = p0 + T
-        fused = (
-            one_token and ops.FUSED_DECODE and P * c.n_heads * c.head_dim <= ops.LOOP_ATTENTION_MAX
-        )
+        block = None
+        if one_token:  # None without numba
+            n = min(P, c.sliding_window) if c.sliding_window else P
+            block = ops.decode_attention(n, c.n_heads, c.n_kv_heads, c.head_dim, m.threads)
         return functools.partial(
-            ops.attend_token if fused else ops.attend,
+            block or ops.attend,
             self._cos[p0:P],  # (T, rope_dim/2)
             self._sin[p0:P],
             c.rope_style == "neox",

@@ -4,21 +4,24 @@ Two engines compute them:
 
 - NumPy (the ``*_np`` functions): vectorized expressions, the reference in tests and what
   runs where numba is missing.  `attention_np` is batched matmuls, so BLAS's threads do the
-  work: the engine for prefill chunks and for decoding over long caches, where the score
-  matrix is large.
+  work: the engine for prefill chunks, where the score matrix is large.
 - numba: loops compiled into one call each.  A decode step of a small model is dominated
-  by interpreter round trips (a NumPy expression costs several, each op a handful), so
-  over a short cache the whole attention block of one token (rope q and k, write k and v
-  into the cache, attend) is the single call `attend_token`.  It is built from the row
-  helpers `_rope_row` and `_attend_row`, which the other loops use too: rope and attention
-  are each written once per engine.
+  by interpreter round trips (a NumPy expression costs several, each op a handful), so the
+  whole attention block of one token (rope q and k, write k and v into the cache, attend)
+  is the single call `attend_token`, at every cache length: a decode step never calls
+  BLAS, whose threads would fight numba's (`fallback.threads`).  Over long caches its
+  twin `attend_token_parallel` splits each kv head's positions into parts on numba's
+  threads (flash-decoding: per part a max, a sum and an unnormalized output, merged at the
+  end); `decode_attention` picks one by size (`LOOP_ATTENTION_MAX`).  Both read each K and
+  V row once for the G query heads that share it, four rows at a time, from a cache of any
+  type ("KV cache storage" below); rope is written once per engine (`_rope_row`).
 
 The unsuffixed names (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`) are the compiled
 versions where numba is available and the NumPy ones elsewhere.  `attend` is the attention
-block of T tokens on the BLAS engine; `attend_token` (numba only, else None) is the same
-block for one token, for caches up to `LOOP_ATTENTION_MAX`.  Both take the per-call values
-first, so the forward pass binds them once (`functools.partial`) and calls
-``attend(qkv, kc, vc)`` per layer.
+block of T tokens on the BLAS engine; `attend_token` / `attend_token_parallel` (numba
+only, else None) the same block for one token.  They take the per-call values first, so
+the forward pass binds them once (`functools.partial`) and calls ``attend(qkv, kc, vc)``
+per layer.
 
 Activations are ``(T, n)`` for T tokens or ``(n,)`` for one (the decode step, whose matvecs
 take and return vectors); the norms and the SiLU gate accept both, C-contiguous.
@@ -29,12 +32,19 @@ in the cache (cap: its capacity), rd/2 rotated pairs per head.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
+
+from phimlx.backends import KV_CACHE_TYPES
 
 from .kernels import numba_available
 
-# Above this many multiply-adds per decode step, BLAS's threads beat one compiled loop.
-LOOP_ATTENTION_MAX = 1 << 20
+# Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
+# runs on the calling thread (`attend_token`); above, on numba's threads
+# (`attend_token_parallel`), whose launch costs more than the work below it.
+LOOP_ATTENTION_MAX = 1 << 17
 
 # ---------------------------------------------------------------------------- NumPy engine
 
@@ -97,6 +107,73 @@ def attention_np(
     return out.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
 
 
+# ------------------------------------------------------------------ KV cache storage
+# One layer's K (or V) cache, (KV, cap, D) rows, in one of three types:
+#   "f32":  a float32 array;
+#   "f16":  a uint16 array holding float16 bits (numba has no float16 type: the kernels
+#           convert with the CPU's instruction, F16C's vcvtph2ps, `_f32_from_f16`);
+#   "q8_0": a tuple (int8 (KV, cap, D), float32 (KV, cap, nb)): blocks of 32 values along D
+#           with one float32 scale each (llama.cpp's Q8_0 with a float32 rather than float16
+#           scale), or one block per row when D is not a multiple of 32; q = rint(x / d),
+#           d = max|x| / 127.
+
+Q8_BLOCK = 32
+
+
+def new_cache(kind: str, n_kv: int, cap: int, head_dim: int) -> np.ndarray | tuple:
+    """An empty (zeroed) cache of ``kind`` (one of `KV_CACHE_TYPES`) for (n_kv, cap, head_dim)."""
+    shape = (n_kv, cap, head_dim)
+    if kind == "f32":
+        return np.zeros(shape, np.float32)
+    if kind == "f16":
+        return np.zeros(shape, np.uint16)
+    if kind == "q8_0":
+        nb = head_dim // Q8_BLOCK if head_dim % Q8_BLOCK == 0 else 1
+        return np.zeros(shape, np.int8), np.zeros((n_kv, cap, nb), np.float32)
+    raise ValueError(f"kv_cache_type={kind!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+
+
+def cache_copy(dst: np.ndarray | tuple, src: np.ndarray | tuple, n: int) -> None:
+    """Copy positions 0 .. n - 1 of ``src`` into ``dst``, two caches of the same type."""
+    for d, s in zip(dst, src, strict=True) if isinstance(dst, tuple) else ((dst, src),):
+        d[:, :n] = s[:, :n]
+
+
+def cache_shape(c: np.ndarray | tuple) -> tuple[int, int, int]:
+    """(KV, cap, D) of a cache of any type."""
+    return c[0].shape if isinstance(c, tuple) else c.shape
+
+
+def cache_rows(c: np.ndarray | tuple, P: int) -> np.ndarray:
+    """Positions 0 .. P - 1 of a cache as float32 (KV, P, D): a view for "f32", else a copy."""
+    if isinstance(c, tuple):
+        q, d = c
+        KV, _, D = q.shape
+        nb = d.shape[2]
+        x = q[:, :P].reshape(KV, P, nb, D // nb).astype(np.float32) * d[:, :P, :, None]
+        return x.reshape(KV, P, D)
+    if c.dtype == np.uint16:
+        return c[:, :P].view(np.float16).astype(np.float32)
+    return c[:, :P]
+
+
+def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray) -> None:
+    """Store float32 rows x (KV, T, D) at positions p0 .. p0 + T - 1 of a cache."""
+    T = x.shape[1]
+    if isinstance(c, tuple):
+        q, d = c
+        nb = d.shape[2]
+        xb = x.reshape(*x.shape[:2], nb, -1)  # (KV, T, nb, block)
+        scale = np.abs(xb).max(axis=-1) / np.float32(127.0)  # (KV, T, nb)
+        inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
+        q[:, p0 : p0 + T] = np.rint(xb * inv[..., None]).reshape(x.shape).astype(np.int8)
+        d[:, p0 : p0 + T] = scale
+    elif c.dtype == np.uint16:
+        c[:, p0 : p0 + T] = x.astype(np.float16).view(np.uint16)
+    else:
+        c[:, p0 : p0 + T] = x
+
+
 def attend(
     cos: np.ndarray,
     sin: np.ndarray,
@@ -120,12 +197,13 @@ def attend(
         scale: the attention scale.
         n_heads: H.
         qkv: (T, (H + 2 KV) * D) projections [q | k | v], or ((H + 2 KV) * D,) for one.
-        kc, vc: this layer's caches (KV, cap, D), cap >= p0 + T.
+        kc, vc: this layer's caches (KV, cap, D), cap >= p0 + T, of any KV cache type
+            (`new_cache`); the rows this call reads are converted to float32.
 
     Returns:
         (T, H * D), or (H * D,) for a one-dimensional qkv.
     """
-    KV, _, D = kc.shape
+    KV, _, D = cache_shape(kc)
     T, H = cos.shape[0], n_heads
     rows = qkv.reshape(T, -1)  # (T, (H + 2 KV) * D)
     q = rows[:, : H * D].reshape(T, H, D)
@@ -133,10 +211,34 @@ def attend(
     v = rows[:, (H + KV) * D :].reshape(T, KV, D)
     rope(q, cos, sin, neox)
     rope(k, cos, sin, neox)
-    kc[:, p0 : p0 + T] = k.transpose(1, 0, 2)
-    vc[:, p0 : p0 + T] = v.transpose(1, 0, 2)
-    out = attention_np(q, kc, vc, p0, window, scale)  # (T, H * D)
+    cache_write(kc, p0, k.transpose(1, 0, 2))
+    cache_write(vc, p0, v.transpose(1, 0, 2))
+    P = p0 + T
+    out = attention_np(q, cache_rows(kc, P), cache_rows(vc, P), p0, window, scale)  # (T, H * D)
     return out.reshape(*qkv.shape[:-1], H * D)
+
+
+def decode_parts(n_positions: int, n_kv: int, threads: int) -> int:
+    """Chunks per kv head for `attend_token_parallel`: about four parts per thread, KV x parts
+    a multiple of the threads (numba splits a prange evenly), each at least 64 positions."""
+    parts = -(-4 * threads // n_kv)
+    while (n_kv * parts) % threads:
+        parts += 1
+    return max(1, min(parts, -(-n_positions // 64)))
+
+
+def decode_attention(
+    n_positions: int, n_heads: int, n_kv: int, head_dim: int, threads: int
+) -> Callable[..., np.ndarray] | None:
+    """The compiled one-token attention block for a step attending ``n_positions`` positions:
+    `attend_token` for small ones (or one thread), else `attend_token_parallel` with its
+    parts bound.  Either is called as ``f(cos, sin, neox, p0, window, scale, n_heads, qkv,
+    kc, vc)``.  None where numba is missing (the forward pass then takes `attend`)."""
+    if attend_token is None:
+        return None
+    if threads <= 1 or n_positions * n_heads * head_dim <= LOOP_ATTENTION_MAX:
+        return attend_token
+    return functools.partial(attend_token_parallel, decode_parts(n_positions, n_kv, threads))
 
 
 # ---------------------------------------------------------------------------- numba engine
@@ -233,76 +335,351 @@ def _rope_loop(x, cos, sin, neox):  # noqa: ANN001, ANN202
             _rope_row(x[t, h], 0, cos, sin, t, neox)
 
 
-def _attend_row(q, q0, kc, vc, kv, start, n, scale, out, o0, s):  # noqa: ANN001, ANN202
-    """out[o0:o0+D] += softmax(scale * K @ q[q0:q0+D]) @ V over cache rows start..start+n-1
-    of kv head ``kv``: one query head's attention; ``s`` is scratch space for >= n scores.
-    Four cache rows per iteration (four dot products share the loads of q, four V rows one
-    load/store of ``out``): ~20% faster than one."""
-    D = kc.shape[2]
-    j = 0
-    while j + 4 <= n:
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        r = start + j
-        for d in range(D):
+# Reading and writing one cache row, per cache type (see "KV cache storage" above).  The
+# attention loops call the dispatching names (`_dot4`, `_dot1`, `_axpy4`, `_axpy1`,
+# `_store_row`, `_cache_kv_dim`); numba compiles them into the loops as the `_f32` / `_f16`
+# / `_q8` version that matches the cache's type (`_by_cache_type`).  Four rows at a time:
+# four dot products share the loads of q, four V rows one load/store of the output, ~20%
+# faster than one.
+
+
+def _dot4_f32(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+    """q[q0 : q0 + D] . rows r .. r + 3 of kv head ``kv``."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for d in range(D):
+        qd = q[q0 + d]
+        a0 += qd * c[kv, r, d]
+        a1 += qd * c[kv, r + 1, d]
+        a2 += qd * c[kv, r + 2, d]
+        a3 += qd * c[kv, r + 3, d]
+    return a0, a1, a2, a3
+
+
+def _dot4_f16(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for d in range(D):
+        qd = q[q0 + d]
+        a0 += qd * _f32_from_f16(c[kv, r, d])
+        a1 += qd * _f32_from_f16(c[kv, r + 1, d])
+        a2 += qd * _f32_from_f16(c[kv, r + 2, d])
+        a3 += qd * _f32_from_f16(c[kv, r + 3, d])
+    return a0, a1, a2, a3
+
+
+def _dot4_q8(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+    cq, cs = c
+    nb = cs.shape[2]
+    bs = D // nb
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for b in range(nb):  # integer quants times q per block, then the block's scales
+        b0 = b1 = b2 = b3 = np.float32(0.0)
+        for i in range(bs):
+            d = b * bs + i
             qd = q[q0 + d]
-            a0 += qd * kc[kv, r, d]
-            a1 += qd * kc[kv, r + 1, d]
-            a2 += qd * kc[kv, r + 2, d]
-            a3 += qd * kc[kv, r + 3, d]
-        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-        j += 4
-    for i in range(j, n):  # the rest, one row at a time
-        acc = np.float32(0.0)
-        for d in range(D):
-            acc += q[q0 + d] * kc[kv, start + i, d]
-        s[i] = acc * scale
-    m = np.float32(-np.inf)
-    for j in range(n):
-        m = max(m, s[j])
-    total = np.float32(0.0)
-    for j in range(n):
-        s[j] = _exp(s[j] - m)
-        total += s[j]
-    inv = np.float32(1.0) / total
+            b0 += qd * np.float32(cq[kv, r, d])
+            b1 += qd * np.float32(cq[kv, r + 1, d])
+            b2 += qd * np.float32(cq[kv, r + 2, d])
+            b3 += qd * np.float32(cq[kv, r + 3, d])
+        a0 += b0 * cs[kv, r, b]
+        a1 += b1 * cs[kv, r + 1, b]
+        a2 += b2 * cs[kv, r + 2, b]
+        a3 += b3 * cs[kv, r + 3, b]
+    return a0, a1, a2, a3
+
+
+def _dot1_f32(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+    acc = np.float32(0.0)
+    for d in range(D):
+        acc += q[q0 + d] * c[kv, r, d]
+    return acc
+
+
+def _dot1_f16(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+    acc = np.float32(0.0)
+    for d in range(D):
+        acc += q[q0 + d] * _f32_from_f16(c[kv, r, d])
+    return acc
+
+
+def _dot1_q8(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+    cq, cs = c
+    nb = cs.shape[2]
+    bs = D // nb
+    acc = np.float32(0.0)
+    for b in range(nb):
+        ab = np.float32(0.0)
+        for i in range(bs):
+            ab += q[q0 + b * bs + i] * np.float32(cq[kv, r, b * bs + i])
+        acc += ab * cs[kv, r, b]
+    return acc
+
+
+def _axpy4_f32(o, g, p0, p1, p2, p3, c, kv, r):  # noqa: ANN001, ANN202
+    """o[g] += p0 V[r] + p1 V[r + 1] + p2 V[r + 2] + p3 V[r + 3] (V rows of kv head kv)."""
+    for d in range(o.shape[1]):
+        o[g, d] += (p0 * c[kv, r, d] + p1 * c[kv, r + 1, d]) + (
+            p2 * c[kv, r + 2, d] + p3 * c[kv, r + 3, d]
+        )
+
+
+def _axpy4_f16(o, g, p0, p1, p2, p3, c, kv, r):  # noqa: ANN001, ANN202
+    h = _f32_from_f16
+    for d in range(o.shape[1]):
+        o[g, d] += (p0 * h(c[kv, r, d]) + p1 * h(c[kv, r + 1, d])) + (
+            p2 * h(c[kv, r + 2, d]) + p3 * h(c[kv, r + 3, d])
+        )
+
+
+def _axpy4_q8(o, g, p0, p1, p2, p3, c, kv, r):  # noqa: ANN001, ANN202
+    cq, cs = c
+    nb = cs.shape[2]
+    bs = o.shape[1] // nb
+    for b in range(nb):
+        w0, w1 = p0 * cs[kv, r, b], p1 * cs[kv, r + 1, b]
+        w2, w3 = p2 * cs[kv, r + 2, b], p3 * cs[kv, r + 3, b]
+        for i in range(bs):
+            d = b * bs + i
+            o[g, d] += (w0 * np.float32(cq[kv, r, d]) + w1 * np.float32(cq[kv, r + 1, d])) + (
+                w2 * np.float32(cq[kv, r + 2, d]) + w3 * np.float32(cq[kv, r + 3, d])
+            )
+
+
+def _axpy1_f32(o, g, p, c, kv, r):  # noqa: ANN001, ANN202
+    for d in range(o.shape[1]):
+        o[g, d] += p * c[kv, r, d]
+
+
+def _axpy1_f16(o, g, p, c, kv, r):  # noqa: ANN001, ANN202
+    for d in range(o.shape[1]):
+        o[g, d] += p * _f32_from_f16(c[kv, r, d])
+
+
+def _axpy1_q8(o, g, p, c, kv, r):  # noqa: ANN001, ANN202
+    cq, cs = c
+    nb = cs.shape[2]
+    bs = o.shape[1] // nb
+    for b in range(nb):
+        w = p * cs[kv, r, b]
+        for i in range(bs):
+            o[g, b * bs + i] += w * np.float32(cq[kv, r, b * bs + i])
+
+
+def _store_row_f32(c, kv, p, x, x0):  # noqa: ANN001, ANN202
+    """Row p of kv head kv = x[x0 : x0 + D]."""
+    for d in range(c.shape[2]):
+        c[kv, p, d] = x[x0 + d]
+
+
+def _store_row_f16(c, kv, p, x, x0):  # noqa: ANN001, ANN202
+    for d in range(c.shape[2]):
+        c[kv, p, d] = _f16_from_f32(x[x0 + d])
+
+
+def _store_row_q8(c, kv, p, x, x0):  # noqa: ANN001, ANN202
+    cq, cs = c
+    nb = cs.shape[2]
+    bs = cq.shape[2] // nb
+    for b in range(nb):
+        amax = np.float32(0.0)
+        for i in range(bs):
+            amax = max(amax, abs(x[x0 + b * bs + i]))
+        scale = amax / np.float32(127.0)
+        inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+        for i in range(bs):
+            cq[kv, p, b * bs + i] = np.int8(np.rint(x[x0 + b * bs + i] * inv))
+        cs[kv, p, b] = scale
+
+
+def _cache_kv_dim_array(c):  # noqa: ANN001, ANN202
+    return c.shape[0], c.shape[2]
+
+
+def _cache_kv_dim_q8(c):  # noqa: ANN001, ANN202
+    return c[0].shape[0], c[0].shape[2]
+
+
+# the dispatching names: plain Python (the NumPy engine never calls them) reads float32
+_dot4, _dot1, _axpy4, _axpy1 = _dot4_f32, _dot1_f32, _axpy4_f32, _axpy1_f32
+_store_row, _cache_kv_dim = _store_row_f32, _cache_kv_dim_array
+
+
+def _f16_from_f32_soft(x):  # noqa: ANN001, ANN202
+    """float32 -> float16 bits, rounding to nearest even, in integer arithmetic: where the CPU
+    has no conversion instruction (x86 without F16C).  Inf and NaN are kept."""
+    u = _bits_of_f32(x)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf, nan
+        h = np.uint32(0x7C00) | (np.uint32(0x200) if a > np.uint32(0x7F800000) else np.uint32(0))
+    elif a >= np.uint32(0x477FF000):  # >= 65520 rounds to inf
+        h = np.uint32(0x7C00)
+    elif a < np.uint32(0x38800000):  # below 2^-14: a subnormal half, (|x| * 2^24) rounded
+        h = np.uint32(np.rint(abs(x) * np.float32(16777216.0)))
+    else:
+        h = (
+            a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1)) - np.uint32(0x38000000)
+        ) >> np.uint32(13)
+    return np.uint16(sign | h)
+
+
+def _f32_from_f16_soft(h):  # noqa: ANN001, ANN202
+    """float16 bits -> float32, exactly, in integer arithmetic (no F16C)."""
+    u = np.uint32(h)
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    e = (u >> np.uint32(10)) & np.uint32(0x1F)
+    m = u & np.uint32(0x3FF)
+    if e == 0:  # zero, subnormal: m * 2^-24
+        v = np.float32(m) * np.float32(5.9604644775390625e-08)
+        return -v if sign else v
+    if e == 31:
+        return _f32_from_bits(np.int32(sign | np.uint32(0x7F800000) | (m << np.uint32(13))))
+    return _f32_from_bits(
+        np.int32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+    )
+
+
+_f32_from_f16 = _f32_from_f16_soft  # replaced by the conversion instruction where there is one
+_f16_from_f32 = _f16_from_f32_soft
+
+
+def _attend_part(qkv, kc, vc, kv, G, a, n, scale, o, m, l, s):  # noqa: ANN001, ANN202, E741
+    """Query heads kv * G .. kv * G + G - 1 (their q at qkv[h * D :]) over cache rows
+    a .. a + n - 1 of kv head ``kv``, unnormalized: m (G,) the largest score, l (G,) the
+    sum of exp(score - m), o (G, D) the sum of exp(score - m) * V row.  s: scratch (G, >= n).
+    Each K and V row is read once for the G heads (grouped-query attention)."""
+    D = o.shape[1]
+    q0 = kv * G * D
     j = 0
     while j + 4 <= n:
-        p0, p1, p2, p3 = s[j] * inv, s[j + 1] * inv, s[j + 2] * inv, s[j + 3] * inv
-        r = start + j
-        for d in range(D):
-            out[o0 + d] += (p0 * vc[kv, r, d] + p1 * vc[kv, r + 1, d]) + (
-                p2 * vc[kv, r + 2, d] + p3 * vc[kv, r + 3, d]
+        for g in range(G):
+            a0, a1, a2, a3 = _dot4(qkv, q0 + g * D, kc, kv, a + j, D)
+            s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3] = (
+                a0 * scale,
+                a1 * scale,
+                a2 * scale,
+                a3 * scale,
             )
         j += 4
-    for i in range(j, n):
-        p = s[i] * inv
+    for i in range(j, n):  # the rest, one row at a time
+        for g in range(G):
+            s[g, i] = _dot1(qkv, q0 + g * D, kc, kv, a + i, D) * scale
+    for g in range(G):
+        mx = np.float32(-np.inf)
+        for i in range(n):
+            mx = max(mx, s[g, i])
+        total = np.float32(0.0)
+        for i in range(n):
+            e = _exp(s[g, i] - mx)
+            s[g, i] = e
+            total += e
+        m[g], l[g] = mx, total
         for d in range(D):
-            out[o0 + d] += p * vc[kv, start + i, d]
+            o[g, d] = np.float32(0.0)
+    j = 0
+    while j + 4 <= n:
+        for g in range(G):
+            _axpy4(o, g, s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3], vc, kv, a + j)
+        j += 4
+    for i in range(j, n):
+        for g in range(G):
+            _axpy1(o, g, s[g, i], vc, kv, a + i)
 
 
-def _attend_token_loop(cos, sin, neox, p0, window, scale, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202
-    """`attend` for one token at position p0 (qkv a vector), in one call."""
-    KV, _, D = kc.shape
-    G = n_heads // KV
+def _rope_store(cos, sin, neox, p0, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202
+    """Rotate the q and k heads of qkv in place and write k and v at row p0 of the caches;
+    returns (KV, D)."""
+    KV, D = _cache_kv_dim(kc)
     for h in range(n_heads + KV):  # q heads, then k heads
         _rope_row(qkv, h * D, cos, sin, 0, neox)
     koff, voff = n_heads * D, (n_heads + KV) * D
     for kv in range(KV):
-        for d in range(D):
-            kc[kv, p0, d] = qkv[koff + kv * D + d]
-            vc[kv, p0, d] = qkv[voff + kv * D + d]
+        _store_row(kc, kv, p0, qkv, koff + kv * D)
+        _store_row(vc, kv, p0, qkv, voff + kv * D)
+    return KV, D
+
+
+def _attend_token_loop(cos, sin, neox, p0, window, scale, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202
+    """`attend` for one token at position p0 (qkv a vector), in one call, one thread."""
+    KV, D = _rope_store(cos, sin, neox, p0, n_heads, qkv, kc, vc)
+    G = n_heads // KV
     start = max(0, p0 - window + 1) if window > 0 else 0
     n = p0 + 1 - start
-    out = np.zeros(n_heads * D, dtype=np.float32)
-    s = np.empty(n, dtype=np.float32)
-    for h in range(n_heads):
-        _attend_row(qkv, h * D, kc, vc, h // G, start, n, scale, out, h * D, s)
+    out = np.empty(n_heads * D, dtype=np.float32)
+    o = np.empty((G, D), dtype=np.float32)
+    m, l = np.empty(G, dtype=np.float32), np.empty(G, dtype=np.float32)  # noqa: E741
+    s = np.empty((G, n), dtype=np.float32)
+    for kv in range(KV):
+        _attend_part(qkv, kc, vc, kv, G, start, n, scale, o, m, l, s)
+        for g in range(G):
+            inv = np.float32(1.0) / l[g]
+            for d in range(D):
+                out[(kv * G + g) * D + d] = o[g, d] * inv
     return out
 
 
+def _attend_token_parallel_loop(parts, cos, sin, neox, p0, window, scale, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202, E501
+    """`_attend_token_loop` on numba's threads: the cache rows of each kv head are split
+    into C = ``parts`` chunks (flash-decoding), KV * C independent parts attended in
+    parallel, then merged by their maxima and sums (`decode_parts` chooses C)."""
+    KV, D = _rope_store(cos, sin, neox, p0, n_heads, qkv, kc, vc)
+    G = n_heads // KV
+    start = max(0, p0 - window + 1) if window > 0 else 0
+    n = p0 + 1 - start
+    C = max(1, min(parts, n))
+    rows = -(-n // C)
+    o = np.empty((KV * C, G, D), dtype=np.float32)
+    m = np.empty((KV * C, G), dtype=np.float32)
+    l = np.empty((KV * C, G), dtype=np.float32)  # noqa: E741
+    for it in _prange(KV * C):
+        kv, c = it // C, it % C
+        a = start + c * rows
+        cnt = max(0, min(rows, start + n - a))
+        s = np.empty((G, rows), dtype=np.float32)
+        _attend_part(qkv, kc, vc, kv, G, a, cnt, scale, o[it], m[it], l[it], s)
+    out = np.zeros(n_heads * D, dtype=np.float32)
+    for kv in range(KV):
+        for g in range(G):
+            mx = np.float32(-np.inf)
+            for c in range(C):
+                mx = max(mx, m[kv * C + c, g])
+            total = np.float32(0.0)
+            for c in range(C):
+                w = _exp(m[kv * C + c, g] - mx) if l[kv * C + c, g] > 0 else np.float32(0.0)
+                m[kv * C + c, g] = w
+                total += w * l[kv * C + c, g]
+            h0 = (kv * G + g) * D
+            for c in range(C):
+                w = m[kv * C + c, g] / total
+                for d in range(D):
+                    out[h0 + d] += w * o[kv * C + c, g, d]
+    return out
+
+
+_prange = range  # numba.prange where numba compiles the loops
+
+
+def _hardware_f16() -> bool:
+    """Whether LLVM can convert float16 with an instruction here (x86 F16C, any AArch64):
+    elsewhere it would call compiler-rt helpers that numba's JIT does not link."""
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        from llvmlite import binding
+
+        return "+f16c" in binding.get_host_cpu_features().flatten().split(",")
+    except Exception:  # noqa: BLE001 - unknown: take the portable conversion
+        return False
+
+
 if numba_available():
+    import inspect
+
     import numba
     from llvmlite import ir
-    from numba.extending import intrinsic
+    from numba.core import types
+    from numba.extending import intrinsic, overload
 
     # error_model="numpy": a zero norm gives inf/nan like NumPy, never ZeroDivisionError.
     _jit = numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
@@ -316,19 +693,101 @@ if numba_available():
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
             return builder.bitcast(args[0], ir.FloatType())
 
-        return numba.types.float32(numba.types.int32), codegen
+        return types.float32(types.int32), codegen
 
+    @intrinsic
+    def _bits_of_f32(typingctx, x):  # noqa: ANN001, ANN202, ARG001
+        """The uint32 bit pattern of the float32 ``x``."""
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    if _hardware_f16():
+
+        @intrinsic
+        def _f32_from_f16(typingctx, h):  # noqa: ANN001, ANN202, ARG001
+            """float16 bits (uint16) -> float32: LLVM's fpext half, vcvtph2ps with F16C."""
+
+            def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+                return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+            return types.float32(types.uint16), codegen
+
+        @intrinsic
+        def _f16_from_f32(typingctx, x):  # noqa: ANN001, ANN202, ARG001
+            """float32 -> float16 bits, rounding to nearest even (vcvtps2ph)."""
+
+            def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+                return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+            return types.uint16(types.float32), codegen
+
+    else:  # pragma: no cover - x86 CPUs without F16C
+        _f32_from_f16 = _inline(_f32_from_f16_soft)
+        _f16_from_f32 = _inline(_f16_from_f32_soft)
+
+    def _cache_kind(c):  # noqa: ANN001, ANN202
+        """The cache type of a numba argument type: "f32", "f16", "q8_0" or None."""
+        if isinstance(c, types.Array) and c.ndim == 3:
+            return {types.float32: "f32", types.uint16: "f16"}.get(c.dtype)
+        if isinstance(c, types.BaseTuple) and len(c) == 2:
+            return "q8_0"
+        return None
+
+    def _by_cache_type(stub, arg, f32, f16, q8, inline="always"):  # noqa: ANN001, ANN202
+        """Compile calls of ``stub`` as the version for the type of argument ``arg``."""
+        impls = {"f32": f32, "f16": f16, "q8_0": q8}
+        opts = dict(fastmath=True, error_model="numpy")
+
+        def typer(*args):  # noqa: ANN002, ANN202
+            return impls.get(_cache_kind(args[arg]))
+
+        typer.__signature__ = inspect.signature(stub)  # numba matches it with the impls'
+        overload(stub, inline=inline, jit_options=opts)(typer)
+
+    def _dot4(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+        raise NotImplementedError  # compiled only (`_by_cache_type`)
+
+    def _dot1(q, q0, c, kv, r, D):  # noqa: ANN001, ANN202
+        raise NotImplementedError
+
+    def _axpy4(o, g, p0, p1, p2, p3, c, kv, r):  # noqa: ANN001, ANN202
+        raise NotImplementedError
+
+    def _axpy1(o, g, p, c, kv, r):  # noqa: ANN001, ANN202
+        raise NotImplementedError
+
+    def _store_row(c, kv, p, x, x0):  # noqa: ANN001, ANN202
+        raise NotImplementedError
+
+    def _cache_kv_dim(c):  # noqa: ANN001, ANN202
+        raise NotImplementedError
+
+    _by_cache_type(_dot4, 2, _dot4_f32, _dot4_f16, _dot4_q8)
+    _by_cache_type(_dot1, 2, _dot1_f32, _dot1_f16, _dot1_q8)
+    _by_cache_type(_axpy4, 6, _axpy4_f32, _axpy4_f16, _axpy4_q8)
+    _by_cache_type(_axpy1, 3, _axpy1_f32, _axpy1_f16, _axpy1_q8)
+    _by_cache_type(_store_row, 0, _store_row_f32, _store_row_f16, _store_row_q8, "never")
+    _by_cache_type(_cache_kv_dim, 0, _cache_kv_dim_array, _cache_kv_dim_array, _cache_kv_dim_q8)
+
+    _prange = numba.prange
     _exp = _inline(_exp_f32)
     _rows = _inline(_rows)
     _rope_row = _inline(_rope_row)
-    _attend_row = _inline(_attend_row)
+    _attend_part = _inline(_attend_part)
+    _rope_store = _inline(_rope_store)
     rms_norm = _jit(_rms_norm_loop)
     add_rms_norm = _jit(_add_rms_norm_loop)
     silu_mul = _jit(_silu_mul_loop)
     rope = _jit(_rope_loop)
     attend_token = _jit(_attend_token_loop)
+    attend_token_parallel = numba.njit(
+        cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True
+    )(_attend_token_parallel_loop)
     FUSED_DECODE = True  # the forward pass may call attend_token
 else:  # pragma: no cover - exercised where numba is missing
     rms_norm, add_rms_norm, silu_mul, rope = rms_norm_np, add_rms_norm_np, silu_mul_np, rope_np
-    attend_token = None
+    attend_token = attend_token_parallel = None
     FUSED_DECODE = False

@@ -56,6 +56,7 @@ class Session(Protocol):
     """
 
     max_context: int
+    kv_cache_type: str  # how K and V are stored: one of KV_CACHE_TYPES
 
     @property
     def position(self) -> int:
@@ -87,7 +88,8 @@ class Session(Protocol):
 
     def kv_state(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of K (after rope) and V of the positions held, each of shape
-        ``(n_layers, n_kv_heads, position, head_dim)`` in the cache's own dtype.
+        ``(n_layers, n_kv_heads, position, head_dim)``: float32 on the NumPy backend
+        (whatever its ``kv_cache_type``), the compute dtype on MLX.
 
         Raises:
             ValueError: the cache no longer holds every position from 0 (a sliding-window
@@ -262,6 +264,21 @@ def checked_batch(
     return ids
 
 
+# How a session stores K and V (`load(kv_cache_type=...)`): float16 (the default, as
+# llama.cpp), float32, or Q8_0 blocks (int8 with a scale per 32 values).
+KV_CACHE_TYPES = ("f16", "f32", "q8_0")
+
+
+def check_kv_cache_type(kv_cache_type: str | None) -> None:
+    """Raise `ValueError` unless ``kv_cache_type`` is None (the backend's default) or one of
+    `KV_CACHE_TYPES`."""
+    if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
+        raise ValueError(
+            f"kv_cache_type={kv_cache_type!r} is invalid: give one of "
+            f"{', '.join(repr(t) for t in KV_CACHE_TYPES)}, or None for the default"
+        )
+
+
 def check_threads(threads: int | None) -> None:
     """Raise `ValueError` unless ``threads`` is None (all physical cores) or a positive int."""
     if threads is not None and (
@@ -369,8 +386,14 @@ def choose(requested: str | None = "auto") -> tuple[str, str]:
 
 
 def load_backend(
-    name: str, mf: ModelFile, config: ModelConfig, *, threads: int | None = None
+    name: str,
+    mf: ModelFile,
+    config: ModelConfig,
+    *,
+    threads: int | None = None,
+    kv_cache_type: str | None = None,
 ) -> LoadedModel:
     """Load ``mf`` with backend ``name`` (already chosen with :func:`choose`)."""
+    check_kv_cache_type(kv_cache_type)
     mod = importlib.import_module(_info(name).module)
-    return mod.load(mf, config, threads=threads)
+    return mod.load(mf, config, threads=threads, kv_cache_type=kv_cache_type)

@@ -14,8 +14,15 @@ Format (``FORMAT``, version ``VERSION``): tensors
 and string metadata (`safetensors` allows only strings there): ``format``,
 ``format_version``, ``model_file`` (its name, for messages), ``model_file_size``,
 ``model_fingerprint`` (see `model_fingerprint`), the shape fields of ``_CONFIG_KEYS``,
-``backend``, ``kv_dtype``, ``positions`` (P) and ``max_context`` (the session's: it picks
-the rope factors of LongRoPE models, so the loaded session is made with the same).
+``backend``, ``kv_dtype``, ``kv_cache_type`` (how the session stored K and V: the saved
+tensors are float32 on the NumPy backend whatever it is, but their values were rounded
+to it), ``positions`` (P) and ``max_context`` (the session's: it picks the rope factors of
+LongRoPE models, so the loaded session is made with the same).
+
+A cache is loaded only into a session of the same ``kv_cache_type``: continuing an f16
+cache in an f32 session would not give what an f32 prefill gives, so it is a
+`PromptCacheError` that names both types.  Files written before ``kv_cache_type`` was
+recorded hold the type their ``kv_dtype`` names (float32: ``"f32"``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ _CONFIG_KEYS = ("architecture", "n_layers", "n_kv_heads", "head_dim", "vocab_siz
 _SAMPLE_BYTES = 4096  # of each tensor's data, in the fingerprint
 # safetensors dtype names of the KV dtypes the backends cache in.
 _ST_DTYPES = {"float32": "F32", "float16": "F16"}
+# the kv_cache_type of files from before it was recorded, by their kv_dtype
+_OLD_KV_CACHE_TYPES = {"float32": "f32", "float16": "f16"}
 _REBUILD = "rebuild it with this model (save a fresh prompt cache)"
 
 
@@ -120,6 +129,7 @@ def save(path: str | os.PathLike[str], session: Session, model: Model) -> None:
         **_model_metadata(model),
         "backend": model.backend,
         "kv_dtype": k.dtype.name,
+        "kv_cache_type": session._inner.kv_cache_type,
         "positions": str(tokens.size),
         "max_context": str(max_context),
     }
@@ -172,6 +182,13 @@ def load(path: str | os.PathLike[str], model: Model) -> Session:
         raise PromptCacheError(
             f"{path} holds a {meta['kv_dtype']} KV cache; this model's {model.backend} backend "
             f"caches {kv_dtype} (made on another device?): {_REBUILD}"
+        )
+    saved_type = meta.get("kv_cache_type", _OLD_KV_CACHE_TYPES.get(meta["kv_dtype"]))
+    if saved_type != session.kv_cache_type:
+        raise PromptCacheError(
+            f"{path} was saved from a {saved_type!r} KV cache; this model's sessions store "
+            f"{session.kv_cache_type!r}: load the model with kv_cache_type={saved_type!r} "
+            f"(--kv-cache-type {saved_type}), or {_REBUILD}"
         )
     _check_tensors(header, model, kv_dtype, positions, path)
     again, tensors = _read(path, header_only=False)

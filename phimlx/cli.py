@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .backends import KV_CACHE_TYPES
 from .errors import PhimlxError
 
 log = logging.getLogger("phimlx")
@@ -87,6 +88,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-repo", metavar="REPO", help="use this hub repo's tokenizer.json")
     _add_backend_arg(p)
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--kv-cache-type",
+        choices=KV_CACHE_TYPES,
+        help="how the KV cache stores K and V (default: f16; MLX: its compute dtype only)",
+    )
     p.add_argument(
         "--max-context",
         type=int,
@@ -221,9 +227,18 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     path = _model_path(args)
     if backends.choose(args.backend)[0] == "numpy":
         _say_if_compiling(path)
-    model = load(
-        path, backend=args.backend, threads=args.threads, tokenizer_repo=args.tokenizer_repo
-    )
+    try:
+        model = load(
+            path,
+            backend=args.backend,
+            threads=args.threads,
+            tokenizer_repo=args.tokenizer_repo,
+            kv_cache_type=args.kv_cache_type,
+        )
+    except ValueError as e:  # a kv_cache_type this backend cannot store (MLX)
+        if args.kv_cache_type is None or "kv_cache_type" not in str(e):
+            raise
+        args.parser.error(f"argument --kv-cache-type: {e}")
     n = model.config.context_length
     if args.max_context is not None and args.max_context > n:
         model.close()

@@ -586,6 +586,7 @@ def load(
     tokenizer_repo: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
+    kv_cache_type: str | None = None,
 ) -> Model:
     """Load a GGUF model from a local path, a preset name, or a Hugging Face hub repo.
 
@@ -601,6 +602,10 @@ def load(
         tokenizer_repo: use this hub repo's ``tokenizer.json`` instead of the GGUF's own.
         cache_dir: the hub cache directory (default: huggingface_hub's).
         local_files_only: never touch the network (like ``HF_HUB_OFFLINE=1``).
+        kv_cache_type: how sessions store K and V: ``"f16"`` (the NumPy backend's default,
+            as llama.cpp), ``"f32"``, or ``"q8_0"`` (int8 blocks of 32 with a float32 scale;
+            NumPy backend only).  None: the backend's default (MLX: its compute dtype,
+            the only type it accepts).
 
     Returns:
         A `Model`.
@@ -610,8 +615,12 @@ def load(
         UnsupportedModelError: unknown architecture or tensor type (a `GGUFError`).
         ModelNotFoundError: the file is not local, not cached, and cannot be downloaded.
         BackendUnavailableError: the requested backend cannot run here.
+        ValueError: a bad ``threads`` or ``kv_cache_type`` (the message lists the allowed
+            values), or a ``kv_cache_type`` the backend does not support.
     """
     from .hub import resolve_model
+
+    backends.check_kv_cache_type(kv_cache_type)
 
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
@@ -637,7 +646,9 @@ def load(
             )
         else:
             tokenizer = Tokenizer.from_gguf(mf)
-        loaded = backends.load_backend(name, mf, config, threads=threads)
+        loaded = backends.load_backend(
+            name, mf, config, threads=threads, kv_cache_type=kv_cache_type
+        )
     except BaseException:
         mf.close()
         raise

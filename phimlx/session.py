@@ -45,6 +45,12 @@ class Session:
         return self._inner.max_context
 
     @property
+    def kv_cache_type(self) -> str:
+        """How the cache stores K and V: one of ``"f16"``, ``"f32"``, ``"q8_0"``
+        (`phimlx.load`'s ``kv_cache_type``)."""
+        return self._inner.kv_cache_type
+
+    @property
     def tokens(self) -> tuple[int, ...]:
         """The token ids held in the cache, in order."""
         return tuple(self._tokens)

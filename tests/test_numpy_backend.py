@@ -13,12 +13,20 @@ from phimlx.config import ModelConfig
 from phimlx.gguf import open_gguf
 
 
-def our_logits(path, ids, n_prefill, max_context=256, int8_activations=False):
+def our_logits(
+    path, ids, n_prefill, max_context=256, int8_activations=False, kv="f32", threads=None
+):
     """Logits after each of ids[n_prefill-1:], via one batched prefill and then steps;
-    float activations unless asked (the int8 default rounds x, as llama.cpp does)."""
+    float activations and a float32 KV cache unless asked (the int8 default rounds x, as
+    llama.cpp does; the f16 default rounds K and V)."""
     mf = open_gguf(path)
     model = fallback.load(
-        mf, ModelConfig.from_gguf(mf), int8_activations=int8_activations, warmup=False
+        mf,
+        ModelConfig.from_gguf(mf),
+        int8_activations=int8_activations,
+        warmup=False,
+        kv_cache_type=kv,
+        threads=threads,
     )
     s = model.new_session(max_context)
     out = [s.prefill(ids[:n_prefill])]
@@ -150,14 +158,14 @@ def test_prefill_in_chunks_equals_steps(tiny_phi3, monkeypatch):
 
 
 def test_attention_engine_dispatch(tiny_phi3, monkeypatch):
-    """Single tokens over a cache of at most ``LOOP_ATTENTION_MAX / (H * D)`` positions take
-    the fused compiled block (`ops.attend_token`, once per layer); prefill chunks and longer
-    caches take the batched one (`ops.attend`).  Across the switch the logits still match
-    transformers."""
+    """Prefill chunks take the batched block (`ops.attend`); single tokens the compiled one,
+    on one thread over at most ``LOOP_ATTENTION_MAX / (H * D)`` positions
+    (`ops.attend_token`) and on numba's threads above (`ops.attend_token_parallel`), never
+    BLAS.  Across the switch the logits still match transformers."""
     from fallback import ops
 
     cfg = ModelConfig.from_gguf(open_gguf(tiny_phi3))
-    calls = {"attend": 0, "attend_token": 0}
+    calls = {"attend": 0, "attend_token": 0, "attend_token_parallel": 0}
 
     def counted(name):
         real = getattr(ops, name)
@@ -171,13 +179,19 @@ def test_attention_engine_dispatch(tiny_phi3, monkeypatch):
     for name in calls:
         if getattr(ops, name) is not None:  # attend_token is None without numba
             monkeypatch.setattr(ops, name, counted(name))
-    # prefill of 8, then steps at positions 8..15 (caches of 9..16): the first 4 fused
+    # prefill of 8, then steps at positions 8..15 (caches of 9..16): 4 serial, 4 parallel
     monkeypatch.setattr(ops, "LOOP_ATTENTION_MAX", 12 * cfg.n_heads * cfg.head_dim)
     ids = np.random.default_rng(6).integers(0, 32000, size=16).tolist()
-    ours = our_logits(tiny_phi3, ids, 8)
-    fused = 4 if ops.FUSED_DECODE else 0
+    ours = our_logits(tiny_phi3, ids, 8, threads=2)  # one thread would never go parallel
     L = cfg.n_layers
-    assert calls == {"attend": L * (1 + 8 - fused), "attend_token": L * fused}
+    if ops.FUSED_DECODE:
+        import numba
+
+        par = 4 if numba.config.NUMBA_NUM_THREADS > 1 else 0
+        want = {"attend": L, "attend_token": (8 - par) * L, "attend_token_parallel": par * L}
+    else:
+        want = {"attend": L * 9, "attend_token": 0, "attend_token_parallel": 0}
+    assert calls == want
     assert rel_err(ours, hf_logits(tiny_phi3, ids)[7:]) < 1e-4
 
 
@@ -188,7 +202,10 @@ def test_step_async_is_a_finished_step(tiny_phi3):
 
     ids = np.random.default_rng(8).integers(0, 32000, size=6).tolist()
     mf = open_gguf(tiny_phi3)
-    s = fallback.load(mf, ModelConfig.from_gguf(mf), int8_activations=False).new_session(16)
+    model = fallback.load(
+        mf, ModelConfig.from_gguf(mf), int8_activations=False, kv_cache_type="f32"
+    )
+    s = model.new_session(16)
     assert isinstance(s, Session)
     s.prefill(ids[:5])
     handle = s.step_async(ids[5])
@@ -242,7 +259,8 @@ def test_pure_numpy_path_matches_numba_path(tiny_phi3, tmp_path):
         "from fallback.kernels import numba_available\n"
         "assert not numba_available()\n"
         f"mf = open_gguf({str(tiny_phi3)!r})\n"
-        "s = fallback.load(mf, ModelConfig.from_gguf(mf)).new_session(64)\n"
+        "s = fallback.load(mf, ModelConfig.from_gguf(mf), kv_cache_type='f32')"
+        ".new_session(64)\n"
         f"ids = {ids}\n"
         "out = [s.prefill(ids[:8])] + [s.step(t) for t in ids[8:]]\n"
         f"np.save({str(tmp_path / 'np.npy')!r}, np.stack(out))\n"

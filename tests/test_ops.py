@@ -4,6 +4,8 @@ the compiled ones, including the fused single-token attention block."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,106 @@ def test_attend_token_is_the_block_for_one_token(neox, window):
     got = ops.attend_token(*args, qkv[0], kc, vc)
     assert got.shape == (48,)
     _check_block(got[None], kc, vc, expected, 10)
+
+
+# ------------------------------------------------ decode attention over long caches, by type
+
+
+def _decode_case(H, KV, D, p0, window, kind, kernel):
+    """One token at position p0 through ``kernel`` over a cache of ``kind`` filled with
+    random rows; returns (got, float64 reference over the cache's own values, and the
+    cache's float32 view of the rows the kernel wrote)."""
+    r = np.random.default_rng(p0 + window + D)
+    cap = p0 + 3
+    qkv = r.standard_normal((H + 2 * KV) * D).astype(np.float32)
+    ang = r.uniform(0, 6, (1, D // 2))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    kc, vc = ops.new_cache(kind, KV, cap, D), ops.new_cache(kind, KV, cap, D)
+    ops.cache_write(kc, 0, r.standard_normal((KV, cap, D)).astype(np.float32))
+    ops.cache_write(vc, 0, 2 * r.standard_normal((KV, cap, D)).astype(np.float32))
+    got = kernel(cos, sin, True, p0, window, np.float32(D**-0.5), H, qkv, kc, vc)
+    q = qkv[: H * D].astype(np.float64).reshape(1, H, D)  # rotated in place by the kernel
+    P = p0 + 1
+    k64, v64 = ops.cache_rows(kc, P).astype(np.float64), ops.cache_rows(vc, P).astype(np.float64)
+    ref = ops.attention_np(q, k64, v64, p0, window, D**-0.5)[0]
+    written = ops.cache_rows(kc, P)[:, p0]
+    k_new = qkv[H * D : (H + KV) * D].reshape(KV, D)
+    return got, ref, written, k_new
+
+
+def _kernels():
+    yield "serial", ops.attend_token
+    for parts in (1, 3, 8):
+        yield f"parallel-{parts}", functools.partial(ops.attend_token_parallel, parts)
+
+
+@compiled
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize(
+    "H, KV, D, p0, window",
+    [
+        (9, 3, 64, 0, 0),  # SmolLM2's heads, one position
+        (9, 3, 64, 6, 0),
+        (9, 3, 64, 3000, 0),  # past the old switch to BLAS (~2,700)
+        (6, 2, 40, 1234, 100),  # sliding window; D not a multiple of 32 (q8_0: row blocks)
+        (4, 4, 96, 301, 0),  # Phi-3's head dim, no grouping
+        (8, 1, 32, 2801, 2800),  # window just short of the cache
+    ],
+)
+def test_decode_attention_matches_float64_reference(kind, H, KV, D, p0, window):
+    """Every one-token kernel (serial; parallel in 1, 3, 8 parts per kv head) against
+    `attention_np` in float64 over the same cache values: they read each type exactly, so
+    only float32 rounding remains; the new row is stored as the type rounds it."""
+    for name, kernel in _kernels():
+        got, ref, written, k_new = _decode_case(H, KV, D, p0, window, kind, kernel)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 2e-5, (name, err)
+        step = {"f32": 0, "f16": 2.0**-10 * np.abs(k_new), "q8_0": np.abs(k_new).max() / 127}
+        assert (np.abs(written - k_new) <= step[kind] * 0.5 + 1e-6).all(), name
+        if kind == "f16":  # the compiled store rounds as NumPy's cast (prefill's store)
+            np.testing.assert_array_equal(written, k_new.astype(np.float16).astype(np.float32))
+
+
+@compiled
+def test_decode_attention_picks_threads_by_size():
+    assert ops.decode_attention(10, 9, 3, 64, threads=2) is ops.attend_token
+    assert ops.decode_attention(4096, 9, 3, 64, threads=1) is ops.attend_token
+    big = ops.decode_attention(4096, 9, 3, 64, threads=2)
+    assert big.func is ops.attend_token_parallel and big.args == (ops.decode_parts(4096, 3, 2),)
+    assert (3 * ops.decode_parts(4096, 3, 2)) % 2 == 0
+
+
+def test_f16_cache_rounds_like_numpy():
+    """The NumPy writes (prefill) and the compiled ones (decode) store the same float16."""
+    x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32) * 1e3
+    c = ops.new_cache("f16", 2, 5, 16)
+    ops.cache_write(c, 0, x)
+    np.testing.assert_array_equal(ops.cache_rows(c, 5), x.astype(np.float16).astype(np.float32))
+
+
+@compiled
+def test_software_float16_conversions_are_exact():
+    """The integer-only float16 conversions (CPUs without F16C) against NumPy's: every
+    float16 bit pattern to float32, and float32 values across the range to float16."""
+    import numba
+
+    to32 = numba.njit(ops._f32_from_f16_soft)
+    to16 = numba.njit(ops._f16_from_f32_soft)
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = halves.view(np.float16).astype(np.float32)
+    got = np.array([to32(h) for h in halves], np.float32)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all()
+    r = np.random.default_rng(3)
+    x = np.concatenate(
+        [
+            r.standard_normal(20000).astype(np.float32)
+            * np.float32(10.0) ** r.integers(-9, 6, 20000),
+            np.float32([0.0, -0.0, 65504, 65519.99, 65520, 1e9, np.inf, -np.inf, 2**-24, 2**-25]),
+            want[np.isfinite(want)] + want[np.isfinite(want)] * np.float32(2**-11),  # ties
+        ]
+    ).astype(np.float32)
+    got16 = np.array([to16(v) for v in x], np.uint16)
+    with np.errstate(over="ignore"):  # to inf, as intended
+        want16 = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(got16, want16)

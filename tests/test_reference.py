@@ -220,7 +220,7 @@ def test_bad_token_ids_are_refused(make_model):
 
 def backend_logits(mf, cfg: ModelConfig, ids: list[int], n_prefill: int, context: int):
     """Float-activation NumPy backend: one prefill of ``ids[:n_prefill]``, then steps."""
-    s = fallback.load(mf, cfg, int8_activations=False).new_session(context)
+    s = fallback.load(mf, cfg, int8_activations=False, kv_cache_type="f32").new_session(context)
     return np.stack([s.prefill(ids[:n_prefill])] + [s.step(t) for t in ids[n_prefill:]])
 
 

@@ -54,15 +54,25 @@ def probe() -> str | None:
     return None
 
 
-def load(mf: ModelFile, config: ModelConfig, *, threads: int | None = None):  # noqa: ANN201
+def load(  # noqa: ANN201
+    mf: ModelFile,
+    config: ModelConfig,
+    *,
+    threads: int | None = None,
+    kv_cache_type: str | None = None,
+):
     """Load ``mf`` onto MLX's default device (see `phimlx.backends`).
+
+    ``kv_cache_type``: None, or the one MLX uses: its compute dtype (``"f32"`` on the CPU,
+    ``"f16"`` on Metal).
 
     Raises:
         UnsupportedModelError: a tensor type has no MLX mapping.
+        ValueError: another ``kv_cache_type``.
     """
     from .model import MLXModel
 
-    return MLXModel(mf, config, threads=threads)
+    return MLXModel(mf, config, threads=threads, kv_cache_type=kv_cache_type)
 
 
 __all__ = ["load", "probe"]

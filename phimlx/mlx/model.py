@@ -124,12 +124,28 @@ def _install_rope(model: nn.Module, config: ModelConfig) -> _RopeState:
 class MLXModel:
     """A model loaded on MLX (implements `phimlx.backends.LoadedModel`)."""
 
-    def __init__(self, mf: ModelFile, config: ModelConfig, *, threads: int | None = None):
+    def __init__(
+        self,
+        mf: ModelFile,
+        config: ModelConfig,
+        *,
+        threads: int | None = None,
+        kv_cache_type: str | None = None,
+    ):
         if threads is not None:
             log.debug("MLX manages its own threads; threads=%s is ignored", threads)
         self.config = config
         self.file = mf
         self.dtype = compute_dtype()
+        # MLX caches K and V in its compute dtype: a kv_cache_type that names it is accepted
+        own = "f32" if self.dtype == mx.float32 else "f16"
+        if kv_cache_type not in (None, own):
+            raise ValueError(
+                f"kv_cache_type={kv_cache_type!r} is not supported by the MLX backend, which "
+                f"caches K and V in its compute dtype ({own!r} on {mx.default_device()}); "
+                f"give {own!r} or None, or use backend='numpy'"
+            )
+        self.kv_cache_type = own
         self.model, self.weight_bytes = build_model(mf, config, self.dtype)
         self._rope = _install_rope(self.model, config)
         self._fused_qkv = mlx_lm_module_name(config) == "phi3"  # qkv_proj, else q/k/v_proj
@@ -245,6 +261,7 @@ class MLXSession:
         c = model.config
         self._m = model
         self.max_context = max_context
+        self.kv_cache_type = model.kv_cache_type
         self._freqs = mx.array(
             1.0 / c.rope_inv_freq(max_context).astype(np.float64), dtype=mx.float32
         )
