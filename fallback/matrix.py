@@ -55,11 +55,14 @@ TILE_BYTES = 8 << 20
 # Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.
 SERIAL_WEIGHTS = 1 << 18
 
-# On the int8 path, `matmul` takes the int8 kernel for up to this many rows of x (batched
-# decode, drafted tokens: one weight read for all of them, where float tiles would decode
-# every weight for a few rows); longer prompts go to float tiles and BLAS sgemm where that
-# is faster (`kernels.int8_prefill`).
-INT8_MATMUL_ROWS = 32
+# On the int8 path, `matmul` takes the int8 kernel for up to this many rows of x, by the
+# type's int8 group (32; 256 for the K-quants): batched decode, drafted tokens, a chat
+# turn's new text (one weight read for all rows, where float tiles would decode every
+# weight for a few rows).  Longer prompts go to float tiles and BLAS sgemm unless
+# `kernels.int8_prefill`.  The crossovers, measured at 2 threads on an AVX-512 Xeon (time
+# int8 / float tiles; Q4_K 8192x3072: 0.44 at 32 rows, 0.95 at 128, 1.22 at 256; Q6_K
+# 3072x8192: 0.66, 1.09, 1.37; Q4_1 1536x576: 0.93 at 32, 1.68 at 64).
+INT8_MATMUL_ROWS = {32: 32, 256: 128}
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -306,7 +309,9 @@ class QuantMatrix:
 
     def _int8_matmul(self, n: int) -> bool:
         """Whether `matmul` of ``n`` rows runs the int8 kernel."""
-        return self._matmul is not None and (n <= INT8_MATMUL_ROWS or self._int8_prefill)
+        if self._matmul is None:
+            return False
+        return n <= INT8_MATMUL_ROWS[self.int8_group] or self._int8_prefill
 
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W decoded: float32 ``[len(ids), cols]`` (the embedding lookup).

@@ -171,7 +171,7 @@ def test_matmul_crosses_tiles(path: dict, monkeypatch: pytest.MonkeyPatch) -> No
     # A tiny tile budget: 7 rows per tile, 50 rows -> 8 tiles, the last one partial.
     monkeypatch.setattr(matrix, "TILE_BYTES", 7 * 256 * 4)
     monkeypatch.setattr(numpy_engine, "TILE_BYTES", 7 * 256 * 4)  # the NumPy matvec, rows
-    monkeypatch.setattr(matrix, "INT8_MATMUL_ROWS", 0)  # the float tiles on every path
+    monkeypatch.setattr(matrix, "INT8_MATMUL_ROWS", {32: 0, 256: 0})  # float tiles throughout
     monkeypatch.setenv("PHIMLX_INT8_PREFILL", "0")
     raw, w, cols, rng = matrix_case("Q4_K", 50, 1, seed=2)
     m = make_matrix(raw, "Q4_K", (50, cols), path)
@@ -426,7 +426,7 @@ def test_int8_matmul_many_and_the_prefill_choice(name: str, monkeypatch) -> None
             matrix.matmul_many(group, x), np.concatenate([m.matmul(x) for m in group], axis=1)
         )
     long = np.repeat(x, 8, axis=0)  # 48 rows: beyond INT8_MATMUL_ROWS
-    monkeypatch.setattr(matrix, "INT8_MATMUL_ROWS", 16)
+    monkeypatch.setattr(matrix, "INT8_MATMUL_ROWS", {32: 16, 256: 16})
     for flag, exact in (("1", True), ("0", False)):
         monkeypatch.setenv("PHIMLX_INT8_PREFILL", flag)
         m = make_matrix(cases[0][0], name, (5, cols), {"int8_activations": True})
