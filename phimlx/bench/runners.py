@@ -300,6 +300,16 @@ def _load_phimlx(engine: str, path: str, threads: int, max_context: int) -> tupl
 _LLAMA_LOG_CB: Any = None
 
 
+def _no_flash_attention(cp: Any) -> None:
+    """Flash attention off, as llama-bench's default (``-fa 0``) and llama-cpp-python's
+    `Llama` have it; the C default (auto: on, on the CPU) decodes several times slower at
+    depth on the machines measured here."""
+    if hasattr(cp, "flash_attn_type"):
+        cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+    elif hasattr(cp, "flash_attn"):
+        cp.flash_attn = False
+
+
 class LlamaCppAdapter:
     """llama.cpp's own decode calls (`llama_decode`), as llama-bench drives them."""
 
@@ -325,6 +335,7 @@ class LlamaCppAdapter:
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.no_perf = True
+        _no_flash_attention(cp)
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {max_context} tokens")
@@ -383,6 +394,7 @@ class LlamaCppBatch:
         cp.n_batch = cp.n_ubatch = max(max_b, BATCH_PROMPT, 32)
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
+        _no_flash_attention(cp)
         self.ctx = ll.llama_init_from_model(single.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {max_b} sequences")
