@@ -101,6 +101,7 @@ def create_app(
     max_queue: int = 32,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     cache: bool = True,
+    max_context: int | None = None,
     prefill_chunk: int = 256,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``model``; its engine thread runs while the app's
@@ -114,6 +115,7 @@ def create_app(
         max_queue: requests waiting for a slot; more than that is a 429.
         max_body_bytes: the largest request body accepted (413 above).
         cache: reuse kept sessions by their longest common prefix with the prompt.
+        max_context: each request's context (default: the model's).
         prefill_chunk: prompt tokens prefilled between two decode rounds.
     """
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
@@ -121,6 +123,7 @@ def create_app(
     stop_ids = model.tokenizer.stop_ids
     created = int(time.time())
     fingerprint = f"phimlx-{model.backend}"
+    context = max_context or model.config.context_length
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -190,9 +193,8 @@ def create_app(
         return {"object": "list", "data": [card]}
 
     async def start(body: Any, prompt: Any) -> Ticket:
-        kwargs = stream_kwargs(
-            body, supported=supported, context=model.config.context_length, cache=cache
-        )
+        kwargs = stream_kwargs(body, supported=supported, context=context, cache=cache)
+        kwargs["max_context"] = max_context
         call = await run_in_threadpool(prepare, model, prompt, kwargs)
         try:
             return engine.submit(call)
