@@ -15,6 +15,7 @@ from .chat import ChatTemplateError
 from .config import ModelConfig
 from .errors import (
     BackendUnavailableError,
+    ConstraintError,
     ContextLengthError,
     GGUFError,
     ModelNotFoundError,
@@ -22,7 +23,7 @@ from .errors import (
     PromptCacheError,
     UnsupportedModelError,
 )
-from .generate import Chunk, Result, Stats
+from .generate import Chunk, Logprobs, Result, Stats, TokenLogprob
 from .gguf import ModelFile, TensorInfo, open_gguf
 from .model import Model, Session, load
 
@@ -32,8 +33,10 @@ __all__ = [
     "BackendUnavailableError",
     "ChatTemplateError",
     "Chunk",
+    "ConstraintError",
     "ContextLengthError",
     "GGUFError",
+    "Logprobs",
     "Model",
     "ModelConfig",
     "ModelFile",
@@ -44,6 +47,7 @@ __all__ = [
     "Session",
     "Stats",
     "TensorInfo",
+    "TokenLogprob",
     "UnsupportedModelError",
     "load",
     "open_gguf",

@@ -139,6 +139,72 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)"
     )
     p.add_argument("--system", metavar="TEXT", help="system message")
+    p.add_argument(
+        "--presence-penalty", type=float, default=0.0, metavar="X", help="OpenAI's; 0 = off"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, default=0.0, metavar="X", help="OpenAI's; 0 = off"
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        type=_logit_bias,
+        help="add BIAS to token ID's logit (-inf bans it; repeatable)",
+    )
+    constrain = p.add_mutually_exclusive_group()
+    constrain.add_argument(
+        "-j",
+        "--json-schema",
+        metavar="SCHEMA",
+        help="constrain the output to JSON valid for this schema (JSON text, or a file); "
+        "'{}' for any JSON object",
+    )
+    constrain.add_argument("--regex", metavar="RE", help="constrain the output to match RE")
+    constrain.add_argument(
+        "--grammar-file",
+        metavar="FILE",
+        help="constrain the output to a grammar (llama.cpp GBNF, or Lark as llguidance reads it)",
+    )
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ID=BIAS (a token id and a number, e.g. 15043=-inf)"
+        ) from None
+
+
+def _constraint(args: argparse.Namespace) -> dict[str, Any]:
+    """``json_schema``/``regex``/``grammar`` from the options (files read here)."""
+    schema = getattr(args, "json_schema", None)
+    if schema is not None and not schema.lstrip().startswith(("{", "[")):
+        try:
+            schema = Path(schema).read_text(encoding="utf-8")
+        except OSError as e:
+            args.parser.error(f"argument --json-schema: cannot read {schema!r}: {e.strerror}")
+    grammar = None
+    if getattr(args, "grammar_file", None):
+        try:
+            grammar = Path(args.grammar_file).read_text(encoding="utf-8")
+        except OSError as e:
+            args.parser.error(
+                f"argument --grammar-file: cannot read {args.grammar_file!r}: {e.strerror}"
+            )
+    out: dict[str, Any] = {}
+    if schema is not None:
+        out["json_schema"] = schema
+    if getattr(args, "regex", None) is not None:
+        out["regex"] = args.regex
+    if grammar is not None:
+        out["grammar"] = grammar
+    return out
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +221,10 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         stop=args.stop,
         max_context=args.max_context,
         cache=args.cache,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=dict(args.logit_bias) or None,
+        **_constraint(args),
     )
 
 
@@ -182,6 +252,13 @@ def _check_options(args: argparse.Namespace) -> None:
         name, value, rule = m.groups()
         rule = re.sub(r",? or None\b.*$", "", rule)  # None is the API's "off": omit the option
         parser.error(f"argument --{name.replace('_', '-')}: {value} is invalid: {rule}")
+    from .constrain import grammar_text
+    from .errors import ConstraintError
+
+    try:  # a schema, regex or grammar that cannot compile fails before the model loads
+        grammar_text(**_constraint(args))
+    except ConstraintError as e:
+        parser.error(str(e))
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -290,6 +367,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
             summary = last.stats.summary()
             print(f"[{last.finish_reason}] {summary} ({model.backend})", file=sys.stderr)
     return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    if args.context < 2:
+        args.parser.error(f"argument --context: {args.context} is invalid: must be >= 2")
+    if args.text is not None:
+        text = args.text
+    else:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            args.parser.error(f"argument --file: cannot read {args.file!r}: {e.strerror}")
+    with _load(args) as model:
+        from .scoring import score_ids
+
+        ids = model.encode_prompt(text, chat=False)
+        context = min(args.context, model.config.context_length)
+        if len(ids) < 2:
+            args.parser.error("the text is too short: it must have at least 2 tokens")
+        reference = None
+        if args.kl_divergence:
+            reference = _float_reference(args, model)
+        try:
+            score, kl = score_ids(
+                ids,
+                model._all_logits,
+                context=context,
+                bos=model.tokenizer.bos_id,
+                reference=reference._all_logits if reference is not None else None,
+            )
+        finally:
+            if reference is not None:
+                reference.close()
+        print(f"tokens: {len(ids)}, scored: {score.logprobs.size}, window: {context}")
+        print(f"perplexity: {score.perplexity:.4f} (nll {score.nll:.6f} nats/token)")
+        if kl is not None:
+            print(f"float activations perplexity: {kl['reference_ppl']:.4f}")
+            print(
+                f"KL divergence from float activations: mean {kl['kld_mean']:.6f}, "
+                f"99th percentile {kl['kld_p99']:.6f}, max {kl['kld_max']:.6f} nats; "
+                f"same top token {100 * kl['same_top']:.2f}%"
+            )
+    return 0
+
+
+def _float_reference(args: argparse.Namespace, model: Any) -> Any:
+    """The same model with float activations (the NumPy backend's exact path)."""
+    from . import load
+
+    if model.backend != "numpy":
+        args.parser.error(
+            "--kl-divergence compares int8 with float activations: NumPy backend only "
+            "(--backend numpy)"
+        )
+    saved = os.environ.get("PHIMLX_INT8_ACTIVATIONS")
+    os.environ["PHIMLX_INT8_ACTIVATIONS"] = "0"
+    try:
+        return load(model.path, backend="numpy", threads=args.threads, kv_cache_type="f32")
+    finally:
+        if saved is None:
+            del os.environ["PHIMLX_INT8_ACTIVATIONS"]
+        else:
+            os.environ["PHIMLX_INT8_ACTIVATIONS"] = saved
 
 
 def cmd_cache_prompt(args: argparse.Namespace) -> int:
@@ -533,6 +673,27 @@ def build_parser() -> ArgumentParser:
     cp.add_argument("--raw", action="store_true", help="do not apply the chat template")
     cp.add_argument("-o", "--output", metavar="FILE", required=True, help="the file to write")
     cp.set_defaults(func=cmd_cache_prompt, parser=cp)
+
+    pp = command(
+        "perplexity",
+        "perplexity of a text under the model (windows of --context tokens, the second half "
+        "of each scored, as llama-perplexity); --kl-divergence against float activations",
+    )
+    _add_model_args(pp, positional=True)
+    _add_run_args(pp)
+    src = pp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="TEXT", help="the text")
+    src.add_argument("-f", "--file", metavar="FILE", help="a UTF-8 text file")
+    pp.add_argument(
+        "-c", "--context", type=int, default=512, metavar="N", help="window length in tokens"
+    )
+    pp.add_argument(
+        "--kl-divergence",
+        action="store_true",
+        help="also the KL divergence from the exact path (float activations, float32 KV "
+        "cache; NumPy backend)",
+    )
+    pp.set_defaults(func=cmd_perplexity, parser=pp)
 
     i = command("info", "describe a model file")
     _add_model_args(i, positional=True)

@@ -29,3 +29,8 @@ class ModelNotFoundError(PhimlxError, FileNotFoundError):
 
 class PromptCacheError(PhimlxError, ValueError):
     """A saved prompt cache is missing, damaged, or was made for another model or backend."""
+
+
+class ConstraintError(PhimlxError, ValueError):
+    """A JSON schema, regex or grammar given to constrain the output is invalid, or the
+    library that enforces it (llguidance) is missing."""

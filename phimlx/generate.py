@@ -16,12 +16,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .backends import PendingLogits, Session, check_fits
-from .sampling import Sampler
+from .sampling import Sampler, token_logprobs
 from .tokenizer import StreamingDetokenizer
+
+if TYPE_CHECKING:
+    from .constrain import Constraint
 
 Step = Callable[[int], PendingLogits]  # feed a sampled token; a handle to the next logits
 
@@ -65,25 +69,51 @@ class Stats:
         )
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its text (`Tokenizer.decode` of it alone, special tokens included) and its
+    log-probability under the model's distribution."""
+
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities at one generated position: the chosen token's and the ``k`` most
+    likely tokens' (most likely first), from the model's logits before any logits processor,
+    temperature or filter (as OpenAI and vLLM report them): ``log_softmax(logits)``."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()
+
+
 @dataclass
 class Chunk:
     """One piece of a stream: new text, the token that produced it, and, on the last chunk,
-    why generation ended (``"stop"``, ``"length"`` or ``"context"``) and the stats."""
+    why generation ended (``"stop"``, ``"length"`` or ``"context"``) and the stats.
+
+    ``logprobs`` (with ``logprobs=k``): the log-probabilities of ``token``, when it is part
+    of the output (not on a final chunk whose token is an end-of-generation token)."""
 
     text: str
     token: int | None
     finish_reason: str | None = None
     stats: Stats | None = None
+    logprobs: Logprobs | None = None
 
 
 @dataclass
 class Result:
-    """A whole generation."""
+    """A whole generation; ``logprobs`` (with ``logprobs=k``) has one entry per token of
+    ``tokens``."""
 
     text: str
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "stop"
     stats: Stats = field(default_factory=Stats)
+    logprobs: list[Logprobs] | None = None
 
 
 def peak_rss() -> int | None:
@@ -112,8 +142,10 @@ def generate_tokens(
     cached: int = 0,
     cached_logits: np.ndarray | None = None,
     step: Step | None = None,
-) -> Iterator[tuple[int, str | None]]:
-    """Prefill ``prompt_ids`` and yield ``(token, finish_reason)`` pairs.
+    logprobs: int | None = None,
+    constraint: Constraint | None = None,
+) -> Iterator[tuple[int, str | None, tuple[float, np.ndarray, np.ndarray] | None]]:
+    """Prefill ``prompt_ids`` and yield ``(token, finish_reason, logprobs)`` triples.
 
     ``cached``: the session already holds the first ``cached`` prompt ids (its position);
     only the rest is prefilled.  All of them may be cached when ``cached_logits`` gives the
@@ -122,8 +154,14 @@ def generate_tokens(
     ``step``: how a sampled token is fed to the session (default ``session.step_async``);
     a batch gives its own (`StepBatch.join`).
 
-    ``finish_reason`` is None while generation goes on; the pair that ends it carries
-    ``"stop"`` (the token is in ``stop_ids`` and is not part of the output), ``"length"``
+    ``logprobs=k``: each triple's third item is `token_logprobs` of the token (its
+    log-probability, the top ``k`` ids and theirs); None without it.  ``constraint``: the
+    grammar the sampler masks with (`Sampler(params, mask=constraint.mask)`); each output
+    token is consumed by it.
+
+    ``finish_reason`` is None while generation goes on; the triple that ends it carries
+    ``"stop"`` (the token is in ``stop_ids`` and is not part of the output), ``"done"`` (the
+    constraint is complete after this token, which is part of the output), ``"length"``
     (``max_tokens`` reached) or ``"context"`` (the session is full).
     """
     stats = stats if stats is not None else Stats()
@@ -151,19 +189,25 @@ def generate_tokens(
             stats.time_to_first_token = time.perf_counter() - t0
             t_first = time.perf_counter()
         if token in stop_ids:
-            yield token, "stop"
+            yield token, "stop", None
             break
+        lp = token_logprobs(logits, token, logprobs) if logprobs is not None else None
         generated.append(token)
         stats.generation_tokens = len(generated)
         stats.generation_seconds = time.perf_counter() - t_first
+        if constraint is not None:
+            constraint.consume(token)  # the next mask is computed during the step
+            if constraint.done:
+                yield token, "done", lp
+                break
         if len(generated) >= max_tokens:
-            yield token, "length"
+            yield token, "length", lp
             break
         if session.position >= session.max_context:
-            yield token, "context"
+            yield token, "context", lp
             break
         handle = step(token)  # MLX computes it while the caller streams text
-        yield token, None
+        yield token, None, lp
         logits = handle.result()
     stats.generation_seconds = time.perf_counter() - t_first
 
@@ -212,11 +256,27 @@ def stream(
     cached: int = 0,
     cached_logits: np.ndarray | None = None,
     step: Step | None = None,
+    logprobs: int | None = None,
+    constraint: Constraint | None = None,
+    token_text: Callable[[int], str] | None = None,
 ) -> Iterator[Chunk]:
     """Yield `Chunk`s of text as tokens are generated; the last one has the finish reason
     and stats.  ``decode`` turns ids into text (the tokenizer's, without special tokens);
-    the other arguments are `generate_tokens`'."""
+    ``token_text`` gives one token's text for `Logprobs` (default: ``decode``); the other
+    arguments are `generate_tokens`'."""
     stats = Stats()
+    token_text = token_text or (lambda t: decode([t]))
+
+    def logprobs_of(token: int, lp: tuple[float, np.ndarray, np.ndarray] | None) -> Any:
+        if lp is None:
+            return None
+        chosen, ids, lps = lp
+        top = tuple(
+            TokenLogprob(int(i), token_text(int(i)), float(v))
+            for i, v in zip(ids, lps, strict=True)
+        )
+        return Logprobs(TokenLogprob(token, token_text(token), chosen), top)
+
     detok = StreamingDetokenizer(decode)
     stops = _StopMatcher(stop_strings)
     finish = "length"
@@ -232,21 +292,25 @@ def stream(
         cached=cached,
         cached_logits=cached_logits,
         step=step,
+        logprobs=logprobs,
+        constraint=constraint,
     )
-    for token, reason in tokens:
+    final_lp = None  # the logprobs of the final chunk's token, when it is output
+    for token, reason, lp in tokens:
         last = token
         if reason == "stop":
             finish = reason
             break
+        last_lp = logprobs_of(token, lp)
         text, hit = stops.feed(detok.add(token))
         if hit:
             stats.peak_memory = peak_rss()
-            yield Chunk(text, token, "stop", stats)
+            yield Chunk(text, token, "stop", stats, last_lp)
             return
         if reason is not None:
-            finish, carry = reason, text
+            finish, carry, final_lp = ("stop" if reason == "done" else reason), text, last_lp
             break
-        yield Chunk(text, token)  # even with no text yet: every token reaches the caller
+        yield Chunk(text, token, logprobs=last_lp)  # every token reaches the caller
     tail, hit = stops.feed(detok.finalize())
     text = carry + tail
     if hit:
@@ -254,7 +318,7 @@ def stream(
     else:
         text += stops.flush()
     stats.peak_memory = peak_rss()
-    yield Chunk(text, last, finish, stats)
+    yield Chunk(text, last, finish, stats, final_lp)
 
 
 class _Waiting:

@@ -17,10 +17,12 @@ import numpy as np
 from . import backends
 from .chat import render_chat
 from .config import ModelConfig
-from .generate import Chunk, Result, StepBatch, run_together, stream
+from .constrain import Constraint
+from .generate import Chunk, Logprobs, Result, StepBatch, run_together, stream
 from .gguf import ModelFile, open_gguf
 from .prompt_cache import PromptCache, ReplyIds
-from .sampling import Sampler, SamplingParams
+from .sampling import LogitsProcessor, Sampler, SamplingParams
+from .scoring import Score
 from .session import Session, step_batch
 from .tokenizer import Tokenizer
 
@@ -46,6 +48,8 @@ class _Call:
     max_tokens: int
     context: int
     cache: bool
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
 
 class Model:
@@ -248,6 +252,14 @@ class Model:
         cache: bool = True,
         context_overflow: str = "drop_oldest",
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        logprobs: int | None = None,
+        json_schema: Mapping[str, Any] | str | bool | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> Iterator[Chunk]:
         """Generate text for ``prompt``, chunk by chunk.
 
@@ -276,6 +288,20 @@ class Model:
                 message (``stats.dropped_messages`` counts them); ``"error"`` raises.
             ignore_eos: go on past the end-of-generation tokens (benchmarks: a fixed
                 number of tokens).
+            presence_penalty, frequency_penalty: OpenAI's penalties over the tokens
+                generated so far (``logit -= frequency * count + presence * (count > 0)``).
+            logit_bias: token id -> value added to its logit (``-inf`` bans it).
+            logits_processors: functions ``f(generated_ids, logits) -> logits`` applied
+                after the penalties, before the temperature (see `phimlx.sampling`).
+            logprobs: give each chunk `Logprobs`: the chosen token's log-probability and
+                the ``logprobs`` most likely tokens' (0: the chosen one's only), under the
+                model's own distribution (before processors, temperature and filters).
+            json_schema: constrain the output to JSON valid for this schema (a dict or
+                JSON text; ``True``: any JSON object), enforced token by token by
+                llguidance; generation ends when the JSON is complete.
+            regex: constrain the output to match this regular expression.
+            grammar: constrain the output to a grammar, Lark (llguidance's dialect) or
+                llama.cpp GBNF.
 
         Yields:
             `Chunk`s; the last has ``finish_reason`` (``"stop"``, ``"length"``,
@@ -283,6 +309,8 @@ class Model:
 
         Raises:
             ContextLengthError: the prompt does not fit in the context.
+            ConstraintError: an invalid ``json_schema``, ``regex`` or ``grammar`` (before
+                any compute), or llguidance is not installed.
             ValueError: an invalid parameter (named in the message).
         """
         return self._stream(
@@ -303,6 +331,14 @@ class Model:
                 cache=cache,
                 context_overflow=context_overflow,
                 ignore_eos=ignore_eos,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                logit_bias=logit_bias,
+                logits_processors=logits_processors,
+                logprobs=logprobs,
+                json_schema=json_schema,
+                regex=regex,
+                grammar=grammar,
             )
         )
 
@@ -325,11 +361,43 @@ class Model:
         cache: bool,
         context_overflow: str,
         ignore_eos: bool,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        logprobs: int | None = None,
+        json_schema: Mapping[str, Any] | str | bool | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> _Call:
         """`stream`'s arguments checked and its prompt encoded (its defaults are `stream`'s)."""
         params = SamplingParams(
-            temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+            dict(logit_bias) if logit_bias else None,
+            tuple(logits_processors or ()),
         )
+        vocab = self.config.vocab_size
+        if params.logit_bias and not all(0 <= k < vocab for k in params.logit_bias):
+            bad = next(k for k in params.logit_bias if not 0 <= k < vocab)
+            raise ValueError(
+                f"logit_bias={logit_bias!r} is invalid: token {bad} is outside the "
+                f"vocabulary of {vocab} tokens"
+            )
+        if logprobs is not None and (
+            isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0
+        ):
+            raise ValueError(
+                f"logprobs={logprobs!r} is invalid: give the number of top tokens to report "
+                "(0: only the chosen token's), or None"
+            )
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens={max_tokens!r} is invalid: must be an integer >= 0")
         if context_overflow not in _OVERFLOW_POLICIES:
@@ -343,7 +411,13 @@ class Model:
         ids, dropped = self._fit_prompt(prompt, chat, system, context, max_tokens, context_overflow)
         self._backend_model  # noqa: B018 - a closed model fails here, not at the first chunk
         stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
-        return _Call(ids, dropped, params, stops, stop_ids, max_tokens, context, cache)
+        constraint = Constraint.create(
+            self.tokenizer, vocab, json_schema=json_schema, regex=regex, grammar=grammar
+        )
+        return _Call(
+            ids, dropped, params, stops, stop_ids, max_tokens, context, cache,
+            logprobs, constraint,
+        )  # fmt: skip
 
     def _stream(self, call: _Call, batch: StepBatch | None = None) -> Iterator[Chunk]:
         """`stream` after validation: take (or open) a session, generate, keep it.  With
@@ -365,10 +439,11 @@ class Model:
         generated: list[int] = []
         text: list[str] = []
         try:
+            constraint = call.constraint
             chunks = stream(
                 session,
                 ids,
-                Sampler(call.params),
+                Sampler(call.params, constraint.mask if constraint is not None else None),
                 lambda t: tok.decode(t, skip_special=True),
                 max_tokens=call.max_tokens,
                 stop_ids=stop_ids,
@@ -376,6 +451,9 @@ class Model:
                 cached=cached,
                 cached_logits=kept,
                 step=batch.join(session) if batch is not None else None,
+                logprobs=call.logprobs,
+                constraint=constraint,
+                token_text=lambda t: tok.decode([t]),
             )
             for chunk in chunks:
                 if chunk.token is not None and chunk.token not in stop_ids:
@@ -490,7 +568,7 @@ class Model:
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
         """Generate to the end and return the whole `Result` (same arguments as `stream`)."""
-        return self._result(self.stream(prompt, **kwargs))
+        return self._result(self.stream(prompt, **kwargs), kwargs.get("logprobs") is not None)
 
     def batch_generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
         """Generate for several prompts at once: each is prefilled on its own, then all are
@@ -535,17 +613,23 @@ class Model:
             calls.append(call)
         batch = StepBatch(self.step_batch)
         chunks = run_together([self._stream(call, batch) for call in calls])
-        return [self._result(c) for c in chunks]
+        return [
+            self._result(c, call.logprobs is not None)
+            for c, call in zip(chunks, calls, strict=True)
+        ]
 
-    def _result(self, chunks: Iterable[Chunk]) -> Result:
+    def _result(self, chunks: Iterable[Chunk], with_logprobs: bool = False) -> Result:
         """A stream's chunks joined into its `Result`."""
         parts: list[str] = []
         tokens: list[int] = []
+        logprobs: list[Logprobs] = []
         last: Chunk | None = None
         for chunk in chunks:
             parts.append(chunk.text)
             if chunk.token is not None and chunk.finish_reason != "stop":
                 tokens.append(chunk.token)
+            if chunk.logprobs is not None:
+                logprobs.append(chunk.logprobs)
             last = chunk
         assert last is not None and last.stats is not None
         if (
@@ -554,7 +638,43 @@ class Model:
             and last.token not in self.tokenizer.stop_ids
         ):
             tokens.append(last.token)  # stopped by a stop string: the token was generated
-        return Result("".join(parts), tokens, last.finish_reason or "stop", last.stats)
+        result = Result("".join(parts), tokens, last.finish_reason or "stop", last.stats)
+        if with_logprobs:
+            result.logprobs = logprobs
+        return result
+
+    def score(self, text: str | Sequence[int], *, context: int | None = None) -> Score:
+        """Log-probability of each token of ``text`` given the ones before it: one prefill
+        returning every position's logits per window of ``context`` tokens (a text longer
+        than that is scored in windows, as ``llama-perplexity`` does: see `phimlx.scoring`).
+
+        Args:
+            text: a plain text (encoded as it is, BOS first where the model adds one; no
+                chat template) or a list of token ids.
+            context: the window length (default: the model's context length).
+
+        Returns:
+            A `Score` (``logprobs``, ``positions``, ``nll``, ``perplexity``).
+
+        Raises:
+            ValueError: an empty text, or a bad ``context``.
+        """
+        from .scoring import score_ids
+
+        ids = self.encode_prompt(text, chat=False) if isinstance(text, str) else list(text)
+        if len(ids) < 2:
+            raise ValueError(f"score needs at least 2 tokens; the text has {len(ids)}")
+        backends.check_max_context(context, self.config)
+        window = context or self.config.context_length
+        if window < 2:
+            raise ValueError(f"context={context!r} is invalid: give at least 2 tokens")
+        score, _ = score_ids(ids, self._all_logits, context=window, bos=self.tokenizer.bos_id)
+        return score
+
+    def _all_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits (len(ids), vocab) of ``ids`` from a fresh session."""
+        session = self.new_session(max(len(ids), 1))
+        return session.prefill(ids, all_logits=True)
 
     def chat(self, messages: Messages, **kwargs: Any) -> Result:
         """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the model's

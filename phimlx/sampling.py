@@ -1,8 +1,15 @@
 """Sampling as small pure functions over a logits vector, composed by `Sampler`.
 
-Order (as Candle's Phi-3 example and transformers do it): repeat penalty -> temperature -> top-k ->
-top-p -> min-p -> draw.  Temperature 0 means argmax (after the repeat penalty).  Filters
-set excluded logits to -inf and never remove the most likely token.
+Order: the logits processors (``logit_bias`` -> repeat penalty -> presence and frequency
+penalties -> the caller's ``logits_processors`` -> a grammar's token mask), then temperature ->
+top-k -> top-p -> min-p -> draw (the filters in Candle's Phi-3 example's and transformers'
+order; llama.cpp's chain also applies the bias and the penalties before the temperature).
+Temperature 0 means argmax (after the processors).  Filters set excluded logits to -inf and
+never remove the most likely token.
+
+The presence and frequency penalties are OpenAI's: ``logit[j] -= frequency_penalty * c[j] +
+presence_penalty * (c[j] > 0)`` with ``c[j]`` the count of token ``j`` among the tokens
+generated so far (not the prompt's, as OpenAI and vLLM count them).
 
 The repeat penalty follows Candle's Phi-3 example: over the last ``repeat_last_n``
 *generated* tokens, each distinct token's positive logit is divided by the penalty and a
@@ -36,11 +43,14 @@ the kept set is the definition's, bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+# A caller's logits processor: (tokens generated so far, logits [vocab]) -> logits [vocab].
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ class SamplingParams:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    logits_processors: Sequence[LogitsProcessor] = field(default=())
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, rule: str) -> ValueError:
@@ -75,6 +89,33 @@ class SamplingParams:
             raise bad("repeat_last_n", self.repeat_last_n, "must be an integer >= 0")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise bad("seed", self.seed, "must be a non-negative integer or None")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, v, "must be a finite number (0 = off; OpenAI allows -2 to 2)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise bad("logit_bias", self.logit_bias, "must be a mapping token id -> bias")
+            for k, v in self.logit_bias.items():
+                if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+                    raise bad("logit_bias", self.logit_bias, f"key {k!r} is not a token id")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                    raise bad("logit_bias", self.logit_bias, f"bias {v!r} is not a number")
+                if v == math.inf:
+                    raise bad("logit_bias", self.logit_bias, "a bias of +inf; use a large one")
+        procs = self.logits_processors
+        if not isinstance(procs, Sequence) or not all(callable(f) for f in procs):
+            raise bad("logits_processors", procs, "must be a list of f(tokens, logits) -> logits")
+
+    @property
+    def processes(self) -> bool:
+        """Whether any processor besides the repeat penalty changes the logits."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+            or self.logits_processors
+        )
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
@@ -84,6 +125,38 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
     out = logits.copy()
     ids = np.unique(np.asarray(recent, dtype=np.int64))
     out[ids] = _penalized(out[ids], penalty)
+    return out
+
+
+def apply_presence_frequency(
+    logits: np.ndarray, generated: Sequence[int], presence: float, frequency: float
+) -> np.ndarray:
+    """OpenAI's penalties: ``logit[j] -= frequency * count[j] + presence * (count[j] > 0)``
+    over the tokens in ``generated``; a new array (the input is not changed)."""
+    if (presence == 0 and frequency == 0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    out = logits.copy()
+    out[ids] -= (frequency * counts + presence).astype(out.dtype)
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, bias: Mapping[int, float]) -> np.ndarray:
+    """Add ``bias[j]`` to ``logit[j]`` (``-inf`` bans a token); a new array.
+
+    Raises:
+        ValueError: a token id outside the vocabulary.
+    """
+    if not bias:
+        return logits
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    if ids.min() < 0 or ids.max() >= logits.size:
+        bad = int(ids[(ids < 0) | (ids >= logits.size)][0])
+        raise ValueError(
+            f"logit_bias names token {bad}, outside the vocabulary of {logits.size} tokens"
+        )
+    out = logits.copy()
+    out[ids] += np.fromiter(bias.values(), dtype=np.float64, count=len(bias)).astype(out.dtype)
     return out
 
 
@@ -404,28 +477,84 @@ def _draw(w: np.ndarray, u: float) -> int:
 
 
 class Sampler:
-    """Draws the next token from logits with `SamplingParams`; seeded, so reproducible."""
+    """Draws the next token from logits with `SamplingParams`; seeded, so reproducible.
 
-    def __init__(self, params: SamplingParams) -> None:
+    ``mask``: called with the processed logits (a float32 array the sampler owns) to set
+    the tokens a grammar forbids to -inf, in place (`phimlx.constrain`)."""
+
+    def __init__(
+        self, params: SamplingParams, mask: Callable[[np.ndarray], None] | None = None
+    ) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self._mask = mask
         self._scratch = _Scratch()
+
+    def process(self, logits: np.ndarray, generated: Sequence[int] = ()) -> np.ndarray:
+        """The logits processors of the module docstring, in order, before the temperature
+        (a new float32 array; ``logits`` is not changed)."""
+        p = self.params
+        x = np.array(logits, dtype=np.float32)  # a copy
+        if p.logit_bias:
+            x = apply_logit_bias(x, p.logit_bias)
+        if p.repeat_last_n and p.repeat_penalty != 1.0:
+            x = apply_repeat_penalty(x, generated[-p.repeat_last_n :], p.repeat_penalty)
+        x = apply_presence_frequency(x, generated, p.presence_penalty, p.frequency_penalty)
+        for f in p.logits_processors:
+            y = np.asarray(f(list(generated), x), dtype=np.float32)
+            if y.shape != x.shape:
+                raise ValueError(f"logits processor {f!r} returned shape {y.shape}, not {x.shape}")
+            x = np.array(y, dtype=np.float32)
+        if self._mask is not None:
+            self._mask(x)
+        return x
 
     def __call__(self, logits: np.ndarray, generated: Sequence[int] = ()) -> int:
         """Pick a token id given the logits and the tokens generated so far."""
         p = self.params
-        x = np.asarray(logits, dtype=np.float32)
-        recent = (
-            generated[-p.repeat_last_n :] if p.repeat_last_n and p.repeat_penalty != 1.0 else ()
-        )
-        if p.temperature == 0:
-            if len(recent):
-                x = apply_repeat_penalty(x, recent, p.repeat_penalty)
-            return int(np.argmax(x))
-        t = np.float32(p.temperature)
-        out = np.divide(x, t, out=self._scratch.get("x", x.size, np.float32))
-        if len(recent):  # apply_repeat_penalty then the temperature, without copying logits
-            ids = np.unique(np.asarray(recent, dtype=np.int64))
-            out[ids] = _penalized(x[ids], p.repeat_penalty) / t
+        if p.processes or self._mask is not None:
+            x = self.process(logits, generated)
+            if not np.isfinite(x.max()):
+                raise ValueError(
+                    "every token is excluded (a logit_bias of -inf or a logits processor "
+                    "removed them all, or a grammar allows no token)"
+                )
+            if p.temperature == 0:
+                return int(np.argmax(x))
+            out = np.divide(x, np.float32(p.temperature), out=x)
+        else:  # the repeat penalty alone: fused with the temperature, no copy of the logits
+            x = np.asarray(logits, dtype=np.float32)
+            recent = (
+                generated[-p.repeat_last_n :] if p.repeat_last_n and p.repeat_penalty != 1.0 else ()
+            )
+            if p.temperature == 0:
+                if len(recent):
+                    x = apply_repeat_penalty(x, recent, p.repeat_penalty)
+                return int(np.argmax(x))
+            t = np.float32(p.temperature)
+            out = np.divide(x, t, out=self._scratch.get("x", x.size, np.float32))
+            if len(recent):  # apply_repeat_penalty then the temperature, without copying
+                ids = np.unique(np.asarray(recent, dtype=np.int64))
+                out[ids] = _penalized(x[ids], p.repeat_penalty) / t
         kept = _select(out, p.top_k, p.top_p, p.min_p, self._scratch)
         return kept.id_at(_draw(kept.weights, self.rng.random()))
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Log-probabilities under the model's own distribution (``log_softmax(logits)`` in
+    float64, before any processor, temperature or filter, as OpenAI and vLLM report them).
+
+    Returns:
+        ``(logprob of token, top ids, their logprobs)``: the ``k`` most likely ids, most
+        likely first (equal logits: lower id first).
+    """
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = x.max()
+    lse = m + math.log(float(np.exp(x - m).sum()))
+    k = min(k, x.size)
+    if k <= 0:
+        top = np.empty(0, np.int64)
+    else:
+        part = np.argpartition(-x, k - 1)[:k] if k < x.size else np.arange(x.size)
+        top = part[np.lexsort((part, -x[part]))]
+    return float(x[token] - lse), top, x[top] - lse
