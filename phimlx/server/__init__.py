@@ -64,6 +64,8 @@ def serve(
     Raises:
         ServerDependencyError: the ``server`` extra is not installed.
     """
+    # streams in flight get the shutdown timeout too (less a second for the engine to stop)
+    kwargs.setdefault("shutdown_grace", max(0.0, shutdown_timeout - 1.0))
     app = create_app(model, **kwargs)
     import uvicorn
 

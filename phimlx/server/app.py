@@ -103,6 +103,7 @@ def create_app(
     cache: bool = True,
     max_context: int | None = None,
     prefill_chunk: int = 256,
+    shutdown_grace: float = 0.0,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``model``; its engine thread runs while the app's
     lifespan does (started at startup, stopped at shutdown).
@@ -117,6 +118,8 @@ def create_app(
         cache: reuse kept sessions by their longest common prefix with the prompt.
         max_context: each request's context (default: the model's).
         prefill_chunk: prompt tokens prefilled between two decode rounds.
+        shutdown_grace: seconds a stream in flight may go on after the server is told to
+            stop (then it is cancelled); keep it under uvicorn's graceful-shutdown timeout.
     """
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     supported = library_options(model)
@@ -241,7 +244,7 @@ def create_app(
                     if chunk.finish_reason and include_usage:
                         yield event([], usage(chunk, ticket.cached_tokens))
 
-            return _sse(events(), ticket)
+            return _sse(events(), ticket, shutdown_grace)
         text, items, last = await _collect(ticket, request)
         choice = {
             "index": 0,
@@ -283,7 +286,7 @@ def create_app(
                         use = usage(chunk, ticket.cached_tokens)
                         yield json.dumps({**head, "choices": [], "usage": use})
 
-            return _sse(events(), ticket)
+            return _sse(events(), ticket, shutdown_grace)
         text, items, last = await _collect(ticket, request)
         choice = {
             "index": 0,
@@ -355,7 +358,7 @@ async def _unless_disconnected(work: Awaitable[Any], request: Request, ticket: T
     return task.result()
 
 
-def _sse(events: AsyncIterator[str], ticket: Ticket) -> EventSourceResponse:
+def _sse(events: AsyncIterator[str], ticket: Ticket, grace: float) -> EventSourceResponse:
     """Server-sent events ending with ``data: [DONE]``; an error after the start is sent as
     an ``error`` event (the status is already 200); a client gone cancels the ticket."""
 
@@ -369,4 +372,4 @@ def _sse(events: AsyncIterator[str], ticket: Ticket) -> EventSourceResponse:
         finally:  # normal end, client gone (cancelled) or shutdown: free the slot now
             ticket.cancel()
 
-    return EventSourceResponse(body(), ping=15)
+    return EventSourceResponse(body(), ping=15, shutdown_grace_period=grace)
