@@ -1,0 +1,221 @@
+"""Load test of `phimlx serve`: N concurrent OpenAI clients, streaming greedy requests.
+
+Reports aggregate generated tokens/s, time to first token and inter-token latency
+percentiles, and (``--compare``) the wall time of the same K greedy requests run
+concurrently against one after another.  Every request generates exactly
+``--max-tokens`` tokens (``ignore_eos``); each has its own prompt (a shared opening, as
+chats share a system prompt, then its own question), so no request is a whole-prompt cache
+hit of another.
+
+Against a running server::
+
+    phimlx serve --model smollm2-135m-instruct --port 8080 &
+    python bench/serve.py --url http://127.0.0.1:8080 --clients 4 --requests 2 --compare
+
+or let the script start one (on a free port) and stop it afterwards::
+
+    python bench/serve.py --start smollm2-135m-instruct --clients 4 --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+
+TOPICS = [
+    "the ocean", "a mountain village", "an old clock", "a lost robot", "winter in Paris",
+    "a lighthouse keeper", "the first day of school", "a hidden garden", "a chess match",
+    "a long train journey", "a city at night", "a small bakery", "a storm at sea",
+    "a forgotten library", "a desert caravan", "a jazz club",
+]  # fmt: skip
+
+
+@dataclass
+class Timing:
+    """One request, timed on the client."""
+
+    start: float
+    first: float | None = None  # first text received
+    end: float = 0.0
+    tokens: int = 0  # completion tokens (the server's usage)
+    cached: int = 0  # prompt tokens the server reused
+    arrivals: list[float] = field(default_factory=list)  # each text chunk's arrival
+
+    @property
+    def ttft(self) -> float:
+        return (self.first or self.end) - self.start
+
+
+def one_request(client: openai.OpenAI, i: int, args: argparse.Namespace) -> Timing:
+    """A streamed greedy request of exactly ``args.max_tokens`` tokens."""
+    prompt = f"Write a story about {TOPICS[i % len(TOPICS)]} (story {i})."
+    t = Timing(time.perf_counter())
+    stream = client.chat.completions.create(
+        model=args.model_name,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=args.max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            t.first = t.first or now
+            t.arrivals.append(now)
+        if chunk.usage is not None:
+            t.tokens = chunk.usage.completion_tokens
+            details = chunk.usage.prompt_tokens_details
+            t.cached = (details.cached_tokens or 0) if details else 0
+    t.end = time.perf_counter()
+    return t
+
+
+def run(url: str, args: argparse.Namespace, clients: int, requests: int, first: int) -> dict:
+    """``clients`` threads, each sending ``requests`` requests one after another."""
+
+    def worker(c: int) -> list[Timing]:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=args.api_key, max_retries=0,
+                               timeout=3600)  # fmt: skip
+        return [one_request(client, first + c * requests + r, args) for r in range(requests)]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        timings = [t for ts in pool.map(worker, range(clients)) for t in ts]
+    wall = time.perf_counter() - t0
+    return summarize(timings, wall)
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of ``xs`` (nearest rank on the sorted values)."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(timings: list[Timing], wall: float) -> dict:
+    tokens = sum(t.tokens for t in timings)
+    ttft = [t.ttft for t in timings]
+    itl = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
+    return {
+        "requests": len(timings),
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "aggregate_tok_s": tokens / wall if wall else 0.0,
+        "ttft_s": {f"p{q}": pct(ttft, q) for q in (50, 90, 99)},
+        "itl_ms": {f"p{q}": 1000 * pct(itl, q) for q in (50, 90, 99)},
+        "cached_prompt_tokens": sum(t.cached for t in timings),
+    }
+
+
+def show(title: str, r: dict) -> None:
+    print(
+        f"{title}: {r['requests']} requests, {r['completion_tokens']} tokens in "
+        f"{r['wall_s']:.2f} s = {r['aggregate_tok_s']:.1f} tok/s aggregate; "
+        f"TTFT p50/p90/p99 {r['ttft_s']['p50']:.3f}/{r['ttft_s']['p90']:.3f}/"
+        f"{r['ttft_s']['p99']:.3f} s; inter-token p50/p90/p99 {r['itl_ms']['p50']:.1f}/"
+        f"{r['itl_ms']['p90']:.1f}/{r['itl_ms']['p99']:.1f} ms",
+        flush=True,
+    )
+
+
+@contextlib.contextmanager
+def server(args: argparse.Namespace) -> Iterator[str]:
+    """The server's URL: ``--url``, or a ``phimlx serve --model START`` started here."""
+    if not args.start:
+        yield args.url.rstrip("/")
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "phimlx", "serve", "--model", args.start, "--port", str(port),
+            "--max-batch", str(max(args.clients, args.compare_n))]  # fmt: skip
+    if args.backend:
+        argv += ["--backend", args.backend]
+    if args.api_key != "none":
+        argv += ["--api-key", args.api_key]
+    proc = subprocess.Popen(argv, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"phimlx serve exited with {proc.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            if time.monotonic() - t0 > 600:
+                raise SystemExit("phimlx serve did not come up in 600 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="a running server")
+    p.add_argument("--start", metavar="MODEL", help="start `phimlx serve --model MODEL` here")
+    p.add_argument("--backend", help="with --start: the server's --backend")
+    p.add_argument("--api-key", default=os.environ.get("PHIMLX_API_KEY", "none"))
+    p.add_argument("--model-name", default="phimlx", help="the request's model field")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=2, help="requests per client, in turn")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
+    p.add_argument("--warmup", type=int, default=1, help="requests sent first, not counted")
+    p.add_argument(
+        "--compare", action="store_true", help="also: K concurrent vs the same K in sequence"
+    )
+    p.add_argument("--compare-n", type=int, default=4, metavar="K", help="requests compared")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    args = p.parse_args(argv)
+
+    results: dict = {"args": vars(args)}
+    with server(args) as url:
+        health = httpx.get(f"{url}/health").json()
+        print(f"server {url}: model {health.get('model')}", flush=True)
+        n = 0
+        if args.warmup:
+            run(url, args, 1, args.warmup, n)
+            n += args.warmup
+        r = run(url, args, args.clients, args.requests, n)
+        n += args.clients * args.requests
+        show(f"{args.clients} concurrent clients", r)
+        results["load"] = r
+        if args.compare:
+            k = args.compare_n
+            seq = run(url, args, 1, k, n)
+            show(f"{k} requests one after another", seq)
+            con = run(url, args, k, 1, n + k)
+            show(f"{k} requests concurrently", con)
+            speedup = seq["wall_s"] / con["wall_s"] if con["wall_s"] else float("nan")
+            print(f"{k} concurrent finish {speedup:.2f}x faster than in sequence", flush=True)
+            results["compare"] = {"sequential": seq, "concurrent": con, "speedup": speedup}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
