@@ -234,6 +234,15 @@ def test_seeded_sampling_repeats(api):
         (dict(n=2), "n"),
         (dict(top_p=0), "top_p"),
         (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+        (
+            dict(messages=[{"role": "tool", "content": "3", "tool_call_id": "x"}]),
+            "messages[0].role",
+        ),
+        (dict(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            "messages[0].content",
+        ),
         (dict(messages=[]), "messages"),
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
         (dict(logit_bias={"x": 1}), "logit_bias"),
@@ -555,3 +564,36 @@ def test_phimlx_serve_command_and_sigterm(smollm2_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the OpenAPI spec, fuzzed --------------------------------------------------------------
+
+
+def test_schemathesis_no_server_errors(tiny_phi3):
+    """Requests generated from the server's own OpenAPI spec (valid and not, a bounded
+    number per operation) never get a 5xx; on a tiny random-weight model (fast answers)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    with (
+        phimlx.load(tiny_phi3, backend="numpy") as m,
+        running(create_app(m, model_id="tiny", max_context=256)) as base,
+    ):
+        schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+        operations = [op.ok() for op in schema.get_all_operations()]
+        assert {o.path for o in operations} >= {"/v1/chat/completions", "/v1/completions"}
+        for operation in operations:
+
+            @settings(
+                max_examples=25,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                derandomize=True,
+                database=None,
+            )
+            @given(case=operation.as_strategy())
+            def check(case) -> None:
+                case.call_and_validate(checks=[not_a_server_error], timeout=DEADLINE)
+
+            check()

@@ -64,25 +64,13 @@ def error_body(
 
 
 def messages_to_prompt(messages: list[Message]) -> list[dict[str, str]]:
-    """The chat messages as the library takes them (``developer`` is a system message)."""
+    """The chat messages as the library takes them (``developer`` is a system message,
+    text parts are joined)."""
     out = []
-    for i, m in enumerate(messages):
-        if m.role == "tool":
-            raise ApiError(400, "tool messages are not supported", param=f"messages[{i}].role")
+    for m in messages:
         content = m.content
-        if content is None:
-            raise ApiError(400, "a message needs a content", param=f"messages[{i}].content")
         if not isinstance(content, str):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise ApiError(
-                        400,
-                        f"content parts of type {part.type!r} are not supported (text only)",
-                        param=f"messages[{i}].content[{j}]",
-                    )
-                texts.append(part.text)
-            content = "".join(texts)
+            content = "".join(part.text for part in content)
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
@@ -107,11 +95,11 @@ def stream_kwargs(
     kw: dict[str, Any] = dict(
         # no max_tokens: until the end of the context (finish reason "length" then)
         max_tokens=max_tokens if max_tokens is not None else context,
-        temperature=1.0 if body.temperature is None else body.temperature,
+        temperature=_at_least(1.0 if body.temperature is None else body.temperature),
         top_p=None if body.top_p in (None, 1) else body.top_p,
         top_k=body.top_k or None,
         min_p=body.min_p or None,
-        repeat_penalty=1.0 if body.repeat_penalty is None else body.repeat_penalty,
+        repeat_penalty=_at_least(1.0 if body.repeat_penalty is None else body.repeat_penalty),
         repeat_last_n=64 if body.repeat_last_n is None else body.repeat_last_n,
         # OpenAI takes any int64 seed; the library's generator takes non-negative ones
         seed=None if body.seed is None else body.seed & (2**64 - 1),
@@ -163,6 +151,13 @@ def stream_kwargs(
                 code="unsupported_parameter",
             )
     return {**kw, **extra}
+
+
+def _at_least(x: float, low: float = 1e-4) -> float:
+    """A divisor of the logits kept where float32 logits stay finite: a temperature (or
+    repeat penalty) of 1e-300 overflows them to inf, and the sampler fails on that.  Past
+    1e-4 a divisor changes nothing a float32 sample can show; 0 (greedy) stays 0."""
+    return x if x == 0 or x >= low else low
 
 
 def library_options(model: Any) -> frozenset[str]:

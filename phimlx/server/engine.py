@@ -188,12 +188,13 @@ class Engine:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admitted = []
-                    while self._waiting and (
-                        len(self._prefilling) + len(self._live) + len(admitted) < self.max_batch
-                        or self._waiting[0].cancelled
-                    ):
+                    admitted = [t for t in self._waiting if t.cancelled]  # gone while queued
+                    for ticket in admitted:
+                        self._waiting.remove(ticket)
+                    room = self.max_batch - len(self._prefilling) - len(self._live)
+                    while self._waiting and room > 0:
                         admitted.append(self._waiting.popleft())
+                        room -= 1
                 for ticket in admitted:
                     self._admit(ticket)
                 self._prefill_piece()

@@ -21,15 +21,15 @@ class _Body(BaseModel):
 class ContentPart(_Body):
     """One part of a message's content; only text parts are served."""
 
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class Message(_Body):
-    """A chat message."""
+    """A chat message (``developer`` is a system message; no tool messages)."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
     name: str | None = None
 
 
