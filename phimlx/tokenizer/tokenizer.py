@@ -30,6 +30,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,7 @@ class Tokenizer:
         rstrip_ids: frozenset[int] = frozenset(),
         partition: bool = True,
         prefix_after_special: bool = True,
+        chat_adds_bos: bool = True,
     ) -> None:
         self._tokens = tokens
         self._attrs = attrs.tolist()
@@ -100,6 +102,7 @@ class Tokenizer:
         self._spm = spm
         self._partition_specials = partition
         self._prefix_after_special = prefix_after_special
+        self._chat_adds_bos = chat_adds_bos
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.bos_token = tokens[bos_id] if bos_id is not None else None
@@ -173,6 +176,36 @@ class Tokenizer:
             ValueError: the file is not a tokenizer.json the library can read.
         """
         return cls(**json_tokenizer_args(path, architecture=architecture, metadata=metadata))
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | os.PathLike[str], *, architecture: str | None = None
+    ) -> Tokenizer:
+        """The tokenizer of a Hugging Face / mlx-lm model folder, as transformers'
+        ``AutoTokenizer`` reads it (see `phimlx.tokenizer.folder`): the same ids, a chat
+        prompt encoded as ``apply_chat_template`` encodes it (no BOS added: the template
+        writes it if the model wants one).
+
+        Args:
+            folder: the folder holding ``tokenizer.json`` (and ``tokenizer_config.json``,
+                ``generation_config.json``, ``config.json`` when present).
+            architecture: the model's architecture, for its extra stop tokens.
+
+        Returns:
+            A `Tokenizer`.
+
+        Raises:
+            FileNotFoundError: the folder has no tokenizer.json.
+            ValueError: the file is not a tokenizer.json the library can read.
+        """
+        from .folder import eos_ids
+
+        folder = Path(folder)
+        args = json_tokenizer_args(folder / "tokenizer.json", architecture=architecture,
+                                   metadata=None)  # fmt: skip
+        n = len(args["tokens"])
+        args["stop_ids"] = args["stop_ids"] | {i for i in eos_ids(folder) if i < n}
+        return cls(**args, chat_adds_bos=False)
 
     # -- encoding --------------------------------------------------------------------------
 
@@ -268,6 +301,8 @@ class Tokenizer:
         ``{{ bos_token }}``) gets no second BOS; otherwise BOS is added as the file says.
         Special-token texts are parsed.
         """
+        if not self._chat_adds_bos:  # a Hugging Face folder: apply_chat_template's rule
+            return self.encode(rendered, add_bos=False)
         starts_with_bos = bool(self.bos_token) and rendered.startswith(self.bos_token)
         return self.encode(rendered, add_bos=False if starts_with_bos else None)
 
