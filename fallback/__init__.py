@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from phimlx.config import ModelConfig
+from phimlx.formats import Checkpoint
 from phimlx.gguf import GGMLType, ModelFile
 
 from . import threads as _threads  # noqa: F401 - sets GOMP_SPINCOUNT before numba's OpenMP
@@ -28,7 +29,7 @@ def probe() -> str | None:
 
 
 def load(  # noqa: ANN201
-    mf: ModelFile,
+    mf: ModelFile | Checkpoint,
     config: ModelConfig,
     *,
     threads: int | None = None,
@@ -39,7 +40,7 @@ def load(  # noqa: ANN201
     """Load ``mf`` for CPU inference (see `phimlx.backends`); weights stay memory-mapped.
 
     Args:
-        mf: the open GGUF file.
+        mf: the open GGUF file, or a safetensors checkpoint folder (`phimlx.formats`).
         config: its `ModelConfig`.
         threads: CPU threads (default: the physical cores).
         int8_activations: None (default) decodes with int8 activations where a kernel
@@ -109,7 +110,7 @@ def _fresh_on_disk(dispatcher: Any) -> bool:
         return False
 
 
-def kernels_cached(mf: ModelFile) -> bool:
+def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
     """Whether loading ``mf`` with this backend will find its kernels compiled on disk.
 
     Checks the kernels every model calls (norms, SiLU, rope, attention) and the tile decoder
@@ -131,11 +132,17 @@ def kernels_cached(mf: ModelFile) -> bool:
 
     dispatchers = [ops.rms_norm, ops.add_rms_norm, ops.silu_mul, ops.rope, ops.attend_token]
     dispatchers.append(ops.attend_token_parallel)
-    kinds = {
-        (t.type, t.shape[-1])
-        for t in mf.tensors.values()
-        if len(t.shape) == 2 and t.type != GGMLType.F32
-    }
+    if isinstance(mf, Checkpoint):  # its float matrices run QuantMatrix kernels too
+        from .affine import affine_dispatchers, float_kinds
+
+        kinds = float_kinds(mf)
+        dispatchers += affine_dispatchers(mf)
+    else:
+        kinds = {
+            (t.type, t.shape[-1])
+            for t in mf.tensors.values()
+            if len(t.shape) == 2 and t.type != GGMLType.F32
+        }
     for qtype, cols in kinds:
         try:
             ks = kernel_set(qtype, cols, use_numba=True)

@@ -110,7 +110,8 @@ def matmul_many(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or (mats and x.shape[1] != mats[0].cols):
         raise ValueError(f"x has shape {x.shape}, the matrices {mats[0].cols} columns")
-    fused = _fused_kernel(mats, x.shape[0]) if mats and mats[0]._int8_matmul(len(x)) else None
+    int8 = mats and isinstance(mats[0], QuantMatrix) and mats[0]._int8_matmul(len(x))
+    fused = _fused_kernel(mats, x.shape[0]) if int8 else None
     if fused is None:
         outs = [m.matmul(x) for m in mats]
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
@@ -130,7 +131,8 @@ def _fused_kernel(
     serial form below `SERIAL_WEIGHTS` weights (times ``n``)."""
     m0 = mats[0]
     if not (
-        1 <= len(mats) <= 3
+        all(isinstance(m, QuantMatrix) for m in mats)  # (an AffineMatrix runs on its own)
+        and 1 <= len(mats) <= 3
         and all(m._matvec is m0._matvec and m.cols == m0.cols for m in mats)
         and len({m.raw.flags.writeable for m in mats}) == 1  # one compiled signature
     ):

@@ -52,6 +52,7 @@ from phimlx.backends import (
     checked_tokens,
 )
 from phimlx.config import ModelConfig
+from phimlx.formats import Checkpoint
 from phimlx.gguf import ModelFile
 
 from . import ops
@@ -68,7 +69,11 @@ _Project = Callable[[np.ndarray], np.ndarray]
 _Attend = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (qkv, kc, vc) -> att
 
 
-def _matrix(mf: ModelFile, name: str, int8: bool | None) -> QuantMatrix:
+def _matrix(mf: ModelFile | Checkpoint, name: str, int8: bool | None) -> QuantMatrix:
+    if isinstance(mf, Checkpoint):  # a safetensors folder: float or mlx affine weights
+        from .affine import checkpoint_matrix
+
+        return checkpoint_matrix(mf, name, int8)  # type: ignore[return-value]
     t = mf.info(name)
     rows, cols = t.shape[0], t.shape[1]
     if int8:  # where this type has an int8 kernel; float elsewhere

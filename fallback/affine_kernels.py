@@ -1,0 +1,117 @@
+"""numba matvecs for mlx's affine 4- and 8-bit groups (the decode step of mlx-lm folders).
+
+One pass over the packed codes, no decoded tile: per row and group,
+``scale * sum(q_j * x_j) + bias * sum(x_j)`` with the group sums of ``x`` computed once per
+call.  4-bit codes pair up as the low and high nibble of a byte (elements 2k and 2k+1), so
+``x`` is split once into its even and odd elements and the inner loop reads both
+contiguously.  Scales and biases stay as stored: float16 and bfloat16 bits are widened
+through a 65536-entry table (exact), float32 is read directly.  Results equal NumPy's
+``dequantize(W) @ x`` to float32 rounding (the sums run in another order).
+
+Imported only where numba is available (`fallback.affine` checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numba import njit, prange
+
+F = np.float32
+
+# float16 / bfloat16 bits -> float32, exactly
+F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+BF16_TABLE = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+
+_OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+
+
+@njit(**_OPTS)
+def _q4_table(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202
+    # codes uint8 (rows, cols/2); scales, biases uint16 bits (rows, G); x float32 (cols,)
+    n_groups = x.shape[0] // group
+    xe, xo = x[0::2].copy(), x[1::2].copy()  # (cols/2,) each
+    xs = x.reshape(n_groups, group).sum(axis=1)  # (G,)
+    half = group // 2
+    for r in prange(codes.shape[0]):
+        row = codes[r]
+        acc = F(0.0)
+        for g in range(n_groups):
+            o = g * half
+            s = F(0.0)
+            for k in range(o, o + half):
+                b = row[k]
+                s += F(b & 15) * xe[k] + F(b >> 4) * xo[k]
+            acc += table[scales[r, g]] * s + table[biases[r, g]] * xs[g]
+        out[r] = acc
+
+
+@njit(**_OPTS)
+def _q4_f32(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202, ARG001
+    n_groups = x.shape[0] // group
+    xe, xo = x[0::2].copy(), x[1::2].copy()
+    xs = x.reshape(n_groups, group).sum(axis=1)
+    half = group // 2
+    for r in prange(codes.shape[0]):
+        row = codes[r]
+        acc = F(0.0)
+        for g in range(n_groups):
+            o = g * half
+            s = F(0.0)
+            for k in range(o, o + half):
+                b = row[k]
+                s += F(b & 15) * xe[k] + F(b >> 4) * xo[k]
+            acc += scales[r, g] * s + biases[r, g] * xs[g]
+        out[r] = acc
+
+
+@njit(**_OPTS)
+def _q8_table(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202
+    # codes uint8 (rows, cols)
+    n_groups = x.shape[0] // group
+    xs = x.reshape(n_groups, group).sum(axis=1)
+    for r in prange(codes.shape[0]):
+        row = codes[r]
+        acc = F(0.0)
+        for g in range(n_groups):
+            o = g * group
+            s = F(0.0)
+            for k in range(o, o + group):
+                s += F(row[k]) * x[k]
+            acc += table[scales[r, g]] * s + table[biases[r, g]] * xs[g]
+        out[r] = acc
+
+
+@njit(**_OPTS)
+def _q8_f32(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202, ARG001
+    n_groups = x.shape[0] // group
+    xs = x.reshape(n_groups, group).sum(axis=1)
+    for r in prange(codes.shape[0]):
+        row = codes[r]
+        acc = F(0.0)
+        for g in range(n_groups):
+            o = g * group
+            s = F(0.0)
+            for k in range(o, o + group):
+                s += F(row[k]) * x[k]
+            acc += scales[r, g] * s + biases[r, g] * xs[g]
+        out[r] = acc
+
+
+KERNELS: dict[tuple[int, bool], Callable[..., None]] = {
+    (4, True): _q4_table,
+    (4, False): _q4_f32,
+    (8, True): _q8_table,
+    (8, False): _q8_f32,
+}
+
+
+def matvec_kernel(bits: int, dtype: str) -> tuple[Callable[..., None], np.ndarray] | None:
+    """``(kernel, table)`` for codes of ``bits`` with scales stored as ``dtype`` (F16, BF16,
+    F32), called as ``kernel(codes_u8, scales, biases, table, x, out, group)``; None for
+    widths without a kernel (2, 3, 5, 6 bits: the NumPy tiles)."""
+    if bits not in (4, 8):
+        return None
+    table = {"F16": F16_TABLE, "BF16": BF16_TABLE}.get(dtype)
+    return KERNELS[bits, table is not None], (table if table is not None else F16_TABLE)
