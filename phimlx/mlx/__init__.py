@@ -31,6 +31,7 @@ import logging
 import sys
 
 from ..config import ModelConfig
+from ..formats import Checkpoint
 from ..gguf import ModelFile
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,15 @@ def probe() -> str | None:
 
 
 def load(  # noqa: ANN201
-    mf: ModelFile,
+    mf: ModelFile | Checkpoint,
     config: ModelConfig,
     *,
     threads: int | None = None,
     kv_cache_type: str | None = None,
 ):
-    """Load ``mf`` onto MLX's default device (see `phimlx.backends`).
+    """Load ``mf`` (a GGUF file, or a safetensors checkpoint folder whose mlx affine
+    weights stay quantized as mlx-lm loads them) onto MLX's default device (see
+    `phimlx.backends`).
 
     ``kv_cache_type``: None, or the one MLX uses: its compute dtype (``"f32"`` on the CPU,
     ``"f16"`` on Metal).

@@ -28,6 +28,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from ..backends import check_kv_state, check_trim, checked_batch, checked_tokens
 from ..config import ModelConfig
+from ..formats import Checkpoint
 from ..gguf import GGMLType, ModelFile
 from .quant import GROUP, Quantized
 from .weights import iter_weights, mlx_lm_config, mlx_lm_module_name
@@ -71,7 +72,7 @@ def compute_dtype() -> mx.Dtype:
 
 
 def build_model(
-    mf: ModelFile, config: ModelConfig, dtype: mx.Dtype | None = None
+    mf: ModelFile | Checkpoint, config: ModelConfig, dtype: mx.Dtype | None = None
 ) -> tuple[nn.Module, int]:
     """mlx-lm's module for ``config`` with the file's tensors; returns it and its bytes.
 
@@ -85,13 +86,13 @@ def build_model(
     model = mod.Model(mod.ModelArgs.from_dict(args_dict))
 
     params: dict[str, mx.array] = {}
-    quant: dict[str, int] = {}
+    quant: dict[str, tuple[int, int]] = {}  # module path -> (bits, group size)
     for path, gtype, value in iter_weights(mf, config, np_scale):
         if isinstance(value, Quantized):
             params[path + ".weight"] = mx.array(value.weight)
             params[path + ".scales"] = mx.array(value.scales).astype(dtype)
             params[path + ".biases"] = mx.array(value.biases).astype(dtype)
-            quant[path] = value.bits
+            quant[path] = (value.bits, value.group_size)
         else:
             arr = mx.array(value)
             if gtype == GGMLType.BF16:
@@ -105,7 +106,7 @@ def build_model(
         group_size=GROUP,
         bits=4,
         class_predicate=lambda p, m: (
-            {"group_size": GROUP, "bits": quant[p]} if p in quant else False
+            {"group_size": quant[p][1], "bits": quant[p][0]} if p in quant else False
         ),
     )
     model.load_weights(list(params.items()), strict=True)
@@ -126,7 +127,7 @@ class MLXModel:
 
     def __init__(
         self,
-        mf: ModelFile,
+        mf: ModelFile | Checkpoint,
         config: ModelConfig,
         *,
         threads: int | None = None,

@@ -16,6 +16,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import UnsupportedModelError
+from ..formats import Checkpoint
+from ..formats.safetensors import to_float32
 from ..gguf import GGMLType, ModelFile
 from .quant import FLOAT_TYPES, MLX_BITS, Quantized, convert_rows
 
@@ -132,9 +134,15 @@ def mlx_lm_config(config: ModelConfig, mf: ModelFile | None = None) -> dict[str,
     return d
 
 
-def convert_tensor(mf: ModelFile, name: str, scale_dtype: type) -> Quantized | np.ndarray:
+def convert_tensor(
+    mf: ModelFile | Checkpoint, name: str, scale_dtype: type
+) -> Quantized | np.ndarray:
     """One GGUF tensor in MLX form: `Quantized` for block types, a float array otherwise
-    (BF16 as ``uint16`` bits; the caller views it as bfloat16)."""
+    (BF16 as ``uint16`` bits; the caller views it as bfloat16).  A checkpoint's tensors are
+    in MLX form already: its quantized weights are handed over as stored (scales and
+    biases widened to float32 when they are bfloat16, exactly)."""
+    if isinstance(mf, Checkpoint):
+        return _checkpoint_tensor(mf, name)
     t = mf.info(name)
     if t.type in FLOAT_TYPES:
         return np.asarray(mf.array(name))
@@ -146,14 +154,40 @@ def convert_tensor(mf: ModelFile, name: str, scale_dtype: type) -> Quantized | n
     return convert_rows(raw.reshape(-1, raw.shape[-1]), t.type, scale_dtype)
 
 
+def _checkpoint_tensor(ckpt: Checkpoint, name: str) -> Quantized | np.ndarray:
+    w = ckpt.weight(name)
+    if not w.quantized:
+        return np.asarray(ckpt.float_weight(name))
+    assert w.bits is not None and w.group_size is not None
+    codes, scales, biases = ckpt.affine_parts(name)
+    return Quantized(
+        np.asarray(codes),
+        to_float32(scales, w.dtype) if w.dtype == "BF16" else np.asarray(scales),
+        to_float32(biases, w.dtype) if w.dtype == "BF16" else np.asarray(biases),
+        w.bits,
+        w.group_size,
+    )
+
+
+_CHECKPOINT_TYPES = {"F16": GGMLType.F16, "BF16": GGMLType.BF16, "F32": GGMLType.F32}
+
+
+def _source_type(mf: ModelFile | Checkpoint, name: str) -> GGMLType:
+    """The GGUF type of tensor ``name``; for a checkpoint, of its floats (or scales)."""
+    if isinstance(mf, Checkpoint):
+        w = mf.weight(name)
+        return GGMLType.F32 if w.quantized else _CHECKPOINT_TYPES[w.dtype]
+    return mf.info(name).type
+
+
 def iter_weights(
-    mf: ModelFile, config: ModelConfig, scale_dtype: type
+    mf: ModelFile | Checkpoint, config: ModelConfig, scale_dtype: type
 ) -> Iterator[tuple[str, GGMLType, Quantized | np.ndarray]]:
     """(mlx-lm module path, GGUF type, converted tensor), one GGUF tensor at a time, so the
     caller can hand each to MLX and drop the NumPy copy before the next is converted."""
     for name, targets in tensor_map(config).items():
         value = convert_tensor(mf, name, scale_dtype)
-        gtype = mf.info(name).type
+        gtype = _source_type(mf, name)
         for tg in targets:
             if tg.start is None:
                 yield tg.path, gtype, value
