@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import BackendUnavailableError
 from ..gguf import GGMLType, open_gguf
 from .quant import GROUP, Quantized
 from .weights import iter_weights, mlx_lm_config
@@ -26,7 +27,7 @@ from .weights import iter_weights, mlx_lm_config
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 << 30  # start a new safetensors file after ~2 GiB
-_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def convert(
@@ -45,21 +46,67 @@ def convert(
             "float32" (bit-exact K-quant scales; what the MLX backend uses on the CPU).
         tokenizer: also write tokenizer files (transformers' GGUF tokenizer conversion).
 
+    The files are written into a temporary folder beside ``out_dir`` and moved into it
+    only when all are complete: an interrupted conversion leaves no half-written folder.
+
     Returns:
         ``out_dir`` as a `Path`.
 
     Raises:
         GGUFError: the file is not a valid GGUF or not a supported model.
         ValueError: ``dtype`` is not one of the three names.
+        BackendUnavailableError: MLX is not installed (it writes the safetensors files).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    mxd = _DTYPES[dtype]
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"phimlx convert writes MLX's safetensors layout and needs MLX ({e}); install "
+            'it with pip install "mlx" (macOS arm64) or "mlx[cpu]" (Linux)'
+        ) from e
+    mxd = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[dtype]
     np_scale = np.float32 if dtype == "float32" else np.float16
-    gguf_path, out = Path(gguf_path), Path(out_dir)
+    gguf_path, final = Path(gguf_path), Path(out_dir)
     mf = open_gguf(gguf_path)
     config = ModelConfig.from_gguf(mf)
-    out.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.phimlx-tmp-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        _write(mf, config, gguf_path, out, mxd, np_scale, tokenizer)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        mf.close()
+        raise
+    mf.close()
+    _move_into_place(out, final)
+    log.info("wrote %s", final)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """``tmp``'s files into ``final`` (renamed whole when ``final`` does not exist yet)."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    for f in tmp.iterdir():
+        os.replace(f, final / f.name)
+    tmp.rmdir()
+
+
+def _write(
+    mf: Any,
+    config: ModelConfig,
+    gguf_path: Path,
+    out: Path,
+    mxd: Any,
+    np_scale: type,
+    tokenizer: bool,
+) -> None:
+    import mlx.core as mx
 
     cfg: dict[str, Any] = mlx_lm_config(config, mf)
     quant: dict[str, Any] = {"group_size": GROUP, "bits": 4}
@@ -101,9 +148,7 @@ def convert(
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer:
         _write_tokenizer(gguf_path, out)
-    mf.close()
-    log.info("wrote %s: %d safetensors file(s), %s layout", out, len(files), cfg["model_type"])
-    return out
+    log.info("%d safetensors file(s), %s layout", len(files), cfg["model_type"])
 
 
 def _write_tokenizer(gguf_path: Path, out: Path) -> None:
