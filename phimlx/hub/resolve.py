@@ -22,13 +22,17 @@ error messages) is `fetch`; the package's ``__init__`` exposes the public names 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import GGUFError, ModelNotFoundError
+from ..errors import GGUFError, ModelNotFoundError, UnsupportedModelError
+from ..formats import CheckpointError, is_checkpoint_dir, open_checkpoint
+from ..formats.checkpoint import INDEX
 from ..gguf import open_gguf
+from ..tokenizer.folder import TOKENIZER_FILES
 from .cache import (
     HubSettings,
     cached_listing,
@@ -50,7 +54,8 @@ from .presets import PRESETS, bundled_file
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A validated local GGUF file and where it came from.
+    """A validated local GGUF file (or safetensors checkpoint folder: ``path`` is the
+    folder, ``filename`` its ``config.json``) and where it came from.
 
     ``repo_id`` and ``revision`` (a commit hash) are None for a file that did not come from
     the hub cache; ``tokenizer_json`` is set only when a ``tokenizer_repo`` was asked for.
@@ -77,7 +82,10 @@ def resolve_model(
 
     Args:
         model: a local ``.gguf`` file (used as is, no network), a local directory holding
-            GGUF files, a preset name (see `PRESETS`), or a hub repo id ``"owner/name"``.
+            GGUF files (or an mlx-lm / Hugging Face checkpoint: config.json and
+            safetensors), a preset name (see `PRESETS`), or a hub repo id ``"owner/name"``
+            (a repo without GGUF files but with config.json and safetensors weights is
+            fetched as a snapshot of the files a model needs).
         filename: the file in the repo (or directory); may be a glob such as
             ``"*q4*.gguf"`` (matched case-insensitively), which must match exactly one file.
             Without it, the repo must hold exactly one ``.gguf`` file.
@@ -188,7 +196,10 @@ def _resolve_gguf(
             )
         return _validated(local), None, local.name, None
     if local.is_dir():
-        path = local / _pick(local_files(local), filename, where=f"directory {local}")
+        files = local_files(local)
+        if filename is None and not _matches(files, None) and is_checkpoint_dir(local):
+            return _validated(local), None, local.name, None  # an mlx-lm / HF folder
+        path = local / _pick(files, filename, where=f"directory {local}")
         return _validated(path), None, path.name, None
 
     name = str(model)
@@ -211,7 +222,10 @@ def _resolve_gguf(
         # A preset's repo named by its id: the preset's file (the repo may hold several).
         filename = next((p.filename for p in PRESETS.values() if p.repo_id == repo_id), None)
     if filename is None or _is_glob(filename):
-        filename = _choose_file(repo_id, filename, revision, hub, refresh)
+        files, where = _repo_listing(repo_id, filename, revision, hub, refresh)
+        if filename is None and not _matches(files, None) and _is_checkpoint_listing(files):
+            return _fetch_checkpoint(repo_id, files, revision, hub, refresh)
+        filename = _pick(files, filename, where=where)
     path = fetch_file(repo_id, filename, revision, hub, refresh)
     try:
         _validated(path)
@@ -225,8 +239,12 @@ def _resolve_gguf(
 
 
 def _validated(path: Path) -> Path:
-    """Check the file with `open_gguf` (header and tensor directory only)."""
-    open_gguf(path).close()
+    """Check the file with `open_gguf` (header and tensor directory only), or a checkpoint
+    folder with `open_checkpoint` (config and safetensors headers)."""
+    if path.is_dir():
+        open_checkpoint(path).close()
+    else:
+        open_gguf(path).close()
     return path
 
 
@@ -272,7 +290,15 @@ def _pick(files: list[str], pattern: str | None, *, where: str) -> str:
 def _choose_file(
     repo_id: str, pattern: str | None, revision: str | None, hub: HubSettings, refresh: bool
 ) -> str:
-    """Resolve a glob (or no filename) against the repo listing, cached or asked for.
+    """Resolve a glob (or no filename) against the repo listing, cached or asked for."""
+    files, where = _repo_listing(repo_id, pattern, revision, hub, refresh)
+    return _pick(files, pattern, where=where)
+
+
+def _repo_listing(
+    repo_id: str, pattern: str | None, revision: str | None, hub: HubSettings, refresh: bool
+) -> tuple[list[str], str]:
+    """The repo's files (and how messages name the listing), cached or asked for.
 
     The listing of a commit never changes, so it is kept in the cache next to the snapshot:
     the same call gives the same answer whether the hub is reachable or not.
@@ -288,4 +314,55 @@ def _choose_file(
         where = f"the cached files of {where} (offline, and the repo listing is not cached)"
     if files is None:
         files = repo_files(repo_id, revision, hub)
-    return _pick(files, pattern, where=where)
+    return files, where
+
+
+def _is_checkpoint_listing(files: list[str]) -> bool:
+    """A repo of an mlx-lm / Hugging Face checkpoint: config.json and safetensors weights."""
+    return "config.json" in files and any(
+        "/" not in f and f.endswith(".safetensors") for f in files
+    )
+
+
+def _fetch_checkpoint(
+    repo_id: str, files: list[str], revision: str | None, hub: HubSettings, refresh: bool
+) -> tuple[Path, str | None, str, str | None]:
+    """Fetch the files a checkpoint needs (config, index, weights, tokenizer files; not the
+    README, images or other formats) into one snapshot folder, each cached as a GGUF is
+    (no network call when cached), and validate the folder with `open_checkpoint`."""
+    config = fetch_file(repo_id, "config.json", revision, hub, refresh)
+    commit = commit_of(config, hub.cache_dir)
+    rev = commit or revision  # the other files from the same commit as config.json
+    names = [n for n in TOKENIZER_FILES if n in files]
+    if INDEX in files:
+        index = fetch_file(repo_id, INDEX, rev, hub, refresh)
+        names.insert(0, INDEX)
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            discard(index, hub.cache_dir)
+            raise CheckpointError(
+                f"{repo_id}/{INDEX} is not a safetensors index ({e}); it has been deleted "
+                "from the cache: run again to re-download"
+            ) from e
+    else:
+        shards = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+    bad = [s for s in shards if "/" in s or "\\" in s or not s.endswith(".safetensors")]
+    if bad:
+        raise CheckpointError(f"{repo_id}/{INDEX} names {bad[0]!r}, not a weight file of the repo")
+    paths = [fetch_file(repo_id, n, rev, hub, refresh) for n in [*shards, *names]]
+    folder = config.parent
+    try:
+        _validated(folder)
+    except CheckpointError as e:
+        if not isinstance(e, UnsupportedModelError):  # a bad download, not a bad model
+            for path in paths:
+                if path.name.endswith(".safetensors"):
+                    discard(path, hub.cache_dir)
+            raise CheckpointError(
+                f"{repo_id} in the cache is not a valid checkpoint ({e}); its weight files "
+                "have been deleted from the cache: run again to re-download"
+            ) from e
+        raise
+    return folder, repo_id, "config.json", commit
