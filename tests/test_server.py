@@ -569,16 +569,20 @@ def test_phimlx_serve_command_and_sigterm(smollm2_path):
 # -- the OpenAPI spec, fuzzed --------------------------------------------------------------
 
 
-def test_schemathesis_no_server_errors(tiny_phi3):
-    """Requests generated from the server's own OpenAPI spec (valid and not, a bounded
-    number per operation) never get a 5xx; on a tiny random-weight model (fast answers)."""
+CONSTRAINED = ("response_format", "json_schema", "regex", "grammar")
+
+
+def fuzz(tiny_phi3, prepare, examples: int) -> None:
+    """Requests generated from the server's own OpenAPI spec (valid and not, ``examples``
+    per operation, ``prepare`` applied to each) must never get a 5xx; on a tiny
+    random-weight model, for fast answers."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
 
     with (
         phimlx.load(tiny_phi3, backend="numpy") as m,
-        running(create_app(m, model_id="tiny", max_context=256)) as base,
+        running(create_app(m, model_id="tiny", max_context=64)) as base,
     ):
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
         operations = [op.ok() for op in schema.get_all_operations()]
@@ -586,14 +590,49 @@ def test_schemathesis_no_server_errors(tiny_phi3):
         for operation in operations:
 
             @settings(
-                max_examples=25,
+                max_examples=examples,
                 deadline=None,
                 suppress_health_check=list(HealthCheck),
                 derandomize=True,
                 database=None,
             )
-            @given(case=operation.as_strategy())
+            @given(case=operation.as_strategy().map(prepare))
             def check(case) -> None:
                 case.call_and_validate(checks=[not_a_server_error], timeout=DEADLINE)
 
             check()
+
+
+def unconstrained(case):
+    if isinstance(case.body, dict):
+        for name in CONSTRAINED:
+            case.body.pop(name, None)
+    return case
+
+
+def test_schemathesis_no_server_errors(tiny_phi3):
+    """The spec fuzzed, without constrained decoding (the next test has it)."""
+    fuzz(tiny_phi3, unconstrained, 25)
+
+
+def test_schemathesis_no_server_errors_constrained(tiny_phi3):
+    """The spec fuzzed with ``response_format``, ``json_schema``, ``regex``, ``grammar``."""
+    fuzz(tiny_phi3, lambda case: case, 12)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="phimlx/constrain.py, on a Phi-3-like SentencePiece vocabulary: regex='½%' forces "
+    "token 3468 (' '), which consume() then rejects: a ConstraintError mid-generation",
+)
+def test_non_ascii_regex_on_a_sentencepiece_vocabulary(tiny_phi3):
+    """Found by the fuzz test above with more examples; SmolLM2's BPE vocabulary is fine."""
+    with (
+        phimlx.load(tiny_phi3, backend="numpy") as m,
+        running(create_app(m, model_id="tiny", max_context=64)) as base,
+    ):
+        if "regex" not in library_options(m):
+            pytest.skip("the library has no regex constraint yet")
+        body = {"prompt": "hello", "max_tokens": 4, "temperature": 0, "regex": "½%"}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=DEADLINE)
+        assert r.status_code == 200, r.text[:300]
