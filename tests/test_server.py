@@ -520,6 +520,42 @@ def test_queue_limit_429_and_dropped_client_frees_its_slot(model):
     model.clear_cache()
 
 
+def test_engine_stop_ends_requests_in_flight_and_queued(model):
+    """What shutdown does once the grace period is over: the running request and the queued
+    one end with `EngineStoppedError`; nothing is accepted afterwards."""
+    import asyncio
+
+    from phimlx.server.convert import prepare, stream_kwargs
+    from phimlx.server.engine import Engine, EngineStoppedError, QueueFullError
+    from phimlx.server.schemas import CompletionRequest
+
+    def call(prompt: str):
+        body = CompletionRequest(prompt=prompt, max_tokens=CONTEXT, ignore_eos=True)
+        kw = stream_kwargs(body, supported=library_options(model), context=CONTEXT, cache=True)
+        return prepare(model, prompt, {**kw, "max_context": CONTEXT})
+
+    engine = Engine(model, max_batch=1, max_queue=1)
+    engine.start()
+
+    async def main() -> None:
+        running_one, queued = engine.submit(call(RAW[0])), engine.submit(call(RAW[1]))
+        with pytest.raises(QueueFullError):
+            engine.submit(call(RAW[2]))
+        assert (await running_one.get()).finish_reason is None
+        await asyncio.to_thread(engine.stop)
+        with pytest.raises(EngineStoppedError):
+            while (await running_one.get()).finish_reason is None:
+                pass
+        with pytest.raises(EngineStoppedError):
+            await queued.get()
+        with pytest.raises(EngineStoppedError):
+            engine.submit(call(RAW[0]))
+
+    asyncio.run(main())
+    assert not engine.alive
+    model.clear_cache()
+
+
 # -- the command -----------------------------------------------------------------------------
 
 

@@ -185,9 +185,11 @@ def create_app(
         )
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Liveness, and how busy the engine is."""
-        return {"status": "ok", "model": model_id, **engine.load}
+    async def health() -> JSONResponse:
+        """Liveness (503 once the engine has stopped), and how busy the engine is."""
+        ok = engine.alive
+        body = {"status": "ok" if ok else "stopped", "model": model_id, **engine.load}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
@@ -330,7 +332,9 @@ async def _chunks(ticket: Ticket) -> AsyncIterator[Any]:
             raise
         except Exception as e:
             log.exception("a request failed in the engine")
-            raise ApiError(500, f"generation failed: {e}", type="server_error") from e
+            first = (str(e).splitlines() or [""])[0][:300]  # the log has the whole of it
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {first}",
+                           type="server_error") from e  # fmt: skip
         yield chunk
         if chunk.finish_reason is not None:
             return

@@ -169,6 +169,11 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running (it stops at shutdown, or on a bug)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
     def load(self) -> dict[str, int]:
         """Requests running (prefilling or decoding) and waiting for a slot."""
         with self._cond:
