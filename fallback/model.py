@@ -342,6 +342,42 @@ class NumpySession:
         """`step`, computed now (this backend is eager); the handle holds the logits."""
         return Finished(self.step(token_id))
 
+    def verify(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids`` in one pass and return float32 logits (T, vocab) after each,
+        equal bit for bit to T `step` calls (speculative decoding's check of drafted
+        tokens): the T rows go through each matrix at once with the int8 matmul, whose
+        rows equal the decode matvec, and each row attends with the decode attention at
+        its own position.  (A prefill's batched attention sums in another order; with int8
+        activations that rounding difference can flip an activation's rounding and grow to
+        the int8 noise level, which would change a near-tie.)"""
+        ids = checked_tokens(token_ids, self._pos, self.max_context, self.model.config)
+        if ids.size == 1:
+            return self.step(int(ids[0]))[None]
+        m, T, p0 = self.model, ids.size, self._pos
+        mats = [m.output, *(x for la in m.layers for x in (*la.qkv, la.out, *la.gate_up, la.down))]
+        if any(
+            getattr(x, "int8_activations", False) and not x._int8_matmul(T) for x in mats
+        ):  # float tiles for these rows where a step takes int8: no equality to keep
+            return self.prefill(ids, all_logits=True)
+        self._ensure_capacity(p0 + T)
+        attends = []
+        try:
+            for _ in range(T):  # row i attends at position p0 + i
+                attends.append(self._attention(1, one_token=True))
+                self._pos += 1
+        finally:
+            self._pos = p0
+        attend = functools.partial(_attend_each, attends)
+        h = m._layers(
+            m.embed.take_rows(ids),
+            m.chunk_calls,
+            attend,
+            ((k,) * T for k in self._k),
+            ((v,) * T for v in self._v),
+        )  # (T, hidden)
+        self._pos = p0 + T
+        return m.output.matmul(h)  # (T, vocab)
+
     def _ensure_capacity(self, n: int) -> None:
         if n <= self._cap:
             return

@@ -26,6 +26,7 @@ from .tokenizer import StreamingDetokenizer
 
 if TYPE_CHECKING:
     from .constrain import Constraint
+    from .speculative import Drafter
 
 Step = Callable[[int], PendingLogits]  # feed a sampled token; a handle to the next logits
 
@@ -41,6 +42,8 @@ class Stats:
     generation_tokens: int = 0
     generation_seconds: float = 0.0
     time_to_first_token: float = 0.0  # seconds from the call to the first sampled token
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and those the model took
+    accepted_tokens: int = 0
     peak_memory: int | None = None  # peak resident memory of the process, bytes
 
     @property
@@ -144,6 +147,7 @@ def generate_tokens(
     step: Step | None = None,
     logprobs: int | None = None,
     constraint: Constraint | None = None,
+    drafter: Drafter | None = None,
 ) -> Iterator[tuple[int, str | None, tuple[float, np.ndarray, np.ndarray] | None]]:
     """Prefill ``prompt_ids`` and yield ``(token, finish_reason, logprobs)`` triples.
 
@@ -158,6 +162,11 @@ def generate_tokens(
     log-probability, the top ``k`` ids and theirs); None without it.  ``constraint``: the
     grammar the sampler masks with (`Sampler(params, mask=constraint.mask)`); each output
     token is consumed by it.
+
+    ``drafter``: speculative decoding (`phimlx.speculative`): a sampled token is fed together
+    with the drafts of the tokens after it, in one pass that gives the logits after each;
+    a draft the sampler then picks costs no forward pass, and the first one it does not
+    pick is trimmed from the cache with those after it.  Not with a batch's ``step``.
 
     ``finish_reason`` is None while generation goes on; the triple that ends it carries
     ``"stop"`` (the token is in ``stop_ids`` and is not part of the output), ``"done"`` (the
@@ -183,32 +192,77 @@ def generate_tokens(
     stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), t1 - t0
     stats.cached_tokens = cached
     generated: list[int] = []
-    while True:
-        token = sampler(logits, generated)
-        if not generated:
-            stats.time_to_first_token = time.perf_counter() - t0
-            t_first = time.perf_counter()
-        if token in stop_ids:
-            yield token, "stop", None
-            break
-        lp = token_logprobs(logits, token, logprobs) if logprobs is not None else None
-        generated.append(token)
-        stats.generation_tokens = len(generated)
-        stats.generation_seconds = time.perf_counter() - t_first
-        if constraint is not None:
-            constraint.consume(token)  # the next mask is computed during the step
-            if constraint.done:
-                yield token, "done", lp
+    pending: list[int] = []  # drafts in the cache past the last output token
+    ahead: list[np.ndarray] = []  # the logits after each of them
+    drafted = accepted = 0  # this round's
+
+    def drop_pending() -> None:
+        """Trim the drafts not taken from the cache (re-feeding what a wrapped sliding-
+        window cache cannot keep)."""
+        n = session.position - len(pending)
+        held = session.tokens[:n]
+        kept = session.trim(n)
+        if kept < n:
+            session.prefill(held[kept:])
+        pending.clear()
+        ahead.clear()
+
+    try:
+        while True:
+            token = sampler(logits, generated)
+            if not generated:
+                stats.time_to_first_token = time.perf_counter() - t0
+                t_first = time.perf_counter()
+            if token in stop_ids:
+                yield token, "stop", None
                 break
-        if len(generated) >= max_tokens:
-            yield token, "length", lp
-            break
-        if session.position >= session.max_context:
-            yield token, "context", lp
-            break
-        handle = step(token)  # MLX computes it while the caller streams text
-        yield token, None, lp
-        logits = handle.result()
+            lp = token_logprobs(logits, token, logprobs) if logprobs is not None else None
+            generated.append(token)
+            stats.generation_tokens = len(generated)
+            stats.generation_seconds = time.perf_counter() - t_first
+            if constraint is not None:
+                constraint.consume(token)  # the next mask is computed during the step
+                if constraint.done:
+                    yield token, "done", lp
+                    break
+            if len(generated) >= max_tokens:
+                yield token, "length", lp
+                break
+            if pending and token == pending[0]:  # the draft was right: its logits are here
+                pending.pop(0)
+                logits = ahead.pop(0)
+                accepted += 1
+                stats.accepted_tokens += 1
+                if not pending:
+                    drafter.update(accepted, drafted)  # type: ignore[union-attr]
+                yield token, None, lp
+                continue
+            if pending:
+                drafter.update(accepted, drafted)  # type: ignore[union-attr]
+                drop_pending()
+            if session.position >= session.max_context:
+                yield token, "context", lp
+                break
+            drafts: list[int] = []
+            if drafter is not None:
+                # drafts fed give the logits after them: the last token's are never used
+                left = max_tokens - len(generated) - 1
+                room = min(left, session.max_context - session.position - 1)
+                drafts = drafter.propose([*prompt_ids, *generated], room)
+            if drafts:
+                out = session.verify([token, *drafts])  # the logits T steps give
+                pending[:], ahead[:] = drafts, list(out[1:])
+                drafted, accepted = len(drafts), 0
+                stats.draft_tokens += drafted
+                yield token, None, lp
+                logits = out[0]
+                continue
+            handle = step(token)  # MLX computes it while the caller streams text
+            yield token, None, lp
+            logits = handle.result()
+    finally:
+        if pending:
+            drop_pending()
     stats.generation_seconds = time.perf_counter() - t_first
 
 
@@ -259,6 +313,7 @@ def stream(
     logprobs: int | None = None,
     constraint: Constraint | None = None,
     token_text: Callable[[int], str] | None = None,
+    drafter: Drafter | None = None,
 ) -> Iterator[Chunk]:
     """Yield `Chunk`s of text as tokens are generated; the last one has the finish reason
     and stats.  ``decode`` turns ids into text (the tokenizer's, without special tokens);
@@ -294,6 +349,7 @@ def stream(
         step=step,
         logprobs=logprobs,
         constraint=constraint,
+        drafter=drafter,
     )
     final_lp = None  # the logprobs of the final chunk's token, when it is output
     for token, reason, lp in tokens:

@@ -24,6 +24,7 @@ from .prompt_cache import PromptCache, ReplyIds
 from .sampling import LogitsProcessor, Sampler, SamplingParams
 from .scoring import Score
 from .session import Session, step_batch
+from .speculative import Drafter
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class _Call:
     cache: bool
     logprobs: int | None = None
     constraint: Constraint | None = None
+    draft: str | Model | None = None
+    num_draft_tokens: int = 8
 
 
 class Model:
@@ -260,6 +263,8 @@ class Model:
         json_schema: Mapping[str, Any] | str | bool | None = None,
         regex: str | None = None,
         grammar: str | None = None,
+        draft: str | Model | None = None,
+        num_draft_tokens: int | None = None,
     ) -> Iterator[Chunk]:
         """Generate text for ``prompt``, chunk by chunk.
 
@@ -302,6 +307,14 @@ class Model:
             regex: constrain the output to match this regular expression.
             grammar: constrain the output to a grammar, Lark (llguidance's dialect) or
                 llama.cpp GBNF.
+            draft: speculative decoding: ``"lookup"`` drafts the next tokens by n-gram
+                lookup in the prompt and the output so far (fast where the output copies
+                the input); a loaded `Model` with the same vocabulary drafts them greedily.
+                The model checks the drafts in one forward pass; the output is exactly
+                what it is without ``draft`` (same seed, same text).  ``stats`` counts
+                ``draft_tokens`` and ``accepted_tokens``.
+            num_draft_tokens: the longest draft (default 8 for lookup, 4 for a model); the
+                length adapts to how many drafts are taken.
 
         Yields:
             `Chunk`s; the last has ``finish_reason`` (``"stop"``, ``"length"``,
@@ -339,6 +352,8 @@ class Model:
                 json_schema=json_schema,
                 regex=regex,
                 grammar=grammar,
+                draft=draft,
+                num_draft_tokens=num_draft_tokens,
             )
         )
 
@@ -369,6 +384,8 @@ class Model:
         json_schema: Mapping[str, Any] | str | bool | None = None,
         regex: str | None = None,
         grammar: str | None = None,
+        draft: str | Model | None = None,
+        num_draft_tokens: int | None = None,
     ) -> _Call:
         """`stream`'s arguments checked and its prompt encoded (its defaults are `stream`'s)."""
         params = SamplingParams(
@@ -411,13 +428,42 @@ class Model:
         ids, dropped = self._fit_prompt(prompt, chat, system, context, max_tokens, context_overflow)
         self._backend_model  # noqa: B018 - a closed model fails here, not at the first chunk
         stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
+        if draft is not None and draft != "lookup":
+            self._check_draft_model(draft)
+        if num_draft_tokens is None:
+            num_draft_tokens = 8 if draft == "lookup" else 4
+        if (
+            isinstance(num_draft_tokens, bool)
+            or not isinstance(num_draft_tokens, int)
+            or num_draft_tokens < 1
+        ):
+            raise ValueError(
+                f"num_draft_tokens={num_draft_tokens!r} is invalid: must be an integer >= 1"
+            )
         constraint = Constraint.create(
             self.tokenizer, vocab, json_schema=json_schema, regex=regex, grammar=grammar
         )
         return _Call(
             ids, dropped, params, stops, stop_ids, max_tokens, context, cache,
-            logprobs, constraint,
+            logprobs, constraint, draft, num_draft_tokens,
         )  # fmt: skip
+
+    def _check_draft_model(self, draft: object) -> None:
+        """A draft model must be a loaded `Model` other than this one, with this vocabulary."""
+        if not isinstance(draft, Model):
+            raise ValueError(f"draft={draft!r} is invalid: give 'lookup' or a loaded phimlx Model")
+        if draft is self:
+            raise ValueError("draft is this model itself: give a smaller model, or 'lookup'")
+        mine, theirs = self.tokenizer, draft.tokenizer
+        same = mine.vocab_size == theirs.vocab_size and all(
+            mine.token_bytes(i) == theirs.token_bytes(i) for i in range(mine.vocab_size)
+        )
+        if not same or draft.config.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"draft model {draft.path.name} has another vocabulary than {self.path.name} "
+                f"({theirs.vocab_size} against {mine.vocab_size} tokens, or other tokens): "
+                "drafts must use the same token ids"
+            )
 
     def _stream(self, call: _Call, batch: StepBatch | None = None) -> Iterator[Chunk]:
         """`stream` after validation: take (or open) a session, generate, keep it.  With
@@ -438,6 +484,10 @@ class Model:
         tok = self.tokenizer
         generated: list[int] = []
         text: list[str] = []
+        if batch is not None and call.draft is not None:
+            raise ValueError("draft (speculative decoding) does not combine with a batch")
+        drafter = self._drafter(call)
+        chunks = None
         try:
             constraint = call.constraint
             chunks = stream(
@@ -454,6 +504,7 @@ class Model:
                 logprobs=call.logprobs,
                 constraint=constraint,
                 token_text=lambda t: tok.decode([t]),
+                drafter=drafter,
             )
             for chunk in chunks:
                 if chunk.token is not None and chunk.token not in stop_ids:
@@ -466,10 +517,25 @@ class Model:
             if tok.decode(generated, skip_special=True) == reply:  # not cut by a stop string
                 self._replies.remember(reply, generated)
         finally:
+            if chunks is not None:
+                chunks.close()  # its own cleanup (drafts trimmed) before the session moves
+            if drafter is not None:
+                drafter.close()
             if batch is not None:  # before the session is handed on
                 batch.leave(session)
             if cache:
                 self._prompt_cache.put(session)
+
+    def _drafter(self, call: _Call) -> Drafter | None:
+        """The speculative-decoding drafter a call asks for."""
+        from .speculative import Drafter, DraftModel, PromptLookup
+
+        if call.draft is None:
+            return None
+        if call.draft == "lookup":
+            return Drafter(PromptLookup(), call.num_draft_tokens)
+        assert isinstance(call.draft, Model)
+        return Drafter(DraftModel(call.draft, call.context), call.num_draft_tokens)
 
     def _fit_prompt(
         self,

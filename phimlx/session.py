@@ -82,6 +82,25 @@ class Session:
                 del self._ends[next(iter(self._ends))]
             return logits
 
+    def verify(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids``; float32 logits (T, vocab) after each, as T `step` calls give
+        them (bit for bit on the NumPy backend; on MLX a prefill's, to float rounding).
+        Speculative decoding checks drafted tokens with it.
+
+        Raises:
+            ContextLengthError: the tokens do not fit in what is left of the context.
+            ValueError: empty input or an id outside the vocabulary.
+        """
+        ids = [int(t) for t in token_ids]
+        exact = getattr(self._inner, "verify", None)
+        if exact is None:
+            return self.prefill(ids, all_logits=True)
+        with self._lock:
+            try:
+                return np.asarray(exact(ids), dtype=np.float32)
+            finally:
+                self._sync(ids)
+
     def logits_at(self, position: int) -> np.ndarray | None:
         """The logits a prefill ending at ``position`` returned, if the session still holds
         that position and kept them (the last few prefills' are kept); else None."""

@@ -1,0 +1,146 @@
+"""Speculative decoding: cheap drafts of the next tokens, checked by the model in one pass.
+
+A proposer drafts up to k tokens after the text so far: `PromptLookup` copies what followed
+the last occurrence of the text's final n-gram (prompt lookup decoding, llama.cpp's n-gram
+lookup, llama-cpp-python's ``LlamaPromptLookupDecoding``), `DraftModel` lets a smaller model
+with the same vocabulary decode them greedily.  The generation loop (`phimlx.generate`)
+feeds the sampled token and the drafts in one forward pass that returns the logits after
+each, then samples as always: while the sampled token equals the next draft, the logits
+after it are already computed and no forward pass is needed; at the first difference the
+remaining drafts are trimmed from the cache.
+
+Exactness: every token is drawn by the same sampler from the same logits (to float
+rounding) as without speculation, with the same random numbers, so greedy output is
+token for token plain decoding's and seeded sampling gives plain sampling's text.  Drafts
+are deterministic, so this check is speculative sampling's rule for a proposal of
+probability one (accept with probability min(1, p/q) = p, else draw from the rest).
+
+`Drafter` adapts the draft length: it grows while drafts are accepted, falls back to one
+past the accepted ones after a miss, and pauses drafting for a while after several rounds
+in a row where nothing was accepted, so free-form text pays almost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .model import Model
+    from .session import Session
+
+
+class Proposer(Protocol):
+    """Drafts the tokens most likely to follow ``history``."""
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` drafted ids (fewer or none where it has no guess)."""
+        ...
+
+    def close(self) -> None:
+        """Release what it holds (a draft model's session)."""
+        ...
+
+
+class PromptLookup:
+    """Drafts by n-gram lookup: the tokens that followed the most recent earlier occurrence
+    of the history's last ``n`` tokens, for ``n`` from ``max_ngram`` down to ``min_ngram``."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"n-gram sizes {min_ngram}..{max_ngram} are invalid")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        h = np.asarray(history, dtype=np.int64)
+        for n in range(min(self.max_ngram, h.size - 1), self.min_ngram - 1, -1):
+            tail = h[-n:]
+            # windows h[i:i+n] for i < size - n (an earlier occurrence, not the tail itself)
+            win = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
+            hits = np.flatnonzero((win == tail).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the most recent occurrence
+                return h[start : start + k].tolist()
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class DraftModel:
+    """Drafts greedily with a smaller model of the same vocabulary; its session continues
+    from the draft model's own prompt cache and goes back there afterwards."""
+
+    def __init__(self, model: Model, context: int) -> None:
+        self.model = model
+        self.context = context
+        self._session: Session | None = None
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        history = list(history)
+        s = self._session
+        if s is None:
+            s, _ = self.model._prompt_cache.take(history, self.context)
+            self._session = s = s if s is not None else self.model.new_session(self.context)
+        held = s.tokens
+        shared = 0
+        for a, b in zip(held, history, strict=False):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(history) - 1)  # feed at least one token to get logits
+        kept = s.trim(shared)
+        room = s.max_context - len(history)
+        k = min(k, room)
+        if k <= 0:
+            return []
+        logits = s.prefill(history[kept:])
+        drafts = [int(np.argmax(logits))]
+        while len(drafts) < k:
+            drafts.append(int(np.argmax(s.step(drafts[-1]))))
+        return drafts
+
+    def close(self) -> None:
+        if self._session is not None:
+            self.model._prompt_cache.put(self._session)
+            self._session = None
+
+
+class Drafter:
+    """A proposer with an adaptive draft length and the counts `Stats` reports."""
+
+    PAUSE = 16  # tokens without drafting after MISSES fruitless rounds in a row
+    MISSES = 3
+
+    def __init__(self, proposer: Proposer, max_draft: int) -> None:
+        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
+            raise ValueError(f"num_draft_tokens={max_draft!r} is invalid: must be >= 1")
+        self.proposer = proposer
+        self.max_draft = max_draft
+        self.k = max_draft
+        self._misses = 0
+        self._paused = 0
+
+    def propose(self, history: Sequence[int], limit: int) -> list[int]:
+        """Drafts for the next round, at most ``limit`` (what the context and token budget
+        leave); none while paused."""
+        if self._paused:
+            self._paused -= 1
+            return []
+        k = min(self.k, limit)
+        return self.proposer.propose(history, k) if k > 0 else []
+
+    def update(self, accepted: int, drafted: int) -> None:
+        """Adapt to a finished round: ``accepted`` of ``drafted`` drafts were used."""
+        if accepted == drafted:
+            self.k = min(self.max_draft, self.k * 2)
+        else:
+            self.k = max(1, accepted + 1)
+        self._misses = self._misses + 1 if accepted == 0 else 0
+        if self._misses >= self.MISSES:
+            self._misses, self._paused = 0, self.PAUSE
+
+    def close(self) -> None:
+        self.proposer.close()
