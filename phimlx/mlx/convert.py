@@ -44,7 +44,8 @@ def convert(
         out_dir: the folder to create (or fill); existing files of the same names are replaced.
         dtype: of the scales, biases and float weights: "float16" (default), "bfloat16" or
             "float32" (bit-exact K-quant scales; what the MLX backend uses on the CPU).
-        tokenizer: also write tokenizer files (transformers' GGUF tokenizer conversion).
+        tokenizer: also write tokenizer.json and tokenizer_config.json (the GGUF's own
+            tokenizer, written with the ``tokenizers`` library).
 
     The files are written into a temporary folder beside ``out_dir`` and moved into it
     only when all are complete: an interrupted conversion leaves no half-written folder.
@@ -76,7 +77,7 @@ def convert(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     try:
-        _write(mf, config, gguf_path, out, mxd, np_scale, tokenizer)
+        _write(mf, config, out, mxd, np_scale, tokenizer)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         mf.close()
@@ -100,7 +101,6 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 def _write(
     mf: Any,
     config: ModelConfig,
-    gguf_path: Path,
     out: Path,
     mxd: Any,
     np_scale: type,
@@ -147,16 +147,19 @@ def _write(
     index["metadata"]["total_size"] = sum((out / f).stat().st_size for f in files)
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer:
-        _write_tokenizer(gguf_path, out)
+        _write_tokenizer(mf, config, out)
     log.info("%d safetensors file(s), %s layout", len(files), cfg["model_type"])
 
 
-def _write_tokenizer(gguf_path: Path, out: Path) -> None:
-    # transformers converts GGUF tokenizer metadata (llama SPM, gpt2 BPE) into a fast
-    # tokenizer whose tokenizer.json / tokenizer_config.json AutoTokenizer (and so mlx-lm)
-    # reads back.  phimlx's own Tokenizer is not used: it partitions special tokens itself,
-    # outside its `tokenizers` object, so that object alone is not a complete tokenizer.json.
-    from transformers import AutoTokenizer
+def _write_tokenizer(mf: Any, config: ModelConfig, out: Path) -> None:
+    # phimlx's own GGUF tokenizer written with the `tokenizers` library (no torch, no
+    # transformers): AutoTokenizer (and so mlx-lm) reads the files back with llama.cpp's ids.
+    from ..tokenizer import Tokenizer
+    from ..tokenizer.export import write_tokenizer_files
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tok.save_pretrained(str(out))
+    write_tokenizer_files(
+        Tokenizer.from_gguf(mf),
+        out,
+        chat_template=mf.metadata.get("tokenizer.chat_template"),
+        model_max_length=config.context_length,
+    )
