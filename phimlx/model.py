@@ -774,12 +774,15 @@ def load(
     local_files_only: bool = False,
     kv_cache_type: str | None = None,
 ) -> Model:
-    """Load a GGUF model from a local path, a preset name, or a Hugging Face hub repo.
+    """Load a model from a local path, a preset name, or a Hugging Face hub repo: a GGUF
+    file, or a safetensors folder (mlx-lm's, affine-quantized; or a Hugging Face
+    float16/bfloat16/float32 checkpoint) of a phi3 or llama model.
 
     Args:
-        model: a ``.gguf`` path; a preset such as ``"phi-3-mini-4k-instruct"`` or
-            ``"smollm2-135m-instruct"``; or a hub repo id such as
-            ``"microsoft/Phi-3-mini-4k-instruct-gguf"``.
+        model: a ``.gguf`` path; a folder with ``config.json`` and ``*.safetensors``; a
+            preset such as ``"phi-3-mini-4k-instruct"`` or ``"smollm2-135m-instruct"``; or a
+            hub repo id such as ``"microsoft/Phi-3-mini-4k-instruct-gguf"`` (a repo without
+            GGUF files is fetched as a safetensors snapshot).
         filename: the file in a hub repo (a glob such as ``"*q4*.gguf"`` is allowed).
         revision: a hub branch, tag or commit to pin.
         backend: ``"auto"`` (MLX on Apple Silicon, NumPy elsewhere; ``$PHIMLX_BACKEND``
@@ -798,12 +801,16 @@ def load(
 
     Raises:
         GGUFError: the file is corrupt, truncated, or not a model phimlx can run.
-        UnsupportedModelError: unknown architecture or tensor type (a `GGUFError`).
+        CheckpointError: a safetensors folder is corrupt, truncated, or disagrees with
+            its config.json (`phimlx.formats`).
+        UnsupportedModelError: unknown architecture or tensor type (a `GGUFError`; for a
+            folder also a `CheckpointError`).
         ModelNotFoundError: the file is not local, not cached, and cannot be downloaded.
         BackendUnavailableError: the requested backend cannot run here.
         ValueError: a bad ``threads`` or ``kv_cache_type`` (the message lists the allowed
             values), or a ``kv_cache_type`` the backend does not support.
     """
+    from .formats import Checkpoint, open_checkpoint
     from .hub import resolve_model
 
     backends.check_kv_cache_type(kv_cache_type)
@@ -823,13 +830,16 @@ def load(
         local_files_only=local_files_only,
     )
     name, reason = backends.choose(backend)
-    mf = open_gguf(resolved.path)
+    folder = Path(resolved.path).is_dir()  # an mlx-lm / Hugging Face safetensors folder
+    mf = open_checkpoint(resolved.path) if folder else open_gguf(resolved.path)
     try:
-        config = ModelConfig.from_gguf(mf)
+        config = mf.config if isinstance(mf, Checkpoint) else ModelConfig.from_gguf(mf)
         if resolved.tokenizer_json is not None:
             tokenizer = Tokenizer.from_file(
                 resolved.tokenizer_json, architecture=config.architecture, metadata=mf.metadata
             )
+        elif isinstance(mf, Checkpoint):
+            tokenizer = Tokenizer.from_folder(mf.path, architecture=config.architecture)
         else:
             tokenizer = Tokenizer.from_gguf(mf)
         loaded = backends.load_backend(
@@ -839,7 +849,7 @@ def load(
         mf.close()
         raise
     log.info("loaded %s with backend %s (%s)", Path(resolved.path).name, name, reason)
-    return Model(mf, loaded, tokenizer, name, reason)
+    return Model(mf, loaded, tokenizer, name, reason)  # type: ignore[arg-type]
 
 
 def _is_ids(prompt: object) -> bool:
