@@ -7,10 +7,12 @@ forward pass (`Model.step_batch`).  Between rounds, new requests join and finish
 cancelled ones leave: closing a generator runs its ``finally``, which withdraws its
 registered step and hands its session back to the prompt cache.
 
-A new request's prompt is prefilled here, in pieces of ``prefill_chunk`` tokens, one piece
-between two decode rounds, so a long prompt delays the others' next token by one piece, not
-by its whole prefill.  The prefilled session goes back to the prompt cache, where the
-request's stream finds it holding the whole prompt (and the logits after it).
+A new request's prompt is prefilled here, in pieces of ``prefill_chunk`` tokens (a shorter
+prompt whole), about ``prefill_chunk`` tokens between two decode rounds, so a long prompt
+delays the others' next token by one piece, not by its whole prefill, and several short
+ones that arrive together start together.  The prefilled session goes back to the prompt
+cache, where the request's stream finds it holding the whole prompt (and the logits after
+it).
 
 Chunks reach the request's asyncio side through `Ticket`, a queue fed with
 ``loop.call_soon_threadsafe``.
@@ -202,7 +204,7 @@ class Engine:
                         room -= 1
                 for ticket in admitted:
                     self._admit(ticket)
-                self._prefill_piece()
+                self._prefill_pieces()
                 self._decode_round()
         except BaseException:  # a bug here must not leave clients waiting forever
             log.exception("the engine failed")
@@ -246,8 +248,13 @@ class Engine:
         job.session = session
         self._prefilling.append(job)
 
-    def _prefill_piece(self) -> None:
-        """Prefill one piece of the oldest prefilling request; start its stream when done."""
+    def _prefill_pieces(self) -> None:
+        """Prefill pieces of the waiting prompts, oldest first, about ``prefill_chunk``
+        tokens in all (at least one piece); start each stream whose prompt is done.
+
+        A piece is ``prefill_chunk`` tokens of one prompt or the rest of it, never less:
+        a prompt that fits in one piece is prefilled whole, as `Model.stream` would."""
+        done = 0
         while self._prefilling:
             job = self._prefilling[0]
             session = job.session
@@ -258,22 +265,24 @@ class Engine:
                 self._end(job)
                 continue
             ids = job.ticket.call.ids
+            piece = min(self.prefill_chunk, len(ids) - session.position)
+            if done and done + piece > self.prefill_chunk:
+                return  # the decode steps of the others come first
             try:
-                if session.position < len(ids):
-                    end = min(session.position + self.prefill_chunk, len(ids))
-                    session.prefill(ids[session.position : end])
+                if piece > 0:
+                    session.prefill(ids[session.position : session.position + piece])
             except Exception as e:  # noqa: BLE001
                 self._prefilling.pop(0)
                 self.model._prompt_cache.put(session)
                 self._end(job, e)
-                return
+                continue
+            done += max(piece, 1)
             if session.position == len(ids):
                 self._prefilling.pop(0)
                 # The stream takes it back from the cache at once, holding the whole prompt.
                 self.model._prompt_cache.put(session)
                 job.session = None
                 self._begin_stream(job)
-            return
 
     def _begin_stream(self, job: _Job) -> None:
         """Start ``job``'s stream and deliver its first chunk (it samples the first token)."""
