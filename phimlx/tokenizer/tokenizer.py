@@ -195,12 +195,19 @@ class Tokenizer:
             A `Tokenizer`.
 
         Raises:
-            FileNotFoundError: the folder has no tokenizer.json.
+            CheckpointError: the folder has no tokenizer.json (the message says how to
+                name another source).
             ValueError: the file is not a tokenizer.json the library can read.
         """
+        from ..formats.errors import CheckpointError
         from .folder import eos_ids
 
         folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(
+                f"{folder} has no tokenizer.json; copy the model's tokenizer files into it, "
+                "or pass tokenizer_repo= (a hub repo with the model's tokenizer.json)"
+            )
         args = json_tokenizer_args(folder / "tokenizer.json", architecture=architecture,
                                    metadata=None)  # fmt: skip
         n = len(args["tokens"])
