@@ -10,7 +10,8 @@
   (`phimlx.formats.affine.dequantize_rows`: NumPy, portable) and multiplies it with BLAS,
   so memory beyond the output is one tile (`TILE_BYTES`), never the whole matrix.
   ``matvec`` (decode) does the same without numba (or for 2/3/5/6-bit codes); with numba,
-  4- and 8-bit codes run a one-pass kernel over the packed bytes (`affine_kernels`).
+  4- and 8-bit codes run a one-pass kernel over the packed bytes, and their tiles are
+  decoded by numba (`affine_kernels`).
   Activations are float32: results equal ``x @ dequantize(W).T`` to float32 rounding.
 
 `AffineMatrix` offers what `NumpyModel` calls on a `QuantMatrix` (``matvec``, ``matmul``,
@@ -24,6 +25,7 @@ import numpy as np
 
 from phimlx.formats import Checkpoint, Weight
 from phimlx.formats.affine import dequantize_ids, dequantize_rows
+from phimlx.formats.safetensors import to_float32
 from phimlx.gguf import GGMLType
 
 from .kernels import int8_kernel_available, numba_available
@@ -62,9 +64,11 @@ class AffineMatrix:
         self.codes, self.scales, self.biases = codes, scales, biases
         self.nbytes = int(codes.nbytes + scales.nbytes + biases.nbytes)
         self._tile_rows = max(1, min(self.rows, TILE_BYTES // (4 * self.cols)))
-        self._kernel = None
+        self._kernel = self._decoder = None
         if numba_available() if use_numba is None else use_numba:
-            from .affine_kernels import matvec_kernel
+            from .affine_kernels import DECODERS, matvec_kernel
+
+            self._decoder = DECODERS.get(weight.bits or 0)
 
             found = matvec_kernel(weight.bits or 0, weight.dtype)
             if found is not None:
@@ -87,9 +91,22 @@ class AffineMatrix:
         return f"AffineMatrix({w.bits}-bit g{w.group_size} {w.dtype}, {self.rows}x{self.cols})"
 
     def _tiles(self):  # noqa: ANN202 - (r0, r1, float32 tile) for each tile of rows
+        w = self.weight
+        buf = np.empty((self._tile_rows, self.cols), np.float32) if self._decoder else None
         for r0 in range(0, self.rows, self._tile_rows):
             r1 = min(self.rows, r0 + self._tile_rows)
-            yield r0, r1, dequantize_rows(self.codes, self.scales, self.biases, self.weight, r0, r1)
+            if buf is None:
+                yield r0, r1, dequantize_rows(self.codes, self.scales, self.biases, w, r0, r1)
+                continue
+            tile = buf[: r1 - r0]  # (n, cols), decoded by numba from the packed codes
+            self._decoder(
+                np.ascontiguousarray(self.codes[r0:r1]).view(np.uint8),
+                to_float32(self.scales[r0:r1], w.dtype),
+                to_float32(self.biases[r0:r1], w.dtype),
+                tile,
+                w.group_size,
+            )
+            yield r0, r1, tile
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix as float32 (tests only)."""
@@ -147,13 +164,18 @@ def checkpoint_matrix(ckpt: Checkpoint, name: str, int8: bool | None) -> QuantMa
 
 
 def affine_dispatchers(ckpt: Checkpoint) -> list[object]:
-    """The numba matvec kernels ``ckpt``'s quantized weights call (`fallback.kernels_cached`)."""
+    """The numba kernels ``ckpt``'s quantized weights call (`fallback.kernels_cached`)."""
     if not numba_available():
         return []
-    from .affine_kernels import matvec_kernel
+    from .affine_kernels import DECODERS, matvec_kernel
 
-    found = (matvec_kernel(w.bits or 0, w.dtype) for w in ckpt.weights.values() if w.quantized)
-    return list({id(f[0]): f[0] for f in found if f is not None}.values())
+    out: dict[int, object] = {}
+    for w in ckpt.weights.values():
+        found = matvec_kernel(w.bits or 0, w.dtype) if w.quantized else None
+        if found is not None:
+            out[id(found[0])] = found[0]
+            out[id(DECODERS[w.bits or 0])] = DECODERS[w.bits or 0]
+    return list(out.values())
 
 
 def float_kinds(ckpt: Checkpoint) -> set[tuple[GGMLType, int]]:

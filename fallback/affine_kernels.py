@@ -1,4 +1,5 @@
-"""numba matvecs for mlx's affine 4- and 8-bit groups (the decode step of mlx-lm folders).
+"""numba kernels for mlx's affine 4- and 8-bit groups (mlx-lm folders): matvecs for the
+decode step, tile decoders for the prefill's tiles.
 
 One pass over the packed codes, no decoded tile: per row and group,
 ``scale * sum(q_j * x_j) + bias * sum(x_j)`` with the group sums of ``x`` computed once per
@@ -98,6 +99,33 @@ def _q8_f32(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN20
             acc += scales[r, g] * s + biases[r, g] * xs[g]
         out[r] = acc
 
+
+@njit(**_OPTS)
+def decode_tile4(codes, scales, biases, out, group):  # noqa: ANN001, ANN202
+    # codes uint8 (n, cols/2); scales, biases float32 (n, G); out float32 (n, cols)
+    half = group // 2
+    for r in prange(codes.shape[0]):
+        row, o = codes[r], out[r]
+        for g in range(scales.shape[1]):
+            s, b = scales[r, g], biases[r, g]
+            for k in range(g * half, (g + 1) * half):
+                c = row[k]
+                o[2 * k] = F(c & 15) * s + b
+                o[2 * k + 1] = F(c >> 4) * s + b
+
+
+@njit(**_OPTS)
+def decode_tile8(codes, scales, biases, out, group):  # noqa: ANN001, ANN202
+    # codes uint8 (n, cols)
+    for r in prange(codes.shape[0]):
+        row, o = codes[r], out[r]
+        for g in range(scales.shape[1]):
+            s, b = scales[r, g], biases[r, g]
+            for k in range(g * group, (g + 1) * group):
+                o[k] = F(row[k]) * s + b
+
+
+DECODERS: dict[int, Callable[..., None]] = {4: decode_tile4, 8: decode_tile8}
 
 KERNELS: dict[tuple[int, bool], Callable[..., None]] = {
     (4, True): _q4_table,

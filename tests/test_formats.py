@@ -378,6 +378,9 @@ def test_affine_matvec_matches_mx(bits: int, dtype: str, use_numba: bool) -> Non
     assert m.numba_matvec == use_numba
     x = rng.standard_normal(cols).astype(np.float32)
     np.testing.assert_allclose(m.matvec(x), dense @ x, rtol=1e-4, atol=1e-4)
+    m._tile_rows = 16  # several tiles (decoded by numba, or NumPy), the last one partial
+    xs = rng.standard_normal((3, cols)).astype(np.float32)
+    np.testing.assert_allclose(m.matmul(xs), xs @ dense.T, rtol=1e-4, atol=1e-4)
 
 
 def test_affine_matrix_tiles(mlx_models) -> None:
