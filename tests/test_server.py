@@ -433,6 +433,22 @@ def test_simultaneous_greedy_streams_each_give_their_text_alone(model, url, api,
     wait_idle(url)
 
 
+def test_simultaneous_greedy_streams_on_mlx(smollm2_path):
+    """The engine is backend-neutral: on MLX (``mlx[cpu]`` on Linux), streams together
+    each give their text alone too."""
+    pytest.importorskip("mlx.core")
+    prompts = RAW[:2]
+    with phimlx.load(smollm2_path, backend="mlx") as model:
+        want = [alone(model, p, chat=False, max_tokens=8) for p in prompts]
+        spy = _BatchSizes(model)
+        app = create_app(model, model_id="smol", max_context=CONTEXT)
+        with running(app) as url, spy, ThreadPoolExecutor(len(prompts)) as pool:
+            api = client(url)
+            got = list(pool.map(lambda p: stream_text(api, p, 8)[0], prompts))
+        assert got == [w.text for w in want]
+        assert max(spy.sizes) > 1
+
+
 class _BatchSizes:
     """Records the batch size of every batched forward pass of ``model``."""
 
