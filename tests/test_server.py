@@ -294,6 +294,15 @@ def test_api_key(model):
                 client(url, key).models.list()
             assert e.value.body["code"] == "invalid_api_key"
         assert client(url, "sekret").models.list().data[0].id == "smol"
+        # without the key, an invalid body is a 401 too (nothing is validated for strangers)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": []})
+        assert r.status_code == 401
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": []},
+            headers={"Authorization": "Bearer sekret"},
+        )
+        assert r.status_code == 400
         assert httpx.get(f"{url}/health").status_code == 200  # liveness stays open
 
 
@@ -630,7 +639,7 @@ def fuzz(tiny_phi3, prepare, examples: int) -> None:
     random-weight model, for fast answers."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import not_a_server_error, status_code_conformance
 
     with (
         phimlx.load(tiny_phi3, backend="numpy") as m,
@@ -650,7 +659,9 @@ def fuzz(tiny_phi3, prepare, examples: int) -> None:
             )
             @given(case=operation.as_strategy().map(prepare))
             def check(case) -> None:
-                case.call_and_validate(checks=[not_a_server_error], timeout=DEADLINE)
+                case.call_and_validate(
+                    checks=[not_a_server_error, status_code_conformance], timeout=DEADLINE
+                )
 
             check()
 

@@ -145,6 +145,7 @@ def create_app(
     )
     app.state.engine = engine
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -316,6 +317,45 @@ def create_app(
         return "".join(parts), items, last
 
     return app
+
+
+_ERRORS = {
+    "400": "invalid request (the field is named in error.param)",
+    "401": "missing or wrong API key",
+    "413": "request body too large",
+    "429": "the queue is full (see Retry-After)",
+    "503": "the server is shutting down",
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's spec with the errors this server answers (OpenAI's error body, 400 where
+    FastAPI would say 422)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        spec = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                           routes=app.routes)  # fmt: skip
+        error = {
+            "type": "object",
+            "properties": {"error": {"type": "object", "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+            }}},
+        }  # fmt: skip
+        for path, ops in spec.get("paths", {}).items():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                if path.startswith("/v1/"):
+                    codes = _ERRORS if op is ops.get("post") else {"401": _ERRORS["401"]}
+                    for code, text in codes.items():
+                        responses[code] = {
+                            "description": text,
+                            "content": {"application/json": {"schema": error}},
+                        }
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after"}
