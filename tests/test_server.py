@@ -260,6 +260,36 @@ def test_invalid_requests_are_400_naming_the_field(api, change, param):
     assert param.split("[")[0] in e.value.body["message"]
 
 
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        (dict(n=3), "n"),
+        (dict(echo=True), "echo"),
+        (dict(suffix="x"), "suffix"),
+        (dict(best_of=2), "best_of"),
+        (dict(prompt=["one", "two"]), "prompt"),
+        (dict(prompt=""), "prompt"),
+        (dict(logprobs=21), "logprobs"),
+    ],
+)
+def test_invalid_completions_are_400_naming_the_field(api, change, param):
+    kw = dict(model="smol", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(**{**kw, **change})
+    assert e.value.body["param"] == param
+
+
+def test_without_the_prompt_cache(model):
+    """``--no-cache``: each request prefills its whole prompt (in its stream), same text."""
+    want = alone(model, RAW[1], chat=False, max_tokens=6)
+    with running(create_app(model, model_id="smol", cache=False, max_context=CONTEXT)) as url:
+        api = client(url)
+        for _ in range(2):
+            r = api.completions.create(model="smol", prompt=RAW[1], max_tokens=6, temperature=0)
+            assert r.choices[0].text == want.text
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_prompt_longer_than_the_context_is_400(api):
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(
