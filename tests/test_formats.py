@@ -602,6 +602,7 @@ def test_hub_repo_without_gguf_is_a_snapshot(hub, mlx_models, monkeypatch) -> No
     files: dict[str, bytes | Path] = {p.name: p for p in folder.iterdir()}
     files["README.md"] = b"not needed"
     files["onnx/model.onnx"] = b"not needed either"
+    files["consolidated.safetensors"] = b"not named by the index"
     hub.add_commit("someone/phi3-4bit", files)
     with phimlx.load(str(folder), backend="numpy") as local:
         ref = local.new_session(512).prefill(PROMPT)
@@ -610,7 +611,8 @@ def test_hub_repo_without_gguf_is_a_snapshot(hub, mlx_models, monkeypatch) -> No
         assert model.path.is_dir() and model.path.name != folder.name  # the hub cache
         np.testing.assert_array_equal(model.new_session(512).prefill(PROMPT), ref)
         assert model.encode_prompt(MESSAGES) == ref_ids
-    assert hub.downloads("README.md") == hub.downloads("onnx/model.onnx") == 0
+    for name in ("README.md", "onnx/model.onnx", "consolidated.safetensors"):
+        assert hub.downloads(name) == 0, name
     assert hub.downloads("model.safetensors") == 1
     # cached: offline works, and nothing is fetched again
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

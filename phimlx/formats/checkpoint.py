@@ -195,7 +195,8 @@ class Checkpoint:
 
 
 def _shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the index's, or every ``*.safetensors``."""
+    """The safetensors files of a checkpoint: the index's, or ``model*.safetensors`` (or
+    every ``*.safetensors`` where none is so named)."""
     index_path = folder / INDEX
     if index_path.is_file():
         index = _read_json(index_path, "safetensors index")
@@ -216,7 +217,9 @@ def _shard_files(folder: Path) -> list[Path]:
                 "the download is incomplete, fetch the model again"
             )
         return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
+    # as mlx-lm: model*.safetensors where there are such files (other safetensors in the
+    # folder, e.g. a consolidated copy, would repeat the tensors)
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors file and no {INDEX}")
     return files

@@ -346,8 +346,9 @@ def _fetch_checkpoint(
                 f"{repo_id}/{INDEX} is not a safetensors index ({e}); it has been deleted "
                 "from the cache: run again to re-download"
             ) from e
-    else:
-        shards = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+    else:  # as the folder reader: model*.safetensors, else every top-level one
+        top = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+        shards = [f for f in top if f.startswith("model")] or top
     bad = [s for s in shards if "/" in s or "\\" in s or not s.endswith(".safetensors")]
     if bad:
         raise CheckpointError(f"{repo_id}/{INDEX} names {bad[0]!r}, not a weight file of the repo")
