@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -167,6 +167,44 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="constrain the output to a grammar (llama.cpp GBNF, or Lark as llguidance reads it)",
     )
+
+
+def _add_draft_args(p: argparse.ArgumentParser) -> None:
+    d = p.add_mutually_exclusive_group()
+    d.add_argument(
+        "--lookup",
+        action="store_true",
+        help="speculative decoding by prompt lookup (fast where the output copies the "
+        "input; the output is the same)",
+    )
+    d.add_argument(
+        "--draft-model",
+        metavar="MODEL",
+        help="speculative decoding with a smaller model of the same vocabulary (same output)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        metavar="N",
+        help="longest draft (default 8 for --lookup, 4 for --draft-model)",
+    )
+
+
+@contextlib.contextmanager
+def _drafting(args: argparse.Namespace, model: Any) -> Iterator[dict[str, Any]]:
+    """The ``draft`` keyword arguments of the options (a draft model loaded, then closed)."""
+    n = args.num_draft_tokens
+    if n is not None and n < 1:
+        args.parser.error(f"argument --num-draft-tokens: {n} is invalid: must be >= 1")
+    if args.draft_model:
+        from . import load
+
+        with load(args.draft_model, backend=model.backend, threads=args.threads) as draft:
+            yield {"draft": draft, "num_draft_tokens": n}
+    elif args.lookup:
+        yield {"draft": "lookup", "num_draft_tokens": n}
+    else:
+        yield {}
 
 
 def _logit_bias(text: str) -> tuple[int, float]:
@@ -356,9 +394,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_options(args)
     prompt = _read_prompt(args)
-    with _load(args) as model:
+    with _load(args) as model, _drafting(args, model) as draft:
         last = None
-        for chunk in model.stream(prompt, chat=not args.raw, system=args.system, **_sampling(args)):
+        opts = _sampling(args) | draft
+        for chunk in model.stream(prompt, chat=not args.raw, system=args.system, **opts):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             last = chunk
@@ -454,11 +493,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # Line editing and history for input(); the standard library lacks it on Windows.
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401
-    with _load(args) as model:
-        return _chat(model, args)
+    with _load(args) as model, _drafting(args, model) as draft:
+        return _chat(model, args, draft)
 
 
-def _chat(model: Any, args: argparse.Namespace) -> int:
+def _chat(model: Any, args: argparse.Namespace, draft: dict[str, Any] | None = None) -> int:
     """The conversation loop of `cmd_chat`, until an empty line or the end of the input."""
     context = args.max_context or model.config.context_length
     messages: list[dict[str, str]] = []
@@ -468,7 +507,7 @@ def _chat(model: Any, args: argparse.Namespace) -> int:
         f"phimlx chat with {model.path.name} ({model.backend}); empty line or Ctrl-D ends",
         file=sys.stderr,
     )
-    opts = _sampling(args)
+    opts = _sampling(args) | (draft or {})
     told = False  # that the oldest turns are being left out: said once
     while True:
         try:
@@ -647,6 +686,7 @@ def build_parser() -> ArgumentParser:
     _add_model_args(g)
     _add_run_args(g)
     _add_sampling_args(g)
+    _add_draft_args(g)
     g.add_argument(
         "-p", "--prompt", metavar="TEXT", help="the prompt (default: read standard input)"
     )

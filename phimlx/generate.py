@@ -65,6 +65,8 @@ class Stats:
         cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         prompt_tps = f"{self.prompt_tps:.1f} tok/s" if self.prompt_seconds else "n/a tok/s"
         gen_tps = f"{self.generation_tps:.1f} tok/s" if self.generation_tokens > 1 else "n/a tok/s"
+        if self.draft_tokens:
+            gen_tps += f", {self.accepted_tokens} of {self.draft_tokens} drafted tokens taken"
         return (
             f"prompt: {self.prompt_tokens} tokens{cached}, {prompt_tps}; "
             f"generation: {self.generation_tokens} tokens, {gen_tps}; "

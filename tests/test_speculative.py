@@ -297,3 +297,23 @@ def test_verify_equals_steps_bit_for_bit(smollm2_path, kv):
         c = model.new_session()
         c.prefill(ids[:4])
         assert not np.array_equal(c.prefill(ids[4:], all_logits=True), steps)
+
+
+def test_cli_lookup_and_draft_model_print_what_plain_prints(smollm2_path, capsys):
+    from phimlx.cli import main
+
+    base = ["generate", "-m", str(smollm2_path), "-t", "0", "-n", "24", "-p", PROMPTS[2]]
+    outs = []
+    for extra in (
+        [],
+        ["--lookup"],
+        ["--draft-model", str(smollm2_path), "--num-draft-tokens", "2"],
+    ):
+        assert main(base + extra) == 0
+        captured = capsys.readouterr()
+        outs.append(captured.out)
+        if extra:
+            assert "drafted tokens taken" in captured.err
+    assert outs[0] == outs[1] == outs[2] and outs[0].strip()
+    with pytest.raises(SystemExit):
+        main([*base, "--lookup", "--draft-model", str(smollm2_path)])
