@@ -23,6 +23,7 @@ from .errors import (
     PromptCacheError,
     UnsupportedModelError,
 )
+from .formats import Checkpoint, CheckpointError, UnsupportedCheckpointError, open_checkpoint
 from .generate import Chunk, Logprobs, Result, Stats, TokenLogprob
 from .gguf import ModelFile, TensorInfo, open_gguf
 from .model import Model, Session, load
@@ -32,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ChatTemplateError",
+    "Checkpoint",
+    "CheckpointError",
     "Chunk",
     "ConstraintError",
     "ContextLengthError",
@@ -48,7 +51,9 @@ __all__ = [
     "Stats",
     "TensorInfo",
     "TokenLogprob",
+    "UnsupportedCheckpointError",
     "UnsupportedModelError",
     "load",
+    "open_checkpoint",
     "open_gguf",
 ]
