@@ -21,14 +21,20 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import REQUIRE_ALL, require
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("sse_starlette")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+try:
+    import httpx
+    import openai
+    import uvicorn
 
-import uvicorn  # noqa: E402
+    from phimlx.server import require_extra
+
+    require_extra()
+except ImportError as e:  # the server extra, and the clients of the test extra
+    if REQUIRE_ALL:
+        raise
+    pytest.skip(f"the server's packages: {e} (pip install -e '.[test]')", allow_module_level=True)
 
 import phimlx  # noqa: E402
 from phimlx.server import create_app  # noqa: E402
@@ -399,7 +405,8 @@ def test_json_schema_response_format(model, api):
             api.chat.completions.create(**kw, max_tokens=2, response_format=fmt)
         assert e.value.body["param"] == "response_format"
         pytest.skip("the library has no json_schema yet")
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     r = api.chat.completions.create(**kw, max_tokens=60, response_format=fmt)
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
@@ -475,7 +482,10 @@ def test_simultaneous_greedy_streams_each_give_their_text_alone(model, url, api,
 def test_simultaneous_greedy_streams_on_mlx(smollm2_path):
     """The engine is backend-neutral: on MLX (``mlx[cpu]`` on Linux), streams together
     each give their text alone too."""
-    pytest.importorskip("mlx.core")
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        require("mlx", 'pip install "mlx[cpu]" mlx-lm')
     prompts = RAW[:2]
     with phimlx.load(smollm2_path, backend="mlx") as model:
         want = [alone(model, p, chat=False, max_tokens=8) for p in prompts]
@@ -667,7 +677,10 @@ def fuzz(tiny_phi3, prepare, examples: int) -> None:
     """Requests generated from the server's own OpenAPI spec (valid and not, ``examples``
     per operation, ``prepare`` applied to each) must never get a 5xx; on a tiny
     random-weight model, for fast answers."""
-    schemathesis = pytest.importorskip("schemathesis")
+    try:
+        import schemathesis
+    except ImportError:
+        require("schemathesis", "pip install -e '.[test]'")
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error, status_code_conformance
 
