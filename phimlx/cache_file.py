@@ -58,7 +58,8 @@ _REBUILD = "rebuild it with this model (save a fresh prompt cache)"
 
 
 def model_fingerprint(model: Model) -> str:
-    """A sha256 (hex) identifying ``model``'s GGUF file, cheap to compute.
+    """A sha256 (hex) identifying ``model``'s GGUF file (or checkpoint folder), cheap to
+    compute.
 
     It covers the file's size, its header (metadata and tensor directory, up to the start of
     tensor data) and the first 4 KiB of every tensor: the header alone is the same for two
@@ -71,6 +72,17 @@ def model_fingerprint(model: Model) -> str:
     mf = model._file
     h = hashlib.sha256()
     h.update(f"{mf.file_size}\n".encode())
+    files = getattr(mf, "files", None)  # a safetensors checkpoint folder: each of its files
+    if files is not None:
+        h.update((Path(mf.path) / "config.json").read_bytes())
+        for sf in files:
+            h.update(f"{Path(sf.path).name} {sf.file_size}\n".encode())
+            with open(sf.path, "rb") as f:
+                h.update(f.read(sf.data_offset))
+                for t in sorted(sf.tensors.values(), key=lambda t: t.offset):
+                    f.seek(t.offset)
+                    h.update(f.read(min(t.nbytes, _SAMPLE_BYTES)))
+        return h.hexdigest()
     with open(mf.path, "rb") as f:
         h.update(f.read(mf.data_offset))
         for t in sorted(mf.tensors.values(), key=lambda t: t.offset):

@@ -1,4 +1,4 @@
-"""`phimlx generate | chat | cache-prompt | info | convert | download | list | bench`.
+"""`phimlx generate | chat | cache-prompt | info | convert | download | list | serve | bench`.
 
 Every command names a model the same way: a preset (`phimlx list`), a hub repo id, a .gguf
 path, or ``synthetic:PRESET[:MIX]`` (random weights with a preset's shapes, for speed
@@ -325,8 +325,14 @@ def _say_if_compiling(path: Path) -> None:
 
     from .gguf import open_gguf
 
-    with open_gguf(path) as mf:
-        cached = fallback.kernels_cached(mf)
+    if path.is_dir():  # an mlx-lm / Hugging Face safetensors folder
+        from .formats import open_checkpoint
+
+        with open_checkpoint(path) as ckpt:
+            cached = fallback.kernels_cached(ckpt)
+    else:
+        with open_gguf(path) as mf:
+            cached = fallback.kernels_cached(mf)
     if not cached:
         print(
             "phimlx: first run: compiling the NumPy backend's kernels, a few seconds "
@@ -555,6 +561,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .gguf import open_gguf
 
     path = _model_path(args)
+    if path.is_dir():  # an mlx-lm / Hugging Face safetensors folder
+        from .formats.checkpoint import describe
+
+        print("\n".join(describe(path)))
+        name, reason = choose(args.backend)
+        print(f"backend:       {name} ({reason})")
+        return 0
     mf = open_gguf(path)
     md = mf.metadata
     types = Counter(t.type.name for t in mf.tensors.values())
@@ -601,7 +614,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .mlx.convert import convert
 
     out = convert(args.gguf, args.out_dir)
-    print(f"wrote {out}; load it with mlx_lm.load({str(out)!r})")
+    print(f"wrote {out}; load it with phimlx.load({str(out)!r}) or mlx_lm.load({str(out)!r})")
     return 0
 
 
@@ -643,6 +656,36 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("  none")
     for c in cached:
         print(f"  {c.repo_id}/{c.filename}  {format_size(c.size)}  {c.path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import require_extra, serve
+
+    require_extra()  # before the model loads: a missing extra costs nothing
+    for name, low in (("max_batch", 1), ("max_queue", 0), ("max_body_bytes", 1)):
+        if getattr(args, name) < low:
+            opt = "--" + name.replace("_", "-")
+            args.parser.error(f"argument {opt}: {getattr(args, name)} is invalid: must be >= {low}")
+    if not 0 <= args.port <= 65535:
+        args.parser.error(f"argument --port: {args.port} is invalid: must be in 0..65535")
+    where = Path(str(args.model))  # a file's or folder's name; else the preset or repo id
+    model_id = where.stem if where.suffix == ".gguf" or where.is_dir() else str(args.model)
+    with _load(args) as model:
+        serve(
+            model,
+            host=args.host,
+            port=args.port,
+            shutdown_timeout=args.shutdown_timeout,
+            log_level="info" if args.verbose else "warning",
+            model_id=args.model_id or model_id,
+            api_key=args.api_key,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
+            cache=args.cache,
+            max_context=args.max_context,
+        )
     return 0
 
 
@@ -697,6 +740,7 @@ def build_parser() -> ArgumentParser:
     _add_model_args(c)
     _add_run_args(c)
     _add_sampling_args(c)
+    _add_draft_args(c)
     c.set_defaults(func=cmd_chat, parser=c)
 
     cp = command(
@@ -751,6 +795,40 @@ def build_parser() -> ArgumentParser:
 
     ls = command("list", "presets (size, offline or not) and the models in the hub cache")
     ls.set_defaults(func=cmd_list, parser=ls)
+
+    sv = command(
+        "serve",
+        "an OpenAI-compatible HTTP server with continuous batching "
+        "(needs: pip install 'phimlx[server]')",
+    )
+    _add_model_args(sv)
+    _add_run_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free one)")
+    sv.add_argument(
+        "--api-key",
+        default=os.environ.get("PHIMLX_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $PHIMLX_API_KEY, else none)",
+    )
+    sv.add_argument(
+        "--max-batch", type=int, default=8, metavar="N", help="requests decoded at once"
+    )
+    sv.add_argument(
+        "--max-queue", type=int, default=32, metavar="N", help="requests waiting (429 past that)"
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=4 << 20, metavar="N", help="largest request body"
+    )
+    sv.add_argument("--model-id", metavar="NAME", help="the name /v1/models gives the model")
+    sv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds in-flight requests get to finish after SIGTERM/Ctrl-C",
+    )
+    sv.set_defaults(func=cmd_serve, parser=sv)
 
     sub.add_parser("bench", help="tokens/s across backends and peers (phimlx bench --help)")
     return p

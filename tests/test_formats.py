@@ -730,3 +730,32 @@ def test_smollm2_folder_greedy_equals_the_gguf(backend: str, tmp_path_factory, m
         _, got = _prefill_and_greedy(model, ids, 12, None)
         assert got == expected
         assert "Paris" in model.tokenizer.decode(got)
+
+
+def test_folder_on_the_command_line_and_in_a_prompt_cache(hf_models, tmp_path: Path) -> None:
+    """`phimlx generate -m FOLDER` runs (the NumPy backend's compile notice reads the
+    folder), and a prompt cache saved from a folder model loads back into it, with
+    identical logits, while another folder's model refuses it."""
+    from phimlx.cli import main
+
+    folder = next(iter(hf_models.values()))
+    argv = ["generate", "-m", str(folder), "--backend", "numpy", "-t", "0", "-n", "4"]
+    assert main([*argv, "--raw", "-p", "hello"]) == 0
+    path = tmp_path / "cache.safetensors"
+    with phimlx.load(str(folder), backend="numpy", kv_cache_type="f32") as model:
+        ids = model.encode_prompt("hello world, this is a test", chat=False)
+        n = model.save_prompt_cache(path, ids)
+        fresh = model.new_session()
+        fresh.prefill(ids)
+        ref = fresh.prefill([5])  # the logits after the cached prefix and one more token
+    with phimlx.load(str(folder), backend="numpy", kv_cache_type="f32") as model:
+        assert model.load_prompt_cache(path) == n == len(ids)
+        session, shared = model._prompt_cache.take([*ids, 5], model.config.context_length)
+        assert shared == len(ids)
+        np.testing.assert_array_equal(session.prefill([5]), ref)
+    other = list(hf_models.values())[1]
+    with (
+        phimlx.load(str(other), backend="numpy", kv_cache_type="f32") as model,
+        pytest.raises(phimlx.PromptCacheError),
+    ):
+        model.load_prompt_cache(path)
