@@ -32,6 +32,7 @@ in the cache (cap: its capacity), rd/2 rotated pairs per head.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -40,6 +41,7 @@ import numpy as np
 from phimlx.backends import KV_CACHE_TYPES
 
 from .kernels import numba_available
+from .threads import one_blas_thread
 
 # Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
 # runs on the calling thread (`attend_token`); above, on numba's threads
@@ -174,6 +176,13 @@ def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray) -> None:
         c[:, p0 : p0 + T] = x
 
 
+# Prefill attention below this many multiply-adds x 2 (QK^T and PV) runs BLAS on one thread.
+# Measured, 2 threads, alternating: Phi-3-mini shapes, 61 tokens after 62 cached (92 MFLOP
+# per layer): 4.8 s with one thread, 6.0 s with two; SmolLM2, 512 after 2048 (3.0 GFLOP):
+# 4.2 s with one, 3.6 s with two; 512 from empty: the same either way.
+ONE_BLAS_THREAD_FLOP = 2**31
+
+
 def attend(
     cos: np.ndarray,
     sin: np.ndarray,
@@ -214,7 +223,11 @@ def attend(
     cache_write(kc, p0, k.transpose(1, 0, 2))
     cache_write(vc, p0, v.transpose(1, 0, 2))
     P = p0 + T
-    out = attention_np(q, cache_rows(kc, P), cache_rows(vc, P), p0, window, scale)  # (T, H * D)
+    # BLAS's threads fight numba's around each call (`one_blas_thread`): for a small block
+    # that costs more than a second thread gains (measured crossover: a few GFLOP).
+    small = 4 * T * P * D * H < ONE_BLAS_THREAD_FLOP
+    with one_blas_thread() if small else contextlib.nullcontext():
+        out = attention_np(q, cache_rows(kc, P), cache_rows(vc, P), p0, window, scale)  # (T, H*D)
     return out.reshape(*qkv.shape[:-1], H * D)
 
 
