@@ -58,8 +58,10 @@ if __name__ == "__main__":
     sys.exit(main())
 """
 PROMPTS = {
-    "grounded": "Rewrite this program with the function `summary` renamed to `report`. "
-    "Output only the whole program.\n\n" + PROGRAM,
+    "grounded": "Here is a program:\n\n```python\n"
+    + PROGRAM
+    + "```\n\nRewrite the whole program with `summary` renamed to `report`. Keep everything "
+    "else the same.",
     "free-form": "Write a story about a lighthouse keeper who finds a message in a bottle.",
 }
 

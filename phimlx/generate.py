@@ -252,16 +252,24 @@ def generate_tokens(
                 room = min(left, session.max_context - session.position - 1)
                 drafts = drafter.propose([*prompt_ids, *generated], room)
             if drafts:
+                t_pass = time.perf_counter()
                 out = session.verify([token, *drafts])  # the logits T steps give
+                drafter.observe(len(drafts) + 1, time.perf_counter() - t_pass)  # type: ignore[union-attr]
                 pending[:], ahead[:] = drafts, list(out[1:])
                 drafted, accepted = len(drafts), 0
                 stats.draft_tokens += drafted
                 yield token, None, lp
                 logits = out[0]
                 continue
+            t_pass = time.perf_counter()
             handle = step(token)  # MLX computes it while the caller streams text
+            t_sent = time.perf_counter()
             yield token, None, lp
+            t_back = time.perf_counter()
             logits = handle.result()
+            if drafter is not None:  # the pass's own time, not the caller's in between
+                now = time.perf_counter()
+                drafter.observe(1, (t_sent - t_pass) + (now - t_back))
     finally:
         if pending:
             drop_pending()

@@ -15,9 +15,11 @@ token for token plain decoding's and seeded sampling gives plain sampling's text
 are deterministic, so this check is speculative sampling's rule for a proposal of
 probability one (accept with probability min(1, p/q) = p, else draw from the rest).
 
-`Drafter` adapts the draft length: it grows while drafts are accepted, falls back to one
-past the accepted ones after a miss, and pauses drafting for a while after several rounds
-in a row where nothing was accepted, so free-form text pays almost nothing.
+`Drafter` picks each round's draft length from the acceptance rate so far and the
+measured time of forward passes over 1, 2, ... rows: long drafts where checking many rows
+costs about one step (a model bound by memory bandwidth), short ones where it does not,
+none (but a probe now and then) where drafts are rarely right, so free-form text pays
+almost nothing.
 """
 
 from __future__ import annotations
@@ -109,38 +111,88 @@ class DraftModel:
 
 
 class Drafter:
-    """A proposer with an adaptive draft length and the counts `Stats` reports."""
+    """A proposer with a cost-aware draft length, and the counts `Stats` reports.
 
-    PAUSE = 16  # tokens without drafting after MISSES fruitless rounds in a row
-    MISSES = 3
+    Each round's length maximizes the expected tokens per second: with ``a`` the estimated
+    chance that a draft is right given that the one before it was (accepted drafts over
+    accepted drafts plus rejections, with older rounds weighing less), ``k`` drafts yield
+    ``1 + a + ... + a^k`` tokens for the time of a forward pass over ``k + 1`` rows, which
+    the loop measures (`observe`); lengths not measured yet are interpolated, or assumed
+    cheap, so that they get tried.  Where no length beats a plain step, it drafts one
+    token every `PROBE` steps to notice when the text starts to repeat its input.
+    """
+
+    PROBE = 8
+    DECAY = 0.8  # weight of the past in the acceptance estimate, per round
+    _OPTIMISTIC = 0.1  # an unmeasured extra row: this fraction of a row's measured time
 
     def __init__(self, proposer: Proposer, max_draft: int) -> None:
         if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
             raise ValueError(f"num_draft_tokens={max_draft!r} is invalid: must be >= 1")
         self.proposer = proposer
         self.max_draft = max_draft
-        self.k = max_draft
-        self._misses = 0
-        self._paused = 0
+        self._accepted = 1.0  # prior: a = 0.5
+        self._rejected = 1.0
+        self._cost: dict[int, float] = {}  # rows of a forward pass -> seconds (running)
+        self._waited = 0
+        self.k = self._best()
+
+    @property
+    def acceptance(self) -> float:
+        """The estimated chance that a draft is right after a right one."""
+        return self._accepted / (self._accepted + self._rejected)
 
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
         """Drafts for the next round, at most ``limit`` (what the context and token budget
-        leave); none while paused."""
-        if self._paused:
-            self._paused -= 1
-            return []
-        k = min(self.k, limit)
+        leave)."""
+        k = self.k
+        if k == 0:
+            self._waited += 1
+            if self._waited < self.PROBE:
+                return []
+            self._waited, k = 0, 1
+        k = min(k, limit)
         return self.proposer.propose(history, k) if k > 0 else []
 
+    def observe(self, rows: int, seconds: float) -> None:
+        """A forward pass over ``rows`` tokens took ``seconds``."""
+        old = self._cost.get(rows)
+        self._cost[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self.k = self._best()
+
     def update(self, accepted: int, drafted: int) -> None:
-        """Adapt to a finished round: ``accepted`` of ``drafted`` drafts were used."""
-        if accepted == drafted:
-            self.k = min(self.max_draft, self.k * 2)
-        else:
-            self.k = max(1, accepted + 1)
-        self._misses = self._misses + 1 if accepted == 0 else 0
-        if self._misses >= self.MISSES:
-            self._misses, self._paused = 0, self.PAUSE
+        """A finished round: ``accepted`` of ``drafted`` drafts were used."""
+        self._accepted = self.DECAY * self._accepted + accepted
+        self._rejected = self.DECAY * self._rejected + (accepted < drafted)
+        self.k = self._best()
+
+    def _cost_of(self, rows: int) -> float:
+        known = sorted(self._cost)
+        if rows in self._cost:
+            return self._cost[rows]
+        if not known:
+            return 1.0 + self._OPTIMISTIC * (rows - 1)
+        below = [t for t in known if t < rows]
+        above = [t for t in known if t > rows]
+        if below and above:  # between two measured lengths: linear
+            lo, hi = below[-1], above[0]
+            w = (rows - lo) / (hi - lo)
+            return (1 - w) * self._cost[lo] + w * self._cost[hi]
+        base = below[-1] if below else above[0]
+        per_row = self._cost[known[0]] / known[0]
+        return self._cost[base] + self._OPTIMISTIC * per_row * (rows - base)
+
+    def _best(self) -> int:
+        a = self.acceptance
+        best_k, best = 0, 1.0 / self._cost_of(1)
+        tokens = p = 1.0
+        for k in range(1, self.max_draft + 1):
+            p *= a
+            tokens += p
+            rate = tokens / self._cost_of(k + 1)
+            if rate > best:
+                best_k, best = k, rate
+        return best_k
 
     def close(self) -> None:
         self.proposer.close()
