@@ -69,9 +69,35 @@ class _Vocab:
         ] + [b""] * (n_vocab - tok.vocab_size)
         self.special_token_ids = sorted(tok.special_ids)
         self._tok = tok
+        self._by_bytes: dict[bytes, int] | None = None
 
-    def __call__(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_bos=False, parse_special=False)
+    def __call__(self, text: str | bytes) -> list[int]:
+        """Ids whose bytes are exactly ``text``'s: the tokenizer's own where they are (a
+        SentencePiece vocabulary puts a "▁" before a text run, which llguidance must not
+        see), else the longest vocabulary entries from the left."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        tok = self._tok
+        ids = tok.encode(data.decode("utf-8", errors="replace"), add_bos=False, parse_special=False)
+        if b"".join(tok.token_bytes(i) for i in ids) == data:
+            return ids
+        if self._by_bytes is None:
+            self._by_bytes = {}
+            for i in range(tok.vocab_size):
+                b = tok.token_bytes(i)
+                if b and i not in tok.special_ids:
+                    self._by_bytes.setdefault(b, i)
+        table, longest = self._by_bytes, max(map(len, self._by_bytes))
+        out, at = [], 0
+        while at < len(data):
+            for n in range(min(longest, len(data) - at), 0, -1):
+                i = table.get(data[at : at + n])
+                if i is not None:
+                    out.append(i)
+                    at += n
+                    break
+            else:  # a byte no token writes: llguidance then cannot force it either
+                raise ValueError(f"no token writes byte {data[at]:#04x}")
+        return out
 
 
 def llg_tokenizer(tok: Tokenizer, n_vocab: int) -> Any:

@@ -511,6 +511,10 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, generated: Sequence[int] = ()) -> int:
         """Pick a token id given the logits and the tokens generated so far."""
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # see _pick
+            return self._pick(logits, generated)
+
+    def _pick(self, logits: np.ndarray, generated: Sequence[int]) -> int:
         p = self.params
         if p.processes or self._mask is not None:
             x = self.process(logits, generated)
@@ -521,6 +525,7 @@ class Sampler:
                 )
             if p.temperature == 0:
                 return int(np.argmax(x))
+            greedy = int(np.argmax(x))
             out = np.divide(x, np.float32(p.temperature), out=x)
         else:  # the repeat penalty alone: fused with the temperature, no copy of the logits
             x = np.asarray(logits, dtype=np.float32)
@@ -536,6 +541,13 @@ class Sampler:
             if len(recent):  # apply_repeat_penalty then the temperature, without copying
                 ids = np.unique(np.asarray(recent, dtype=np.int64))
                 out[ids] = _penalized(x[ids], p.repeat_penalty) / t
+            greedy = -1
+        if not np.isfinite(out.max()):  # a temperature (or penalty) so small that the logits
+            # overflowed float32: the distribution is the limit, all mass on the argmax
+            if greedy < 0:
+                recent = generated[-p.repeat_last_n :] if p.repeat_last_n else ()
+                greedy = int(np.argmax(apply_repeat_penalty(x, recent, p.repeat_penalty)))
+            return greedy
         kept = _select(out, p.top_k, p.top_p, p.min_p, self._scratch)
         return kept.id_at(_draw(kept.weights, self.rng.random()))
 

@@ -205,3 +205,17 @@ def test_mlx_backend_constrained(smollm2_path):
             check_json(model, schema, seed=i)
         r = model.generate("Answer.", regex=r"(yes|no)!", temperature=1.0, seed=0, max_tokens=10)
         assert re.fullmatch(r"(yes|no)!", r.text)
+
+
+@pytest.mark.parametrize("pattern", ["½%", "é{2}", "x y", "[0-9]+ ü"])
+def test_forced_bytes_on_a_sentencepiece_vocabulary(tiny_phi3, pattern):
+    """Bytes a constraint forces are tokenized exactly (no "▁" space prefix) on a Phi-3-like
+    SentencePiece vocabulary, whose random weights would pick anything."""
+    with phimlx.load(tiny_phi3, backend="numpy") as model:
+        for seed in range(3):
+            r = model.generate(
+                "hello", regex=pattern, temperature=1.0, seed=seed, max_tokens=12, chat=False
+            )
+            assert re.fullmatch(pattern, r.text) or (
+                r.finish_reason == "length" and pattern == "[0-9]+ ü"
+            ), r.text

@@ -272,3 +272,14 @@ def test_score_errors(smollm2):
         smollm2.score([1])
     with pytest.raises(ValueError):
         smollm2.score("hello world", context=10**9)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-300), dict(temperature=1e-40, top_p=0.9)])
+def test_tiny_temperatures_are_the_greedy_limit(kw):
+    """x / 1e-300 overflows float32: the draw is the limit of the distribution, the argmax
+    (with the repeat penalty applied), not an error."""
+    x = np.array([0.5, 2.0, 1.0, -3.0], np.float32)
+    assert Sampler(SamplingParams(repeat_penalty=1.0, seed=0, **kw))(x, []) == 1
+    assert Sampler(SamplingParams(repeat_penalty=4.0, seed=0, **kw))(x, [1]) == 2
+    neg = np.array([-5.0, -1.0, -2.0], np.float32)  # every logit / t -> -inf
+    assert Sampler(SamplingParams(repeat_penalty=1.0, seed=0, **kw))(neg, []) == 1

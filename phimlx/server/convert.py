@@ -95,11 +95,11 @@ def stream_kwargs(
     kw: dict[str, Any] = dict(
         # no max_tokens: until the end of the context (finish reason "length" then)
         max_tokens=max_tokens if max_tokens is not None else context,
-        temperature=_at_least(1.0 if body.temperature is None else body.temperature),
+        temperature=1.0 if body.temperature is None else body.temperature,
         top_p=None if body.top_p in (None, 1) else body.top_p,
         top_k=body.top_k or None,
         min_p=body.min_p or None,
-        repeat_penalty=_at_least(1.0 if body.repeat_penalty is None else body.repeat_penalty),
+        repeat_penalty=1.0 if body.repeat_penalty is None else body.repeat_penalty,
         repeat_last_n=64 if body.repeat_last_n is None else body.repeat_last_n,
         # OpenAI takes any int64 seed; the library's generator takes non-negative ones
         seed=None if body.seed is None else body.seed & (2**64 - 1),
@@ -151,13 +151,6 @@ def stream_kwargs(
                 code="unsupported_parameter",
             )
     return {**kw, **extra}
-
-
-def _at_least(x: float, low: float = 1e-4) -> float:
-    """A divisor of the logits kept where float32 logits stay finite: a temperature (or
-    repeat penalty) of 1e-300 overflows them to inf, and the sampler fails on that.  Past
-    1e-4 a divisor changes nothing a float32 sample can show; 0 (greedy) stays 0."""
-    return x if x == 0 or x >= low else low
 
 
 def library_options(model: Any) -> frozenset[str]:
