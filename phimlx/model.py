@@ -427,6 +427,8 @@ class Model:
         context = max_context or self.config.context_length
         ids, dropped = self._fit_prompt(prompt, chat, system, context, max_tokens, context_overflow)
         self._backend_model  # noqa: B018 - a closed model fails here, not at the first chunk
+        # a prompt that cannot fit fails here, at the call, not at the first chunk
+        backends.check_fits(len(ids), 0, context, self.config.context_length)
         stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
         if draft is not None and draft != "lookup":
             self._check_draft_model(draft)
@@ -469,6 +471,8 @@ class Model:
         """`stream` after validation: take (or open) a session, generate, keep it.  With
         ``batch``, decode steps go through it (`batch_generate`)."""
         ids, cache, stop_ids = call.ids, call.cache, call.stop_ids
+        if batch is not None and call.draft is not None:
+            raise ValueError("draft (speculative decoding) does not combine with a batch")
         session, shared = self._prompt_cache.take(ids, call.context) if cache else (None, 0)
         if session is None:
             session = self.new_session(call.context)
@@ -484,8 +488,6 @@ class Model:
         tok = self.tokenizer
         generated: list[int] = []
         text: list[str] = []
-        if batch is not None and call.draft is not None:
-            raise ValueError("draft (speculative decoding) does not combine with a batch")
         drafter = self._drafter(call)
         chunks = None
         try:

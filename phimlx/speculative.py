@@ -77,11 +77,13 @@ class DraftModel:
 
     def __init__(self, model: Model, context: int) -> None:
         self.model = model
-        self.context = context
+        self.context = min(context, model.config.context_length)
         self._session: Session | None = None
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
         history = list(history)
+        if len(history) + 1 > self.context:  # past the draft model's context: no drafts
+            return []
         s = self._session
         if s is None:
             s, _ = self.model._prompt_cache.take(history, self.context)

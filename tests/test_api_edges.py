@@ -51,3 +51,20 @@ def test_a_single_token_has_no_speed_to_report(phi3):
     s = Stats(prompt_tokens=10, prompt_seconds=0.5, generation_tokens=3, generation_seconds=1)
     assert "prompt: 10 tokens, 20.0 tok/s" in s.summary()  # hand-computed: 10 / 0.5
     assert "generation: 3 tokens, 2.0 tok/s" in s.summary()  # (3 - 1) / 1
+
+
+def test_a_prompt_too_long_fails_at_the_call(phi3):
+    """stream() checks the prompt against the context when called, before any compute (a
+    server answers 400 without starting a generation)."""
+    too_long = list(range(5, 5 + 40))
+    with pytest.raises(phimlx.ContextLengthError, match="40 tokens do not fit"):
+        phi3.stream(too_long, max_context=32)
+
+
+def test_draft_in_a_batch_is_refused_without_holding_a_session(phi3):
+    phi3.clear_cache()
+    phi3.generate([5, 6, 7, 8], max_tokens=2, temperature=0)
+    kept = len(phi3._prompt_cache)
+    with pytest.raises(ValueError, match="batch"):
+        phi3.batch_generate([[5, 6, 7, 8], [9, 10]], draft="lookup", max_tokens=2)
+    assert len(phi3._prompt_cache) == kept  # nothing taken out and lost
