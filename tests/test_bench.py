@@ -397,3 +397,27 @@ def test_busy_machine_is_flagged(bench_result: dict[str, Any]) -> None:
     loud = {**bench_result, "machine": {**bench_result["machine"], "load_average": [5.0] * 3}}
     assert "machine was busy" not in report.markdown(quiet)
     assert "machine was busy" in report.markdown(loud)
+
+
+def test_bench_takes_an_mlx_folder(tiny_phi3: Path, tmp_path: Path) -> None:
+    """`phimlx bench` on an mlx-lm folder (written by `phimlx convert` from the tiny GGUF):
+    the NumPy backend and mlx-lm run it, the GGUF readers are skipped with the reason, and
+    the sizes come from the folder (parameters as in the GGUF)."""
+    pytest.importorskip("mlx.core")
+    from phimlx.mlx.convert import convert
+
+    folder = tmp_path / "tiny-mlx"
+    convert(tiny_phi3, folder, dtype="float32")
+    out = tmp_path / "result.json"
+    argv = [str(folder), "--backends", "numpy,llama.cpp", "--pp", "6", "--tg", "4"]
+    argv += ["--repetitions", "1", "--threads", "1", "--bandwidth-mib", "16", "--no-progress"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert "llama.cpp" in r["skipped"] and "GGUF" in r["skipped"]["llama.cpp"]
+    assert set(r["engines"]) == {"numpy"}
+    assert all(run["ok"] for run in r["engines"]["numpy"]["runs"])
+    with open_gguf(tiny_phi3) as mf:
+        n_params = sum(t.n_elements for t in mf.tensors.values())
+    folder_model = models.describe(folder, name="f", label="f")
+    assert folder_model.n_params == n_params
+    assert folder_model.architecture == "phi3"

@@ -398,6 +398,11 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     depths, batch = list(args.depth), batch_sizes(args.batch)
     check_fits(model.context_length, args.pp, args.tg, depths, batch)
     engines, skipped = select_engines(args.backends, model.n_params)
+    if model.path.is_dir():  # a safetensors folder: the GGUF readers cannot run it
+        for e in ("llama.cpp", "transformers"):
+            if e in engines:
+                engines.remove(e)
+                skipped[e] = "reads GGUF files; this model is a safetensors folder"
     if not engines:
         raise ValueError("no engine to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     threads = args.threads or machine.physical_cores() or os.cpu_count() or 1

@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from phimlx.errors import ModelNotFoundError
 from phimlx.gguf import open_gguf
 from phimlx.testing.models import MIXES, PHI3_MINI, PHI3_MINI_128K, SyntheticSpec, ensure_model
@@ -160,7 +162,10 @@ def resolve(
 
 
 def describe(path: Path, *, name: str, label: str, synthetic: bool = False) -> BenchModel:
-    """Sizes of the GGUF at ``path`` (metadata only; no tensor data is read)."""
+    """Sizes of the GGUF (or mlx-lm / Hugging Face folder) at ``path`` (metadata only; no
+    tensor data is read)."""
+    if path.is_dir():
+        return _describe_folder(path, name=name, label=label)
     with open_gguf(path) as mf:
         tensors = mf.tensors
         arch = mf.architecture
@@ -272,3 +277,35 @@ def _progress(
         leave=False,
         dynamic_ncols=True,
     )
+
+
+def _describe_folder(path: Path, *, name: str, label: str) -> BenchModel:
+    """`describe` of a safetensors checkpoint folder (its headers and config only)."""
+    from phimlx.formats import open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        c = ckpt.config
+        weights = ckpt.weights.values()
+        embd = ckpt.weights.get("token_embd.weight")
+        size = ckpt.file_size
+        kinds = Counter(
+            f"affine{w.bits}" if w.quantized else w.dtype.upper()
+            for w in weights
+            if len(w.shape) > 1
+        )
+        n_params = sum(int(np.prod(w.shape)) for w in weights)
+        weight_bytes = size
+        if embd is not None and "output.weight" in ckpt.weights:  # decode reads one row of it
+            weight_bytes -= size * int(np.prod(embd.shape)) // max(n_params, 1)
+        return BenchModel(
+            name=name,
+            path=path.resolve(),
+            label=label,
+            architecture=c.architecture,
+            file_bytes=size,
+            weight_bytes=int(weight_bytes),
+            n_params=n_params,
+            n_vocab=c.vocab_size,
+            context_length=c.context_length,
+            tensor_types=dict(kinds),
+        )

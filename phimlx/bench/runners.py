@@ -271,8 +271,14 @@ def _load_phimlx(engine: str, path: str, threads: int, max_context: int) -> tupl
     from phimlx.gguf import open_gguf
 
     name, _ = backends.choose(engine)
-    mf = open_gguf(path)
-    config = ModelConfig.from_gguf(mf)
+    if Path(path).is_dir():  # an mlx-lm / Hugging Face safetensors folder
+        from phimlx.formats import open_checkpoint
+
+        mf = open_checkpoint(path)
+        config = mf.config
+    else:
+        mf = open_gguf(path)
+        config = ModelConfig.from_gguf(mf)
     if name == "numpy":
         import fallback
 
@@ -464,6 +470,8 @@ def mlx_lm_folder(path: str) -> Path:
     # float16 matmuls are slow).
     dtype = "float16" if mx.metal.is_available() else "float32"
     src = Path(path)
+    if src.is_dir():  # already a model folder: mlx-lm reads it as it is
+        return src
     st = src.stat()
     base = Path(os.environ.get("PHIMLX_SYNTHETIC_DIR") or Path.home() / ".cache" / "phimlx")
     out = base / "mlx-lm" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}-{dtype}"
