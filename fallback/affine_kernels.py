@@ -30,40 +30,49 @@ _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
 
 @njit(**_OPTS)
 def _q4_table(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202
-    # codes uint8 (rows, cols/2); scales, biases uint16 bits (rows, G); x float32 (cols,)
+    # codes uint8 (rows, cols/2); scales, biases (rows, G); x float32 (cols,)
     n_groups = x.shape[0] // group
     xe, xo = x[0::2].copy(), x[1::2].copy()  # (cols/2,) each
     xs = x.reshape(n_groups, group).sum(axis=1)  # (G,)
     half = group // 2
     for r in prange(codes.shape[0]):
-        row = codes[r]
+        # the groups' dot products first, the scales after: written this way (2-D
+        # indexing, int32 codes) numba's loop vectorizes, 3x faster than a row slice
+        sums = np.empty(n_groups, np.float32)
+        for g in range(n_groups):
+            base = g * half
+            s = F(0.0)
+            for j in range(half):
+                b = np.int32(codes[r, base + j])
+                s += F(b & 15) * xe[base + j] + F(b >> 4) * xo[base + j]
+            sums[g] = s
         acc = F(0.0)
         for g in range(n_groups):
-            o = g * half
-            s = F(0.0)
-            for k in range(o, o + half):
-                b = row[k]
-                s += F(b & 15) * xe[k] + F(b >> 4) * xo[k]
-            acc += table[scales[r, g]] * s + table[biases[r, g]] * xs[g]
+            acc += table[scales[r, g]] * sums[g] + table[biases[r, g]] * xs[g]
         out[r] = acc
 
 
 @njit(**_OPTS)
 def _q4_f32(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202, ARG001
+    # codes uint8 (rows, cols/2); scales, biases (rows, G); x float32 (cols,)
     n_groups = x.shape[0] // group
-    xe, xo = x[0::2].copy(), x[1::2].copy()
-    xs = x.reshape(n_groups, group).sum(axis=1)
+    xe, xo = x[0::2].copy(), x[1::2].copy()  # (cols/2,) each
+    xs = x.reshape(n_groups, group).sum(axis=1)  # (G,)
     half = group // 2
     for r in prange(codes.shape[0]):
-        row = codes[r]
+        # the groups' dot products first, the scales after: written this way (2-D
+        # indexing, int32 codes) numba's loop vectorizes, 3x faster than a row slice
+        sums = np.empty(n_groups, np.float32)
+        for g in range(n_groups):
+            base = g * half
+            s = F(0.0)
+            for j in range(half):
+                b = np.int32(codes[r, base + j])
+                s += F(b & 15) * xe[base + j] + F(b >> 4) * xo[base + j]
+            sums[g] = s
         acc = F(0.0)
         for g in range(n_groups):
-            o = g * half
-            s = F(0.0)
-            for k in range(o, o + half):
-                b = row[k]
-                s += F(b & 15) * xe[k] + F(b >> 4) * xo[k]
-            acc += scales[r, g] * s + biases[r, g] * xs[g]
+            acc += scales[r, g] * sums[g] + biases[r, g] * xs[g]
         out[r] = acc
 
 
@@ -73,30 +82,35 @@ def _q8_table(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN
     n_groups = x.shape[0] // group
     xs = x.reshape(n_groups, group).sum(axis=1)
     for r in prange(codes.shape[0]):
-        row = codes[r]
+        sums = np.empty(n_groups, np.float32)  # as in _q4_table: it vectorizes
+        for g in range(n_groups):
+            base = g * group
+            s = F(0.0)
+            for j in range(group):
+                s += F(np.int32(codes[r, base + j])) * x[base + j]
+            sums[g] = s
         acc = F(0.0)
         for g in range(n_groups):
-            o = g * group
-            s = F(0.0)
-            for k in range(o, o + group):
-                s += F(row[k]) * x[k]
-            acc += table[scales[r, g]] * s + table[biases[r, g]] * xs[g]
+            acc += table[scales[r, g]] * sums[g] + table[biases[r, g]] * xs[g]
         out[r] = acc
 
 
 @njit(**_OPTS)
 def _q8_f32(codes, scales, biases, table, x, out, group):  # noqa: ANN001, ANN202, ARG001
+    # codes uint8 (rows, cols)
     n_groups = x.shape[0] // group
     xs = x.reshape(n_groups, group).sum(axis=1)
     for r in prange(codes.shape[0]):
-        row = codes[r]
+        sums = np.empty(n_groups, np.float32)  # as in _q4_table: it vectorizes
+        for g in range(n_groups):
+            base = g * group
+            s = F(0.0)
+            for j in range(group):
+                s += F(np.int32(codes[r, base + j])) * x[base + j]
+            sums[g] = s
         acc = F(0.0)
         for g in range(n_groups):
-            o = g * group
-            s = F(0.0)
-            for k in range(o, o + group):
-                s += F(row[k]) * x[k]
-            acc += scales[r, g] * s + biases[r, g] * xs[g]
+            acc += scales[r, g] * sums[g] + biases[r, g] * xs[g]
         out[r] = acc
 
 
