@@ -74,18 +74,19 @@ def load(  # noqa: ANN201
 
 
 def warm_up(model: Any) -> None:
-    """A 2-token prefill and one decode step on a throwaway session of ``model``, and one
-    row through each weight type's tile decoder.
+    """A 2-token prefill, one decode step and a batched step of two on throwaway sessions of
+    ``model``, and one row through each weight type's tile decoder.
 
     They call every compiled kernel a generation calls (the prefill's int8 matmuls and
     norms, the tile decoders of long prompts, the step's matvecs, fused attention and
-    embedding lookup; the parallel attention of long caches) with the argument types of a
-    real call and the model's KV cache type, which is what numba compiles for; the session
-    is dropped afterwards.
+    embedding lookup; a batched step's attention; the parallel attention of long caches)
+    with the argument types of a real call and the model's KV cache type, which is what
+    numba compiles for; the sessions are dropped afterwards.
     """
     session = model.new_session(min(4, model.config.context_length))
     session.prefill([0, 0])
     session.step(0)
+    model.step_batch([session, model.new_session(4)], [0, 0])  # (batches of short caches)
     if model.threads > 1:  # the parallel attention of long caches, on this cache type
         from . import ops
 
@@ -93,7 +94,7 @@ def warm_up(model: Any) -> None:
         kv, _, d = ops.cache_shape(kc)
         qkv = np.zeros((c.n_heads + 2 * kv) * d, np.float32)
         cos, sin = session._cos[:1], session._sin[:1]
-        ops.attend_token_parallel(2, cos, sin, True, 0, 0, model.attn_scale, c.n_heads, qkv, kc, vc)
+        ops.attend_token(cos, sin, True, 0, 0, model.attn_scale, c.n_heads, qkv, kc, vc, parts=2)
     seen = set()
     for m in model._matrices():
         if m.use_numba and id(m.kernels) not in seen:
@@ -130,8 +131,8 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
         return True
     from . import ops
 
-    dispatchers = [ops.rms_norm, ops.add_rms_norm, ops.silu_mul, ops.rope, ops.attend_token]
-    dispatchers.append(ops.attend_token_parallel)
+    dispatchers = [ops.rms_norm, ops.add_rms_norm, ops.silu_mul, ops.rope]
+    dispatchers += [ops.attend_batch, ops.attend_batch_serial]
     if isinstance(mf, Checkpoint):  # its float matrices run QuantMatrix kernels too
         from .affine import affine_dispatchers, float_kinds
 

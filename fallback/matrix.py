@@ -46,7 +46,6 @@ from .kernels import (
     int8_prefill,
     kernel_set,
     numba_available,
-    quantize_rows,
 )
 
 # Bytes of float32 one decoded prefill tile may take (`QuantMatrix.matmul`).
@@ -117,7 +116,7 @@ def matmul_many(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
     kernel, (w1, w2, w3) = fused
     out = np.empty((x.shape[0], sum(m.rows for m in mats)), np.float32)
-    kernel(w1, w2, w3, *quantize_rows(x, mats[0].int8_group), out)
+    kernel(w1, w2, w3, x, out)
     return out
 
 
@@ -158,6 +157,34 @@ def matvec_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(x: np.ndarray) -> np.ndarray:
         out = np.empty(n, np.float32)
+        kernel(w1, w2, w3, x, out)
+        return out
+
+    return run
+
+
+def matmul_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> x @ [W1; W2; ...].T`` (a new float32 ``(n, sum of rows)`` array) for matrices
+    sharing ``x``, as `matmul_many` computes it, with the kernel choice made once, here: a
+    batched decode step calls one per projection per layer, where `matmul_many`'s checks
+    and choices would cost as much as a small product.  Rows of ``x`` beyond the int8
+    kernel's reach (a long prompt on the float path) go through `matmul_many`.  ``x`` must
+    be float32 ``(n, cols)``; the plan does not check it again."""
+    m0 = mats[0]
+    int8 = isinstance(m0, QuantMatrix) and m0._matmul is not None
+    fused = _fused_kernel(mats, 1) if int8 else None
+    if fused is None:
+        return functools.partial(matmul_many, mats)
+    kernel, (w1, w2, w3) = fused
+    rows = sum(m.rows for m in mats)
+    reach = INT8_MATMUL_ROWS[m0.int8_group]
+    int8_prefill = m0._int8_prefill
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.shape[0] > reach and not int8_prefill:
+            return matmul_many(mats, x)
+        x = np.ascontiguousarray(x)  # (free when it is: one compiled signature)
+        out = np.empty((x.shape[0], rows), np.float32)
         kernel(w1, w2, w3, x, out)
         return out
 

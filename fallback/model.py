@@ -8,16 +8,16 @@ Two choices made per call plug into it:
 
 - the projections: for one token, vectors through matvec plans (`matvec_plan`: the kernel
   chosen once at load, int8 activations where enabled); for a chunk or a batch, (T, n) rows
-  through `matmul_many` / `QuantMatrix.matmul` (on the int8 path the int8 matmul for up to
+  through matmul plans (`matmul_plan`: on the int8 path the int8 matmul for up to
   `matrix.INT8_MATMUL_ROWS` rows, each row equal to the matvec's; float tiles and BLAS sgemm
   for longer prompts, see `kernels.int8_prefill`);
 - the attention block (rope q and k, write k and v into the cache, attend): for one token,
-  the compiled one-call block (`ops.decode_attention`: `ops.attend_token` on this thread
-  over short caches, `ops.attend_token_parallel` on numba's threads over long ones: no BLAS
-  call in a decode step, so only numba's threads run); for a prefill chunk `ops.attend`,
-  whose batched attention lets BLAS's threads work.  See `fallback.ops`.  A batch of B
-  sessions runs the one-token block per row (`_attend_each`): each session's token attends
-  over its own cache at its own position.
+  the compiled one-call block (`ops.attend_rows`, split across numba's threads by kv heads
+  and, over long caches, by positions: no BLAS call in a decode step, so only numba's
+  threads run); for a prefill chunk `ops.attend`, whose batched attention lets BLAS's
+  threads work.  See `fallback.ops`.  A batch of B sessions (or a run of drafted tokens)
+  runs the same compiled block for all B rows in one call (`_attend_rows`): each token
+  attends over its own cache at its own position, as its step would, bit for bit.
 
 The KV cache is stored as ``kv_cache_type`` says (`phimlx.backends.KV_CACHE_TYPES`: float16
 by default, float32, or Q8_0 blocks), one cache per layer (see "KV cache storage" in
@@ -39,7 +39,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,7 +57,7 @@ from phimlx.gguf import ModelFile
 
 from . import ops
 from .kernels import int8_kernel_available
-from .matrix import QuantMatrix, matmul_many, matvec_plan
+from .matrix import QuantMatrix, matmul_plan, matvec_plan
 from .threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,10 @@ def _attend_each(
 ) -> np.ndarray:
     """The attention plug-in of a batch: row b of qkv (B, (H + 2 KV) * D), one token of
     session b, through that session's own attention (``attends[b]``, bound to its position)
-    over its own caches (``kcs[b]``, ``vcs[b]``: (KV, cap, D)); returns (B, H * D)."""
+    over its own caches (``kcs[b]``, ``vcs[b]``: (KV, cap, D)); returns (B, H * D), or
+    (H * D,) for the vector qkv of one token."""
+    if qkv.ndim == 1:
+        return attends[0](qkv, kcs[0], vcs[0])
     return np.stack([a(row, kc, vc) for a, row, kc, vc in zip(attends, qkv, kcs, vcs, strict=True)])
 
 
@@ -143,6 +146,7 @@ class NumpyModel:
         self.output = self.embed if c.tied_embeddings else _matrix(mf, "output.weight", i8)
         self.output_norm = mf.dequantize("output_norm.weight")
         self.output_mv = matvec_plan([self.output])
+        self.output_mm = matmul_plan([self.output])
         self.layers: list[_Layer] = []
         for i in range(c.n_layers):
             b = f"blk.{i}."
@@ -176,10 +180,10 @@ class NumpyModel:
         # a chunk: (T, n) rows through tiled matmuls
         self.chunk_calls = [
             _LayerCalls(
-                functools.partial(matmul_many, la.qkv),
-                la.out.matmul,
-                functools.partial(matmul_many, la.gate_up),
-                la.down.matmul,
+                matmul_plan(la.qkv),
+                matmul_plan([la.out]),
+                matmul_plan(la.gate_up),
+                matmul_plan([la.down]),
                 la.ffn_norm,
                 nxt,
             )
@@ -218,16 +222,53 @@ class NumpyModel:
             return sessions[0].step(int(ids[0]))[None]
         for s in sessions:
             s._ensure_capacity(s._pos + 1)
-        attend = functools.partial(
-            _attend_each, [s._attention(1, one_token=True) for s in sessions]
-        )
-        # per layer, the B sessions' caches: tuples of (KV, cap, D)
-        ks = zip(*(s._k for s in sessions), strict=True)
-        vs = zip(*(s._v for s in sessions), strict=True)
+        attend, ks, vs = self._attend_rows([(s, s._pos) for s in sessions])
         h = self._layers(self.embed.take_rows(ids), self.chunk_calls, attend, ks, vs)  # (B, hidden)
         for s in sessions:
             s._pos += 1
-        return self.output.matmul(h)  # (B, vocab)
+        return self.output_mm(h)  # (B, vocab)
+
+    def _attend_rows(
+        self, rows: Sequence[tuple[NumpySession, int]]
+    ) -> tuple[_Attend, Iterable[Any], Iterable[Any]]:
+        """The attention of B single tokens, row b one token of session ``rows[b][0]`` at
+        position ``rows[b][1]`` (its cache must have room), attending as that session's
+        `step` would there, bit for bit: ``(attend, ks, vs)`` for `_layers`, which calls
+        ``attend(qkv, k, v)`` with qkv (B, ...) (or a vector for one token) and what ks
+        and vs yield for the layer.  One compiled call for all rows (`ops.attend_rows`:
+        ks the rows' cache tables, vs a cache of their type), or without numba one
+        `ops.attend` per row (ks, vs the rows' caches as tuples)."""
+        c = self.config
+        p0s = np.array([p for _, p in rows], dtype=np.int64)
+        sessions = [s for s, _ in rows]
+        if ops.attend_batch is None:
+            attends = [s._attention(1, p0=p) for s, p in rows]
+            return (
+                functools.partial(_attend_each, attends),
+                zip(*(s._k for s in sessions), strict=True),
+                zip(*(s._v for s in sessions), strict=True),
+            )
+        n = np.minimum(p0s + 1, c.sliding_window) if c.sliding_window else p0s + 1
+        H, KV, D = c.n_heads, c.n_kv_heads, c.head_dim
+        parts = np.array([ops.token_parts(int(k), H, KV, D, self.threads) for k in n], np.int64)
+        attend = functools.partial(
+            ops.attend_rows,
+            ops.attend_kernel(parts, p0s, H, D),
+            parts,
+            np.stack([s._cos[p] for s, p in rows]),  # (B, rope_dim/2)
+            np.stack([s._sin[p] for s, p in rows]),
+            c.rope_style == "neox",
+            p0s,
+            c.sliding_window or 0,
+            self.attn_scale,
+            H,
+        )
+        if len(set(map(id, sessions))) == 1:  # one session: its table, repeated per row
+            tables = sessions[0]._tables
+            ks = tables if len(rows) == 1 else (np.repeat(t, len(rows), 0) for t in tables)
+        else:
+            ks = (np.concatenate(t) for t in zip(*(s._tables for s in sessions), strict=True))
+        return attend, ks, sessions[0]._k
 
     def _layers(
         self,
@@ -273,6 +314,7 @@ class NumpySession:
         # demand so memory follows the tokens held
         self._k = self._new_caches(0)
         self._v = self._new_caches(0)
+        self._tables = self._cache_tables()
         inv_freq = c.rope_inv_freq(max_context).astype(np.float64)
         self._inv_freq = inv_freq  # (rope_dim / 2,)
 
@@ -295,6 +337,11 @@ class NumpySession:
             ops.new_cache(self.kv_cache_type, c.n_kv_heads, cap, c.head_dim)
             for _ in range(c.n_layers)
         ]
+
+    def _cache_tables(self) -> list[np.ndarray]:
+        """Per layer, `ops.cache_table` of this session's caches (1, 5): what the compiled
+        one-token attention reads them through; rebuilt whenever they are reallocated."""
+        return [ops.cache_table([(k, v)]) for k, v in zip(self._k, self._v, strict=True)]
 
     def kv_state(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of K (after rope) and V of the positions held: float32
@@ -360,23 +407,10 @@ class NumpySession:
         ):  # float tiles for these rows where a step takes int8: no equality to keep
             return self.prefill(ids, all_logits=True)
         self._ensure_capacity(p0 + T)
-        attends = []
-        try:
-            for _ in range(T):  # row i attends at position p0 + i
-                attends.append(self._attention(1, one_token=True))
-                self._pos += 1
-        finally:
-            self._pos = p0
-        attend = functools.partial(_attend_each, attends)
-        h = m._layers(
-            m.embed.take_rows(ids),
-            m.chunk_calls,
-            attend,
-            ((k,) * T for k in self._k),
-            ((v,) * T for v in self._v),
-        )  # (T, hidden)
+        attend, ks, vs = m._attend_rows([(self, p0 + i) for i in range(T)])  # row i at p0 + i
+        h = m._layers(m.embed.take_rows(ids), m.chunk_calls, attend, ks, vs)  # (T, hidden)
         self._pos = p0 + T
-        return m.output.matmul(h)  # (T, vocab)
+        return m.output_mm(h)  # (T, vocab)
 
     def _ensure_capacity(self, n: int) -> None:
         if n <= self._cap:
@@ -386,6 +420,7 @@ class NumpySession:
         for new, old in zip(k + v, self._k + self._v, strict=True):
             ops.cache_copy(new, old, self._pos)
         self._k, self._v, self._cap = k, v, cap
+        self._tables = self._cache_tables()
         # cos/sin (cap, rope_dim/2) of every position the cache can hold, LongRoPE's
         # attention factor applied; angles in float64 so far positions stay exact
         ang = np.arange(cap, dtype=np.float64)[:, None] * self._inv_freq[None, :]
@@ -393,20 +428,16 @@ class NumpySession:
         self._cos = (np.cos(ang) * f).astype(np.float32)
         self._sin = (np.sin(ang) * f).astype(np.float32)
 
-    def _attention(self, T: int, *, one_token: bool) -> _Attend:
-        """The attention plug-in for T tokens from the current position (the cache must
-        hold P = position + T): ``attend(qkv, kc, vc)`` with this call's rope rows and
-        position bound.  ``one_token``: a decode step, which takes the compiled one-call
-        block (`ops.decode_attention`: one thread or numba's, by the positions attended)."""
+    def _attention(self, T: int, p0: int | None = None) -> _Attend:
+        """The attention plug-in of a prefill chunk, T tokens from position ``p0``
+        (default: the current one; the cache must hold P = p0 + T): ``attend(qkv, kc,
+        vc)`` (`ops.attend`, BLAS's batched products) with this call's rope rows and
+        position bound.  (Decode steps take `NumpyModel._attend_rows`.)"""
         m, c = self.model, self.model.config
-        p0 = self._pos
+        p0 = self._pos if p0 is None else p0
         P = p0 + T
-        block = None
-        if one_token:  # None without numba
-            n = min(P, c.sliding_window) if c.sliding_window else P
-            block = ops.decode_attention(n, c.n_heads, c.n_kv_heads, c.head_dim, m.threads)
         return functools.partial(
-            block or ops.attend,
+            ops.attend,
             self._cos[p0:P],  # (T, rope_dim/2)
             self._sin[p0:P],
             c.rope_style == "neox",
@@ -432,13 +463,12 @@ class NumpySession:
         T, p0 = ids.size, self._pos
         self._ensure_capacity(p0 + T)
         if decode:  # one token: activations are vectors, through the matvec plans
-            calls = m.token_calls
             x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
+            h = m._layers(x, m.token_calls, *m._attend_rows([(self, p0)]))
         else:
-            calls = m.chunk_calls
             x = m.embed.take_rows(ids)  # (T, hidden)
-        h = m._layers(x, calls, self._attention(T, one_token=decode), self._k, self._v)
+            h = m._layers(x, m.chunk_calls, self._attention(T), self._k, self._v)
         self._pos = p0 + T
         if all_logits:
-            return m.output.matmul(h.reshape(T, -1))  # (T, vocab)
+            return m.output_mm(np.ascontiguousarray(h.reshape(T, -1)))  # (T, vocab)
         return m.output_mv(h[-1] if h.ndim == 2 else h)

@@ -8,20 +8,23 @@ Two engines compute them:
 - numba: loops compiled into one call each.  A decode step of a small model is dominated
   by interpreter round trips (a NumPy expression costs several, each op a handful), so the
   whole attention block of one token (rope q and k, write k and v into the cache, attend)
-  is the single call `attend_token`, at every cache length: a decode step never calls
-  BLAS, whose threads would fight numba's (`fallback.threads`).  Over long caches its
-  twin `attend_token_parallel` splits each kv head's positions into parts on numba's
-  threads (flash-decoding: per part a max, a sum and an unnormalized output, merged at the
-  end); `decode_attention` picks one by size (`LOOP_ATTENTION_MAX`).  Both read each K and
-  V row once for the G query heads that share it, four rows at a time, from a cache of any
-  type ("KV cache storage" below); rope is written once per engine (`_rope_row`).
+  is a single call, at every cache length: a decode step never calls BLAS, whose threads
+  would fight numba's (`fallback.threads`).  One kernel, `attend_batch`, computes it for B
+  tokens at once (a batched step's sessions, a run of drafted tokens; `attend_tokens`) and
+  for one (`attend_token`): the (token, kv head, part) items run on numba's threads, each
+  token's positions split into parts over long caches (flash-decoding: per part a max, a
+  sum and an unnormalized output, merged at the end; `token_parts` chooses how many by
+  size, `LOOP_ATTENTION_MAX`).  Being one kernel, a token gets the same bits alone or in a
+  batch.  It reads each K and V row once for the G query heads that share it, four rows
+  at a time, from a cache of any type ("KV cache storage" below); rope is written once per
+  engine (`_rope_row`).
 
 The unsuffixed names (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`) are the compiled
 versions where numba is available and the NumPy ones elsewhere.  `attend` is the attention
-block of T tokens on the BLAS engine; `attend_token` / `attend_token_parallel` (numba
-only, else None) the same block for one token.  They take the per-call values first, so
-the forward pass binds them once (`functools.partial`) and calls ``attend(qkv, kc, vc)``
-per layer.
+block of T tokens on the BLAS engine; `attend_token` and `attend_tokens` (numba only; the
+kernel `attend_batch` is None without it) the same block for one token, or B.  They take
+the per-call values first, so the forward pass binds them once (`functools.partial`) and
+calls ``attend(qkv, kc, vc)`` per layer.
 
 Activations are ``(T, n)`` for T tokens or ``(n,)`` for one (the decode step, whose matvecs
 take and return vectors); the norms and the SiLU gate accept both, C-contiguous.
@@ -33,7 +36,6 @@ in the cache (cap: its capacity), rd/2 rotated pairs per head.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -44,8 +46,8 @@ from .kernels import numba_available
 from .threads import one_blas_thread
 
 # Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
-# runs on the calling thread (`attend_token`); above, on numba's threads
-# (`attend_token_parallel`), whose launch costs more than the work below it.
+# takes one part per kv head; above, its positions are split into parts too
+# (`token_parts`), whose merge costs more than it saves below it.
 LOOP_ATTENTION_MAX = 1 << 17
 
 # ---------------------------------------------------------------------------- NumPy engine
@@ -232,26 +234,103 @@ def attend(
 
 
 def decode_parts(n_positions: int, n_kv: int, threads: int) -> int:
-    """Chunks per kv head for `attend_token_parallel`: about four parts per thread, KV x parts
-    a multiple of the threads (numba splits a prange evenly), each at least 64 positions."""
+    """Parts per kv head of a long cache's one-token attention (`token_parts`): about four
+    per thread, KV x parts a multiple of the threads (numba splits a prange evenly), each
+    at least 64 positions."""
     parts = -(-4 * threads // n_kv)
     while (n_kv * parts) % threads:
         parts += 1
     return max(1, min(parts, -(-n_positions // 64)))
 
 
-def decode_attention(
-    n_positions: int, n_heads: int, n_kv: int, head_dim: int, threads: int
-) -> Callable[..., np.ndarray] | None:
-    """The compiled one-token attention block for a step attending ``n_positions`` positions:
-    `attend_token` for small ones (or one thread), else `attend_token_parallel` with its
-    parts bound.  Either is called as ``f(cos, sin, neox, p0, window, scale, n_heads, qkv,
-    kc, vc)``.  None where numba is missing (the forward pass then takes `attend`)."""
-    if attend_token is None:
-        return None
+def attend_kernel(parts: np.ndarray, p0s: np.ndarray, n_heads: int, head_dim: int) -> Callable:
+    """The kernel `attend_rows` runs for tokens at positions ``p0s`` in ``parts`` parts:
+    `attend_batch_serial` on the calling thread where every row takes one part and they
+    attend up to `LOOP_ATTENTION_MAX` multiply-adds in all (a launch of numba's threads
+    would cost more), else `attend_batch` on numba's threads."""
+    work = int(p0s.sum() + len(p0s)) * n_heads * head_dim
+    return attend_batch_serial if work <= LOOP_ATTENTION_MAX and parts.max() == 1 else attend_batch
+
+
+def attend_rows(
+    kernel: Callable,
+    parts: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    neox: bool,
+    p0s: np.ndarray,
+    window: int,
+    scale: float,
+    n_heads: int,
+    qkv: np.ndarray,
+    table: np.ndarray,
+    like: np.ndarray | tuple,
+) -> np.ndarray:
+    """The one-token attention block of B rows in one call of ``kernel`` (numba only;
+    `attend_kernel` chooses it for these rows): row b of
+    ``qkv`` (B, (H + 2 KV) * D) is a token at position ``p0s[b]`` over the caches of row b
+    of ``table`` (`cache_table`: sessions of a batched step, or one session's cache
+    repeated for a run of consecutive tokens; ``like``: a cache of their type and head
+    shape), rotated by row b of ``cos`` / ``sin`` (B, rd/2), its positions split into
+    ``parts[b]`` parts per kv head (flash-decoding: each part's max, sum and unnormalized
+    output, merged at the end).  Either kernel (the (row, kv head, part) items on numba's
+    threads, or on the calling thread) does the same arithmetic, so a token gets the same
+    bits alone or in any batch.  Returns (B, H * D), or (H * D,) for a one-dimensional
+    qkv (one token); qkv is rotated in place."""
+    if qkv.ndim == 1:
+        return kernel(parts, cos, sin, neox, p0s, window, scale, n_heads, qkv[None], like, table)[0]
+    return kernel(parts, cos, sin, neox, p0s, window, scale, n_heads, qkv, like, table)
+
+
+def attend_token(
+    cos: np.ndarray,
+    sin: np.ndarray,
+    neox: bool,
+    p0: int,
+    window: int,
+    scale: float,
+    n_heads: int,
+    qkv: np.ndarray,
+    kc: np.ndarray,
+    vc: np.ndarray,
+    parts: int = 1,
+) -> np.ndarray:
+    """`attend` for one token at position p0 (qkv a vector, cos / sin (1, rd/2)) in one
+    compiled call (numba only): `attend_rows` of one row in ``parts`` parts per kv head.
+    Returns (H * D,)."""
+    one, p = np.array([parts], dtype=np.int64), np.array([p0], dtype=np.int64)
+    kernel = attend_kernel(one, p, n_heads, cache_shape(kc)[2])
+    table = cache_table([(kc, vc)])
+    return attend_rows(kernel, one, cos, sin, neox, p, window, scale, n_heads, qkv, table, kc)
+
+
+def attend_tokens(
+    parts: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    neox: bool,
+    p0s: np.ndarray,
+    window: int,
+    scale: float,
+    n_heads: int,
+    qkv: np.ndarray,
+    kcs: tuple,
+    vcs: tuple,
+) -> np.ndarray:
+    """`attend_rows` with the rows' caches given as tuples ``kcs``, ``vcs`` (B each)."""
+    table = cache_table(list(zip(kcs, vcs, strict=True)))
+    kernel = attend_kernel(parts, p0s, n_heads, cache_shape(kcs[0])[2])
+    args = (parts, cos, sin, neox, p0s, window, scale, n_heads, qkv, table, kcs[0])
+    return attend_rows(kernel, *args)
+
+
+def token_parts(n_positions: int, n_heads: int, n_kv: int, head_dim: int, threads: int) -> int:
+    """How many parts per kv head one token's attention over ``n_positions`` positions
+    takes: 1 up to `LOOP_ATTENTION_MAX` multiply-adds (or on one thread), else
+    `decode_parts`'s count."""
     if threads <= 1 or n_positions * n_heads * head_dim <= LOOP_ATTENTION_MAX:
-        return attend_token
-    return functools.partial(attend_token_parallel, decode_parts(n_positions, n_kv, threads))
+        return 1
+    return decode_parts(n_positions, n_kv, threads)
 
 
 # ---------------------------------------------------------------------------- numba engine
@@ -611,60 +690,102 @@ def _rope_store(cos, sin, neox, p0, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN2
     return KV, D
 
 
-def _attend_token_loop(cos, sin, neox, p0, window, scale, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202
-    """`attend` for one token at position p0 (qkv a vector), in one call, one thread."""
-    KV, D = _rope_store(cos, sin, neox, p0, n_heads, qkv, kc, vc)
-    G = n_heads // KV
-    start = max(0, p0 - window + 1) if window > 0 else 0
-    n = p0 + 1 - start
-    out = np.empty(n_heads * D, dtype=np.float32)
-    o = np.empty((G, D), dtype=np.float32)
-    m, l = np.empty(G, dtype=np.float32), np.empty(G, dtype=np.float32)  # noqa: E741
-    s = np.empty((G, n), dtype=np.float32)
-    for kv in range(KV):
-        _attend_part(qkv, kc, vc, kv, G, start, n, scale, o, m, l, s)
-        for g in range(G):
-            inv = np.float32(1.0) / l[g]
+def _merge_parts(o, m, l, i0, C, G, D, out, h0):  # noqa: ANN001, ANN202, E741
+    """Normalize the C parts i0 .. i0 + C - 1 of one kv head's G query heads (their
+    maxima ``m``, sums ``l`` and unnormalized outputs ``o``) into out[h0 :]: a part alone
+    divided by its sum, several rescaled to their common maximum first (their m is
+    overwritten)."""
+    for g in range(G):
+        h = h0 + g * D
+        if C == 1:
+            inv = np.float32(1.0) / l[i0, g]
             for d in range(D):
-                out[(kv * G + g) * D + d] = o[g, d] * inv
+                out[h + d] = o[i0, g, d] * inv
+            continue
+        mx = np.float32(-np.inf)
+        for c in range(i0, i0 + C):
+            mx = max(mx, m[c, g])
+        total = np.float32(0.0)
+        for c in range(i0, i0 + C):
+            w = _exp(m[c, g] - mx) if l[c, g] > 0 else np.float32(0.0)
+            m[c, g] = w
+            total += w * l[c, g]
+        for d in range(D):
+            out[h + d] = np.float32(0.0)
+        for c in range(i0, i0 + C):
+            w = m[c, g] / total
+            for d in range(D):
+                out[h + d] += w * o[c, g, d]
+
+
+def _view(like, a, s, cap):  # noqa: ANN001, ANN202
+    """The cache of ``like``'s type and head shape with ``cap`` positions at address a
+    (and its q8_0 scales at s): an array view made in compiled code (see `cache_table`)."""
+    raise NotImplementedError  # compiled only
+
+
+def _row_caches(like, table, r):  # noqa: ANN001, ANN202
+    """Row r's (K, V) caches from `cache_table`'s ``table``."""
+    cap = table[r, 0]
+    return _view(like, table[r, 1], table[r, 2], cap), _view(like, table[r, 3], table[r, 4], cap)
+
+
+def cache_table(rows: list[tuple[np.ndarray | tuple, np.ndarray | tuple]]) -> np.ndarray:
+    """The addresses and capacities of B rows' (K, V) caches of one layer, as int64 (B, 5):
+    capacity, K's data (q8_0: codes), K's q8_0 scales (else 0), V's, V's scales.  The caller
+    keeps the caches alive while a kernel reads them through this table: numba unboxes a
+    tuple of B arrays per call, costlier than the attention of a short cache."""
+    out = np.empty((len(rows), 5), np.int64)
+    for i, (k, v) in enumerate(rows):
+        out[i, 0] = cache_shape(k)[1]
+        for j, c in ((1, k), (3, v)):
+            if isinstance(c, tuple):
+                out[i, j], out[i, j + 1] = c[0].ctypes.data, c[1].ctypes.data
+            else:
+                out[i, j], out[i, j + 1] = c.ctypes.data, 0
     return out
 
 
-def _attend_token_parallel_loop(parts, cos, sin, neox, p0, window, scale, n_heads, qkv, kc, vc):  # noqa: ANN001, ANN202, E501
-    """`_attend_token_loop` on numba's threads: the cache rows of each kv head are split
-    into C = ``parts`` chunks (flash-decoding), KV * C independent parts attended in
-    parallel, then merged by their maxima and sums (`decode_parts` chooses C)."""
-    KV, D = _rope_store(cos, sin, neox, p0, n_heads, qkv, kc, vc)
+def _attend_batch_loop(parts, cos, sin, neox, p0s, window, scale, n_heads, qkv, like, table):  # noqa: ANN001, ANN202, E501
+    """One token for each of B rows at once: row b of qkv (B, (H + 2 KV) * D) at position
+    p0s[b] over the caches of row b of ``table`` (`cache_table`; rows may share a cache, as
+    a run of drafted tokens does; ``like`` is a cache of their type and head shape),
+    rotated by row b of cos / sin (B, rd/2).  Returns (B, H * D).  Rotations and cache
+    writes come first, in row order; then the (row, kv head, part) items run on numba's
+    threads; row b's positions are split into parts[b] parts, merged by `_merge_parts`."""
+    B = qkv.shape[0]
+    KV, D = _cache_kv_dim(like)
     G = n_heads // KV
-    start = max(0, p0 - window + 1) if window > 0 else 0
-    n = p0 + 1 - start
-    C = max(1, min(parts, n))
-    rows = -(-n // C)
-    o = np.empty((KV * C, G, D), dtype=np.float32)
-    m = np.empty((KV * C, G), dtype=np.float32)
-    l = np.empty((KV * C, G), dtype=np.float32)  # noqa: E741
-    for it in _prange(KV * C):
-        kv, c = it // C, it % C
-        a = start + c * rows
-        cnt = max(0, min(rows, start + n - a))
-        s = np.empty((G, rows), dtype=np.float32)
-        _attend_part(qkv, kc, vc, kv, G, a, cnt, scale, o[it], m[it], l[it], s)
-    out = np.zeros(n_heads * D, dtype=np.float32)
-    for kv in range(KV):
-        for g in range(G):
-            mx = np.float32(-np.inf)
-            for c in range(C):
-                mx = max(mx, m[kv * C + c, g])
-            total = np.float32(0.0)
-            for c in range(C):
-                w = _exp(m[kv * C + c, g] - mx) if l[kv * C + c, g] > 0 else np.float32(0.0)
-                m[kv * C + c, g] = w
-                total += w * l[kv * C + c, g]
-            h0 = (kv * G + g) * D
-            for c in range(C):
-                w = m[kv * C + c, g] / total
-                for d in range(D):
-                    out[h0 + d] += w * o[kv * C + c, g, d]
+    first = np.zeros(B + 1, dtype=np.int64)  # row b's items: first[b] .. first[b + 1] - 1
+    start = np.zeros(B, dtype=np.int64)
+    n = np.zeros(B, dtype=np.int64)
+    C = np.ones(B, dtype=np.int64)
+    rows = np.zeros(B, dtype=np.int64)
+    for b in range(B):
+        kc, vc = _row_caches(like, table, b)
+        _rope_store(cos[b : b + 1], sin[b : b + 1], neox, p0s[b], n_heads, qkv[b], kc, vc)
+        start[b] = max(0, p0s[b] - window + 1) if window > 0 else 0
+        n[b] = p0s[b] + 1 - start[b]
+        C[b] = max(1, min(parts[b], n[b]))
+        rows[b] = -(-n[b] // C[b])
+        first[b + 1] = first[b] + KV * C[b]
+    total = first[B]
+    o = np.empty((total, G, D), dtype=np.float32)
+    m = np.empty((total, G), dtype=np.float32)
+    l = np.empty((total, G), dtype=np.float32)  # noqa: E741
+    for it in _prange(total):  # (names of its own: a `+=` on an outer name is a reduction)
+        r = np.searchsorted(first, it, side="right") - 1  # the item's row
+        j = it - first[r]
+        h, part = j // C[r], j % C[r]
+        a = start[r] + part * rows[r]
+        cnt = max(0, min(rows[r], start[r] + n[r] - a))
+        s = np.empty((G, rows[r]), dtype=np.float32)
+        kr, vr = _row_caches(like, table, r)
+        _attend_part(qkv[r], kr, vr, h, G, a, cnt, scale, o[it], m[it], l[it], s)
+    out = np.zeros((B, n_heads * D), dtype=np.float32)
+    for b in range(B):
+        for kv in range(KV):
+            _merge_parts(o, m, l, first[b] + kv * C[b], C[b], G, D, out[b], kv * G * D)
     return out
 
 
@@ -778,6 +899,44 @@ if numba_available():
     def _cache_kv_dim(c):  # noqa: ANN001, ANN202
         raise NotImplementedError
 
+    def _pointer_to(dtype):  # noqa: ANN001, ANN202
+        """An intrinsic: an int64 address as a pointer to ``dtype`` values."""
+
+        @intrinsic
+        def to_pointer(typingctx, addr):  # noqa: ANN001, ANN202, ARG001
+            ptr = types.CPointer(dtype)
+
+            def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+                return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+            return ptr(types.int64), codegen
+
+        return to_pointer
+
+    _POINTERS = {t: _pointer_to(t) for t in (types.float32, types.uint16, types.int8)}
+
+    @overload(_view, inline="always")
+    def _view_impl(like, a, s, cap):  # noqa: ANN001, ANN202
+        if isinstance(like, types.BaseTuple):  # q8_0: int8 codes, float32 scales
+            codes, scales = _POINTERS[types.int8], _POINTERS[types.float32]
+
+            def q8(like, a, s, cap):  # noqa: ANN001, ANN202
+                KV, _, D = like[0].shape
+                nb = like[1].shape[2]
+                return (
+                    numba.carray(codes(a), (KV, cap, D)),
+                    numba.carray(scales(s), (KV, cap, nb)),
+                )
+
+            return q8
+        values = _POINTERS[like.dtype]
+
+        def array(like, a, s, cap):  # noqa: ANN001, ANN202
+            KV, _, D = like.shape
+            return numba.carray(values(a), (KV, cap, D))
+
+        return array
+
     _by_cache_type(_dot4, 2, _dot4_f32, _dot4_f16, _dot4_q8)
     _by_cache_type(_dot1, 2, _dot1_f32, _dot1_f16, _dot1_q8)
     _by_cache_type(_axpy4, 6, _axpy4_f32, _axpy4_f16, _axpy4_q8)
@@ -789,18 +948,23 @@ if numba_available():
     _exp = _inline(_exp_f32)
     _rows = _inline(_rows)
     _rope_row = _inline(_rope_row)
-    _attend_part = _inline(_attend_part)
+    # compiled on their own, not inlined: the serial and the parallel batch kernel then
+    # run the same machine code for a token (inlined, each is vectorized its own way and
+    # the two disagree in the last bits)
+    _attend_part = _jit(_attend_part)
+    _merge_parts = _jit(_merge_parts)
     _rope_store = _inline(_rope_store)
+    _row_caches = _inline(_row_caches)
     rms_norm = _jit(_rms_norm_loop)
     add_rms_norm = _jit(_add_rms_norm_loop)
     silu_mul = _jit(_silu_mul_loop)
     rope = _jit(_rope_loop)
-    attend_token = _jit(_attend_token_loop)
-    attend_token_parallel = numba.njit(
+    attend_batch = numba.njit(
         cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True
-    )(_attend_token_parallel_loop)
+    )(_attend_batch_loop)
+    attend_batch_serial = _jit(_attend_batch_loop)
     FUSED_DECODE = True  # the forward pass may call attend_token
 else:  # pragma: no cover - exercised where numba is missing
     rms_norm, add_rms_norm, silu_mul, rope = rms_norm_np, add_rms_norm_np, silu_mul_np, rope_np
-    attend_token = attend_token_parallel = None
+    attend_batch = attend_batch_serial = None
     FUSED_DECODE = False

@@ -1,7 +1,7 @@
 """Threads of the NumPy backend: one count for the numba kernels and for BLAS.
 
-A decode step runs only numba's threads (its matvecs and, over long caches, its attention:
-`fallback.ops.decode_attention`); BLAS's work in prefill chunks.  numba's threading layer
+A decode step runs only numba's threads (its matvecs and its attention:
+`fallback.ops.attend_rows`); BLAS's work in prefill chunks.  numba's threading layer
 here is OpenMP (libgomp), whose idle threads spin before they sleep: 300,000 spins by
 default, which on a machine whose cores are shared (two processes decoding on two cores)
 turns every one of the ~200 parallel regions of a step into a wait for a descheduled

@@ -75,11 +75,11 @@ from phimlx.gguf import open_gguf
 
 assert numba_available()
 mf = open_gguf(sys.argv[1])
-before = {n: len(getattr(ops, n).signatures) for n in ("attend_token", "add_rms_norm")}
+before = {n: len(getattr(ops, n).signatures) for n in ("attend_batch_serial", "add_rms_norm")}
 model = fallback.load(mf, ModelConfig.from_gguf(mf), threads=1, warmup=sys.argv[2] == "1")
 layer = model.layers[0]
 used = {  # what a decode step calls (and a prefill: the tile decoder)
-    "attend_token": ops.attend_token,
+    "attend_batch_serial": ops.attend_batch_serial,
     "add_rms_norm": ops.add_rms_norm,
     "silu_mul": ops.silu_mul,
     "rms_norm": ops.rms_norm,
@@ -112,8 +112,8 @@ def test_load_leaves_the_kernels_of_a_step_compiled(smollm2_path: Path, warmup: 
     )
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got["before"] == {"attend_token": 0, "add_rms_norm": 0}  # a fresh process
-    assert {"attend_token", "add_rms_norm", "silu_mul", "rms_norm"} <= set(got["after"])
+    assert got["before"] == {"attend_batch_serial": 0, "add_rms_norm": 0}  # a fresh process
+    assert {"attend_batch_serial", "add_rms_norm", "silu_mul", "rms_norm"} <= set(got["after"])
     compiled = {n for n, k in got["after"].items() if k > 0}
     assert compiled == (set(got["after"]) if warmup else set()), got
 

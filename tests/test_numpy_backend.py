@@ -158,41 +158,46 @@ def test_prefill_in_chunks_equals_steps(tiny_phi3, monkeypatch):
 
 
 def test_attention_engine_dispatch(tiny_phi3, monkeypatch):
-    """Prefill chunks take the batched block (`ops.attend`); single tokens the compiled one,
-    on one thread over at most ``LOOP_ATTENTION_MAX / (H * D)`` positions
-    (`ops.attend_token`) and on numba's threads above (`ops.attend_token_parallel`), never
-    BLAS.  Across the switch the logits still match transformers."""
+    """Prefill chunks take the batched block (`ops.attend`); single tokens the compiled one
+    (`ops.attend_rows`), in one part per kv head over at most ``LOOP_ATTENTION_MAX / (H *
+    D)`` positions and in several above, never BLAS.  Across the switch the logits still
+    match transformers."""
     from fallback import ops
 
     cfg = ModelConfig.from_gguf(open_gguf(tiny_phi3))
-    calls = {"attend": 0, "attend_token": 0, "attend_token_parallel": 0}
+    calls: dict[str, int] = {"attend": 0}
 
     def counted(name):
         real = getattr(ops, name)
 
-        def call(*args):
-            calls[name] += 1
-            return real(*args)
+        def call(*args, **kwargs):
+            key = name if name == "attend" else f"attend_token/{int(args[1][0])}"  # parts
+            calls[key] = calls.get(key, 0) + 1
+            return real(*args, **kwargs)
 
         return call
 
-    for name in calls:
-        if getattr(ops, name) is not None:  # attend_token is None without numba
-            monkeypatch.setattr(ops, name, counted(name))
-    # prefill of 8, then steps at positions 8..15 (caches of 9..16): 4 serial, 4 parallel
-    monkeypatch.setattr(ops, "LOOP_ATTENTION_MAX", 12 * cfg.n_heads * cfg.head_dim)
-    ids = np.random.default_rng(6).integers(0, 32000, size=16).tolist()
-    ours = our_logits(tiny_phi3, ids, 8, threads=2)  # one thread would never go parallel
+    for name in ("attend", "attend_rows"):
+        monkeypatch.setattr(ops, name, counted(name))
+    # prefill of 100, then steps at positions 100..139: one part up to 120 positions, then
+    # split (past 2 x 64 positions there are parts enough for two threads)
+    monkeypatch.setattr(ops, "LOOP_ATTENTION_MAX", 120 * cfg.n_heads * cfg.head_dim)
+    ids = np.random.default_rng(6).integers(0, 32000, size=140).tolist()
+    ours = our_logits(tiny_phi3, ids, 100, threads=2)  # one thread would never split
     L = cfg.n_layers
     if ops.FUSED_DECODE:
         import numba
 
-        par = 4 if numba.config.NUMBA_NUM_THREADS > 1 else 0
-        want = {"attend": L, "attend_token": (8 - par) * L, "attend_token_parallel": par * L}
+        one = calls.pop("attend_token/1")
+        split = sum(calls.pop(k) for k in list(calls) if k.startswith("attend_token/"))
+        if numba.config.NUMBA_NUM_THREADS > 1:
+            assert (one, split) == (20 * L, 20 * L)  # positions 101..120 whole, 121..140 split
+        else:
+            assert (one, split) == (40 * L, 0)
+        assert calls == {"attend": L}
     else:
-        want = {"attend": L * 9, "attend_token": 0, "attend_token_parallel": 0}
-    assert calls == want
-    assert rel_err(ours, hf_logits(tiny_phi3, ids)[7:]) < 1e-4
+        assert calls == {"attend": L * 41}
+    assert rel_err(ours, hf_logits(tiny_phi3, ids)[99:]) < 1e-4
 
 
 def test_step_async_is_a_finished_step(tiny_phi3):

@@ -192,9 +192,9 @@ def _decode_case(H, KV, D, p0, window, kind, kernel):
 
 
 def _kernels():
-    yield "serial", ops.attend_token
-    for parts in (1, 3, 8):
-        yield f"parallel-{parts}", functools.partial(ops.attend_token_parallel, parts)
+    yield "one part", ops.attend_token
+    for parts in (3, 8):
+        yield f"{parts} parts", functools.partial(ops.attend_token, parts=parts)
 
 
 @compiled
@@ -211,7 +211,7 @@ def _kernels():
     ],
 )
 def test_decode_attention_matches_float64_reference(kind, H, KV, D, p0, window):
-    """Every one-token kernel (serial; parallel in 1, 3, 8 parts per kv head) against
+    """The one-token kernel (1, 3, 8 parts per kv head) against
     `attention_np` in float64 over the same cache values: they read each type exactly, so
     only float32 rounding remains; the new row is stored as the type rounds it."""
     for name, kernel in _kernels():
@@ -224,13 +224,78 @@ def test_decode_attention_matches_float64_reference(kind, H, KV, D, p0, window):
             np.testing.assert_array_equal(written, k_new.astype(np.float16).astype(np.float32))
 
 
+def test_token_parts_by_size():
+    """One part per kv head for short caches or one thread; over long ones enough parts of
+    at least 64 positions that the KV x parts items split evenly across the threads."""
+    assert ops.token_parts(10, 9, 3, 64, threads=2) == 1
+    assert ops.token_parts(4096, 9, 3, 64, threads=1) == 1
+    parts = ops.token_parts(4096, 9, 3, 64, threads=2)
+    assert parts > 1 and (3 * parts) % 2 == 0 and 4096 / parts >= 64
+    assert ops.token_parts(300, 9, 3, 64, threads=2) == 4  # ceil(300 / 64) parts at most
+
+
 @compiled
-def test_decode_attention_picks_threads_by_size():
-    assert ops.decode_attention(10, 9, 3, 64, threads=2) is ops.attend_token
-    assert ops.decode_attention(4096, 9, 3, 64, threads=1) is ops.attend_token
-    big = ops.decode_attention(4096, 9, 3, 64, threads=2)
-    assert big.func is ops.attend_token_parallel and big.args == (ops.decode_parts(4096, 3, 2),)
-    assert (3 * ops.decode_parts(4096, 3, 2)) % 2 == 0
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("B", [2, 3, 5, 17])
+def test_attend_tokens_rows_equal_each_token_alone(kind, B):
+    """B tokens in one call (17: more than a batch of sessions usually holds), sessions of their
+    own or one cache shared by consecutive positions, sliding window and parts mixed: each
+    row and each cache write equals `attend_token` of that token alone, bit for bit."""
+    H, KV, D, window = 6, 2, 64, 40
+    r = np.random.default_rng(B)
+    width = (H + 2 * KV) * D
+    qkv = r.standard_normal((B, width)).astype(np.float32)
+    ang = r.uniform(0, 6, (B, D // 2))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    p0s = r.integers(0, 90, B)
+    p0s[0] = 0  # an empty cache
+    parts = r.choice([1, 2, 5], B)
+
+    def cache(cap):
+        c = ops.new_cache(kind, KV, cap, D)
+        ops.cache_write(c, 0, r.standard_normal((KV, cap, D)).astype(np.float32))
+        return c
+
+    kcs = tuple(cache(int(p) + 1 + i) for i, p in enumerate(p0s))
+    vcs = tuple(cache(int(p) + 1 + i) for i, p in enumerate(p0s))
+    alone_k = [_copy_cache(k) for k in kcs]
+    alone_v = [_copy_cache(v) for v in vcs]
+    scale = np.float32(0.125)
+    got = ops.attend_tokens(parts, cos, sin, True, p0s, window, scale, H, qkv.copy(), kcs, vcs)
+    assert got.shape == (B, H * D)
+    for b in range(B):
+        want = ops.attend_token(
+            cos[b : b + 1], sin[b : b + 1], True, int(p0s[b]), window, np.float32(0.125), H,
+            qkv[b].copy(), alone_k[b], alone_v[b], parts=int(parts[b]),
+        )  # fmt: skip
+        np.testing.assert_array_equal(got[b], want)
+        for batch_c, alone_c in ((kcs[b], alone_k[b]), (vcs[b], alone_v[b])):
+            cap = k_cap(batch_c)
+            got_c, want_c = ops.cache_rows(batch_c, cap), ops.cache_rows(alone_c, cap)
+            np.testing.assert_array_equal(got_c, want_c)
+
+    # a run of consecutive tokens over one shared cache (speculative verification)
+    T, p0 = min(B, 6), 30
+    kc, vc = cache(p0 + T), cache(p0 + T)
+    kc1, vc1 = _copy_cache(kc), _copy_cache(vc)
+    run = ops.attend_tokens(
+        np.ones(T, np.int64), cos[:T], sin[:T], False, np.arange(p0, p0 + T), 0,
+        np.float32(0.125), H, qkv[:T].copy(), (kc,) * T, (vc,) * T,
+    )  # fmt: skip
+    for i in range(T):  # one step at a time, each writing its row first
+        want = ops.attend_token(
+            cos[i : i + 1], sin[i : i + 1], False, p0 + i, 0, np.float32(0.125), H,
+            qkv[i].copy(), kc1, vc1,
+        )  # fmt: skip
+        np.testing.assert_array_equal(run[i], want)
+
+
+def k_cap(c):
+    return ops.cache_shape(c)[1]
+
+
+def _copy_cache(c):
+    return tuple(x.copy() for x in c) if isinstance(c, tuple) else c.copy()
 
 
 def test_f16_cache_rounds_like_numpy():

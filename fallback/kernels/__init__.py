@@ -120,9 +120,9 @@ KERNELS: dict[GGMLType, TypeKernels] = {
 # out[: n1 + n2 + n3] = [w1; w2; w3] @ x, as fn(w1, w2, w3, x, out): up to three matrices of
 # one type and width sharing x (q|k|v, gate|up); unused slots are (0, row_bytes) arrays.
 MatvecFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
-# out = x_hat @ [w1; w2; w3].T, float32 (n, rows), as fn(w1, w2, w3, xq, dx, xs, out): n
-# activation rows already rounded to int8 (`quantize_rows`); unused slots as for MatvecFn.
-MatmulFn = Callable[..., None]
+# out = x_hat @ [w1; w2; w3].T, float32 (n, rows), as fn(w1, w2, w3, x, out): n float32
+# activation rows, rounded to int8 inside as `quantize_rows` does; unused slots as for MatvecFn.
+MatmulFn = MatvecFn
 # out[i] = row r0 + i of w, float32, as fn(w, r0, out), on the calling thread.
 DecodeTileFn = Callable[[np.ndarray, int, np.ndarray], None]
 # out[i] = row ids[i] of w, float32, as fn(w, ids, out), ids int64.

@@ -12,8 +12,8 @@ vectors (`avx2_ir`).  Three tasks, each a driver per type:
 - `matvec_int8` (the quantized types' default): ``x`` quantized to int8 first with one scale
   per 32 values (per 256 for the K-quants: `avx2_ir.IRType.x_scale`; `quantize_int8`, what
   llama.cpp does), so ``out = [w1; w2; w3] @ x_hat``;
-- `matmul_int8`: the same for n rows of ``x`` (prefill, batched decode), quantized by the
-  caller (`quantized_rows_int8`), each weight block unpacked once per `GEMM_COLS` rows;
+- `matmul_int8`: the same for n rows of ``x`` (prefill, batched decode), each row quantized
+  as a vector is, each weight block unpacked once per `GEMM_COLS` rows;
 - `decode_tile`: rows ``r0 ..`` decoded to float32, for prefill tiles handed to BLAS sgemm.
 
 Matvec drivers take up to three matrices (``w1, w2, w3``, rows concatenated, unused ones
@@ -51,6 +51,7 @@ __all__ = [
     "matvec_int8",
     "quantize_int8",
     "quantized_rows_int8",
+    "quantized_rows_int8_serial",
     "quantized_int8",
     "sum_groups",
     "x_scale",
@@ -94,10 +95,7 @@ def quantized_int8(x, group):
     return xq, dx, xs
 
 
-@njit(parallel=True, **_OPTS)
-def quantized_rows_int8(x, group):
-    """`quantized_int8` of each row of x (float32 (n, cols)): xq int8 (n, cols), dx and xs
-    float32 (n, cols / 32), each row exactly as `quantize_int8` rounds it alone."""
+def _rows_int8(x, group):  # noqa: ANN001, ANN202
     n, cols = x.shape
     xq = np.empty((n, cols), np.int8)
     dx = np.empty((n, cols // 32), np.float32)
@@ -105,6 +103,13 @@ def quantized_rows_int8(x, group):
     for i in prange(n):
         quantize_int8(x[i], xq[i], dx[i], xs[i], group)
     return xq, dx, xs
+
+
+# `quantized_int8` of each row of x (float32 (n, cols)): xq int8 (n, cols), dx and xs float32
+# (n, cols / 32), each row exactly as `quantize_int8` rounds it alone; on numba's threads, or
+# (`_serial`) on the calling thread.
+quantized_rows_int8 = njit(parallel=True, **_OPTS)(_rows_int8)
+quantized_rows_int8_serial = njit(**_OPTS)(_rows_int8)
 
 
 @njit(**_OPTS)
@@ -175,24 +180,35 @@ GEMM_COLS = 8
 GEMM_TASK_ROWS = 8
 
 
+# Up to this many rows of x, the parallel int8 matmul rounds them to int8 on the calling
+# thread: a second parallel launch would cost more than it saves.
+QUANTIZE_SERIAL_ROWS = 16
+
+
 @functools.cache
 def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
-    """The driver ``(w1, w2, w3, xq, dx, xs, out)``: ``out = x_hat @ [w1; w2; w3].T`` for
-    ``qtype`` matrices and n activation rows already rounded to int8 (`quantized_rows_int8`
-    with the type's `x_scale`):
-    ``out`` float32 ``(n, rows)``.  Each weight block is read and unpacked once per
-    `GEMM_COLS` rows of ``x``; each of out's rows equals `matvec_int8` of that row of ``x``.
+    """The driver ``(w1, w2, w3, x, out)``: ``out = x_hat @ [w1; w2; w3].T`` for ``qtype``
+    matrices and n activation rows ``x`` (float32 ``(n, cols)``), each rounded to int8
+    inside the call as `matvec_int8` rounds a vector (`quantized_rows_int8`, with the
+    type's `x_scale`): ``out`` float32 ``(n, rows)``.  Each weight block is read and
+    unpacked once per `GEMM_COLS` rows of ``x``; each of out's rows equals `matvec_int8` of
+    that row of ``x``, bit for bit.
 
     Raises:
         KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`).
     """
     if qtype not in INT8_TYPES:
         raise KeyError(f"no AVX2 int8 matmul for {GGMLType(qtype).name}")
-    code, block = int(qtype), TYPES[qtype].block
+    code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
+    serial_rows = QUANTIZE_SERIAL_ROWS if parallel else 1 << 62
 
-    def driver(w1, w2, w3, xq, dx, xs, out):
-        n, cols = xq.shape
+    def driver(w1, w2, w3, x, out):
+        n, cols = x.shape
+        if n <= serial_rows:
+            xq, dx, xs = quantized_rows_int8_serial(x, group)
+        else:
+            xq, dx, xs = quantized_rows_int8(x, group)
         nb = cols // block
         rows = w1.shape[0] + w2.shape[0] + w3.shape[0]
         for t in prange((rows + task_rows - 1) // task_rows):
