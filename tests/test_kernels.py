@@ -400,7 +400,7 @@ def test_int8_matmul(name: str, rows: int, n: int, monkeypatch: pytest.MonkeyPat
     parallel task's; ``PHIMLX_INT8_PREFILL=1`` keeps the 40 rows on the int8 kernel."""
     monkeypatch.setenv("PHIMLX_INT8_PREFILL", "1")
     monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1000)  # the parallel driver too
-    raw, w, cols, rng = matrix_case(name, rows, 2, seed=n)
+    raw, w, cols, rng = matrix_case(name, rows, 3, seed=n)  # a block pair and one alone
     m = make_matrix(raw, name, (rows, cols), {"use_numba": True, "int8_activations": True})
     x = rng.standard_normal((n, cols), dtype=np.float32)
     y = m.matmul(x)

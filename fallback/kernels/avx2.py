@@ -24,13 +24,17 @@ The drivers are generated: one definition per task, closed over the type's integ
 (and block size), which the `avx2_ir` intrinsics take as a compile-time constant.  numba
 caches a closure per pickled cell values, so a closure over ints caches per type (one over
 an intrinsic or a function would not cache); each driver also gets its own name
-(``matvec_int8_q4_k_serial``), hence its own cache file.  numba's cache is keyed by this
-file's timestamp only: after editing `avx2_ir`, touch this file (or clear ``__pycache__``).
+(``matvec_int8_q4_k_serial``), hence its own cache file.  numba keys its cache by the
+content of the file that defines a function (this one), not of the files its intrinsics
+come from: every driver's closure also holds `IR_STAMP`, a hash of `avx2_ir`'s source, so
+an edited (or upgraded) IR is compiled afresh rather than loaded stale from the cache.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +42,7 @@ from numba import njit, prange
 
 from phimlx.gguf import GGMLType
 
+from . import avx2_ir
 from .avx2_ir import AVAILABLE, AVX512, TYPES, decode_row, dot_float, dot_int8, gemm_int8
 
 __all__ = [
@@ -58,6 +63,9 @@ __all__ = [
 ]
 
 _OPTS = {"fastmath": True, "cache": True, "nogil": True}
+
+# The IR's source, hashed into every driver's cache key (see the module docstring).
+IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes()).hexdigest()[:15], 16)
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too.
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
@@ -135,7 +143,8 @@ def _name(task: str, qtype: GGMLType, parallel: bool) -> str:
     return f"{task}_{GGMLType(qtype).name.lower()}" + ("" if parallel else "_serial")
 
 
-# A driver's closure holds only ints (code, block, group): see the module docstring.
+# A driver's closure holds only ints (code, block, group, the IR's stamp): see the module
+# docstring.
 
 
 def x_scale(qtype: GGMLType) -> int:
@@ -158,7 +167,11 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         raise KeyError(f"no AVX2 int8 matvec for {GGMLType(qtype).name}")
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
 
+    stamp = IR_STAMP
+
     def driver(w1, w2, w3, x, out):
+        if stamp < 0:  # never: the IR's hash in the closure, hence in the cache key
+            return
         nb = x.shape[0] // block
         xq, dx, xs = quantized_int8(x, group)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
@@ -203,7 +216,11 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
     serial_rows = QUANTIZE_SERIAL_ROWS if parallel else 1 << 62
 
+    stamp = IR_STAMP
+
     def driver(w1, w2, w3, x, out):
+        if stamp < 0:  # never (see `matvec_int8`)
+            return
         n, cols = x.shape
         if n <= serial_rows:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
@@ -245,7 +262,11 @@ def matvec_float(qtype: GGMLType, *, parallel: bool) -> Any:
         raise KeyError(f"no AVX2 float matvec for {GGMLType(qtype).name}")
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_group
 
+    stamp = IR_STAMP
+
     def driver(w1, w2, w3, x, out):
+        if stamp < 0:  # never (see `matvec_int8`)
+            return
         nb = x.shape[0] // block
         xs = sum_groups(x, group) if group else x[:0]
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
@@ -273,7 +294,11 @@ def decode_tile(qtype: GGMLType) -> Any:
         raise KeyError(f"no AVX2 tile decoder for {GGMLType(qtype).name}")
     code, block = int(qtype), TYPES[qtype].block
 
+    stamp = IR_STAMP
+
     def driver(w, r0, out):
+        if stamp < 0:  # never (see `matvec_int8`)
+            return
         nb = out.shape[1] // block
         for i in range(out.shape[0]):
             decode_row(code, w, r0 + i, out, i, nb)

@@ -7,7 +7,11 @@ positions are those of `phimlx.gguf.quants`.  Around them, per type, a block bod
 task:
 
 - int8 dot: ``x`` as int8 with one scale per 32 values; weights x ``x`` by ``vpmaddubsw``
-  (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32), converted and fma'd by ``d * dx``;
+  (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32), converted and fma'd by ``d * dx``.
+  With AVX-512, Q4_0 / Q4_1 / Q8_0 take two blocks a step on 512-bit vectors (`_pairs`;
+  ``vpdpbusd`` where the CPU has VNNI: u8 x i8 summed into i32 in one instruction), each
+  block's offset (Q4_1's min, Q4_0's -8 d, Q8_0's -128 d for its weights read as q + 128)
+  times ``dx * sum(xq)``: 1.2-1.5x the one-block body on an AVX-512 Xeon;
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -59,6 +63,7 @@ def _vt(t, n):
 V16I8, V32I8, V8I8 = _vt(i8, 16), _vt(i8, 32), _vt(i8, 8)
 V16I16, V8I32, V8F = _vt(i16, 16), _vt(i32, 8), _vt(f32, 8)
 V64I8, V32I16, V16I32 = _vt(i8, 64), _vt(i16, 32), _vt(i32, 16)
+V16F, V2F = _vt(f32, 16), _vt(f32, 2)
 
 
 def _c(vty, vals):
@@ -130,6 +135,17 @@ class _B:
         i32s = [self.b.bitcast(v, V16I32) for v in (a, c)]
         return self.call("llvm.x86.avx512.vpdpwssd.512", V16I32, [acc, *i32s])
 
+    def dpbusd512(self, u, s):  # u8 x i8, each 4 consecutive products summed -> 16 x i32
+        if not VNNI512:
+            pairs = self.maddubs512(u, s)
+            return self.call("llvm.x86.avx512.pmaddw.d.512", V16I32, [pairs, _ONES32])
+        i32s = [self.b.bitcast(v, V16I32) for v in (u, s)]
+        return self.call("llvm.x86.avx512.vpdpbusd.512", V16I32, [_c(V16I32, 0), *i32s])
+
+    def pair(self, a, c):  # two scalars as a 2-vector
+        v = self.b.insert_element(ir.Constant(_vt(a.type, 2), ir.Undefined), a, i32(0))
+        return self.b.insert_element(v, c, i32(1))
+
     def cat(self, a, c):  # two vectors of one type, one after the other
         return self.shuf(a, c, range(2 * a.type.count))
 
@@ -153,21 +169,32 @@ class _B:
 
 
 _ONES16 = _c(V16I16, 1)
+_ONES32 = _c(V32I16, 1)
 
 
 class _Acc:
     """A row's accumulators: two float vectors (alternated so that consecutive fma's do not
-    wait on each other), a float vector and a scalar for zero-point / min corrections."""
+    wait on each other), a float vector and a scalar for zero-point / min corrections; and,
+    where a body takes two blocks at once (`_pairs`), a 16-lane vector and the two blocks'
+    corrections (``paired``: whether the row's loop has such a body)."""
 
-    def __init__(self, h):
+    def __init__(self, h, paired=False):
         self.v = [h.var(_c(V8F, 0.0)), h.var(_c(V8F, 0.0))]
         self.corr = h.var(_c(V8F, 0.0))
         self.s = h.var(ir.Constant(f32, 0.0))
+        self.paired = paired
+        if paired:
+            self.w, self.c2 = h.var(_c(V16F, 0.0)), h.var(_c(V2F, 0.0))
 
     def total(self, h):
         b = h.b
         tot = b.fadd(b.fadd(b.load(self.v[0]), b.load(self.v[1])), b.load(self.corr))
-        return b.fadd(h.hsum(tot), b.load(self.s))
+        s = b.load(self.s)
+        if self.paired:
+            w, c2 = b.load(self.w), b.load(self.c2)
+            tot = b.fadd(tot, b.fadd(h.shuf(w, w, range(8)), h.shuf(w, w, range(8, 16))))
+            s = b.fadd(s, b.fadd(b.extract_element(c2, i32(0)), b.extract_element(c2, i32(1))))
+        return b.fadd(h.hsum(tot), s)
 
 
 def _blocks(h, n, body):
@@ -179,6 +206,35 @@ def _blocks(h, n, body):
         body(b.add(i, i64(1)), 1)
     with b.if_then(b.icmp_signed("!=", b.srem(n, i64(2)), i64(0))):
         body(b.sub(n, i64(1)), 0)
+
+
+def _pairs(h, n, pair, single):
+    """``pair(b)`` for the block pairs (b, b + 1), b = 0, 2, ..; ``single(n - 1, 0)`` for
+    the last block of an odd n."""
+    b = h.b
+    with cgutils.for_range(b, b.sdiv(n, i64(2))) as loop:
+        pair(b.mul(loop.index, i64(2)))
+    with b.if_then(b.icmp_signed("!=", b.srem(n, i64(2)), i64(0))):
+        single(b.sub(n, i64(1)), 0)
+
+
+def _pair_acc(h, cols, q, d2, m2, b):
+    """Each column's sums over the 64 weights of blocks b, b + 1 (32 each, one scale per
+    block): ``q`` their 64 quants as unsigned bytes, ``d2`` the blocks' two scales, ``m2``
+    their two offsets (a weight is ``d * q + m``); the columns' ``x`` has one scale per 32
+    (``dx``) and ``xs = dx * sum(xq)`` per 32.  Per column: the integer dots (16 lanes, 8
+    per block), times ``d * dx`` into the 16-lane accumulator; ``m * xs`` into the pair of
+    corrections."""
+    xo, go = h.b.mul(b, i64(32)), h.b.mul(b, i64(4))
+    for c in cols:
+        isum = h.dpbusd512(q, h.load(c.pq, xo, V64I8))
+        s2 = h.b.fmul(d2, h.load(c.pd, go, V2F, 4))
+        s16 = h.shuf(s2, ir.Constant(V2F, ir.Undefined), [0] * 8 + [1] * 8)
+        w = c.acc.w
+        h.b.store(h.call("llvm.fma.v16f32", V16F, [h.b.sitofp(isum, V16F), s16, h.b.load(w)]), w)
+        c2 = c.acc.c2
+        xs2 = h.load(c.ps, go, V2F, 4)
+        h.b.store(h.call("llvm.fma.v2f32", V2F, [m2, xs2, h.b.load(c2)]), c2)
 
 
 def _acc_fma(h, acc, v, s, k):  # accumulator k += v * s
@@ -263,6 +319,18 @@ def _int8_q4(h, pr, cols, b, k, has_min):
             _acc_fma(h, c.acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
 
 
+def _int8_q4_pair(h, pr, cols, b, has_min):
+    # (q - 8) for Q4_0 is d * q + m with m = -8 d: the offset joins the corrections.
+    o0, d0, qo0 = _q4_block(h, pr, b, has_min)
+    o1, d1, qo1 = _q4_block(h, pr, h.b.add(b, i64(1)), has_min)
+    d2 = h.pair(d0, d1)
+    m2 = h.pair(_q4_min(h, pr, o0), _q4_min(h, pr, o1)) if has_min else h.b.fmul(d2, _c(V2F, -8.0))
+    q = h.cat(h.load(pr, qo0, V16I8), h.load(pr, qo1, V16I8))
+    lo, hi = h.b.and_(q, _c(V32I8, 15)), h.b.lshr(q, _c(V32I8, 4))
+    order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
+    _pair_acc(h, cols, h.shuf(lo, hi, order), d2, m2, b)
+
+
 def _float_q4(h, pr, px, ps, acc, b, k, has_min):
     o, d, qo = _q4_block(h, pr, b, has_min)
     vals = _q4_quants(h, pr, qo, True)
@@ -312,6 +380,16 @@ def _int8_q8_0(h, pr, cols, b, k):
         sx = h.call("llvm.x86.avx2.psign.b", V32I8, [h.load(c.pq, xo, V32I8), q])
         s = h.b.fmul(d, h.load(c.pd, go, f32, 4))
         _acc_fma(h, c.acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
+
+
+def _int8_q8_0_pair(h, pr, cols, b):
+    # q + 128 as unsigned bytes (vpdpbusd has no saturation); the 128 x comes off as an offset.
+    d0, qo0 = _q8_block(h, pr, b)
+    d1, qo1 = _q8_block(h, pr, h.b.add(b, i64(1)))
+    d2 = h.pair(d0, d1)
+    q = h.cat(h.load(pr, qo0, V32I8), h.load(pr, qo1, V32I8))
+    u = h.b.xor(q, _c(V64I8, -128))
+    _pair_acc(h, cols, u, d2, h.b.fmul(d2, _c(V2F, -128.0)), b)
 
 
 def _float_q8_0(h, pr, px, ps, acc, b, k):
@@ -605,9 +683,10 @@ class IRType:
     decode_body: Callable
     int8_body: Callable | None = None
     x_scale: int = 32
+    int8_pair: Callable | None = None
 
 
-def _ir(block, x_group, float_body, decode_body, int8_body=None, **variant) -> IRType:
+def _ir(block, x_group, float_body, decode_body, int8_body=None, pair=None, **variant) -> IRType:
     """An `IRType` with the layout ``variant`` (keyword arguments of the bodies) bound."""
     bind = functools.partial
     return IRType(
@@ -617,14 +696,21 @@ def _ir(block, x_group, float_body, decode_body, int8_body=None, **variant) -> I
         bind(decode_body, **variant),
         None if int8_body is None else bind(int8_body, **variant),
         x_scale=256 if block == 256 else 32,
+        int8_pair=None if pair is None else bind(pair, **variant),
     )
+
+
+# Two blocks of 32 per step on 512-bit vectors: with AVX-512BW (Q8_0's unsigned offset
+# needs vpdpbusd's unsaturated sums: AVX-512 VNNI).
+_Q4_PAIR = _int8_q4_pair if AVX512 else None
+_Q8_PAIR = _int8_q8_0_pair if VNNI512 else None
 
 
 # The types of the IR engine, by GGMLType value.
 TYPES: dict[int, IRType] = {
-    GGMLType.Q4_0: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, has_min=False),
-    GGMLType.Q4_1: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, has_min=True),
-    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0),
+    GGMLType.Q4_0: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, has_min=False),
+    GGMLType.Q4_1: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, has_min=True),
+    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0, _Q8_PAIR),
     GGMLType.Q4_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=False),
     GGMLType.Q5_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=True),
     GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k),
@@ -653,11 +739,25 @@ class _Col(NamedTuple):
     acc: _Acc
 
 
+def _int8_loop(h, spec, pr, cols, nb):
+    """The int8 dot's loop over a row's ``nb`` blocks for the columns ``cols``: two blocks a
+    step where the type has a paired body, else one (unrolled by two)."""
+    if spec.int8_pair is not None:
+        _pairs(
+            h,
+            nb,
+            lambda blk: spec.int8_pair(h, pr, cols, blk),
+            lambda blk, k: spec.int8_body(h, pr, cols, blk, k),
+        )
+    else:
+        _blocks(h, nb, lambda blk, k: spec.int8_body(h, pr, cols, blk, k))
+
+
 @intrinsic(prefer_literal=True)
 def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
     """Row ``r`` of ``w`` (u8[:, :]) times ``x_hat``: ``xq`` i8[:], ``dx`` f32[:] (one scale
     per 32), ``xs`` f32[:] (``dx * sum(xq)`` per 32), over ``nb`` blocks -> float32."""
-    body = _type(code, "int8_body").int8_body
+    spec = _type(code, "int8_body")
     sig = types.float32(code, w, types.intp, xq, dx, xs, nb)
 
     def codegen(context, builder, signature, args):
@@ -665,8 +765,8 @@ def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
         a = signature.args
         pr = h.row(a[1], args[1], args[2])
         pq, pd, ps = h.data(a[3], args[3]), h.data(a[4], args[4]), h.data(a[5], args[5])
-        cols = [_Col(pq, pd, ps, _Acc(h))]
-        _blocks(h, args[6], lambda blk, k: body(h, pr, cols, blk, k))
+        cols = [_Col(pq, pd, ps, _Acc(h, spec.int8_pair is not None))]
+        _int8_loop(h, spec, pr, cols, args[6])
         return cols[0].acc.total(h)
 
     return sig, codegen
@@ -689,7 +789,7 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
     `dot_int8`), each weight block read and unpacked once for all of them, into
     ``out[c + i, r]`` (f32[:, :]).  ``nc`` is a compile-time constant (the register tile);
     each sum runs exactly as `dot_int8`'s, so a product equals the matvec's bit for bit."""
-    body = _type(code, "int8_body").int8_body
+    spec = _type(code, "int8_body")
     if not isinstance(nc, types.IntegerLiteral):
         raise errors.TypingError("the column count must be a compile-time constant")
     n = nc.literal_value
@@ -700,11 +800,12 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
         a = signature.args
         pr = _row3(h, a[1:4], args[1:4], args[4])
         cs = [builder.add(args[8], i64(i)) for i in range(n)]
+        paired = spec.int8_pair is not None
         cols = [
-            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h))  # xq, dx, xs rows
+            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, paired))  # xq, dx, xs
             for ci in cs
         ]
-        _blocks(h, args[11], lambda blk, k: body(h, pr, cols, blk, k))
+        _int8_loop(h, spec, pr, cols, args[11])
         r4 = builder.mul(args[4], i64(4))
         for ci, col in zip(cs, cols, strict=True):
             dst = h.at(h.row(a[10], args[10], ci), r4)
