@@ -267,11 +267,11 @@ def attend_rows(
     like: np.ndarray | tuple,
 ) -> np.ndarray:
     """The one-token attention block of B rows in one call of ``kernel`` (numba only;
-    `attend_kernel` chooses it for these rows): row b of
-    ``qkv`` (B, (H + 2 KV) * D) is a token at position ``p0s[b]`` over the caches of row b
-    of ``table`` (`cache_table`: sessions of a batched step, or one session's cache
-    repeated for a run of consecutive tokens; ``like``: a cache of their type and head
-    shape), rotated by row b of ``cos`` / ``sin`` (B, rd/2), its positions split into
+    `attend_kernel` chooses it for these rows): row b of ``qkv`` (B, (H + 2 KV) * D) is a
+    token at position ``p0s[b]`` over the caches of row b of ``table`` (`cache_table`:
+    sessions of a batched step, or one session's cache repeated for a run of consecutive
+    tokens; ``like``: a cache of their type and head shape), rotated by row b of ``cos``
+    / ``sin`` (B, rd/2), its positions split into
     ``parts[b]`` parts per kv head (flash-decoding: each part's max, sum and unnormalized
     output, merged at the end).  Either kernel (the (row, kv head, part) items on numba's
     threads, or on the calling thread) does the same arithmetic, so a token gets the same
