@@ -9,19 +9,20 @@ Two engines compute them:
   by interpreter round trips (a NumPy expression costs several, each op a handful), so the
   whole attention block of one token (rope q and k, write k and v into the cache, attend)
   is a single call, at every cache length: a decode step never calls BLAS, whose threads
-  would fight numba's (`fallback.threads`).  One kernel, `attend_batch`, computes it for B
-  tokens at once (a batched step's sessions, a run of drafted tokens; `attend_tokens`) and
-  for one (`attend_token`): the (token, kv head, part) items run on numba's threads, each
-  token's positions split into parts over long caches (flash-decoding: per part a max, a
-  sum and an unnormalized output, merged at the end; `token_parts` chooses how many by
-  size, `LOOP_ATTENTION_MAX`).  Being one kernel, a token gets the same bits alone or in a
-  batch.  It reads each K and V row once for the G query heads that share it, four rows
-  at a time, from a cache of any type ("KV cache storage" below); rope is written once per
-  engine (`_rope_row`).
+  would fight numba's (`fallback.threads`).  One kernel computes it for B tokens at once
+  (a batched step's sessions, a run of drafted tokens; `attend_rows`) and for one
+  (`attend_token`), compiled twice from one source: `attend_batch` runs the (token, kv
+  head, part) items on numba's threads, `attend_batch_serial` on the calling thread (short
+  caches); each token's positions split into parts over long caches (flash-decoding: per
+  part a max, a sum and an unnormalized output, merged at the end; `token_parts` chooses
+  how many by size, `LOOP_ATTENTION_MAX`).  Both run the same compiled per-part and merge
+  functions, so a token gets the same bits alone or in any batch.  It reads each K and V
+  row once for the G query heads that share it, four rows at a time, from a cache of any
+  type ("KV cache storage" below); rope is written once per engine (`_rope_row`).
 
 The unsuffixed names (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`) are the compiled
 versions where numba is available and the NumPy ones elsewhere.  `attend` is the attention
-block of T tokens on the BLAS engine; `attend_token` and `attend_tokens` (numba only; the
+block of T tokens on the BLAS engine; `attend_token` and `attend_rows` (numba only; the
 kernel `attend_batch` is None without it) the same block for one token, or B.  They take
 the per-call values first, so the forward pass binds them once (`functools.partial`) and
 calls ``attend(qkv, kc, vc)`` per layer.
@@ -302,26 +303,6 @@ def attend_token(
     kernel = attend_kernel(one, p, n_heads, cache_shape(kc)[2])
     table = cache_table([(kc, vc)])
     return attend_rows(kernel, one, cos, sin, neox, p, window, scale, n_heads, qkv, table, kc)
-
-
-def attend_tokens(
-    parts: np.ndarray,
-    cos: np.ndarray,
-    sin: np.ndarray,
-    neox: bool,
-    p0s: np.ndarray,
-    window: int,
-    scale: float,
-    n_heads: int,
-    qkv: np.ndarray,
-    kcs: tuple,
-    vcs: tuple,
-) -> np.ndarray:
-    """`attend_rows` with the rows' caches given as tuples ``kcs``, ``vcs`` (B each)."""
-    table = cache_table(list(zip(kcs, vcs, strict=True)))
-    kernel = attend_kernel(parts, p0s, n_heads, cache_shape(kcs[0])[2])
-    args = (parts, cos, sin, neox, p0s, window, scale, n_heads, qkv, table, kcs[0])
-    return attend_rows(kernel, *args)
 
 
 def token_parts(n_positions: int, n_heads: int, n_kv: int, head_dim: int, threads: int) -> int:

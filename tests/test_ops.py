@@ -261,7 +261,7 @@ def test_attend_tokens_rows_equal_each_token_alone(kind, B):
     alone_k = [_copy_cache(k) for k in kcs]
     alone_v = [_copy_cache(v) for v in vcs]
     scale = np.float32(0.125)
-    got = ops.attend_tokens(parts, cos, sin, True, p0s, window, scale, H, qkv.copy(), kcs, vcs)
+    got = attend_tokens(parts, cos, sin, True, p0s, window, scale, H, qkv.copy(), kcs, vcs)
     assert got.shape == (B, H * D)
     for b in range(B):
         want = ops.attend_token(
@@ -278,7 +278,7 @@ def test_attend_tokens_rows_equal_each_token_alone(kind, B):
     T, p0 = min(B, 6), 30
     kc, vc = cache(p0 + T), cache(p0 + T)
     kc1, vc1 = _copy_cache(kc), _copy_cache(vc)
-    run = ops.attend_tokens(
+    run = attend_tokens(
         np.ones(T, np.int64), cos[:T], sin[:T], False, np.arange(p0, p0 + T), 0,
         np.float32(0.125), H, qkv[:T].copy(), (kc,) * T, (vc,) * T,
     )  # fmt: skip
@@ -288,6 +288,14 @@ def test_attend_tokens_rows_equal_each_token_alone(kind, B):
             qkv[i].copy(), kc1, vc1,
         )  # fmt: skip
         np.testing.assert_array_equal(run[i], want)
+
+
+def attend_tokens(parts, cos, sin, neox, p0s, window, scale, n_heads, qkv, kcs, vcs):
+    """`ops.attend_rows` of B rows whose caches are given as tuples (B each)."""
+    table = ops.cache_table(list(zip(kcs, vcs, strict=True)))
+    kernel = ops.attend_kernel(parts, p0s, n_heads, ops.cache_shape(kcs[0])[2])
+    args = (parts, cos, sin, neox, p0s, window, scale, n_heads, qkv, table, kcs[0])
+    return ops.attend_rows(kernel, *args)
 
 
 def k_cap(c):
