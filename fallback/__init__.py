@@ -86,7 +86,7 @@ def warm_up(model: Any) -> None:
     session = model.new_session(min(4, model.config.context_length))
     session.prefill([0, 0])
     session.step(0)
-    model.step_batch([session, model.new_session(4)], [0, 0])  # (batches of short caches)
+    model.step_batch([model.new_session(1), model.new_session(1)], [0, 0])  # short caches
     if model.threads > 1:  # the parallel attention of long caches, on this cache type
         from . import ops
 

@@ -177,11 +177,9 @@ def matmul_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
         return functools.partial(matmul_many, mats)
     kernel, (w1, w2, w3) = fused
     rows = sum(m.rows for m in mats)
-    reach = INT8_MATMUL_ROWS[m0.int8_group]
-    int8_prefill = m0._int8_prefill
 
     def run(x: np.ndarray) -> np.ndarray:
-        if x.shape[0] > reach and not int8_prefill:
+        if not m0._int8_matmul(x.shape[0]):
             return matmul_many(mats, x)
         x = np.ascontiguousarray(x)  # (free when it is: one compiled signature)
         out = np.empty((x.shape[0], rows), np.float32)
