@@ -224,6 +224,51 @@ def test_decode_attention_matches_float64_reference(kind, H, KV, D, p0, window):
             np.testing.assert_array_equal(written, k_new.astype(np.float16).astype(np.float32))
 
 
+vector = pytest.mark.skipif(
+    not numba_available() or ops.DOT_ROWS == 0, reason="needs numba on an AVX2 x86 CPU"
+)
+
+
+@vector
+@pytest.mark.parametrize("W", [8, 16])  # AVX2's lanes, AVX-512's: both run on this CPU
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+@pytest.mark.parametrize("D", [64, 96])
+def test_vector_attention_kernels_against_float64(W, kind, D):
+    """The two IR kernels of decode attention, built for W lanes, against float64 over the
+    cache's own values: W scores of q against W consecutive K rows (the cross-lane sum
+    must put row i's total in lane i), and o[g] += W weights times W V rows."""
+    import numba
+
+    dot_rows, pv_rows = ops.vector_kernels(W)
+
+    @numba.njit
+    def scores(q, q0, c, kv, r, s, g, j, scale):
+        dot_rows(q, q0, c, kv, r, s, g, j, scale)
+
+    @numba.njit
+    def weighted(o, g, s, j, c, kv, r):
+        pv_rows(o, g, s, j, c, kv, r)
+
+    r = np.random.default_rng(W + D)
+    KV, cap, G = 2, 3 * W + 5, 2
+    c = ops.new_cache(kind, KV, cap, D)
+    ops.cache_write(c, 0, r.standard_normal((KV, cap, D)).astype(np.float32))
+    rows = ops.cache_rows(c, cap).astype(np.float64)  # the values as the cache holds them
+    q = r.standard_normal(3 * D).astype(np.float32)
+    s = np.full((G, 2 * W + 3), -7.0, np.float32)
+    scores(q, D, c, 1, W + 3, s, 1, 2, np.float32(0.5))  # q[D : 2D], rows W+3 .., s[1, 2 ..]
+    want = 0.5 * rows[1, W + 3 : 2 * W + 3] @ q[D : 2 * D].astype(np.float64)
+    np.testing.assert_allclose(s[1, 2 : 2 + W], want, rtol=1e-5, atol=1e-5)
+    assert (s[0] == -7).all() and (s[1, :2] == -7).all() and (s[1, 2 + W :] == -7).all()
+
+    o = r.standard_normal((G, D)).astype(np.float32)
+    before = o.astype(np.float64)
+    weighted(o, 1, s, 2, c, 0, 5)  # o[1] += s[1, 2 : 2 + W] . rows 5 .. 5 + W - 1 of head 0
+    want = before[1] + s[1, 2 : 2 + W].astype(np.float64) @ rows[0, 5 : 5 + W]
+    np.testing.assert_allclose(o[1], want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(o[0], before[0].astype(np.float32))
+
+
 def test_token_parts_by_size():
     """One part per kv head for short caches or one thread; over long ones enough parts of
     at least 64 positions that the KV x parts items split evenly across the threads."""
