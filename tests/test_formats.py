@@ -12,6 +12,7 @@ typed errors.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -24,6 +25,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
+
+from gguf import GGMLQuantizationType  # noqa: E402
 
 import phimlx  # noqa: E402
 from phimlx.formats import (  # noqa: E402
@@ -223,8 +226,14 @@ def _mlx_lm_greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
 
 
 def _ours(folder: Path, backend: str, max_context: int | None = None):  # noqa: ANN202
+    """The folder on ``backend``; on NumPy with a float32 cache and float activations (4-bit
+    weights then keep the affine kernels: exact to float32 rounding, as the oracles)."""
     kv = "f32" if backend == "numpy" else None
-    return phimlx.load(str(folder), backend=backend, kv_cache_type=kv)
+    os.environ["PHIMLX_INT8_ACTIVATIONS"] = "0"
+    try:
+        return phimlx.load(str(folder), backend=backend, kv_cache_type=kv)
+    finally:
+        del os.environ["PHIMLX_INT8_ACTIVATIONS"]
 
 
 def _prefill_and_greedy(model, ids: list[int], n: int, max_context: int | None):  # noqa: ANN001, ANN202
@@ -295,6 +304,73 @@ def test_quantized_hf_and_mlx_agree_roughly(hf_models, mlx_models) -> None:
     with _ours(mlx_models["phi3-q4-g32-bf16"], "numpy") as model:
         got = model.new_session(64).prefill(PROMPT)
     assert np.corrcoef(got, ref)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("name", ["phi3-q4-g32-bf16", "phi3-mixed"])
+def test_4bit_affine_weights_as_q4_1_blocks(mlx_models, name: str) -> None:
+    """4-bit groups (32 with bfloat16 scales; 64 in the mixed folder) re-encoded as Q4_1
+    blocks decode, by gguf's own Q4_1 dequantizer, to exactly the affine weights."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from fallback.affine import q4_1_blocks
+    from phimlx.formats.affine import dequantize_rows
+
+    ck = open_checkpoint(mlx_models[name])
+    four = [n for n, w in ck.weights.items() if w.quantized and w.bits == 4]
+    assert four
+    for n in four:
+        w = ck.weight(n)
+        blocks = q4_1_blocks(*ck.affine_parts(n), w)
+        assert blocks is not None and blocks.shape == (w.shape[0], w.shape[1] // 32 * 20)
+        got = gguf_dequantize(blocks, GGMLQuantizationType.Q4_1)
+        want = dequantize_rows(*ck.affine_parts(n), w, 0, w.shape[0])
+        # exact but where mlx-lm wrote a scale below float16's normal range (rounded)
+        np.testing.assert_allclose(got, want, rtol=0, atol=16 * 2.0**-25)
+        assert (got == want).mean() > 0.99
+
+
+def test_q4_1_blocks_refuse_scales_float16_cannot_hold(mlx_models) -> None:
+    """A bfloat16 scale outside float16's range is not re-encoded: None, and the weight
+    keeps the affine kernels; one below float16's subnormals rounds (to 0)."""
+    from fallback.affine import q4_1_blocks
+
+    ck = open_checkpoint(mlx_models["phi3-q4-g32-bf16"])
+    n = next(n for n, w in ck.weights.items() if w.quantized and w.bits == 4)
+    w = ck.weight(n)
+    codes, scales, biases = (np.array(a) for a in ck.affine_parts(n))
+    assert q4_1_blocks(codes, scales, biases, w) is not None
+    big = scales.copy()
+    big[0, 0] = np.array([1e6], np.float32).view(np.uint32)[0] >> 16  # bfloat16 1e6 (approx.)
+    assert q4_1_blocks(codes, big, biases, w) is None
+    tiny = biases.copy()
+    tiny[1, 0] = np.array([1e-9], np.float32).view(np.uint32)[0] >> 16
+    blocks = q4_1_blocks(codes, scales, tiny, w)
+    assert blocks is not None and (blocks.reshape(w.shape[0], -1, 20)[1, 0, 2:4] == 0).all()
+
+
+def test_4bit_folder_runs_int8_kernels_by_default(mlx_models, monkeypatch) -> None:  # noqa: ANN001
+    """With int8 activations (the default where the CPU has the kernels) a 4-bit folder's
+    matrices run as Q4_1 and stay near the float path, as a GGUF's do; float activations
+    keep the affine kernels."""
+    from fallback.affine import AffineMatrix
+    from fallback.kernels import int8_kernel_available
+    from fallback.matrix import QuantMatrix
+
+    folder = mlx_models["phi3-q4-g32-bf16"]
+    with _ours(folder, "numpy") as exact:
+        ref = exact.new_session(64).prefill(PROMPT, all_logits=True)
+        assert any(isinstance(m, AffineMatrix) for m in exact._backend_model._matrices())
+    monkeypatch.delenv("PHIMLX_INT8_ACTIVATIONS", raising=False)
+    with phimlx.load(str(folder), backend="numpy", kv_cache_type="f32") as fast:
+        mats = fast._backend_model._matrices()
+        got = fast.new_session(64).prefill(PROMPT, all_logits=True)
+    if not int8_kernel_available(GGMLQuantizationType.Q4_1, 64):
+        pytest.skip("no int8 kernels on this CPU")
+    q4 = [m for m in mats if isinstance(m, QuantMatrix) and m.qtype == GGMLQuantizationType.Q4_1]
+    assert q4 and all(m.int8_activations for m in q4)
+    assert not any(isinstance(m, AffineMatrix) for m in mats)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.1, err  # int8 rounding moves the logits a little, not a lot
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -619,6 +695,21 @@ def test_hub_repo_without_gguf_is_a_snapshot(hub, mlx_models, monkeypatch) -> No
     with phimlx.load("someone/phi3-4bit", backend="numpy") as model:
         np.testing.assert_array_equal(model.new_session(512).prefill(PROMPT), ref)
     assert hub.downloads("model.safetensors") == 1
+
+
+def test_mlx_community_preset_is_a_snapshot_of_its_repo(hub, mlx_models) -> None:  # noqa: ANN001, F811
+    """The preset name of an mlx-community folder fetches that repo's files and loads them
+    as the folder itself loads."""
+    from phimlx.hub import PRESETS
+
+    preset = PRESETS["phi-3-mini-4k-instruct-mlx-4bit"]
+    folder = mlx_models["phi3-q4-g32-bf16"]
+    hub.add_commit(preset.repo_id, {p.name: p for p in folder.iterdir()})
+    with phimlx.load(str(folder), backend="numpy") as local:
+        ref = local.new_session(512).prefill(PROMPT)
+    with phimlx.load(preset.name, backend="numpy") as model:
+        assert model.path.is_dir() and preset.repo_id.replace("/", "--") in str(model.path)
+        np.testing.assert_array_equal(model.new_session(512).prefill(PROMPT), ref)
 
 
 def test_phimlx_convert_folder_loads_as_the_gguf(tmp_path: Path) -> None:
