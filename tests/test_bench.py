@@ -421,3 +421,36 @@ def test_bench_takes_an_mlx_folder(tiny_phi3: Path, tmp_path: Path) -> None:
     folder_model = models.describe(folder, name="f", label="f")
     assert folder_model.n_params == n_params
     assert folder_model.architecture == "phi3"
+
+
+def test_vs_puts_the_folder_beside_its_gguf(
+    tiny_phi3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--vs FOLDER``: the GGUF's engines and the folder's run in one alternation and one
+    table, on the same token ids; the folder's rows name it, llama.cpp is skipped for it
+    only, and its figures are the folder's own (its file size, its runs)."""
+    pytest.importorskip("mlx.core")
+    from phimlx.mlx.convert import convert
+
+    folder = tmp_path / "tiny-mlx"
+    convert(tiny_phi3, folder, dtype="float32")
+    out = tmp_path / "result.json"
+    argv = [str(tiny_phi3), "--vs", str(folder), "--backends", "numpy,llama.cpp"]
+    argv += ["--pp", "6", "--tg", "4", "--repetitions", "2", "--threads", "1"]
+    argv += ["--bandwidth-mib", "16", "--no-progress"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    vs = "numpy [tiny-mlx]"
+    assert list(r["engines"]) == ["numpy", "llama.cpp", vs]
+    assert r["engines"][vs]["engine"] == "numpy" and r["engines"][vs]["model"] == "tiny-mlx"
+    assert "llama.cpp [tiny-mlx]" in r["skipped"] and "llama.cpp" not in r["skipped"]
+    assert r["vs_model"]["label"] == "tiny-mlx" and r["model"]["label"] == tiny_phi3.name
+    for e in r["engines"].values():
+        assert len(e["runs"]) == 2 and all(run["ok"] for run in e["runs"])
+    gguf_run, folder_run = r["engines"]["numpy"]["runs"][0], r["engines"][vs]["runs"][0]
+    assert gguf_run["tg_tokens"] == folder_run["tg_tokens"] == 4
+    assert r["ratios_to_llama_cpp"][vs]["tg_tps"] is not None  # against the GGUF's llama.cpp
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| phimlx numpy [tiny-mlx] |" in table and "| phimlx numpy |" in table
+    assert "--vs" in table and "tiny-mlx" in table.splitlines()[1]

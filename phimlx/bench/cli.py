@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model, as --model (so that `phimlx bench MODEL ...` works too)",
     )
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=NAMES_HELP)
+    p.add_argument(
+        "--vs",
+        metavar="MODEL",
+        help="a second model run in the same alternation and table, each row naming its "
+        "file: the same model as an MLX or Hugging Face folder beside its GGUF, or another "
+        "quantization (engines that cannot read it are skipped)",
+    )
     p.add_argument(
         "-b",
         "--backends",
@@ -392,21 +399,41 @@ def measure_bandwidth(
     return out
 
 
+class Row(NamedTuple):
+    """One row of the report: its key in ``result["engines"]`` (the engine's name, with
+    ``[label]`` for the ``--vs`` model), the engine, and which model (0, or 1 for --vs)."""
+
+    key: str
+    engine: str
+    model: int
+
+
 def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Everything but the output: resolve, select, measure, summarise."""
     model = resolve(args.model, cache_dir=args.cache_dir, progress=args.progress)
     depths, batch = list(args.depth), batch_sizes(args.batch)
     check_fits(model.context_length, args.pp, args.tg, depths, batch)
-    engines, skipped = select_engines(args.backends, model.n_params)
-    if model.path.is_dir():  # a safetensors folder: the GGUF readers cannot run it
-        for e in ("llama.cpp", "transformers"):
-            if e in engines:
-                engines.remove(e)
-                skipped[e] = "reads GGUF files; this model is a safetensors folder"
-    if not engines:
+    models = [model]
+    if args.vs:
+        models.append(resolve(args.vs, cache_dir=args.cache_dir, progress=args.progress))
+        check_fits(models[1].context_length, args.pp, args.tg, depths, batch)
+    rows: list[Row] = []  # (key in the result, engine, model index)
+    skipped: dict[str, str] = {}
+    for i, m in enumerate(models):
+        engines, why = select_engines(args.backends, m.n_params)
+        if m.path.is_dir():  # a safetensors folder: the GGUF readers cannot run it
+            for e in ("llama.cpp", "transformers"):
+                if e in engines:
+                    engines.remove(e)
+                    why[e] = "reads GGUF files; this model is a safetensors folder"
+        suffix = f" [{m.label}]" if i else ""
+        rows += [Row(e + suffix, e, i) for e in engines]
+        skipped.update({e + suffix: text for e, text in why.items()})
+    if not rows:
         raise ValueError("no engine to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     threads = args.threads or machine.physical_cores() or os.cpu_count() or 1
-    pp_ids, tg_ids = token_ids(model.n_vocab, args.pp, args.tg, args.seed)
+    # ids every model can embed: the same prompt and tokens for both files
+    pp_ids, tg_ids = token_ids(min(m.n_vocab for m in models), args.pp, args.tg, args.seed)
     info = machine.machine_info()
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -416,6 +443,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "machine": info,
         "machine_line": machine.describe(info),
         "model": model.as_dict(),
+        **({"vs_model": models[1].as_dict()} if args.vs else {}),
         "settings": {
             "pp": args.pp,
             "tg": args.tg,
@@ -436,49 +464,56 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
         else {}
     )
     max_context = max(depths) + max(args.pp, args.tg, 64) + 8
-    job_base = {
-        "model": str(model.path),
-        "threads": threads,
-        "pp_ids": pp_ids,
-        "tg_ids": tg_ids,
-        "max_context": min(max_context, model.context_length),
-        "n_batch": args.n_batch,
-        "warmup": args.warmup,
-        "depths": depths,
-        "batch": batch,
-        "seed": args.seed,
-        "n_vocab": model.n_vocab,
-    }
-    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    jobs = [
+        {
+            "model": str(m.path),
+            "threads": threads,
+            "pp_ids": pp_ids,
+            "tg_ids": tg_ids,
+            "max_context": min(max_context, m.context_length),
+            "n_batch": args.n_batch,
+            "warmup": args.warmup,
+            "depths": depths,
+            "batch": batch,
+            "seed": args.seed,
+            "n_vocab": m.n_vocab,
+        }
+        for m in models
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {row.key: [] for row in rows}
     failed: set[str] = set()
-    bar = _progress("bench", total=args.repetitions * len(engines)) if args.progress else None
+    bar = _progress("bench", total=args.repetitions * len(rows)) if args.progress else None
     for rep in range(args.repetitions):
-        k = rep % len(engines)  # rotate the order too: no engine always runs first
-        for e in engines[k:] + engines[:k]:
-            if e in failed:
+        k = rep % len(rows)  # rotate the order too: no engine always runs first
+        for row in rows[k:] + rows[:k]:
+            if row.key in failed:
                 if bar is not None:
                     bar.update(1)
                 continue
             if bar is not None:
-                bar.set_postfix_str(f"{e} run {rep + 1}/{args.repetitions}")
-            r = run_child({**job_base, "engine": e}, timeout=args.timeout, verbose=args.verbose)
+                bar.set_postfix_str(f"{row.key} run {rep + 1}/{args.repetitions}")
+            job = {**jobs[row.model], "engine": row.engine}
+            r = run_child(job, timeout=args.timeout, verbose=args.verbose)
             r["repetition"] = rep
-            runs[e].append(r)
+            runs[row.key].append(r)
             if not r.get("ok"):
-                log.warning("%s failed: %s", e, r.get("error"))
-                failed.add(e)  # a load failure would repeat: do not retry
+                log.warning("%s failed: %s", row.key, r.get("error"))
+                failed.add(row.key)  # a load failure would repeat: do not retry
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     bw = result["machine_bandwidth"].get(str(threads), {}).get("bytes_per_s")
     result["engines"] = {}
-    for e in engines:
-        ok = [r for r in runs[e] if r.get("ok")]
-        result["engines"][e] = {
-            "version": (ok[0] if ok else runs[e][0] if runs[e] else {}).get("version"),
-            "summary": report.summarize(runs[e], model.weight_bytes, bw),
-            "runs": runs[e],
+    for row in rows:
+        got = runs[row.key]
+        ok = [r for r in got if r.get("ok")]
+        result["engines"][row.key] = {
+            "engine": row.engine,
+            **({"model": models[row.model].label} if row.model else {}),
+            "version": (ok[0] if ok else got[0] if got else {}).get("version"),
+            "summary": report.summarize(got, models[row.model].weight_bytes, bw),
+            "runs": got,
         }
     summaries = {e: v["summary"] for e, v in result["engines"].items()}
     result["ratios_to_llama_cpp"] = report.ratios(summaries)

@@ -133,6 +133,13 @@ def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
     return out
 
 
+def row_label(key: str, entry: dict[str, Any]) -> str:
+    """A report row's name: `engine_label` of its engine, and for the ``--vs`` model's rows
+    the model's label (``phimlx numpy [SmolLM2-4bit]``)."""
+    label = engine_label(entry.get("engine", key), entry.get("version"))
+    return f"{label} [{entry['model']}]" if entry.get("model") else label
+
+
 def engine_label(name: str, version: str | None) -> str:
     """``phimlx numpy``, ``phimlx mlx (mlx 0.32.4)``, ``llama.cpp 0.3.36`` ..."""
     if name == "numpy":
@@ -178,9 +185,12 @@ def markdown(result: dict[str, Any]) -> str:
     depths = s.get("depth") or [0]
     show_depth = depths != [0]
     lines = [
-        f"**{model['label']}**: {model['file_bytes'] / 2**30:.2f} GiB file, "
-        f"{model['n_params'] / 1e9:.2f} B parameters, "
-        f"{model['weight_bytes'] / 1e9:.2f} GB read per generated token",
+        f"**{m_['label']}**{' (--vs: the rows that name it)' if i else ''}: "
+        f"{m_['file_bytes'] / 2**30:.2f} GiB file, {m_['n_params'] / 1e9:.2f} B parameters, "
+        f"{m_['weight_bytes'] / 1e9:.2f} GB read per generated token"
+        for i, m_ in enumerate([model, *([result["vs_model"]] if "vs_model" in result else [])])
+    ]
+    lines += [
         "",
         f"Machine: {result['machine_line']}",
         f"Settings: pp{pp} / tg{tg}"
@@ -225,7 +235,7 @@ def markdown(result: dict[str, Any]) -> str:
         rat = ratios(at)
         for name, e in result["engines"].items():
             sm, fig = e["summary"], at[name]
-            label = engine_label(name, e.get("version"))
+            label = row_label(name, e)
             lead = [label] + ([str(d)] if show_depth else [])
             if not sm["runs_ok"]:
                 err = (sm["errors"] or ["failed"])[0].replace("|", "/")[:120]
@@ -290,7 +300,7 @@ def _batch_table(result: dict[str, Any]) -> list[str]:
         sm = e["summary"]
         if not sm["runs_ok"]:
             continue  # the failure is in the table above
-        label = engine_label(name, e.get("version"))
+        label = row_label(name, e)
         rows = sm.get("batch") or []
         if not rows:
             note = (sm.get("batch_note") or "not measured").replace("|", "/")[:160]
@@ -323,13 +333,14 @@ def plot(result: dict[str, Any], path: str) -> None:
     sums = {n: result["engines"][n]["summary"] for n in names}
     with_batch = any(sums[n].get("batch") for n in names)
     fig, axes = plt.subplots(1, 3 if with_batch else 2, figsize=(15 if with_batch else 10, 4))
-    labels = [engine_label(n, None) for n in names]
+    labels = [row_label(n, {**result["engines"][n], "version": None}) for n in names]
     for ax, key, title in (
         (axes[0], "pp_tps", f"prompt pp{s['pp']}"),
         (axes[1], "tg_tps", f"generation tg{s['tg']}"),
     ):
         if len(depths) == 1:
-            colors = ["tab:blue" if n in ("numpy", "mlx") else "tab:gray" for n in names]
+            ours = [result["engines"][n].get("engine", n) in ("numpy", "mlx") for n in names]
+            colors = ["tab:blue" if o else "tab:gray" for o in ours]
             stats = [(at_depth(sums[n], depths[0]) or {}).get(key) for n in names]
             _bars(ax, range(len(names)), stats, 0.8, colors, None)
         else:
