@@ -8,6 +8,7 @@
 - 4-bit affine weights in groups of 32, 64 or 128 become GGUF Q4_1 blocks where int8
   activations are on (the default on AVX2; `q4_1_blocks`): Q4_1 is an affine group of 32,
   so the int8 kernels of GGUF files run them (a copy in memory the size of the codes);
+  8-bit ones Q8_0 blocks plus a per-group offset (`OffsetQ8Matrix`);
 - other mlx affine-quantized weights are `AffineMatrix` objects: ``uint32`` codes plus a
   scale and a bias per group, memory-mapped.  ``matmul`` (prefill) decodes a tile of rows at a time
   (`phimlx.formats.affine.dequantize_rows`: NumPy, portable) and multiplies it with BLAS,
@@ -174,11 +175,9 @@ def q4_1_blocks(
     nb, rep = cols // 32, w.group_size // 32
     halves = []
     for a in (scales, biases):
-        f32 = to_float32(np.asarray(a), w.dtype)
-        with np.errstate(over="ignore"):
-            f16 = f32.astype(np.float16)
-        if not (np.abs(f16.astype(np.float32) - f32) <= F16_ROUNDING).all():
-            return None  # (also NaN, and values past float16's range: inf)
+        f16 = _f16_or_none(a, w.dtype)
+        if f16 is None:
+            return None
         halves.append(np.repeat(f16, rep, axis=1).view(np.uint8).reshape(rows, nb, 2))
     out = np.empty((rows, nb, 20), np.uint8)  # ggml's block_q4_1: d, m (float16), 16 bytes
     out[:, :, 0:2], out[:, :, 2:4] = halves
@@ -190,6 +189,85 @@ def q4_1_blocks(
     return out.reshape(rows, nb * 20)
 
 
+def _f16_or_none(a: np.ndarray, dtype: str) -> np.ndarray | None:
+    """Scales or biases as float16 within `F16_ROUNDING` of their value, else None."""
+    f32 = to_float32(np.asarray(a), dtype)
+    with np.errstate(over="ignore"):
+        f16 = f32.astype(np.float16)
+    if not (np.abs(f16.astype(np.float32) - f32) <= F16_ROUNDING).all():
+        return None  # (also NaN, and values past float16's range: inf)
+    return f16
+
+
+class OffsetQ8Matrix(AffineMatrix):
+    """An 8-bit affine weight run by GGUF's Q8_0 int8 kernels: w = s q + b (q in 0..255) is
+    s (q - 128) + (b + 128 s), so ``W @ x`` is Q8_0 blocks (d = s, quants q - 128) times x,
+    plus per group (b + 128 s) times the group's sum of x (one small float32 product of a
+    (rows, groups) matrix).  Row lookups (`take_rows`) stay `AffineMatrix`'s; the Q8_0
+    blocks are a copy in memory (the size of the codes)."""
+
+    int8_activations = True
+    numba_matvec = True  # (the Q8_0 kernel)
+
+    def __init__(self, q8: QuantMatrix, offsets: np.ndarray, *parts: object) -> None:
+        super().__init__(*parts, use_numba=False)  # type: ignore[arg-type]
+        self._q8, self._offsets = q8, offsets
+        self.nbytes = int(q8.raw.nbytes + offsets.nbytes)
+
+    def __repr__(self) -> str:
+        w = self.weight
+        return f"OffsetQ8Matrix(8-bit g{w.group_size} as Q8_0, {self.rows}x{self.cols})"
+
+    def _group_sums(self, x: np.ndarray) -> np.ndarray:
+        gs = self.weight.group_size or 1
+        return x.reshape(*x.shape[:-1], self.cols // gs, gs).sum(axis=-1, dtype=np.float32)
+
+    def _add_offsets(self, out: np.ndarray, x: np.ndarray) -> None:
+        """out (n, rows) += the offsets times the group sums of x (n, cols)."""
+        if numba_available():
+            from .affine_kernels import add_offsets
+
+            add_offsets(out, self._offsets, x, self.weight.group_size)
+        else:
+            out += self._group_sums(x) @ self._offsets.T
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (optionally into ``out``)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = self._q8.matvec(x, out)
+        self._add_offsets(out[None], x[None])
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """``x @ W.T``: float32 ``[n, cols]`` -> float32 ``[n, rows]``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = self._q8.matmul(x)
+        self._add_offsets(out, x)
+        return out
+
+
+def offset_q8(
+    codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, w: Weight
+) -> OffsetQ8Matrix | None:
+    """An 8-bit affine weight with groups of a multiple of 32 as an `OffsetQ8Matrix`; None
+    where a scale is not a float16 within `F16_ROUNDING` (`q4_1_blocks`'s rule)."""
+    assert w.bits == 8 and w.group_size is not None and w.group_size % 32 == 0
+    rows, cols = w.shape
+    nb, rep = cols // 32, w.group_size // 32
+    d = _f16_or_none(scales, w.dtype)
+    if d is None:
+        return None
+    blocks = np.empty((rows, nb, 34), np.uint8)  # ggml's block_q8_0: d (float16), 32 int8
+    blocks[:, :, 0:2] = np.repeat(d, rep, axis=1).view(np.uint8).reshape(rows, nb, 2)
+    q = np.asarray(codes).view(np.uint8).reshape(rows, nb, 32)  # 8-bit codes: bytes in order
+    blocks[:, :, 2:] = (q ^ np.uint8(0x80)).view(np.uint8)  # q - 128 as int8's bits
+    s32, b32 = to_float32(np.asarray(scales), w.dtype), to_float32(np.asarray(biases), w.dtype)
+    q8 = QuantMatrix(
+        blocks.reshape(rows, nb * 34), GGMLType.Q8_0, (rows, cols), int8_activations=True
+    )
+    return OffsetQ8Matrix(q8, b32 + np.float32(128) * s32, codes, scales, biases, w)
+
+
 def _int8_wanted(int8: bool | None, qtype: GGMLType, cols: int) -> bool:
     """Whether a matrix should take the int8-activation kernels: asked for (or the default,
     `int8_activations_default`) and available for ``qtype`` here."""
@@ -198,22 +276,24 @@ def _int8_wanted(int8: bool | None, qtype: GGMLType, cols: int) -> bool:
 
 
 def checkpoint_matrix(ckpt: Checkpoint, name: str, int8: bool | None) -> QuantMatrix | AffineMatrix:
-    """The NumPy backend's matrix for the weight under GGUF name ``name`` of ``ckpt``: 4-bit
-    affine groups of 32/64/128 as Q4_1 blocks where int8 activations are on (`q4_1_blocks`;
-    SmolLM2 4-bit decodes ~1.6x faster than with the float kernels), other affine weights
-    as `AffineMatrix`, float weights as `QuantMatrix` over the memory map."""
+    """The NumPy backend's matrix for the weight under GGUF name ``name`` of ``ckpt``: where
+    int8 activations are on, 4-bit affine groups of 32/64/128 as Q4_1 blocks
+    (`q4_1_blocks`) and 8-bit ones as Q8_0 blocks plus offsets (`offset_q8`), so GGUF's
+    int8 kernels run them; other affine weights as `AffineMatrix`; float weights as
+    `QuantMatrix` over the memory map."""
     w = ckpt.weight(name)
     if w.quantized:
         parts = ckpt.affine_parts(name)
         rows, cols = w.shape
-        if (
-            w.bits == 4
-            and (w.group_size or 1) % 32 == 0
-            and _int8_wanted(int8, GGMLType.Q4_1, cols)
-        ):
+        groups32 = (w.group_size or 1) % 32 == 0
+        if w.bits == 4 and groups32 and _int8_wanted(int8, GGMLType.Q4_1, cols):
             blocks = q4_1_blocks(*parts, w)
             if blocks is not None:
                 return QuantMatrix(blocks, GGMLType.Q4_1, (rows, cols), int8_activations=True)
+        if w.bits == 8 and groups32 and _int8_wanted(int8, GGMLType.Q8_0, cols):
+            offset = offset_q8(*parts, w)
+            if offset is not None:
+                return offset
         return AffineMatrix(*parts, w)
     qtype = _FLOAT_TYPES[w.dtype]
     rows, cols = w.shape
@@ -226,10 +306,12 @@ def affine_dispatchers(ckpt: Checkpoint) -> list[object]:
     """The numba kernels ``ckpt``'s quantized weights call (`fallback.kernels_cached`)."""
     if not numba_available():
         return []
-    from .affine_kernels import DECODERS, matvec_kernel
+    from .affine_kernels import DECODERS, add_offsets, matvec_kernel
 
     out: dict[int, object] = {}
     for w in ckpt.weights.values():
+        if w.quantized and w.bits == 8:  # (an `OffsetQ8Matrix` where int8 activations are on)
+            out[id(add_offsets)] = add_offsets
         found = matvec_kernel(w.bits or 0, w.dtype) if w.quantized else None
         if found is not None:
             out[id(found[0])] = found[0]
@@ -238,8 +320,8 @@ def affine_dispatchers(ckpt: Checkpoint) -> list[object]:
 
 
 def float_kinds(ckpt: Checkpoint) -> set[tuple[GGMLType, int]]:
-    """(type, columns) of the checkpoint's F16/BF16 matrices and of its 4-bit affine ones
-    that may run as Q4_1 (`checkpoint_matrix`): the QuantMatrix kernels they run
+    """(type, columns) of the checkpoint's F16/BF16 matrices and of its 4- and 8-bit affine
+    ones that may run as Q4_1 / Q8_0 (`checkpoint_matrix`): the QuantMatrix kernels they run
     (`fallback.kernels_cached`); F32 goes to BLAS, other affine weights to their kernels."""
     kinds = set()
     for w in ckpt.weights.values():
@@ -247,6 +329,6 @@ def float_kinds(ckpt: Checkpoint) -> set[tuple[GGMLType, int]]:
             continue
         if not w.quantized and w.dtype != "F32":
             kinds.add((_FLOAT_TYPES[w.dtype], w.shape[1]))
-        elif w.quantized and w.bits == 4 and (w.group_size or 1) % 32 == 0:
-            kinds.add((GGMLType.Q4_1, w.shape[1]))
+        elif w.quantized and w.bits in (4, 8) and (w.group_size or 1) % 32 == 0:
+            kinds.add((GGMLType.Q4_1 if w.bits == 4 else GGMLType.Q8_0, w.shape[1]))
     return kinds

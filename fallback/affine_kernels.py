@@ -153,3 +153,24 @@ def matvec_kernel(bits: int, dtype: str) -> tuple[Callable[..., None], np.ndarra
         return None
     table = {"F16": F16_TABLE, "BF16": BF16_TABLE}.get(dtype)
     return KERNELS[bits, table is not None], (table if table is not None else F16_TABLE)
+
+
+@njit(**_OPTS)
+def add_offsets(out, offsets, x, group):  # noqa: ANN001, ANN202
+    """out (n, rows) += the group sums of x (n, cols) times offsets (rows, G).T: the
+    offset part of `fallback.affine.OffsetQ8Matrix` on numba's threads (a BLAS call here
+    would wake BLAS's threads between numba's kernels, and they fight)."""
+    n, G = x.shape[0], offsets.shape[1]
+    sums = np.empty((n, G), dtype=np.float32)
+    for i in range(n):
+        for g in range(G):
+            acc = F(0.0)
+            for j in range(group):
+                acc += x[i, g * group + j]
+            sums[i, g] = acc
+    for r in prange(offsets.shape[0]):
+        for i in range(n):
+            acc = F(0.0)
+            for g in range(G):
+                acc += offsets[r, g] * sums[i, g]
+            out[i, r] += acc

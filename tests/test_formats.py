@@ -329,6 +329,36 @@ def test_4bit_affine_weights_as_q4_1_blocks(mlx_models, name: str) -> None:
         assert (got == want).mean() > 0.99
 
 
+def test_8bit_affine_weights_as_q8_0_blocks_plus_offsets(mlx_models) -> None:
+    """8-bit groups of 64 (float16 scales) as Q8_0 blocks (gguf's own dequantizer) plus a
+    per-group offset b + 128 s give the affine weights; the matrix's int8 product stays
+    near the float one, and its row lookups are the affine rows."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from fallback.affine import offset_q8
+    from phimlx.formats.affine import dequantize_rows
+
+    ck = open_checkpoint(mlx_models["llama-q8-g64-f16"])
+    eight = [n for n, w in ck.weights.items() if w.quantized and w.bits == 8]
+    assert eight
+    x = np.random.default_rng(3).standard_normal((3, ck.weight(eight[0]).shape[1]))
+    for n in eight:
+        w = ck.weight(n)
+        m = offset_q8(*ck.affine_parts(n), w)
+        assert m is not None
+        want = dequantize_rows(*ck.affine_parts(n), w, 0, w.shape[0])
+        q = gguf_dequantize(m._q8.raw, GGMLQuantizationType.Q8_0)
+        got = q + np.repeat(m._offsets, w.group_size, axis=1)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        xs = x[:, : w.shape[1]].astype(np.float32)
+        ref = xs.astype(np.float64) @ want.T.astype(np.float64)
+        for out in (m.matmul(xs), np.stack([m.matvec(row) for row in xs])):
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            assert err < 0.02, (n, err)  # int8 activations: ~1% of the largest output
+        ids = np.array([0, 5, 2])
+        np.testing.assert_array_equal(m.take_rows(ids), want[ids])
+
+
 def test_q4_1_blocks_refuse_scales_float16_cannot_hold(mlx_models) -> None:
     """A bfloat16 scale outside float16's range is not re-encoded: None, and the weight
     keeps the affine kernels; one below float16's subnormals rounds (to 0)."""
@@ -348,27 +378,35 @@ def test_q4_1_blocks_refuse_scales_float16_cannot_hold(mlx_models) -> None:
     assert blocks is not None and (blocks.reshape(w.shape[0], -1, 20)[1, 0, 2:4] == 0).all()
 
 
-def test_4bit_folder_runs_int8_kernels_by_default(mlx_models, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("name", ["phi3-q4-g32-bf16", "llama-q8-g64-f16"])
+def test_folder_runs_int8_kernels_by_default(mlx_models, monkeypatch, name: str) -> None:  # noqa: ANN001
     """With int8 activations (the default where the CPU has the kernels) a 4-bit folder's
-    matrices run as Q4_1 and stay near the float path, as a GGUF's do; float activations
-    keep the affine kernels."""
-    from fallback.affine import AffineMatrix
+    matrices run as Q4_1, an 8-bit one's as Q8_0 plus offsets, and stay near the float
+    path, as a GGUF's do; float activations keep the affine kernels."""
+    from fallback.affine import AffineMatrix, OffsetQ8Matrix
     from fallback.kernels import int8_kernel_available
     from fallback.matrix import QuantMatrix
 
-    folder = mlx_models["phi3-q4-g32-bf16"]
+    folder = mlx_models[name]
     with _ours(folder, "numpy") as exact:
         ref = exact.new_session(64).prefill(PROMPT, all_logits=True)
-        assert any(isinstance(m, AffineMatrix) for m in exact._backend_model._matrices())
+        mats = exact._backend_model._matrices()
+        assert any(type(m) is AffineMatrix for m in mats)
+        assert not any(isinstance(m, OffsetQ8Matrix) for m in mats)
     monkeypatch.delenv("PHIMLX_INT8_ACTIVATIONS", raising=False)
     with phimlx.load(str(folder), backend="numpy", kv_cache_type="f32") as fast:
         mats = fast._backend_model._matrices()
         got = fast.new_session(64).prefill(PROMPT, all_logits=True)
     if not int8_kernel_available(GGMLQuantizationType.Q4_1, 64):
         pytest.skip("no int8 kernels on this CPU")
-    q4 = [m for m in mats if isinstance(m, QuantMatrix) and m.qtype == GGMLQuantizationType.Q4_1]
-    assert q4 and all(m.int8_activations for m in q4)
-    assert not any(isinstance(m, AffineMatrix) for m in mats)
+    if "q4" in name:
+        Q4_1 = GGMLQuantizationType.Q4_1
+        q4 = [m for m in mats if isinstance(m, QuantMatrix) and m.qtype == Q4_1]
+        assert q4 and all(m.int8_activations for m in q4)
+        assert not any(isinstance(m, AffineMatrix) for m in mats)
+    else:
+        affine = [m for m in mats if isinstance(m, AffineMatrix)]
+        assert affine and all(isinstance(m, OffsetQ8Matrix) for m in affine)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.1, err  # int8 rounding moves the logits a little, not a lot
 
