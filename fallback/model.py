@@ -142,7 +142,9 @@ class NumpyModel:
         self.threads = set_threads(threads)
         c = config
         i8 = int8_activations
-        self.embed = _matrix(mf, "token_embd.weight", i8)
+        # an untied embedding only looks rows up: a folder's stays packed (no int8 copy)
+        lookup_only = not c.tied_embeddings and isinstance(mf, Checkpoint)
+        self.embed = _matrix(mf, "token_embd.weight", False if lookup_only else i8)
         self.output = self.embed if c.tied_embeddings else _matrix(mf, "output.weight", i8)
         self.output_norm = mf.dequantize("output_norm.weight")
         self.output_mv = matvec_plan([self.output])
