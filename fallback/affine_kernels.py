@@ -168,9 +168,9 @@ def add_offsets(out, offsets, x, group):  # noqa: ANN001, ANN202
             for j in range(group):
                 acc += x[i, g * group + j]
             sums[i, g] = acc
-    for r in prange(offsets.shape[0]):
+    for r in prange(offsets.shape[0]):  # (names of its own: an outer `+=` is a reduction)
         for i in range(n):
-            acc = F(0.0)
+            total = F(0.0)
             for g in range(G):
-                acc += offsets[r, g] * sums[i, g]
-            out[i, r] += acc
+                total += offsets[r, g] * sums[i, g]
+            out[i, r] += total

@@ -357,6 +357,11 @@ def test_8bit_affine_weights_as_q8_0_blocks_plus_offsets(mlx_models) -> None:
             assert err < 0.02, (n, err)  # int8 activations: ~1% of the largest output
         ids = np.array([0, 5, 2])
         np.testing.assert_array_equal(m.take_rows(ids), want[ids])
+        # the offset part alone, against NumPy: group sums of x times the offsets
+        got_off = np.zeros((3, w.shape[0]), np.float32)
+        m._add_offsets(got_off, xs)
+        sums = xs.astype(np.float64).reshape(3, -1, w.group_size).sum(-1)
+        np.testing.assert_allclose(got_off, sums @ m._offsets.T, rtol=1e-4, atol=1e-4)
 
 
 def test_q4_1_blocks_refuse_scales_float16_cannot_hold(mlx_models) -> None:
