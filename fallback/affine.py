@@ -213,6 +213,11 @@ class OffsetQ8Matrix(AffineMatrix):
         super().__init__(*parts, use_numba=False)  # type: ignore[arg-type]
         self._q8, self._offsets = q8, offsets
         self.nbytes = int(q8.raw.nbytes + offsets.nbytes)
+        self._offset_kernel = None
+        if numba_available():
+            from .affine_kernels import add_offsets
+
+            self._offset_kernel = add_offsets
 
     def __repr__(self) -> str:
         w = self.weight
@@ -224,10 +229,8 @@ class OffsetQ8Matrix(AffineMatrix):
 
     def _add_offsets(self, out: np.ndarray, x: np.ndarray) -> None:
         """out (n, rows) += the offsets times the group sums of x (n, cols)."""
-        if numba_available():
-            from .affine_kernels import add_offsets
-
-            add_offsets(out, self._offsets, x, self.weight.group_size)
+        if self._offset_kernel is not None:
+            self._offset_kernel(out, self._offsets, x, self.weight.group_size)
         else:
             out += self._group_sums(x) @ self._offsets.T
 
