@@ -47,7 +47,7 @@ import numpy as np
 
 from phimlx.backends import KV_CACHE_TYPES
 
-from .kernels import numba_available
+from .kernels import numba_available, renamed
 from .threads import one_blas_thread
 
 # Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
@@ -1221,8 +1221,8 @@ if numba_available():
     rope = _jit(_rope_loop)
     attend_batch = numba.njit(
         cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True
-    )(_attend_batch_loop)
-    attend_batch_serial = _jit(_attend_batch_loop)
+    )(renamed(_attend_batch_loop, "_parallel"))
+    attend_batch_serial = _jit(renamed(_attend_batch_loop, "_serial"))
     FUSED_DECODE = True  # the forward pass may call attend_token
 else:  # pragma: no cover - exercised where numba is missing
     rms_norm, add_rms_norm, silu_mul, rope = rms_norm_np, add_rms_norm_np, silu_mul_np, rope_np

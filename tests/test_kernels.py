@@ -299,6 +299,81 @@ def test_avx2_drivers_load_from_the_cache_per_type(tmp_path: Path) -> None:
         assert np.all(np.abs(np.array(r["int8"]) - w @ xhat) <= dot_tolerance(w, xhat))
 
 
+_VARIANTS_MODULE = """
+import numba
+import numpy as np
+
+from fallback.kernels import renamed
+
+
+def ids(n):
+    out = np.zeros(n, np.int64)
+    for i in numba.prange(n):
+        out[i] = numba.get_thread_id()
+    return out
+
+
+par = numba.njit(parallel=True, cache=True)(renamed(ids, "_parallel"))
+ser = numba.njit(cache=True)(renamed(ids, "_serial"))
+"""
+
+
+@pytest.mark.skipif(not numba_available(), reason="needs numba")
+def test_serial_and_parallel_variants_cache_apart(tmp_path: Path) -> None:
+    """numba keys its cache by a function's name and line, not by ``parallel=``: a serial
+    variant compiled from the same function as a parallel one would load the parallel
+    code (a thread launch per short attention).  `kernels.renamed` gives each its own
+    entry: after a process cached the parallel variant, the serial one still runs every
+    iteration on the calling thread; and the kernels compiled both ways cache apart."""
+    (tmp_path / "variants_mod.py").write_text(_VARIANTS_MODULE)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+        "NUMBA_NUM_THREADS": "2",
+        "NUMBA_DEBUG_CACHE": "1",
+        "PYTHONPATH": os.pathsep.join([root, str(tmp_path)]),
+    }
+
+    def run(code: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    run("from variants_mod import par; par(4000)")  # the parallel variant cached first
+    out = run("from variants_mod import par, ser; print(ser(4000).max(), par(4000).max())")
+    serial_max, parallel_max = map(int, out.split()[-2:])
+    assert serial_max == 0 and parallel_max > 0
+    log = run(_BOTH_WAYS)
+    saved = [line for line in log.splitlines() if "data saved" in line]
+    names = ["_attend_batch_loop_parallel-", "_attend_batch_loop_serial-"]
+    if HAVE_INT8:
+        names += ["_rows_int8_parallel-", "_rows_int8_serial-"]
+    for name in names:
+        assert any(name in line for line in saved), name
+
+
+# The kernels compiled both ways: one token's attention over 16 positions in one part (the
+# serial kernel) and in four (the parallel one); int8 rounding of rows both ways.
+_BOTH_WAYS = """
+import numpy as np
+from fallback import ops
+from fallback.kernels import avx2_kernels
+H, KV, D = 4, 2, 32
+kc, vc = (np.zeros((KV, 16, D), np.float32) for _ in range(2))
+qkv = np.ones((H + 2 * KV) * D, np.float32)
+cos, sin = np.ones((1, D // 2), np.float32), np.zeros((1, D // 2), np.float32)
+for parts in (1, 4):
+    ops.attend_token(cos, sin, False, 15, 0, 0.5, H, qkv.copy(), kc, vc, parts)
+a = avx2_kernels()
+if a is not None:
+    x = np.ones((2, 64), np.float32)
+    a.quantized_rows_int8(x, 32), a.quantized_rows_int8_serial(x, 32)
+"""
+
+
 def test_errors() -> None:
     with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
         QuantMatrix(np.zeros((2, 66), np.uint8), GGMLType.IQ2_XXS, (2, 256))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -57,6 +58,20 @@ def numba_kernels() -> Any:
             numba_error = f"{type(e).__name__}: {e}"
             log.info("numba kernels unavailable (%s); using the NumPy path", numba_error)
     return _numba
+
+
+def renamed(fn: Callable, suffix: str) -> Callable:
+    """A copy of the plain function ``fn`` named ``fn.__name__ + suffix``.  numba's cache
+    keys a function by its module, qualified name and first line, not by its compile
+    options: one function compiled twice with ``cache=True`` (``parallel=True`` and not)
+    would share one cache entry, and the variant compiled second would load the first's
+    code.  Compile each variant from its own copy."""
+    f = types.FunctionType(
+        fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__
+    )
+    f.__qualname__ = fn.__qualname__ + suffix
+    f.__doc__, f.__module__, f.__kwdefaults__ = fn.__doc__, fn.__module__, fn.__kwdefaults__
+    return f
 
 
 def numba_available() -> bool:

@@ -42,7 +42,7 @@ from numba import njit, prange
 
 from phimlx.gguf import GGMLType
 
-from . import avx2_ir
+from . import avx2_ir, renamed
 from .avx2_ir import AVAILABLE, AVX512, TYPES, decode_row, dot_float, dot_int8, gemm_int8
 
 __all__ = [
@@ -116,8 +116,8 @@ def _rows_int8(x, group):  # noqa: ANN001, ANN202
 # `quantized_int8` of each row of x (float32 (n, cols)): xq int8 (n, cols), dx and xs float32
 # (n, cols / 32), each row exactly as `quantize_int8` rounds it alone; on numba's threads, or
 # (`_serial`) on the calling thread.
-quantized_rows_int8 = njit(parallel=True, **_OPTS)(_rows_int8)
-quantized_rows_int8_serial = njit(**_OPTS)(_rows_int8)
+quantized_rows_int8 = njit(parallel=True, **_OPTS)(renamed(_rows_int8, "_parallel"))
+quantized_rows_int8_serial = njit(**_OPTS)(renamed(_rows_int8, "_serial"))
 
 
 @njit(**_OPTS)
