@@ -58,6 +58,8 @@ __all__ = [
     "quantized_rows_int8",
     "quantized_rows_int8_serial",
     "quantized_int8",
+    "pair_inputs",
+    "pair_rows",
     "sum_groups",
     "x_scale",
 ]
@@ -121,6 +123,43 @@ quantized_rows_int8_serial = njit(**_OPTS)(renamed(_rows_int8, "_serial"))
 
 
 @njit(**_OPTS)
+def pair_inputs(xq, dx, xs, k):
+    """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx``; ``xs`` unused) in the
+    form the paired int8 bodies take (`avx2_ir._pair_acc`), one value per 4 of ``xq`` (a
+    lane of ``vpdpbusd``'s sums): ``dx8``, the scale of the value's 32-block, and ``aux``:
+    for a type whose weights carry the integer offset ``k`` (Q4_0: 8, Q8_0: 128) the dot's
+    starting values ``-k * sum(xq)`` as int32 (in a float32 array's bytes, so that every
+    type's driver has one signature), else (Q4_1) ``dx * sum(xq)``, float32."""
+    n4 = xq.shape[0] // 4
+    dx8 = np.empty(n4, np.float32)
+    aux = np.empty(n4, np.float32)
+    off = aux.view(np.int32)
+    for i in range(n4):
+        t = np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1])
+        t += np.int32(xq[4 * i + 2]) + np.int32(xq[4 * i + 3])
+        d = dx[i >> 3]
+        dx8[i] = d
+        if k == 0:
+            aux[i] = d * np.float32(t)
+        else:
+            off[i] = -k * t
+    return dx8, aux
+
+
+@njit(**_OPTS)
+def pair_rows(xq, dx, xs, k):
+    """`pair_inputs` of each row: ``(n, cols / 4)`` float32 twice."""
+    n, cols = xq.shape
+    dx8 = np.empty((n, cols // 4), np.float32)
+    aux = np.empty((n, cols // 4), np.float32)
+    for i in range(n):
+        d, a = pair_inputs(xq[i], dx[i], xs[i], k)
+        dx8[i] = d
+        aux[i] = a
+    return dx8, aux
+
+
+@njit(**_OPTS)
 def sum_groups(x, g):
     """float32 (n / g,): the sum of each g consecutive values of x."""
     s = np.empty(x.shape[0] // g, np.float32)
@@ -166,6 +205,7 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     if qtype not in INT8_TYPES:
         raise KeyError(f"no AVX2 int8 matvec for {GGMLType(qtype).name}")
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
+    paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
 
     stamp = IR_STAMP
 
@@ -174,6 +214,8 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
             return
         nb = x.shape[0] // block
         xq, dx, xs = quantized_int8(x, group)
+        if paired:
+            dx, xs = pair_inputs(xq, dx, xs, k)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
         for r in prange(n2 + w3.shape[0]):
             if r < n1:
@@ -213,6 +255,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     if qtype not in INT8_TYPES:
         raise KeyError(f"no AVX2 int8 matmul for {GGMLType(qtype).name}")
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
+    paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
     serial_rows = QUANTIZE_SERIAL_ROWS if parallel else 1 << 62
 
@@ -226,6 +269,8 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
         else:
             xq, dx, xs = quantized_rows_int8(x, group)
+        if paired:
+            dx, xs = pair_rows(xq, dx, xs, k)
         nb = cols // block
         rows = w1.shape[0] + w2.shape[0] + w3.shape[0]
         for t in prange((rows + task_rows - 1) // task_rows):

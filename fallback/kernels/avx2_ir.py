@@ -135,12 +135,15 @@ class _B:
         i32s = [self.b.bitcast(v, V16I32) for v in (a, c)]
         return self.call("llvm.x86.avx512.vpdpwssd.512", V16I32, [acc, *i32s])
 
-    def dpbusd512(self, u, s):  # u8 x i8, each 4 consecutive products summed -> 16 x i32
+    def dpbusd512(self, u, s, acc=None):
+        """u8 x i8, each 4 consecutive products summed -> 16 x i32, plus ``acc`` if given."""
         if not VNNI512:
             pairs = self.maddubs512(u, s)
-            return self.call("llvm.x86.avx512.pmaddw.d.512", V16I32, [pairs, _ONES32])
+            sums = self.call("llvm.x86.avx512.pmaddw.d.512", V16I32, [pairs, _ONES32])
+            return sums if acc is None else self.b.add(acc, sums)
         i32s = [self.b.bitcast(v, V16I32) for v in (u, s)]
-        return self.call("llvm.x86.avx512.vpdpbusd.512", V16I32, [_c(V16I32, 0), *i32s])
+        init = _c(V16I32, 0) if acc is None else acc
+        return self.call("llvm.x86.avx512.vpdpbusd.512", V16I32, [init, *i32s])
 
     def pair(self, a, c):  # two scalars as a 2-vector
         v = self.b.insert_element(ir.Constant(_vt(a.type, 2), ir.Undefined), a, i32(0))
@@ -175,8 +178,8 @@ _ONES32 = _c(V32I16, 1)
 class _Acc:
     """A row's accumulators: two float vectors (alternated so that consecutive fma's do not
     wait on each other), a float vector and a scalar for zero-point / min corrections; and,
-    where a body takes two blocks at once (`_pairs`), a 16-lane vector and the two blocks'
-    corrections (``paired``: whether the row's loop has such a body)."""
+    where a body takes two blocks at once (`_pairs`), a 16-lane vector and a 16-lane
+    correction (``paired``: whether the row's loop has such a body)."""
 
     def __init__(self, h, paired=False):
         self.v = [h.var(_c(V8F, 0.0)), h.var(_c(V8F, 0.0))]
@@ -184,16 +187,15 @@ class _Acc:
         self.s = h.var(ir.Constant(f32, 0.0))
         self.paired = paired
         if paired:
-            self.w, self.c2 = h.var(_c(V16F, 0.0)), h.var(_c(V2F, 0.0))
+            self.w, self.c16 = h.var(_c(V16F, 0.0)), h.var(_c(V16F, 0.0))
 
     def total(self, h):
         b = h.b
         tot = b.fadd(b.fadd(b.load(self.v[0]), b.load(self.v[1])), b.load(self.corr))
         s = b.load(self.s)
         if self.paired:
-            w, c2 = b.load(self.w), b.load(self.c2)
+            w = b.fadd(b.load(self.w), b.load(self.c16))
             tot = b.fadd(tot, b.fadd(h.shuf(w, w, range(8)), h.shuf(w, w, range(8, 16))))
-            s = b.fadd(s, b.fadd(b.extract_element(c2, i32(0)), b.extract_element(c2, i32(1))))
         return b.fadd(h.hsum(tot), s)
 
 
@@ -221,20 +223,34 @@ def _pairs(h, n, pair, single):
 def _pair_acc(h, cols, q, d2, m2, b):
     """Each column's sums over the 64 weights of blocks b, b + 1 (32 each, one scale per
     block): ``q`` their 64 quants as unsigned bytes, ``d2`` the blocks' two scales, ``m2``
-    their two offsets (a weight is ``d * q + m``); the columns' ``x`` has one scale per 32
-    (``dx``) and ``xs = dx * sum(xq)`` per 32.  Per column: the integer dots (16 lanes, 8
-    per block), times ``d * dx`` into the 16-lane accumulator; ``m * xs`` into the pair of
-    corrections."""
-    xo, go = h.b.mul(b, i64(32)), h.b.mul(b, i64(4))
+    their two float offsets (a weight is ``d * q + m``: Q4_1) or None (a weight is ``d *
+    (q - k)``, k the type's `IRType.x_offset`).  The columns' ``x`` comes as the paired
+    bodies take it (`avx2.pair_inputs`), in 16-lane vectors whose lane l covers values 4l ..
+    4l + 3 of the pair, as ``vpdpbusd``'s sums do: ``dx`` spread to 8 lanes per block, and
+    ``xs`` per lane either ``dx * sum(xq)`` (Q4_1) or ``-k * sum(xq)`` as int32.  Per
+    column: the integer dots (the dot's accumulator starts at the offsets, so they come off
+    in integers), times ``d * dx`` into the 16-lane accumulator; Q4_1's ``m * xs`` into a
+    16-lane correction.  (One vector instruction per step for all of these: 2-lane forms of
+    the scales or corrections cost a quarter of the loop's time.)"""
+    xo = h.b.mul(b, i64(32))
+    spread = [0] * 8 + [1] * 8
+    d16 = h.shuf(d2, ir.Constant(V2F, ir.Undefined), spread)
+    m16 = None if m2 is None else h.shuf(m2, ir.Constant(V2F, ir.Undefined), spread)
     for c in cols:
-        isum = h.dpbusd512(q, h.load(c.pq, xo, V64I8))
-        s2 = h.b.fmul(d2, h.load(c.pd, go, V2F, 4))
-        s16 = h.shuf(s2, ir.Constant(V2F, ir.Undefined), [0] * 8 + [1] * 8)
+        init = None if m16 is not None else h.load(c.ps, xo, V16I32, 4)
+        isum = h.dpbusd512(q, h.load(c.pq, xo, V64I8), init)
+        s16 = h.b.fmul(d16, h.load(c.pd, xo, V16F, 4))
         w = c.acc.w
         h.b.store(h.call("llvm.fma.v16f32", V16F, [h.b.sitofp(isum, V16F), s16, h.b.load(w)]), w)
-        c2 = c.acc.c2
-        xs2 = h.load(c.ps, go, V2F, 4)
-        h.b.store(h.call("llvm.fma.v2f32", V2F, [m2, xs2, h.b.load(c2)]), c2)
+        if m16 is not None:
+            c16 = c.acc.c16
+            xs16 = h.load(c.ps, xo, V16F, 4)
+            h.b.store(h.call("llvm.fma.v16f32", V16F, [m16, xs16, h.b.load(c16)]), c16)
+
+
+def _dx(h, c, b):
+    """Column ``c``'s int8 scale of the 32 values of block ``b`` (`_Col.dstep` apart)."""
+    return h.load(c.pd, h.b.mul(b, i64(c.dstep)), f32, 4)
 
 
 def _acc_fma(h, acc, v, s, k):  # accumulator k += v * s
@@ -310,21 +326,24 @@ def _int8_q4(h, pr, cols, b, k, has_min):
     xo, go = h.b.mul(b, i64(32)), h.b.mul(b, i64(4))
     for c in cols:
         xv = h.load(c.pq, xo, V32I8)
-        s = h.b.fmul(d, h.load(c.pd, go, f32, 4))
+        s = h.b.fmul(d, _dx(h, c, b))
         if has_min:
             _acc_fma(h, c.acc, h.tofloat(h.maddwd(h.maddubs(q, xv), _ONES16)), h.splat(s), k)
-            _corr_scalar(h, c.acc, h.b.fmul(m, h.load(c.ps, go, f32, 4)))
+            if c.dstep == 4:
+                _corr_scalar(h, c.acc, h.b.fmul(m, h.load(c.ps, go, f32, 4)))
+            else:  # the paired form: xs per 4 values (`_pair_acc`)
+                _corr_fma(h, c.acc, h.splat(m), h.load(c.ps, xo, V8F, 4))
         else:
             p = h.b.sub(h.maddubs(q, xv), h.maddubs(_c(V32I8, 8), xv))  # sum (q - 8) x, pairs
             _acc_fma(h, c.acc, h.tofloat(h.maddwd(p, _ONES16)), h.splat(s), k)
 
 
 def _int8_q4_pair(h, pr, cols, b, has_min):
-    # (q - 8) for Q4_0 is d * q + m with m = -8 d: the offset joins the corrections.
+    # Q4_0's (q - 8): the 8 comes off in the integer dot (`_pair_acc`).
     o0, d0, qo0 = _q4_block(h, pr, b, has_min)
     o1, d1, qo1 = _q4_block(h, pr, h.b.add(b, i64(1)), has_min)
     d2 = h.pair(d0, d1)
-    m2 = h.pair(_q4_min(h, pr, o0), _q4_min(h, pr, o1)) if has_min else h.b.fmul(d2, _c(V2F, -8.0))
+    m2 = h.pair(_q4_min(h, pr, o0), _q4_min(h, pr, o1)) if has_min else None
     q = h.cat(h.load(pr, qo0, V16I8), h.load(pr, qo1, V16I8))
     lo, hi = h.b.and_(q, _c(V32I8, 15)), h.b.lshr(q, _c(V32I8, 4))
     order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
@@ -375,21 +394,22 @@ def _int8_q8_0(h, pr, cols, b, k):
     q = _q8_quants(h, pr, qo, False)
     # |q| (u8) x sign(q)*x (i8): the signed product through vpmaddubsw, as llama.cpp does.
     aq = h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)])
-    xo, go = h.b.mul(b, i64(32)), h.b.mul(b, i64(4))
+    xo = h.b.mul(b, i64(32))
     for c in cols:
         sx = h.call("llvm.x86.avx2.psign.b", V32I8, [h.load(c.pq, xo, V32I8), q])
-        s = h.b.fmul(d, h.load(c.pd, go, f32, 4))
+        s = h.b.fmul(d, _dx(h, c, b))
         _acc_fma(h, c.acc, h.tofloat(h.maddwd(h.maddubs(aq, sx), _ONES16)), h.splat(s), k)
 
 
 def _int8_q8_0_pair(h, pr, cols, b):
-    # q + 128 as unsigned bytes (vpdpbusd has no saturation); the 128 x comes off as an offset.
+    # q + 128 as unsigned bytes (vpdpbusd has no saturation); the 128 comes off in the
+    # integer dot (`_pair_acc`).
     d0, qo0 = _q8_block(h, pr, b)
     d1, qo1 = _q8_block(h, pr, h.b.add(b, i64(1)))
     d2 = h.pair(d0, d1)
     q = h.cat(h.load(pr, qo0, V32I8), h.load(pr, qo1, V32I8))
     u = h.b.xor(q, _c(V64I8, -128))
-    _pair_acc(h, cols, u, d2, h.b.fmul(d2, _c(V2F, -128.0)), b)
+    _pair_acc(h, cols, u, d2, None, b)
 
 
 def _float_q8_0(h, pr, px, ps, acc, b, k):
@@ -684,9 +704,12 @@ class IRType:
     int8_body: Callable | None = None
     x_scale: int = 32
     int8_pair: Callable | None = None
+    x_offset: int = 0
 
 
-def _ir(block, x_group, float_body, decode_body, int8_body=None, pair=None, **variant) -> IRType:
+def _ir(
+    block, x_group, float_body, decode_body, int8_body=None, pair=None, x_offset=0, **variant
+) -> IRType:
     """An `IRType` with the layout ``variant`` (keyword arguments of the bodies) bound."""
     bind = functools.partial
     return IRType(
@@ -697,6 +720,7 @@ def _ir(block, x_group, float_body, decode_body, int8_body=None, pair=None, **va
         None if int8_body is None else bind(int8_body, **variant),
         x_scale=256 if block == 256 else 32,
         int8_pair=None if pair is None else bind(pair, **variant),
+        x_offset=x_offset if pair is not None else 0,
     )
 
 
@@ -708,9 +732,9 @@ _Q8_PAIR = _int8_q8_0_pair if VNNI512 else None
 
 # The types of the IR engine, by GGMLType value.
 TYPES: dict[int, IRType] = {
-    GGMLType.Q4_0: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, has_min=False),
+    GGMLType.Q4_0: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, 8, has_min=False),
     GGMLType.Q4_1: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, has_min=True),
-    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0, _Q8_PAIR),
+    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0, _Q8_PAIR, 128),
     GGMLType.Q4_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=False),
     GGMLType.Q5_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=True),
     GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k),
@@ -731,12 +755,14 @@ def _type(code, task):
 
 class _Col(NamedTuple):
     """One int8 activation vector of a product: pointers to its quants, scales and sums
-    (`dot_int8`'s ``xq``, ``dx``, ``xs``), and its accumulators."""
+    (`dot_int8`'s ``xq``, ``dx``, ``xs``), and its accumulators; ``dstep``: bytes between
+    the scales of consecutive 32-blocks (4; 32 where the paired bodies spread them)."""
 
     pq: ir.Value
     pd: ir.Value
     ps: ir.Value
     acc: _Acc
+    dstep: int
 
 
 def _int8_loop(h, spec, pr, cols, nb):
@@ -756,7 +782,9 @@ def _int8_loop(h, spec, pr, cols, nb):
 @intrinsic(prefer_literal=True)
 def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
     """Row ``r`` of ``w`` (u8[:, :]) times ``x_hat``: ``xq`` i8[:], ``dx`` f32[:] (one scale
-    per 32), ``xs`` f32[:] (``dx * sum(xq)`` per 32), over ``nb`` blocks -> float32."""
+    per 32), ``xs`` f32[:] (``dx * sum(xq)`` per 32), over ``nb`` blocks -> float32.  Where
+    the type has a paired body, ``dx`` and ``xs`` come in its form (`_pair_acc`;
+    `avx2.pair_inputs` makes it)."""
     spec = _type(code, "int8_body")
     sig = types.float32(code, w, types.intp, xq, dx, xs, nb)
 
@@ -765,7 +793,8 @@ def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
         a = signature.args
         pr = h.row(a[1], args[1], args[2])
         pq, pd, ps = h.data(a[3], args[3]), h.data(a[4], args[4]), h.data(a[5], args[5])
-        cols = [_Col(pq, pd, ps, _Acc(h, spec.int8_pair is not None))]
+        paired = spec.int8_pair is not None
+        cols = [_Col(pq, pd, ps, _Acc(h, paired), 32 if paired else 4)]
         _int8_loop(h, spec, pr, cols, args[6])
         return cols[0].acc.total(h)
 
@@ -801,9 +830,9 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
         pr = _row3(h, a[1:4], args[1:4], args[4])
         cs = [builder.add(args[8], i64(i)) for i in range(n)]
         paired = spec.int8_pair is not None
-        cols = [
-            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, paired))  # xq, dx, xs
-            for ci in cs
+        step = 32 if paired else 4
+        cols = [  # xq, dx, xs rows
+            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, paired), step) for ci in cs
         ]
         _int8_loop(h, spec, pr, cols, args[11])
         r4 = builder.mul(args[4], i64(4))
