@@ -123,8 +123,8 @@ quantized_rows_int8_serial = njit(**_OPTS)(renamed(_rows_int8, "_serial"))
 
 
 @njit(**_OPTS)
-def pair_inputs(xq, dx, xs, k):
-    """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx``; ``xs`` unused) in the
+def pair_inputs(xq, dx, k):
+    """A row of int8 activations (`quantize_int8`'s ``xq`` and ``dx``) in the
     form the paired int8 bodies take (`avx2_ir._pair_acc`), one value per 4 of ``xq`` (a
     lane of ``vpdpbusd``'s sums): ``dx8``, the scale of the value's 32-block, and ``aux``:
     for a type whose weights carry the integer offset ``k`` (Q4_0: 8, Q8_0: 128) the dot's
@@ -147,13 +147,13 @@ def pair_inputs(xq, dx, xs, k):
 
 
 @njit(**_OPTS)
-def pair_rows(xq, dx, xs, k):
+def pair_rows(xq, dx, k):
     """`pair_inputs` of each row: ``(n, cols / 4)`` float32 twice."""
     n, cols = xq.shape
     dx8 = np.empty((n, cols // 4), np.float32)
     aux = np.empty((n, cols // 4), np.float32)
     for i in range(n):
-        d, a = pair_inputs(xq[i], dx[i], xs[i], k)
+        d, a = pair_inputs(xq[i], dx[i], k)
         dx8[i] = d
         aux[i] = a
     return dx8, aux
@@ -215,7 +215,7 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         nb = x.shape[0] // block
         xq, dx, xs = quantized_int8(x, group)
         if paired:
-            dx, xs = pair_inputs(xq, dx, xs, k)
+            dx, xs = pair_inputs(xq, dx, k)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
         for r in prange(n2 + w3.shape[0]):
             if r < n1:
@@ -270,7 +270,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         else:
             xq, dx, xs = quantized_rows_int8(x, group)
         if paired:
-            dx, xs = pair_rows(xq, dx, xs, k)
+            dx, xs = pair_rows(xq, dx, k)
         nb = cols // block
         rows = w1.shape[0] + w2.shape[0] + w3.shape[0]
         for t in prange((rows + task_rows - 1) // task_rows):

@@ -9,9 +9,10 @@ task:
 - int8 dot: ``x`` as int8 with one scale per 32 values; weights x ``x`` by ``vpmaddubsw``
   (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32), converted and fma'd by ``d * dx``.
   With AVX-512, Q4_0 / Q4_1 / Q8_0 take two blocks a step on 512-bit vectors (`_pairs`;
-  ``vpdpbusd`` where the CPU has VNNI: u8 x i8 summed into i32 in one instruction), each
-  block's offset (Q4_1's min, Q4_0's -8 d, Q8_0's -128 d for its weights read as q + 128)
-  times ``dx * sum(xq)``: 1.2-1.5x the one-block body on an AVX-512 Xeon;
+  ``vpdpbusd`` where the CPU has VNNI: u8 x i8 summed into i32 in one instruction), Q4_0's
+  8 and Q8_0's 128 (its weights read as q + 128) taken off in the integer dot, Q4_1's min
+  times ``dx * sum(xq)``; ``x`` in a per-lane form (`avx2.pair_inputs`): 1.2-1.5x the
+  one-block body on an AVX-512 Xeon;
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -230,8 +231,8 @@ def _pair_acc(h, cols, q, d2, m2, b):
     ``xs`` per lane either ``dx * sum(xq)`` (Q4_1) or ``-k * sum(xq)`` as int32.  Per
     column: the integer dots (the dot's accumulator starts at the offsets, so they come off
     in integers), times ``d * dx`` into the 16-lane accumulator; Q4_1's ``m * xs`` into a
-    16-lane correction.  (One vector instruction per step for all of these: 2-lane forms of
-    the scales or corrections cost a quarter of the loop's time.)"""
+    16-lane correction.  (The loop is bound by its vector instructions per column: taking
+    the offsets off in the dot removes one, the spread scales another.)"""
     xo = h.b.mul(b, i64(32))
     spread = [0] * 8 + [1] * 8
     d16 = h.shuf(d2, ir.Constant(V2F, ir.Undefined), spread)
