@@ -179,22 +179,22 @@ _ONES32 = _c(V32I16, 1)
 class _Acc:
     """A row's accumulators: two float vectors (alternated so that consecutive fma's do not
     wait on each other), a float vector and a scalar for zero-point / min corrections; and,
-    where a body takes two blocks at once (`_pairs`), a 16-lane vector and a 16-lane
-    correction (``paired``: whether the row's loop has such a body)."""
+    where the bodies sum in 512-bit vectors (``wide``: `IRType.wide_acc`), a 16-lane vector
+    and a 16-lane correction."""
 
-    def __init__(self, h, paired=False):
+    def __init__(self, h, wide=False):
         self.v = [h.var(_c(V8F, 0.0)), h.var(_c(V8F, 0.0))]
         self.corr = h.var(_c(V8F, 0.0))
         self.s = h.var(ir.Constant(f32, 0.0))
-        self.paired = paired
-        if paired:
+        self.wide = wide
+        if wide:
             self.w, self.c16 = h.var(_c(V16F, 0.0)), h.var(_c(V16F, 0.0))
 
     def total(self, h):
         b = h.b
         tot = b.fadd(b.fadd(b.load(self.v[0]), b.load(self.v[1])), b.load(self.corr))
         s = b.load(self.s)
-        if self.paired:
+        if self.wide:
             w = b.fadd(b.load(self.w), b.load(self.c16))
             tot = b.fadd(tot, b.fadd(h.shuf(w, w, range(8)), h.shuf(w, w, range(8, 16))))
         return b.fadd(h.hsum(tot), s)
@@ -496,11 +496,12 @@ def _qk_quants(h, pr, o, five, wide):
 
 
 def _block_isums(h, cols, xo, quants, scales, sub=None):
-    """Each column's integer dot with a 256-weight block, as 8 x i32 (exact, so any order
-    gives the same sums): ``quants[g]`` the 32 unsigned quants of group g (32 x i8),
-    ``scales[g]`` its integer scales (16 x i16, a pair per i32 lane), ``sub`` a value taken
-    off every quant (32 x i8) or None; ``xo`` the block's offset in the columns' ``x``.
-    With AVX-512BW two groups at a time on 512-bit vectors, else one on 256."""
+    """Each column's integer dot with a 256-weight block, as lanes of i32 whose sum it is
+    (exact, so any order gives the same sums): ``quants[g]`` the 32 unsigned quants of
+    group g (32 x i8), ``scales[g]`` its integer scales (16 x i16, a pair per i32 lane),
+    ``sub`` a value taken off every quant (32 x i8) or None; ``xo`` the block's offset in
+    the columns' ``x``.  With AVX-512BW two groups at a time on 512-bit vectors (16 lanes),
+    else one on 256 (8 lanes)."""
     b = h.b
     wide = AVX512
     acc_ty = V16I32 if wide else V8I32
@@ -522,9 +523,25 @@ def _block_isums(h, cols, xo, quants, scales, sub=None):
                 p = h.maddubs(q, xv)
                 p = p if sub_v is None else b.sub(p, h.maddubs(sub_v, xv))
                 b.store(h.madd_acc(b.load(t), p, sc), t)
-    if not wide:
-        return [b.load(t) for t in isum]
-    return [b.add(h.shuf(v, v, range(8)), h.shuf(v, v, range(8, 16))) for v in map(b.load, isum)]
+    return [b.load(t) for t in isum]
+
+
+def _block_scaled(h, cols, isums, d, g, k):
+    """Each column's integer block sum (``isums``, `_block_isums`'s) times ``d * dx`` into
+    its accumulator: 16 lanes into `_Acc.w` as they come (no folding per block), or 8 into
+    the alternating pair (k); ``g`` the byte offset of the block's ``dx`` (one per 256,
+    stored per 32)."""
+    if isums[0].type.count == 16:
+        d16 = h.splat(d, 16)
+        for c, t in zip(cols, isums, strict=True):
+            s16 = h.b.fmul(d16, h.splat(h.load(c.pd, g, f32, 4), 16))
+            w = c.acc.w
+            fma = h.call("llvm.fma.v16f32", V16F, [h.b.sitofp(t, V16F), s16, h.b.load(w)])
+            h.b.store(fma, w)
+        return
+    for c, t in zip(cols, isums, strict=True):
+        s = h.b.fmul(d, h.load(c.pd, g, f32, 4))
+        _acc_fma(h, c.acc, h.tofloat(t), h.splat(s), k)
 
 
 def _int8_qk(h, pr, cols, b, k, five):
@@ -537,9 +554,8 @@ def _int8_qk(h, pr, cols, b, k, five):
     isums = _block_isums(h, cols, h.b.mul(b, i64(256)), quants, scales)
     mnd = h.b.fmul(mnf, h.splat(_neg(h, dm)))
     g = h.b.mul(b, i64(32))  # byte offset of this block's 8 group floats
-    for c, t in zip(cols, isums, strict=True):
-        s = h.b.fmul(d, h.load(c.pd, g, f32, 4))  # d * dx (one dx per 256)
-        _acc_fma(h, c.acc, h.tofloat(t), h.splat(s), k)
+    _block_scaled(h, cols, isums, d, g, k)
+    for c in cols:
         _corr_fma(h, c.acc, mnd, h.load(c.ps, g, V8F, 4))  # corr -= dmin m_j xs_j
 
 
@@ -624,10 +640,7 @@ def _int8_q6_k(h, pr, cols, b, k):
     scales = [h.shuf(sc16, sc16, [2 * g] * 8 + [2 * g + 1] * 8) for g in range(8)]
     xo = h.b.mul(b, i64(256))
     isums = _block_isums(h, cols, xo, [quants[g] for g in range(8)], scales, _c(V32I8, 32))
-    g8 = h.b.mul(b, i64(32))
-    for c, t in zip(cols, isums, strict=True):
-        s = h.b.fmul(d, h.load(c.pd, g8, f32, 4))  # d * dx (one dx per 256)
-        _acc_fma(h, c.acc, h.tofloat(t), h.splat(s), k)
+    _block_scaled(h, cols, isums, d, h.b.mul(b, i64(32)), k)
 
 
 def _float_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
@@ -706,6 +719,14 @@ class IRType:
     x_scale: int = 32
     int8_pair: Callable | None = None
     x_offset: int = 0
+
+    @property
+    def wide_acc(self) -> bool:
+        """Whether the int8 bodies sum into 16-lane accumulators (`_Acc.w`): the paired
+        ones, and the K-quants' with AVX-512 (`_block_isums` on 512-bit vectors)."""
+        return self.int8_pair is not None or (
+            AVX512 and self.x_scale == 256 and self.int8_body is not None
+        )
 
 
 def _ir(
@@ -794,8 +815,8 @@ def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
         a = signature.args
         pr = h.row(a[1], args[1], args[2])
         pq, pd, ps = h.data(a[3], args[3]), h.data(a[4], args[4]), h.data(a[5], args[5])
-        paired = spec.int8_pair is not None
-        cols = [_Col(pq, pd, ps, _Acc(h, paired), 32 if paired else 4)]
+        step = 32 if spec.int8_pair is not None else 4
+        cols = [_Col(pq, pd, ps, _Acc(h, spec.wide_acc), step)]
         _int8_loop(h, spec, pr, cols, args[6])
         return cols[0].acc.total(h)
 
@@ -830,10 +851,9 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
         a = signature.args
         pr = _row3(h, a[1:4], args[1:4], args[4])
         cs = [builder.add(args[8], i64(i)) for i in range(n)]
-        paired = spec.int8_pair is not None
-        step = 32 if paired else 4
+        step, wide = (32 if spec.int8_pair is not None else 4), spec.wide_acc
         cols = [  # xq, dx, xs rows
-            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, paired), step) for ci in cs
+            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, wide), step) for ci in cs
         ]
         _int8_loop(h, spec, pr, cols, args[11])
         r4 = builder.mul(args[4], i64(4))
