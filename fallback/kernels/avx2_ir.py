@@ -721,6 +721,12 @@ class IRType:
     x_offset: int = 0
 
     @property
+    def dx_step(self) -> int:
+        """Bytes between the int8 scales of consecutive 32-blocks in ``dx`` as the int8
+        bodies take it (`_Col.dstep`): 4, or 32 where the paired bodies spread them."""
+        return 32 if self.int8_pair is not None else 4
+
+    @property
     def wide_acc(self) -> bool:
         """Whether the int8 bodies sum into 16-lane accumulators (`_Acc.w`): the paired
         ones, and the K-quants' with AVX-512 (`_block_isums` on 512-bit vectors)."""
@@ -815,8 +821,7 @@ def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
         a = signature.args
         pr = h.row(a[1], args[1], args[2])
         pq, pd, ps = h.data(a[3], args[3]), h.data(a[4], args[4]), h.data(a[5], args[5])
-        step = 32 if spec.int8_pair is not None else 4
-        cols = [_Col(pq, pd, ps, _Acc(h, spec.wide_acc), step)]
+        cols = [_Col(pq, pd, ps, _Acc(h, spec.wide_acc), spec.dx_step)]
         _int8_loop(h, spec, pr, cols, args[6])
         return cols[0].acc.total(h)
 
@@ -851,9 +856,11 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
         a = signature.args
         pr = _row3(h, a[1:4], args[1:4], args[4])
         cs = [builder.add(args[8], i64(i)) for i in range(n)]
-        step, wide = (32 if spec.int8_pair is not None else 4), spec.wide_acc
         cols = [  # xq, dx, xs rows
-            _Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, wide), step) for ci in cs
+            _Col(
+                *(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h, spec.wide_acc), spec.dx_step
+            )
+            for ci in cs
         ]
         _int8_loop(h, spec, pr, cols, args[11])
         r4 = builder.mul(args[4], i64(4))
