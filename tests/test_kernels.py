@@ -374,6 +374,53 @@ if a is not None:
 """
 
 
+# One int8 product of Q4_0 rows on the given drivers, printed (as a checksum and the
+# values' bytes) in the order given.
+_SERIAL_FIRST = """
+import sys
+import numpy as np
+from fallback.kernels import avx2
+from phimlx.gguf import GGMLType
+rng = np.random.default_rng(5)
+w = rng.integers(0, 256, (6, 36), dtype=np.uint8)
+w[:, 0:2] = w[:, 18:20] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+x, e = rng.standard_normal((3, 64)).astype(np.float32), w[:0]
+for parallel in map(int, sys.argv[1:]):
+    out = np.zeros((3, 6), np.float32)
+    avx2.matmul_int8(GGMLType.Q4_0, parallel=bool(parallel))(w, e, e, x, out)
+    print(out.tobytes().hex())
+"""
+
+
+@NEEDS_INT8
+def test_serial_matmul_runs_first_from_a_cache(tmp_path: Path) -> None:
+    """A serial kernel that calls a parallel one (even in a branch never taken) needs
+    numba's thread pool started before it runs.  numba records that need in a cache entry
+    only when the parallel callee was compiled in the same process, not loaded from the
+    cache: so a process that caches the parallel int8 matmul, then one that compiles the
+    serial one, left an entry that crashed (SIGSEGV) the next process to call it first.
+    The serial driver now holds no parallel code; its product equals the parallel one's."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
+
+    def run(*drivers: str) -> list[str]:
+        r = subprocess.run(
+            [sys.executable, "-c", _SERIAL_FIRST, *drivers],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+        return r.stdout.split()
+
+    run("1")  # caches the parallel driver and its callees
+    run("0")  # compiles the serial driver against the cached callees
+    serial, parallel = run("0", "1")  # the serial driver loaded and run first
+    assert serial == parallel
+
+
 def test_errors() -> None:
     with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
         QuantMatrix(np.zeros((2, 66), np.uint8), GGMLType.IQ2_XXS, (2, 256))

@@ -249,6 +249,11 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     unpacked once per `GEMM_COLS` rows of ``x``; each of out's rows equals `matvec_int8` of
     that row of ``x``, bit for bit.
 
+    The serial driver must not call the parallel row rounding, even in a branch never
+    taken: numba records that a function needs its thread pool started (on loading it from
+    the cache) only when the parallel callee was compiled in the same process, so an entry
+    compiled against a cached callee crashed the next process that ran it first.
+
     Raises:
         KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`).
     """
@@ -257,7 +262,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
-    serial_rows = QUANTIZE_SERIAL_ROWS if parallel else 1 << 62
+    serial_rows, threaded = QUANTIZE_SERIAL_ROWS, int(parallel)
 
     stamp = IR_STAMP
 
@@ -265,10 +270,12 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         if stamp < 0:  # never (see `matvec_int8`)
             return
         n, cols = x.shape
-        if n <= serial_rows:
-            xq, dx, xs = quantized_rows_int8_serial(x, group)
-        else:
+        # `threaded` is a constant: numba drops the branch not taken before typing, so the
+        # serial driver holds no parallel code (see the docstring).
+        if threaded > 0 and n > serial_rows:
             xq, dx, xs = quantized_rows_int8(x, group)
+        else:
+            xq, dx, xs = quantized_rows_int8_serial(x, group)
         if paired:
             dx, xs = pair_rows(xq, dx, k)
         nb = cols // block
