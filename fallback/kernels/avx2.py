@@ -61,6 +61,8 @@ __all__ = [
     "pair_inputs",
     "pair_rows",
     "sum_groups",
+    "sums16",
+    "sums16_rows",
     "x_scale",
 ]
 
@@ -160,6 +162,30 @@ def pair_rows(xq, dx, k):
 
 
 @njit(**_OPTS)
+def sums16(xq):
+    """The sums of each 16 values of a row of int8 activations ``xq``, as int16 in the
+    bytes of a float32 array of ``len(xq) / 32`` (the ``xs`` that the bodies with
+    `avx2_ir.IRType.int8_sums16` take)."""
+    out = np.empty(xq.shape[0] // 32, np.float32)
+    v = out.view(np.int16)
+    for i in range(v.shape[0]):
+        t = np.int32(0)
+        for j in range(16 * i, 16 * i + 16):
+            t += np.int32(xq[j])
+        v[i] = np.int16(t)
+    return out
+
+
+@njit(**_OPTS)
+def sums16_rows(xq):
+    """`sums16` of each row: ``(n, cols / 32)`` float32."""
+    out = np.empty((xq.shape[0], xq.shape[1] // 32), np.float32)
+    for i in range(xq.shape[0]):
+        out[i] = sums16(xq[i])
+    return out
+
+
+@njit(**_OPTS)
 def sum_groups(x, g):
     """float32 (n / g,): the sum of each g consecutive values of x."""
     s = np.empty(x.shape[0] // g, np.float32)
@@ -206,6 +232,7 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         raise KeyError(f"no AVX2 int8 matvec for {GGMLType(qtype).name}")
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
+    by16 = TYPES[qtype].int8_sums16
 
     stamp = IR_STAMP
 
@@ -216,6 +243,8 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         xq, dx, xs = quantized_int8(x, group)
         if paired:
             dx, xs = pair_inputs(xq, dx, k)
+        if by16:
+            xs = sums16(xq)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
         for r in prange(n2 + w3.shape[0]):
             if r < n1:
@@ -261,6 +290,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         raise KeyError(f"no AVX2 int8 matmul for {GGMLType(qtype).name}")
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
+    by16 = TYPES[qtype].int8_sums16
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
     serial_rows, threaded = QUANTIZE_SERIAL_ROWS, int(parallel)
 
@@ -278,6 +308,8 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
         if paired:
             dx, xs = pair_rows(xq, dx, k)
+        if by16:
+            xs = sums16_rows(xq)
         nb = cols // block
         rows = w1.shape[0] + w2.shape[0] + w3.shape[0]
         for t in prange((rows + task_rows - 1) // task_rows):

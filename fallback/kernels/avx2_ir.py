@@ -648,9 +648,19 @@ def _int8_q6_k(h, pr, cols, b, k):
     o, d, sc16 = _q6k_block(h, pr, b, False)
     quants = dict(_q6k_quants(h, pr, o, False))  # yielded in the order 0, 2, 1, 3, 4, ...
     scales = [h.shuf(sc16, sc16, [2 * g] * 8 + [2 * g + 1] * 8) for g in range(8)]
-    xo = h.b.mul(b, i64(256))
-    isums = _block_isums(h, cols, xo, [quants[g] for g in range(8)], scales, _c(V32I8, 32))
-    _block_scaled(h, cols, isums, d, h.b.mul(b, i64(32)), k)
+    xo, g = h.b.mul(b, i64(256)), h.b.mul(b, i64(32))
+    quants = [quants[j] for j in range(8)]
+    if not AVX512:
+        isums = _block_isums(h, cols, xo, quants, scales, _c(V32I8, 32))
+    else:  # the 32 comes off once a block: -32 sc_j times x's sum over sc_j's 16 values
+        # (`IRType.int8_sums16`), one instruction where a subtraction per 64 weights was two
+        isums = _block_isums(h, cols, xo, quants, scales)
+        neg = h.cat(h.b.mul(sc16, _c(V16I16, -32)), _c(V16I16, 0))
+        isums = [
+            h.madd_acc512(t, h.cat(h.load(c.ps, g, V16I16, 4), _c(V16I16, 0)), neg)
+            for c, t in zip(cols, isums, strict=True)
+        ]
+    _block_scaled(h, cols, isums, d, g, k)
 
 
 def _float_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
@@ -719,7 +729,11 @@ class IRType:
     ``x_group``: `dot_float` takes the sums of ``x`` per this many values (0: none);
     ``int8_body`` is None where the type has no int8 dot; ``x_scale``: the int8 ``x`` shares
     one scale per this many values (32, as Q8_0; 256 for the K-quants, as llama.cpp's Q8_K:
-    their sub-block dots then sum in integers), stored once per 32 all the same."""
+    their sub-block dots then sum in integers), stored once per 32 all the same;
+    ``int8_sums16``: the int8 bodies take, as ``xs``, the sums of ``xq`` per 16 as int16
+    (in a float32 array's bytes: `avx2.sums16`) instead of ``dx * sum(xq)`` per 32 (Q6_K
+    with AVX-512: its offset 32 comes off once a block against them, as llama.cpp's Q8_K
+    ``bsums`` do)."""
 
     block: int
     x_group: int
@@ -729,6 +743,7 @@ class IRType:
     x_scale: int = 32
     int8_pair: Callable | None = None
     x_offset: int = 0
+    int8_sums16: bool = False
 
     @property
     def dx_step(self) -> int:
@@ -746,7 +761,15 @@ class IRType:
 
 
 def _ir(
-    block, x_group, float_body, decode_body, int8_body=None, pair=None, x_offset=0, **variant
+    block,
+    x_group,
+    float_body,
+    decode_body,
+    int8_body=None,
+    pair=None,
+    x_offset=0,
+    sums16=False,
+    **variant,
 ) -> IRType:
     """An `IRType` with the layout ``variant`` (keyword arguments of the bodies) bound."""
     bind = functools.partial
@@ -759,6 +782,7 @@ def _ir(
         x_scale=256 if block == 256 else 32,
         int8_pair=None if pair is None else bind(pair, **variant),
         x_offset=x_offset if pair is not None else 0,
+        int8_sums16=sums16,
     )
 
 
@@ -775,7 +799,7 @@ TYPES: dict[int, IRType] = {
     GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0, _Q8_PAIR, 128),
     GGMLType.Q4_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=False),
     GGMLType.Q5_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=True),
-    GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k),
+    GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k, sums16=AVX512),
     GGMLType.F16: _ir(32, 0, _float_half, _decode_half, bf16=False),
     GGMLType.BF16: _ir(32, 0, _float_half, _decode_half, bf16=True),
 }
