@@ -18,7 +18,10 @@ calls them:
 - ``matmul`` (prefill, batched decode: n rows of ``x``) runs, where ``matvec`` takes int8
   activations, the int8 matmul kernel (`kernels.avx2.matmul_int8`): ``x`` rounded to int8
   per row, each weight block read and unpacked once per few rows, every output row equal to
-  ``matvec`` of that row bit for bit.  Elsewhere (float activations, the exact path) it
+  ``matvec`` of that row bit for bit.  Where the CPU has AMX, from `TILES_ROWS` rows (a
+  prompt) it runs on the tiles instead (`kernels.amx`: weights decoded 16 rows at a time
+  and rounded to bfloat16, ``x`` too, float32 sums).  Elsewhere (float activations, the
+  exact path) it
   decodes a tile of rows at a time (the kernel set's ``decode_tile``, on the calling
   thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded by one tile.
   ``matmul_many`` is ``matvec_many`` for n rows.
@@ -62,6 +65,12 @@ SERIAL_WEIGHTS = 1 << 18
 # int8 / float tiles; Q4_K 8192x3072: 0.44 at 32 rows, 0.95 at 128, 1.22 at 256; Q6_K
 # 3072x8192: 0.66, 1.09, 1.37; Q4_1 1536x576: 0.93 at 32, 1.68 at 64).
 INT8_MATMUL_ROWS = {32: 32, 256: 128}
+
+# Where the CPU has AMX (`kernels.amx`), from this many rows of x the int8 path's `matmul`
+# runs on the tiles instead (bfloat16 weights and x, float32 sums: not equal to the matvec
+# bit for bit, as the float tiles it replaces were not).  Decoding a weight panel costs
+# about what 20-30 rows of the int8 product do, the tiles' product little beside it.
+TILES_ROWS = 32
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -109,7 +118,8 @@ def matmul_many(mats: list[QuantMatrix], x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or (mats and x.shape[1] != mats[0].cols):
         raise ValueError(f"x has shape {x.shape}, the matrices {mats[0].cols} columns")
-    int8 = mats and isinstance(mats[0], QuantMatrix) and mats[0]._int8_matmul(len(x))
+    m0 = mats[0] if mats else None
+    int8 = isinstance(m0, QuantMatrix) and (m0._int8_matmul(len(x)) or m0._tiles_matmul(len(x)))
     fused = _fused_kernel(mats, x.shape[0]) if int8 else None
     if fused is None:
         outs = [m.matmul(x) for m in mats]
@@ -126,8 +136,9 @@ def _fused_kernel(
     """``(kernel, [w1, w2, w3])`` computing ``out = [W1; W2; W3] @ x`` in one call as
     ``kernel(w1, w2, w3, x, out)`` (unused slots are empty), for 1-3 matrices with the same
     `kernels.Matvec` (type, engine, activation kind) and columns; else None.  With ``n``
-    (rows of ``x``), the int8 matmul instead, ``kernel(w1, w2, w3, xq, dx, xs, out)``.  The
-    serial form below `SERIAL_WEIGHTS` weights (times ``n``)."""
+    (rows of ``x``), the int8 matmul instead (from `TILES_ROWS` rows the AMX tiles' product
+    where the matrices have it), ``kernel(w1, w2, w3, x, out)``.  The serial form below
+    `SERIAL_WEIGHTS` weights (times ``n``)."""
     m0 = mats[0]
     if not (
         all(isinstance(m, QuantMatrix) for m in mats)  # (an AffineMatrix runs on its own)
@@ -136,6 +147,8 @@ def _fused_kernel(
         and len({m.raw.flags.writeable for m in mats}) == 1  # one compiled signature
     ):
         return None
+    if n is not None and m0._tiles_matmul(n):
+        return m0._tiles, [m.raw for m in mats] + [m0._empty] * (3 - len(mats))
     pair = m0._matvec if n is None else m0._matmul
     # by the matrices' size alone, so that any n calls the kernel a warm-up compiled
     small = sum(m.rows for m in mats) * m0.cols < SERIAL_WEIGHTS
@@ -168,8 +181,9 @@ def matmul_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
     sharing ``x``, as `matmul_many` computes it, with the kernel choice made once, here: a
     batched decode step calls one per projection per layer, where `matmul_many`'s checks
     and choices would cost as much as a small product.  Rows of ``x`` beyond the int8
-    kernel's reach (a long prompt on the float path) go through `matmul_many`.  ``x`` must
-    be float32 ``(n, cols)``; the plan does not check it again."""
+    kernel's reach (a long prompt on the float path) go through `matmul_many`; so do rows
+    for the AMX tiles (few calls, long ones).  ``x`` must be float32 ``(n, cols)``; the plan
+    does not check it again."""
     m0 = mats[0]
     int8 = isinstance(m0, QuantMatrix) and m0._matmul is not None
     fused = _fused_kernel(mats, 1) if int8 else None
@@ -179,7 +193,7 @@ def matmul_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
     rows = sum(m.rows for m in mats)
 
     def run(x: np.ndarray) -> np.ndarray:
-        if not m0._int8_matmul(x.shape[0]):
+        if not m0._int8_matmul(x.shape[0]):  # (the tiles' rows too)
             return matmul_many(mats, x)
         x = np.ascontiguousarray(x)  # (free when it is: one compiled signature)
         out = np.empty((x.shape[0], rows), np.float32)
@@ -267,6 +281,9 @@ class QuantMatrix:
         self._matvec: Matvec = self.kernels.matvec_int8 if self._int8 else self.kernels.matvec_float
         self._matmul: Matvec | None = self.kernels.matmul_int8 if self._int8 else None
         self._int8_prefill = int8_prefill(self.qtype)
+        # (``PHIMLX_INT8_PREFILL=1`` keeps prompts on the int8 kernel, tiles or not)
+        tiles = self._int8 and not self._int8_prefill
+        self._tiles = self.kernels.matmul_tiles if tiles else None
         self._empty = _empty_like_rows(self.raw)  # the unused slots of a matvec kernel
         self._own_kernel = _fused_kernel([self])  # for `matvec`
 
@@ -316,7 +333,7 @@ class QuantMatrix:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.cols:
             raise ValueError(f"matmul expects x of shape (n, {self.cols}), got {x.shape}")
-        if self._int8_matmul(x.shape[0]):
+        if self._int8_matmul(x.shape[0]) or self._tiles_matmul(x.shape[0]):
             return matmul_many([self], x)
         if self.qtype == GGMLType.F32:
             return x @ self._f32().T
@@ -335,10 +352,15 @@ class QuantMatrix:
         return out
 
     def _int8_matmul(self, n: int) -> bool:
-        """Whether `matmul` of ``n`` rows runs the int8 kernel."""
-        if self._matmul is None:
+        """Whether `matmul` of ``n`` rows runs the int8 kernel (each row equal to the
+        matvec's, bit for bit)."""
+        if self._matmul is None or self._tiles_matmul(n):
             return False
         return n <= INT8_MATMUL_ROWS[self.int8_group] or self._int8_prefill
+
+    def _tiles_matmul(self, n: int) -> bool:
+        """Whether `matmul` of ``n`` rows runs on the AMX tiles (`TILES_ROWS`)."""
+        return self._tiles is not None and n >= TILES_ROWS
 
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W decoded: float32 ``[len(ids), cols]`` (the embedding lookup).

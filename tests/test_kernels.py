@@ -29,6 +29,8 @@ HAVE_NUMBA = numba_available()
 HAVE_INT8 = HAVE_NUMBA and kernels.avx2_kernels() is not None
 NEEDS_NUMBA = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not available")
 NEEDS_INT8 = pytest.mark.skipif(not HAVE_INT8, reason="no int8 kernels (numba, AVX2)")
+HAVE_AMX = HAVE_INT8 and kernels.amx_kernels() is not None
+NEEDS_AMX = pytest.mark.skipif(not HAVE_AMX, reason="no AMX tiles here")
 INT8_TYPES = [t.name for t, k in kernels.KERNELS.items() if k.avx2_int8]
 # QuantMatrix keyword arguments of each path.
 PATHS = [
@@ -553,8 +555,55 @@ def test_int8_matmul_many_and_the_prefill_choice(name: str, monkeypatch) -> None
         monkeypatch.setenv("PHIMLX_INT8_PREFILL", flag)
         m = make_matrix(cases[0][0], name, (5, cols), {"int8_activations": True})
         w = cases[0][1]
-        xe = effective_x(m, long) if exact else long  # int8 rows, or float (sgemm)
+        if not exact and HAVE_AMX:  # the AMX tiles: bfloat16 x and weights
+            xe, w = bf16(long), bf16(w)
+        else:
+            xe = effective_x(m, long) if exact else long  # int8 rows, or float (sgemm)
         assert np.all(np.abs(m.matmul(long) - xe @ w.T) <= dot_tolerance(w, xe).T)
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bfloat16 (nearest, ties to even), as float64."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def test_bf16_rounding() -> None:
+    """The test's bfloat16 rounding, by hand: 1 + 2^-8 is a tie (to even: 1), 1 + 3 * 2^-9
+    rounds up to 1 + 2^-7; the top bits pass unchanged; the kernel's rounding agrees."""
+    x = np.array([1 + 2**-8, 1 + 3 * 2**-9, -2.5, 1 + 2**-7 + 2**-8], np.float32)
+    np.testing.assert_array_equal(bf16(x), [1.0, 1 + 2**-7, -2.5, 1 + 2**-6])
+    if HAVE_AMX:
+        from fallback.kernels import amx
+
+        pairs = amx.bf16_pairs(x.reshape(1, 4), 32)  # (2, 32, 2): [k, row, i] = x[0, 2k + i]
+        got = (pairs[:, 0, :].reshape(-1).astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(got, bf16(x))
+
+
+@NEEDS_AMX
+@pytest.mark.parametrize("name", INT8_TYPES)
+@pytest.mark.parametrize(("rows", "n"), [(37, 32), (16, 45), (3, 70)])
+def test_tiles_matmul(name: str, rows: int, n: int) -> None:
+    """The AMX product (prompts from `matrix.TILES_ROWS` rows on the int8 path) against
+    float64 ``bf16(x) @ bf16(W).T``, ``W`` gguf's dequantization: weight rows not a multiple
+    of the tiles' 16, x rows not a multiple of 32; and fused with two more matrices equal to
+    each alone."""
+    raw, w, cols, rng = matrix_case(name, rows, 3, seed=n)
+    m = make_matrix(raw, name, (rows, cols), {"int8_activations": True})
+    assert m._tiles_matmul(n) and not m._tiles_matmul(matrix.TILES_ROWS - 1)
+    x = rng.standard_normal((n, cols), dtype=np.float32)
+    y = m.matmul(x)
+    xe, we = bf16(x), bf16(w)
+    assert np.all(np.abs(y - xe @ we.T) <= dot_tolerance(we, xe).T)
+    others = [
+        make_matrix(raw[: rows // 2 + 1], name, (rows // 2 + 1, cols), {"int8_activations": True}),
+        m,
+    ]
+    np.testing.assert_array_equal(
+        matrix.matmul_many([m, *others], x), np.concatenate([y, y[:, : rows // 2 + 1], y], axis=1)
+    )
 
 
 @NEEDS_INT8

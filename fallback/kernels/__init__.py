@@ -94,6 +94,16 @@ def avx2_kernels() -> Any:
     return _avx2 or None
 
 
+def amx_kernels() -> Any:
+    """The AMX module (`amx`) where this process may use the tiles (`amx.available`),
+    else None."""
+    if avx2_kernels() is None:
+        return None
+    from . import amx
+
+    return amx if amx.available() else None
+
+
 def int8_activations_default() -> bool:
     """Whether matrices use the int8-activation kernels where they exist, unless told: yes,
     unless ``PHIMLX_INT8_ACTIVATIONS`` is ``0`` / ``false`` / ``no`` / ``off``."""
@@ -164,9 +174,11 @@ class KernelSet:
     rounding), ``matvec_int8`` ``W @ x_hat`` with ``x`` rounded to int8 per 32 values (None
     where the type has no such kernel here), ``matmul_int8`` the same for n rows of ``x``
     at once (each block read once per few rows; each row equal to ``matvec_int8``'s, bit
-    for bit; None where ``matvec_int8`` is); ``decode_tile`` decodes prefill tiles (rows
-    ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup).  One field per task:
-    a new task is a new field, filled per engine in `_resolve`."""
+    for bit; None where ``matvec_int8`` is); ``matmul_tiles`` ``bf16(x) @ bf16(W).T`` on
+    AMX tiles for many rows of ``x`` (`amx.matmul_bf16`; None without AMX, or without
+    ``matmul_int8``: it stands in for it from `amx.ROWS` rows); ``decode_tile`` decodes
+    prefill tiles (rows ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup).
+    One field per task: a new task is a new field, filled per engine in `_resolve`."""
 
     qtype: GGMLType
     engine: Engine
@@ -175,6 +187,7 @@ class KernelSet:
     matmul_int8: Matvec | None
     decode_tile: DecodeTileFn
     decode_rows: DecodeRowsFn
+    matmul_tiles: MatmulFn | None = None
 
 
 def _each_matrix(single: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> Matvec:
@@ -210,11 +223,13 @@ def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
         return KernelSet(qtype, engine, _each_matrix(single), None, None, tile, rows)
     avx2 = avx2_kernels()
     fv = Matvec(avx2.matvec_float(qtype, parallel=True), avx2.matvec_float(qtype, parallel=False))
-    iv = im = None
+    iv = im = tiles = None
     if kinds.avx2_int8:
         iv = Matvec(avx2.matvec_int8(qtype, parallel=True), avx2.matvec_int8(qtype, parallel=False))
         im = Matvec(avx2.matmul_int8(qtype, parallel=True), avx2.matmul_int8(qtype, parallel=False))
-    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows)
+        amx = amx_kernels()
+        tiles = None if amx is None else amx.matmul_bf16(qtype)
+    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows, tiles)
 
 
 def kernel_set(qtype: GGMLType, cols: int, *, use_numba: bool) -> KernelSet:
@@ -281,8 +296,8 @@ def int8_group(qtype: GGMLType) -> int:
 
 def int8_prefill(qtype: GGMLType) -> bool:
     """Whether a long product (a prompt) of a ``qtype`` matrix on the int8 path runs the
-    int8 matmul rather than float tiles and BLAS sgemm.  ``PHIMLX_INT8_PREFILL`` = 1 / 0
-    decides; else yes for the K-quants (whose sub-block dots sum in integers) on CPUs
+    int8 matmul rather than the AMX tiles (`amx`, where the CPU has them) or float tiles and
+    BLAS sgemm.  ``PHIMLX_INT8_PREFILL`` = 1 / 0 decides; else yes for the K-quants (whose sub-block dots sum in integers) on CPUs
     without AVX-512, where BLAS's sgemm has 256-bit vectors as our kernels do, and no
     elsewhere: 512-bit sgemm outruns a 256-bit int8 product (see the README's figures)."""
     v = os.environ.get("PHIMLX_INT8_PREFILL", "").strip().lower()
