@@ -13,7 +13,8 @@ int8 kernels, each row equal to the matvec's, stay.
 Rounding: bfloat16 keeps 8 significant bits, as the int8 path's ``x`` keeps about 7 (one
 scale per 32 or 256 values); here the weights round too (by at most 2^-9 of each), and the
 sums are float32.  What the product computes is ``bf16(x) @ bf16(W).T``, to float32
-rounding (`tests/test_kernels.py` checks it against that, in float64).
+rounding (`tests/test_kernels.py` checks it against that, in float64); bfloat16 rounds to
+nearest even (``vcvtne2ps2bf16``, which also flushes float32 denormals to zero).
 
 Linux asks a process to request the tile state before its first use
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); `available` does, once, and says
@@ -58,7 +59,7 @@ def available() -> bool:
         return False
     if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
         return False
-    if not (_host_features.get("amx-tile") and _host_features.get("amx-bf16")):
+    if not all(_host_features.get(f) for f in ("amx-tile", "amx-bf16", "avx512bf16")):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -159,6 +160,35 @@ def tile_block(typingctx, a, xb, out, c0):  # noqa: ANN001, ANN201
     return sig, codegen
 
 
+@intrinsic
+def bf16_row(typingctx, src, dst):  # noqa: ANN001, ANN201
+    """``dst[:] = bfloat16(src)``: float32 ``src`` (1-d, a multiple of 32 values) rounded to
+    nearest even into uint16 ``dst``, 32 values per ``vcvtne2ps2bf16`` (inline assembly:
+    llvmlite has no bfloat type to call the intrinsic with)."""
+    v16f, v32i16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(16), 32)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        sa = context.make_array(signature.args[0])(context, builder, args[0])
+        ps, pd = (
+            _ptr(context, builder, *signature.args[:1], args[0]),
+            _ptr(context, builder, signature.args[1], args[1]),
+        )
+        n = builder.extract_value(sa.shape, 0)
+        fty = ir.FunctionType(v32i16, [v16f, v16f])
+        with cgutils.for_range(builder, builder.udiv(n, _I64(32))) as loop:
+            off = builder.mul(loop.index, _I64(128))
+            lo, hi = (
+                builder.load(builder.bitcast(builder.gep(ps, [o]), v16f.as_pointer()), align=4)
+                for o in (off, builder.add(off, _I64(64)))
+            )
+            packed = builder.asm(fty, "vcvtne2ps2bf16 $2, $1, $0", "=v,v,v", [hi, lo], False)
+            dst = builder.gep(pd, [builder.udiv(off, _I64(2))])
+            builder.store(packed, builder.bitcast(dst, v32i16.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return types.none(src, dst), codegen
+
+
 @njit(**_OPTS)
 def _bf16(u):
     """float32 bits (uint32) -> bfloat16 bits, rounded to nearest even."""
@@ -226,9 +256,7 @@ def matmul_bf16(qtype: GGMLType) -> Any:
                         decode_row(code, w2, r - n1, row, 0, nb)
                     else:
                         decode_row(code, w3, r - n2, row, 0, nb)
-                    u = row[0].view(np.uint32)
-                    for k in range(cols):
-                        a[i, k] = _bf16(u[k])
+                    bf16_row(row[0], a[i])
                 for i in range(m, 16):
                     a[i, :] = 0
                 for c0 in range(0, n_pad, 32):
