@@ -281,6 +281,7 @@ class QuantMatrix:
         self._matvec: Matvec = self.kernels.matvec_int8 if self._int8 else self.kernels.matvec_float
         self._matmul: Matvec | None = self.kernels.matmul_int8 if self._int8 else None
         self._int8_prefill = int8_prefill(self.qtype)
+        self._group = int8_group(self.qtype) if self._int8 else 0  # (asked per batched step)
         # (``PHIMLX_INT8_PREFILL=1`` keeps prompts on the int8 kernel, tiles or not)
         tiles = self._int8 and not self._int8_prefill
         self._tiles = self.kernels.matmul_tiles if tiles else None
@@ -302,7 +303,7 @@ class QuantMatrix:
     def int8_group(self) -> int:
         """On the int8 path, how many values of ``x`` share one int8 scale (32; 256 for the
         K-quants); 0 on the float path."""
-        return int8_group(self.qtype) if self._int8 else 0
+        return self._group
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``W @ x``: float32 ``[cols]`` -> float32 ``[rows]`` (the decode step).
@@ -356,7 +357,7 @@ class QuantMatrix:
         matvec's, bit for bit)."""
         if self._matmul is None or self._tiles_matmul(n):
             return False
-        return n <= INT8_MATMUL_ROWS[self.int8_group] or self._int8_prefill
+        return n <= INT8_MATMUL_ROWS[self._group] or self._int8_prefill
 
     def _tiles_matmul(self, n: int) -> bool:
         """Whether `matmul` of ``n`` rows runs on the AMX tiles (`TILES_ROWS`)."""

@@ -297,9 +297,10 @@ def int8_group(qtype: GGMLType) -> int:
 def int8_prefill(qtype: GGMLType) -> bool:
     """Whether a long product (a prompt) of a ``qtype`` matrix on the int8 path runs the
     int8 matmul rather than the AMX tiles (`amx`, where the CPU has them) or float tiles and
-    BLAS sgemm.  ``PHIMLX_INT8_PREFILL`` = 1 / 0 decides; else yes for the K-quants (whose sub-block dots sum in integers) on CPUs
-    without AVX-512, where BLAS's sgemm has 256-bit vectors as our kernels do, and no
-    elsewhere: 512-bit sgemm outruns a 256-bit int8 product (see the README's figures)."""
+    BLAS sgemm.  ``PHIMLX_INT8_PREFILL`` = 1 / 0 decides; else yes for the K-quants (whose
+    sub-block dots sum in integers) on CPUs without AVX-512, where BLAS's sgemm has 256-bit
+    vectors as our kernels do, and no elsewhere: 512-bit sgemm outruns a 256-bit int8
+    product (see the README's figures)."""
     v = os.environ.get("PHIMLX_INT8_PREFILL", "").strip().lower()
     if v:
         return v not in ("0", "false", "no", "off")
