@@ -169,10 +169,8 @@ def bf16_row(typingctx, src, dst):  # noqa: ANN001, ANN201
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         sa = context.make_array(signature.args[0])(context, builder, args[0])
-        ps, pd = (
-            _ptr(context, builder, *signature.args[:1], args[0]),
-            _ptr(context, builder, signature.args[1], args[1]),
-        )
+        ps = _ptr(context, builder, signature.args[0], args[0])
+        pd = _ptr(context, builder, signature.args[1], args[1])
         n = builder.extract_value(sa.shape, 0)
         fty = ir.FunctionType(v32i16, [v16f, v16f])
         with cgutils.for_range(builder, builder.udiv(n, _I64(32))) as loop:

@@ -75,6 +75,7 @@ def cpu_flags() -> list[str]:
         "avx512f",
         "avx512_bf16",
         "avx512_vnni",
+        "amx_bf16",
         "fma",
         "f16c",
         "neon",
