@@ -162,8 +162,16 @@ def cache_rows(c: np.ndarray | tuple, P: int) -> np.ndarray:
         x = q[:, :P].reshape(KV, P, nb, D // nb).astype(np.float32) * d[:, :P, :, None]
         return x.reshape(KV, P, D)
     if c.dtype == np.uint16:
-        return c[:, :P].view(np.float16).astype(np.float32)
+        return _f16_rows(c, P)
     return c[:, :P]
+
+
+def _f16_rows_np(c: np.ndarray, P: int) -> np.ndarray:
+    """Positions 0 .. P - 1 of a float16 cache (uint16 bits) as float32 (KV, P, D)."""
+    return c[:, :P].view(np.float16).astype(np.float32)
+
+
+_f16_rows = _f16_rows_np  # compiled below where numba is (F16C's vcvtph2ps: NumPy's is scalar)
 
 
 def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray) -> None:
@@ -1196,6 +1204,17 @@ if numba_available():
             return DOT_ROWS
 
         return impl
+
+    def _f16_rows_loop(c, P):  # noqa: ANN001, ANN202
+        KV, _, D = c.shape
+        out = np.empty((KV, P, D), np.float32)
+        for kv in range(KV):
+            for p in range(P):
+                for d in range(D):
+                    out[kv, p, d] = _f32_from_f16(c[kv, p, d])
+        return out
+
+    _f16_rows = _jit(_f16_rows_loop)
 
     _by_cache_type(_dot4, 1, _dot4_f32, _dot4_f16, _dot4_q8)
     _by_cache_type(_dot1, 1, _dot1_f32, _dot1_f16, _dot1_q8)

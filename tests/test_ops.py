@@ -359,6 +359,19 @@ def test_f16_cache_rounds_like_numpy():
     np.testing.assert_array_equal(ops.cache_rows(c, 5), x.astype(np.float16).astype(np.float32))
 
 
+def test_f16_cache_reads_every_value_as_numpy():
+    """A float16 cache read as float32 (the prefill's attention; compiled where numba is)
+    gives NumPy's conversion of every one of the 65,536 bit patterns, subnormals and
+    infinities included (NaNs as NaNs), at positions past the ones asked for untouched."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(4, 2048, 8)
+    got = ops.cache_rows(bits, 2000)
+    want = bits[:, :2000].view(np.float16).astype(np.float32)
+    assert got.shape == (4, 2000, 8) and got.dtype == np.float32
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
 @compiled
 def test_software_float16_conversions_are_exact():
     """The integer-only float16 conversions (CPUs without F16C) against NumPy's: every
