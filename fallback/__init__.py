@@ -75,7 +75,8 @@ def load(  # noqa: ANN201
 
 def warm_up(model: Any) -> None:
     """A 2-token prefill, one decode step and a batched step of two on throwaway sessions of
-    ``model``, and one row through each weight type's tile decoder.
+    ``model``, and one row through each weight type's tile decoder (and, with AMX, its
+    tiles' product over 16 weight rows).
 
     They call every compiled kernel a generation calls (the prefill's int8 matmuls and
     norms, the tile decoders of long prompts, the step's matvecs, fused attention and
@@ -100,6 +101,9 @@ def warm_up(model: Any) -> None:
         if m.use_numba and id(m.kernels) not in seen:
             seen.add(id(m.kernels))
             m.kernels.decode_tile(m.raw, 0, np.empty((1, m.cols), np.float32))
+            if getattr(m, "_tiles", None) is not None:  # AMX: a prompt's products (16 rows)
+                w, x = m.raw[:16], np.zeros((1, m.cols), np.float32)
+                m._tiles(w, m._empty, m._empty, x, np.empty((1, w.shape[0]), np.float32))
 
 
 def _fresh_on_disk(dispatcher: Any) -> bool:
@@ -149,7 +153,8 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
             ks = kernel_set(qtype, cols, use_numba=True)
         except KeyError:  # a type with no kernel: loading it fails later, and says why
             continue
-        for kernel in (ks.decode_tile, ks.matmul_int8 and ks.matmul_int8.parallel):
+        tiles = getattr(ks.matmul_tiles, "dispatcher", None)  # (AMX: a prompt's products)
+        for kernel in (ks.decode_tile, ks.matmul_int8 and ks.matmul_int8.parallel, tiles):
             if hasattr(kernel, "_cache"):  # the per-type compiled ones (others are shared)
                 dispatchers.append(kernel)
     missing = [d for d in dispatchers if not _fresh_on_disk(d)]

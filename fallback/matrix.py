@@ -21,9 +21,9 @@ calls them:
   ``matvec`` of that row bit for bit.  Where the CPU has AMX, from `TILES_ROWS` rows (a
   prompt) it runs on the tiles instead (`kernels.amx`: weights decoded 16 rows at a time
   and rounded to bfloat16, ``x`` too, float32 sums).  Elsewhere (float activations, the
-  exact path) it
-  decodes a tile of rows at a time (the kernel set's ``decode_tile``, on the calling
-  thread) and hands it to BLAS sgemm (multi-threaded), so memory stays bounded by one tile.
+  exact path) it decodes a tile of rows at a time (the kernel set's ``decode_tile``, on
+  the calling thread) and hands it to BLAS sgemm (multi-threaded), so memory stays
+  bounded by one tile.
   ``matmul_many`` is ``matvec_many`` for n rows.
 - ``take_rows`` (the embedding lookup) decodes rows by id (``decode_rows``).
 - Without numba (or with ``PHIMLX_NO_NUMBA=1``, or ``use_numba=False``) the same tiles are

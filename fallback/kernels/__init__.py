@@ -176,7 +176,8 @@ class KernelSet:
     at once (each block read once per few rows; each row equal to ``matvec_int8``'s, bit
     for bit; None where ``matvec_int8`` is); ``matmul_tiles`` ``bf16(x) @ bf16(W).T`` on
     AMX tiles for many rows of ``x`` (`amx.matmul_bf16`; None without AMX, or without
-    ``matmul_int8``: it stands in for it from `amx.ROWS` rows); ``decode_tile`` decodes
+    ``matmul_int8``: it stands in for it from `fallback.matrix.TILES_ROWS` rows);
+    ``decode_tile`` decodes
     prefill tiles (rows ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup).
     One field per task: a new task is a new field, filled per engine in `_resolve`."""
 

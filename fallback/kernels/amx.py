@@ -271,4 +271,5 @@ def matmul_bf16(qtype: GGMLType) -> Any:
     def run(w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         compiled(w1, w2, w3, x, out, _CONFIG, get_num_threads())
 
+    run.dispatcher = compiled  # (what `fallback.kernels_cached` asks numba's cache about)
     return run
