@@ -13,8 +13,9 @@ int8 kernels, each row equal to the matvec's, stay.
 Rounding: bfloat16 keeps 8 significant bits, as the int8 path's ``x`` keeps about 7 (one
 scale per 32 or 256 values); here the weights round too (by at most 2^-9 of each), and the
 sums are float32.  What the product computes is ``bf16(x) @ bf16(W).T``, to float32
-rounding (`tests/test_kernels.py` checks it against that, in float64); bfloat16 rounds to
-nearest even (``vcvtne2ps2bf16``, which also flushes float32 denormals to zero).
+rounding (`tests/test_kernels.py` checks it against that, in float64); both round to
+nearest even, the weights by ``vcvtne2ps2bf16`` (which also flushes float32 denormals to
+zero), ``x`` in integer arithmetic (`bf16_pairs`, once per call: it keeps them).
 
 Linux asks a process to request the tile state before its first use
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); `available` does, once, and says
@@ -53,8 +54,8 @@ _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 @functools.cache
 def available() -> bool:
     """True if this process may use the AMX tiles: an x86-64 Linux whose CPU has
-    ``amx-tile`` and ``amx-bf16`` and whose kernel grants the tile state, and
-    ``PHIMLX_AMX`` is not ``0``."""
+    ``amx-tile``, ``amx-bf16`` and ``avx512bf16`` (the weights' rounding) and whose kernel
+    grants the tile state, and ``PHIMLX_AMX`` is not ``0``."""
     if os.environ.get("PHIMLX_AMX", "").strip().lower() in ("0", "false", "no", "off"):
         return False
     if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
