@@ -10,6 +10,9 @@ the median).
 
     python bench/busy.py --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf -r 5
 
+``--engines numpy:omp,numpy:tbb`` compares numba's threading layers instead (an engine
+``numpy:LAYER`` runs with ``NUMBA_THREADING_LAYER=LAYER``; the load keeps the default).
+
 Figures are as honest as the machine: on a 2-core machine two decoding processes with two
 threads each share the cores, so both halve at best.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phimlx.bench.cli import run_child, runner_env, token_ids  # noqa: E402
 from phimlx.bench.models import resolve  # noqa: E402
 
-ENGINES = ("numpy", "llama.cpp")
+ENGINES = "numpy,llama.cpp"
 
 # The load: a process that decodes random ids without end (restarting its context when full).
 LOAD = """
@@ -82,6 +86,21 @@ def stop_load(proc: subprocess.Popen | None) -> None:
             proc.kill()
 
 
+def run_engine(job: dict, engine: str) -> dict:
+    """One measured run of ``engine`` ("numpy:LAYER": numba's threading layer LAYER)."""
+    name, _, layer = engine.partition(":")
+    saved = os.environ.get("NUMBA_THREADING_LAYER")
+    if layer:
+        os.environ["NUMBA_THREADING_LAYER"] = layer  # the runner's environment copies ours
+    try:
+        return run_child({**job, "engine": name}, timeout=600)
+    finally:
+        if layer:
+            os.environ.pop("NUMBA_THREADING_LAYER")
+            if saved is not None:
+                os.environ["NUMBA_THREADING_LAYER"] = saved
+
+
 def main(argv: list[str]) -> int:
     """Run the loads and print the table; 1 if a run failed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,6 +109,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("-r", "--repetitions", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--loads", default="none,numpy,llama.cpp", help="comma-separated loads")
+    p.add_argument(
+        "--engines", default=ENGINES, help="measured engines: numpy, numpy:LAYER, llama.cpp"
+    )
     p.add_argument("--json", help="write every run's result here")
     args = p.parse_args(argv)
     model = resolve(args.model)
@@ -103,16 +125,17 @@ def main(argv: list[str]) -> int:
         "warmup": True,
         "n_vocab": model.n_vocab,
     }
+    engines = args.engines.split(",")
     results: dict[str, dict[str, list[float]]] = {}
     failed = False
     for load in args.loads.split(","):
         proc = start_load(load, str(model.path), args.threads)
-        runs: dict[str, list[float]] = {e: [] for e in ENGINES}
+        runs: dict[str, list[float]] = {e: [] for e in engines}
         try:
             for rep in range(args.repetitions):
-                order = ENGINES if rep % 2 == 0 else ENGINES[::-1]
+                order = engines if rep % 2 == 0 else engines[::-1]
                 for e in order:
-                    r = run_child({**job, "engine": e}, timeout=600)
+                    r = run_engine(job, e)
                     if not r.get("ok"):
                         print(f"{e} under {load} load failed: {r.get('error')}", file=sys.stderr)
                         failed = True
@@ -129,13 +152,15 @@ def main(argv: list[str]) -> int:
                     f"  {e:10s} median {statistics.median(v):6.1f} tok/s "
                     f"(min {min(v):.1f}, max {max(v):.1f})"
                 )
-        ours, peer = runs["numpy"], runs["llama.cpp"]
-        if ours and peer:
-            mine = statistics.median(ours)
-            print(
-                f"  phimlx / llama.cpp {mine / statistics.median(peer):.2f}x; "
-                f"phimlx slowest / median {min(ours) / mine:.2f}"
-            )
+        first, *others = engines
+        for e in others:
+            ours, peer = runs[first], runs[e]
+            if ours and peer:
+                mine = statistics.median(ours)
+                print(
+                    f"  {first} / {e} {mine / statistics.median(peer):.2f}x; "
+                    f"{first} slowest / median {min(ours) / mine:.2f}"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 1 if failed else 0

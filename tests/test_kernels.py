@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -447,6 +448,32 @@ def test_set_threads() -> None:
         import numba
 
         assert numba.get_num_threads() == n
+
+
+LAYER = "import fallback.threads as t; print(t.threading_layer(), t._TBB_PATH)"
+
+
+@NEEDS_NUMBA
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+    reason="phimlx depends on pip's tbb on Linux x86-64 only",
+)
+@pytest.mark.parametrize("choice", ["", "omp"])
+def test_threading_layer_is_tbb_unless_asked(choice: str) -> None:
+    """pip's libtbb sits outside the loader's path in a virtual environment: without
+    `fallback.threads` loading it, numba would fall back to OpenMP without a word."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if choice:
+        env["NUMBA_THREADING_LAYER"] = choice
+    out = subprocess.run(
+        [sys.executable, "-c", LAYER], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    layer, path = out.stdout.split()
+    if choice:
+        assert (layer, path) == ("omp", "None")
+    else:
+        assert layer == "tbb" and path.endswith("libtbb.so.12")
 
 
 def test_env_var_forces_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ LIBRARIES = (
     "phimlx",
     "numpy",
     "numba",
+    "tbb",  # numba's threading layer where installed (fallback.threads)
     "gguf",
     "llama-cpp-python",
     "mlx",
