@@ -40,7 +40,8 @@ in the cache (cap: its capacity), rd/2 rotated pairs per head.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -48,7 +49,7 @@ import numpy as np
 from phimlx.backends import KV_CACHE_TYPES
 
 from .kernels import numba_available, renamed
-from .threads import one_blas_thread
+from .threads import current_threads, one_blas_thread
 
 # Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
 # takes one part per kv head; above, its positions are split into parts too
@@ -96,24 +97,68 @@ def attention_np(
 ) -> np.ndarray:
     """Causal attention of q (T, H, D) at positions p0.. over the cache kc/vc (KV, cap, D),
     which already holds these tokens; window > 0 limits keys to i - j < window.
-    Returns (T, H * D)."""
+    Returns (T, H * D).
+
+    The softmax runs in place on the score array, one NumPy pass each (mask, max, exp,
+    sum, divide): the mask is added (0 or -inf) to the columns it can hide only, the last
+    T (causal) or all of them (a window)."""
     T, H, D = q.shape
     KV = kc.shape[0]
     G = H // KV
     P = p0 + T
-    qg = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3).reshape(KV, G * T, D)
-    scores = (qg @ kc[:, :P].transpose(0, 2, 1)).reshape(KV, G, T, P) * np.float32(scale)
+    qg = (q * np.float32(scale)).reshape(T, KV, G, D).transpose(1, 2, 0, 3).reshape(KV, G * T, D)
+    scores = qg @ kc[:, :P].transpose(0, 2, 1)  # (KV, G*T, P)
     qpos = np.arange(p0, P)[:, None]
-    kpos = np.arange(P)[None, :]
-    allowed = kpos <= qpos
+    lo = 0 if window else p0 + 1  # columns before lo are visible to every row
+    kpos = np.arange(lo, P)[None, :]
+    hidden = kpos > qpos
     if window:
-        allowed &= qpos - kpos < window
-    scores = np.where(allowed, scores, -np.inf)
-    scores -= scores.max(axis=-1, keepdims=True)
+        hidden |= qpos - kpos >= window
+    if hidden.any():
+        tail = scores.reshape(KV, G, T, P)[..., lo:]
+        np.add(tail, np.where(hidden, np.float32(-np.inf), np.float32(0.0)), out=tail)
+    np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = scores.reshape(KV, G * T, P) @ vc[:, :P]  # (KV, G*T, D)
+    np.divide(scores, scores.sum(axis=-1, keepdims=True), out=scores)
+    out = scores @ vc[:, :P]  # (KV, G*T, D)
     return out.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
+
+
+def row_parts(T: int, p0: int, n: int) -> list[int]:
+    """Bounds ``[0, b1, ..., T]`` splitting T query rows at positions p0.. into at most
+    ``n`` runs for `attention_np`, where a run ``[a, b)`` costs ``(b - a) * (p0 + b)`` (its
+    rows against every position before its end): the largest run as small as can be."""
+    n = max(1, min(n, T))
+
+    def runs(cost: float) -> list[int]:  # greedy: each run as long as ``cost`` allows
+        bounds = [0]
+        while bounds[-1] < T:
+            a = bounds[-1]  # largest b with (b - a) * (p0 + b) <= cost, at least a + 1
+            b = int((a - p0 + ((p0 - a) ** 2 + 4 * (a * p0 + cost)) ** 0.5) / 2)
+            bounds.append(min(T, max(a + 1, b)))
+        return bounds
+
+    lo, hi = 0.0, float(T * (p0 + T))  # the largest run's cost: hi always fits in n runs
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if len(runs(mid)) - 1 <= n else (mid, hi)
+    return runs(hi)
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _attention_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run the other runs of a split prefill attention (NumPy's matmuls
+    and ufuncs release the GIL), made again when the thread count changes."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(workers, "phimlx-attention")
+        return _pool
 
 
 # ------------------------------------------------------------------ KV cache storage
@@ -191,11 +236,11 @@ def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray) -> None:
         c[:, p0 : p0 + T] = x
 
 
-# Prefill attention below this many multiply-adds x 2 (QK^T and PV) runs BLAS on one thread.
-# Measured, 2 threads, alternating: Phi-3-mini shapes, 61 tokens after 62 cached (92 MFLOP
-# per layer): 4.8 s with one thread, 6.0 s with two; SmolLM2, 512 after 2048 (3.0 GFLOP):
-# 4.2 s with one, 3.6 s with two; 512 from empty: the same either way.
-ONE_BLAS_THREAD_FLOP = 2**31
+# Prefill attention of this many multiply-adds x 2 (QK^T and PV) or more splits its query rows
+# over the threads (`row_parts`); every part runs BLAS on one thread.  (Before, BLAS's own
+# threads took blocks of 2 GFLOP or more and one thread the rest: two BLAS threads made the
+# Phi-3-mini shapes' 61 tokens after 62 cached 6.0 s instead of 4.8.)
+SPLIT_ATTENTION_FLOP = 2**23
 
 
 def attend(
@@ -238,11 +283,25 @@ def attend(
     cache_write(kc, p0, k.transpose(1, 0, 2))
     cache_write(vc, p0, v.transpose(1, 0, 2))
     P = p0 + T
-    # BLAS's threads fight numba's around each call (`one_blas_thread`): for a small block
-    # that costs more than a second thread gains (measured crossover: a few GFLOP).
-    small = 4 * T * P * D * H < ONE_BLAS_THREAD_FLOP
-    with one_blas_thread() if small else contextlib.nullcontext():
-        out = attention_np(q, cache_rows(kc, P), cache_rows(vc, P), p0, window, scale)  # (T, H*D)
+    k, v = cache_rows(kc, P), cache_rows(vc, P)
+    # BLAS's own threads fight numba's around each call (`one_blas_thread`); a block worth
+    # it is split by query rows over the threads instead, each a whole BLAS problem
+    n = current_threads() if 4 * T * P * D * H >= SPLIT_ATTENTION_FLOP else 1
+    bounds = row_parts(T, p0, n)
+    out = np.empty((T, H * D), np.float32)
+
+    def run(a: int, b: int) -> None:
+        out[a:b] = attention_np(q[a:b], k[:, : p0 + b], v[:, : p0 + b], p0 + a, window, scale)
+
+    with one_blas_thread():
+        if len(bounds) == 2:
+            run(0, T)
+        else:
+            pool = _attention_pool(len(bounds) - 2)
+            rest = [pool.submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
+            run(0, bounds[1])
+            for f in rest:
+                f.result()
     return out.reshape(*qkv.shape[:-1], H * D)
 
 

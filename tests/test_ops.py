@@ -149,6 +149,40 @@ def test_attend_block(T, neox, window):
     _check_block(got, kc, vc, expected, 9 + T)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("T, p0, window", [(7, 0, 0), (7, 9, 0), (5, 3, 3), (7, 9, 4)])
+def test_attend_block_split_over_threads(monkeypatch, threads, T, p0, window):
+    """A block split by query rows over the threads (`row_parts`: each run against the
+    positions before its end) is the block: the same reference, any split."""
+    monkeypatch.setattr(ops, "SPLIT_ATTENTION_FLOP", 0)
+    monkeypatch.setattr(ops, "current_threads", lambda: threads)
+    assert len(ops.row_parts(T, p0, threads)) == threads + 1  # split indeed
+    args, (qkv, kc, vc), expected = _block_case(T, True, window, p0)
+    _check_block(ops.attend(*args, qkv, kc, vc), kc, vc, expected, p0 + T)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 13])
+@pytest.mark.parametrize("p0", [0, 3, 40])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_row_parts_minimizes_the_largest_run(T, p0, n):
+    """Against every split by brute force: the runs cover 0..T in order, at most n of
+    them, and the largest run costs no more than in the best split."""
+    import itertools
+
+    def worst(bounds):
+        return max((b - a) * (p0 + b) for a, b in itertools.pairwise(bounds))
+
+    got = ops.row_parts(T, p0, n)
+    assert got[0] == 0 and got[-1] == T and all(a < b for a, b in itertools.pairwise(got))
+    assert len(got) - 1 <= min(n, T)
+    best = min(
+        worst([0, *cut, T])
+        for k in range(min(n, T))
+        for cut in itertools.combinations(range(1, T), k)
+    )
+    assert worst(got) == best
+
+
 def test_attend_block_takes_a_vector_for_one_token():
     args, (qkv, kc, vc), expected = _block_case(1, True, 0)
     got = ops.attend(*args, qkv[0], kc, vc)
