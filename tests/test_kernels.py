@@ -336,6 +336,9 @@ def test_serial_and_parallel_variants_cache_apart(tmp_path: Path) -> None:
         "NUMBA_NUM_THREADS": "2",
         "NUMBA_DEBUG_CACHE": "1",
         "PYTHONPATH": os.pathsep.join([root, str(tmp_path)]),
+        # OpenMP hands every thread its share; TBB lets the calling thread run a loop this
+        # short alone before a worker wakes, so "the parallel code ran" would not show
+        "NUMBA_THREADING_LAYER": "omp",
     }
 
     def run(code: str) -> str:
