@@ -14,8 +14,9 @@ ones that arrive together start together.  The prefilled session goes back to th
 cache, where the request's stream finds it holding the whole prompt (and the logits after
 it).
 
-Chunks reach the request's asyncio side through `Ticket`, a queue fed with
-``loop.call_soon_threadsafe``.
+Chunks reach the request's asyncio side through `Ticket`, a queue: the engine collects a
+round's chunks and hands them over with one ``loop.call_soon_threadsafe`` (one wake-up of
+the event loop a round, not one a request).
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ class Ticket:
             self._engine._wake()
 
     def _deliver(self, item: Chunk | BaseException) -> None:
-        """From the engine thread: hand ``item`` to the asyncio side."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+        """From the engine thread: ``item`` goes to the asyncio side at the engine's next
+        `Engine._flush`."""
+        self._engine._outbox.append((self, item))
+
+
+def _put_all(items: list[tuple[Ticket, Chunk | BaseException]]) -> None:
+    """In the event loop: queue each item for its ticket."""
+    for ticket, item in items:
+        ticket._queue.put_nowait(item)
 
 
 @dataclass(eq=False)
@@ -130,6 +135,7 @@ class Engine:
         self._prefilling: list[_Job] = []  # engine thread only
         self._live: list[_Job] = []  # engine thread only
         self._batch = StepBatch(model.step_batch)
+        self._outbox: list[tuple[Ticket, Chunk | BaseException]] = []  # engine thread only
         self._thread: threading.Thread | None = None
 
     # -- the asyncio side ------------------------------------------------------------------
@@ -205,12 +211,30 @@ class Engine:
                 for ticket in admitted:
                     self._admit(ticket)
                 self._prefill_pieces()
+                self._flush()  # first chunks out before the round's forward pass
                 self._decode_round()
+                self._flush()
         except BaseException:  # a bug here must not leave clients waiting forever
             log.exception("the engine failed")
             raise
         finally:
             self._shutdown()
+
+    def _flush(self) -> None:
+        """Hand the chunks and errors delivered since the last call to their event loops:
+        one ``call_soon_threadsafe`` for each loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for ticket, item in self._outbox:
+            by_loop.setdefault(ticket._loop, []).append((ticket, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for ticket, _ in items:
+                    ticket.cancelled = True
 
     def _end(self, job: _Job, item: BaseException | None = None) -> None:
         """Take ``job`` out of the engine, telling its client ``item`` if given."""
@@ -344,3 +368,4 @@ class Engine:
             self._waiting.clear()
         for ticket in waiting:
             self._end(_Job(ticket), stopped)
+        self._flush()
