@@ -14,10 +14,11 @@ Two choices made per call plug into it:
 - the attention block (rope q and k, write k and v into the cache, attend): for one token,
   the compiled one-call block (`ops.attend_rows`, split across numba's threads by kv heads
   and, over long caches, by positions: no BLAS call in a decode step, so only numba's
-  threads run); for a prefill chunk `ops.attend`, whose batched attention lets BLAS's
-  threads work.  See `fallback.ops`.  A batch of B sessions (or a run of drafted tokens)
-  runs the same compiled block for all B rows in one call (`_attend_rows`): each token
-  attends over its own cache at its own position, as its step would, bit for bit.
+  threads run); for a prefill chunk `ops.attend`, batched BLAS products on one BLAS thread,
+  a large block's query rows split over the threads (`ops.row_parts`).  See `fallback.ops`.
+  A batch of B sessions (or a run of drafted tokens) runs the same compiled block for all B
+  rows in one call (`_attend_rows`): each token attends over its own cache at its own
+  position, as its step would, bit for bit.
 
 The KV cache is stored as ``kv_cache_type`` says (`phimlx.backends.KV_CACHE_TYPES`: float16
 by default, float32, or Q8_0 blocks), one cache per layer (see "KV cache storage" in

@@ -3,8 +3,9 @@
 Two engines compute them:
 
 - NumPy (the ``*_np`` functions): vectorized expressions, the reference in tests and what
-  runs where numba is missing.  `attention_np` is batched matmuls, so BLAS's threads do the
-  work: the engine for prefill chunks, where the score matrix is large.
+  runs where numba is missing.  `attention_np` is batched matmuls: the engine for prefill
+  chunks, where the score matrix is large; `attend` splits a large block's query rows over
+  the threads (`row_parts`), each part a BLAS problem on one BLAS thread.
 - numba: loops compiled into one call each.  A decode step of a small model is dominated
   by interpreter round trips (a NumPy expression costs several, each op a handful), so the
   whole attention block of one token (rope q and k, write k and v into the cache, attend)
@@ -153,10 +154,8 @@ def _attention_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     """The threads that run the other runs of a split prefill attention (NumPy's matmuls
     and ufuncs release the GIL), made again when the thread count changes."""
     global _pool
-    with _pool_lock:
+    with _pool_lock:  # (a replaced pool is not shut down: a caller may still submit to it)
         if _pool is None or _pool._max_workers != workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
             _pool = concurrent.futures.ThreadPoolExecutor(workers, "phimlx-attention")
         return _pool
 
