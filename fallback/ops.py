@@ -42,6 +42,7 @@ in the cache (cap: its capacity), rd/2 rotated pairs per head.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 from collections.abc import Callable
 
@@ -125,25 +126,37 @@ def attention_np(
     return out.reshape(KV, G, T, D).transpose(2, 0, 1, 3).reshape(T, H * D)
 
 
-def row_parts(T: int, p0: int, n: int) -> list[int]:
-    """Bounds ``[0, b1, ..., T]`` splitting T query rows at positions p0.. into at most
+@functools.lru_cache(maxsize=256)  # (every layer of a chunk asks the same)
+def row_parts(T: int, p0: int, n: int) -> tuple[int, ...]:
+    """Bounds ``(0, b1, ..., T)`` splitting T query rows at positions p0.. into at most
     ``n`` runs for `attention_np`, where a run ``[a, b)`` costs ``(b - a) * (p0 + b)`` (its
-    rows against every position before its end): the largest run as small as can be."""
+    rows against every position before its end): the largest run as small as can be
+    (a bisection on that cost, each step a greedy split of at most n runs)."""
     n = max(1, min(n, T))
+    if n == 1:
+        return (0, T)
 
-    def runs(cost: float) -> list[int]:  # greedy: each run as long as ``cost`` allows
+    def runs(cost: int) -> list[int] | None:  # each run as long as ``cost`` allows
         bounds = [0]
         while bounds[-1] < T:
-            a = bounds[-1]  # largest b with (b - a) * (p0 + b) <= cost, at least a + 1
+            if len(bounds) > n:
+                return None  # more than n runs
+            a = bounds[-1]  # the largest b with (b - a) * (p0 + b) <= cost, at least a + 1
             b = int((a - p0 + ((p0 - a) ** 2 + 4 * (a * p0 + cost)) ** 0.5) / 2)
+            while (b + 1 - a) * (p0 + b + 1) <= cost:  # (the square root's rounding)
+                b += 1
+            while b > a + 1 and (b - a) * (p0 + b) > cost:
+                b -= 1
             bounds.append(min(T, max(a + 1, b)))
         return bounds
 
-    lo, hi = 0.0, float(T * (p0 + T))  # the largest run's cost: hi always fits in n runs
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if len(runs(mid)) - 1 <= n else (mid, hi)
-    return runs(hi)
+    lo, hi = 0, T * (p0 + T)  # a cost that needs more than n runs; one that does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) is not None else (mid, hi)
+    best = runs(hi)
+    assert best is not None
+    return tuple(best)
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -287,15 +300,16 @@ def attend(
     # it is split by query rows over the threads instead, each a whole BLAS problem
     n = current_threads() if 4 * T * P * D * H >= SPLIT_ATTENTION_FLOP else 1
     bounds = row_parts(T, p0, n)
-    out = np.empty((T, H * D), np.float32)
-
-    def run(a: int, b: int) -> None:
-        out[a:b] = attention_np(q[a:b], k[:, : p0 + b], v[:, : p0 + b], p0 + a, window, scale)
-
     with one_blas_thread():
         if len(bounds) == 2:
-            run(0, T)
+            out = attention_np(q, k, v, p0, window, scale)  # (T, H*D)
         else:
+            out = np.empty((T, H * D), np.float32)
+
+            def run(a: int, b: int) -> None:
+                ka, va = k[:, : p0 + b], v[:, : p0 + b]
+                out[a:b] = attention_np(q[a:b], ka, va, p0 + a, window, scale)
+
             pool = _attention_pool(len(bounds) - 2)
             rest = [pool.submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
             run(0, bounds[1])
