@@ -448,6 +448,7 @@ class NumpySession:
             c.sliding_window or 0,
             m.attn_scale,
             c.n_heads,
+            threads=m.threads,
         )  # then attend(qkv, kc, vc) -> (T, H * D), or (H * D,) for one token
 
     def _forward(self, ids: np.ndarray, *, decode: bool, all_logits: bool = False) -> np.ndarray:

@@ -51,7 +51,7 @@ import numpy as np
 from phimlx.backends import KV_CACHE_TYPES
 
 from .kernels import numba_available, renamed
-from .threads import current_threads, one_blas_thread
+from .threads import one_blas_thread
 
 # Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
 # takes one part per kv head; above, its positions are split into parts too
@@ -266,6 +266,8 @@ def attend(
     qkv: np.ndarray,
     kc: np.ndarray,
     vc: np.ndarray,
+    *,
+    threads: int = 1,
 ) -> np.ndarray:
     """The attention block of T tokens at positions p0 .. p0 + T - 1: rotate the q and k
     parts of qkv in place (`rope`), write k and v into the caches, attend (`attention_np`).
@@ -280,6 +282,7 @@ def attend(
         qkv: (T, (H + 2 KV) * D) projections [q | k | v], or ((H + 2 KV) * D,) for one.
         kc, vc: this layer's caches (KV, cap, D), cap >= p0 + T, of any KV cache type
             (`new_cache`); the rows this call reads are converted to float32.
+        threads: threads a large block's query rows are split over (`row_parts`).
 
     Returns:
         (T, H * D), or (H * D,) for a one-dimensional qkv.
@@ -298,7 +301,7 @@ def attend(
     k, v = cache_rows(kc, P), cache_rows(vc, P)
     # BLAS's own threads fight numba's around each call (`one_blas_thread`); a block worth
     # it is split by query rows over the threads instead, each a whole BLAS problem
-    n = current_threads() if 4 * T * P * D * H >= SPLIT_ATTENTION_FLOP else 1
+    n = threads if 4 * T * P * D * H >= SPLIT_ATTENTION_FLOP else 1
     bounds = row_parts(T, p0, n)
     with one_blas_thread():
         if len(bounds) == 2:

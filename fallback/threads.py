@@ -162,14 +162,6 @@ def _set_blas_threads(n: int) -> None:
     threadpoolctl.threadpool_limits(limits=n, user_api="blas")
 
 
-_current = 1  # what `set_threads` set last
-
-
-def current_threads() -> int:
-    """The thread count `set_threads` set last (1 before any)."""
-    return _current
-
-
 def set_threads(n: int | None = None) -> int:
     """Set the threads used by the numba kernels and by BLAS.
 
@@ -190,6 +182,4 @@ def set_threads(n: int | None = None) -> int:
         want = min(want, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(want)
     _set_blas_threads(want)
-    global _current
-    _current = want
     return want

@@ -155,10 +155,12 @@ def test_attend_block_split_over_threads(monkeypatch, threads, T, p0, window):
     """A block split by query rows over the threads (`row_parts`: each run against the
     positions before its end) is the block: the same reference, any split."""
     monkeypatch.setattr(ops, "SPLIT_ATTENTION_FLOP", 0)
-    monkeypatch.setattr(ops, "current_threads", lambda: threads)
-    assert len(ops.row_parts(T, p0, threads)) == threads + 1  # split indeed
+    runs = []
+    whole = ops.attention_np
+    monkeypatch.setattr(ops, "attention_np", lambda q, *a: runs.append(len(q)) or whole(q, *a))
     args, (qkv, kc, vc), expected = _block_case(T, True, window, p0)
-    _check_block(ops.attend(*args, qkv, kc, vc), kc, vc, expected, p0 + T)
+    _check_block(ops.attend(*args, qkv, kc, vc, threads=threads), kc, vc, expected, p0 + T)
+    assert len(runs) == threads and sum(runs) == T  # split indeed, every row once
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 13])
