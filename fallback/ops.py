@@ -51,12 +51,16 @@ import numpy as np
 from phimlx.backends import KV_CACHE_TYPES
 
 from .kernels import numba_available, renamed
-from .threads import one_blas_thread
+from .threads import one_blas_thread, tbb_loaded
 
-# Decode attention of up to this many multiply-adds per layer (positions attended x H x D)
-# takes one part per kv head; above, its positions are split into parts too
-# (`token_parts`), whose merge costs more than it saves below it.
-LOOP_ATTENTION_MAX = 1 << 17
+# Decode attention of up to this many multiply-adds per layer (positions attended x H x D,
+# summed over a batch's rows) runs on the calling thread, one part per kv head; above, on
+# numba's threads, a token's positions split into parts too (`token_parts`).  Below it a
+# launch of the threads costs more than it saves: the parallel kernel's time matches the
+# serial one's at ~450k on TBB, 250k-350k on OpenMP, for 1, 2 or 4 rows alike, and is
+# 1.9x (TBB) and 1.4x (OpenMP) of it at 116k (SmolLM2-135M, 2 threads, 2-core Xeon VM:
+# `attend_batch` against `attend_batch_serial`, 12 alternations per size in one process).
+LOOP_ATTENTION_MAX = 7 << 16 if tbb_loaded() else 1 << 18
 
 # ---------------------------------------------------------------------------- NumPy engine
 

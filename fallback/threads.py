@@ -100,6 +100,12 @@ def _load_tbb() -> str | None:
 _TBB_PATH = _load_tbb()
 
 
+def tbb_loaded() -> bool:
+    """Whether this import loaded TBB, so numba will run its threads on it (unless
+    something else in the process loaded another layer first)."""
+    return _TBB_PATH is not None
+
+
 def threading_layer() -> str | None:
     """numba's threading layer in this process ("tbb", "omp" or "workqueue"), starting its
     threads if they are not yet; None without numba."""
