@@ -565,6 +565,27 @@ def test_int8_matmul(name: str, rows: int, n: int, monkeypatch: pytest.MonkeyPat
 
 
 @NEEDS_INT8
+@pytest.mark.parametrize("name", INT8_TYPES)
+@pytest.mark.parametrize("n_blocks", [16, 18, 35])
+@pytest.mark.parametrize("n", [1, 5, 12])
+def test_int8_long_rows(name: str, n_blocks: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of 16 blocks and more, where the paired bodies (Q4_0, Q4_1, Q8_0 with AVX-512)
+    read the headers of 16 blocks at once (`avx2_ir._pairs`): 16 (one such group), 18 (a
+    group and a pair after it: SmolLM2's 576 columns), 35 (two groups, a pair, a block
+    alone).  Against gguf's dequantization, and the matmul equal to the matvec bit for
+    bit."""
+    monkeypatch.setenv("PHIMLX_INT8_PREFILL", "1")
+    monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1000)  # the parallel driver too
+    raw, w, cols, rng = matrix_case(name, 21, n_blocks, seed=n)
+    m = make_matrix(raw, name, (21, cols), {"use_numba": True, "int8_activations": True})
+    x = rng.standard_normal((n, cols), dtype=np.float32)
+    y = m.matmul(x)
+    xe = effective_x(m, x)
+    assert np.all(np.abs(y - xe @ w.T) <= dot_tolerance(w, xe).T)
+    np.testing.assert_array_equal(y, np.stack([m.matvec(row) for row in x]))
+
+
+@NEEDS_INT8
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K"])
 def test_int8_matmul_many_and_the_prefill_choice(name: str, monkeypatch) -> None:
     """matmul_many fuses up to three matrices into one int8 call, equal to one by one; long

@@ -125,37 +125,43 @@ quantized_rows_int8_serial = njit(**_OPTS)(renamed(_rows_int8, "_serial"))
 
 
 @njit(**_OPTS)
-def pair_inputs(xq, dx, k):
-    """A row of int8 activations (`quantize_int8`'s ``xq`` and ``dx``) in the
-    form the paired int8 bodies take (`avx2_ir._pair_acc`), one value per 4 of ``xq`` (a
-    lane of ``vpdpbusd``'s sums): ``dx8``, the scale of the value's 32-block, and ``aux``:
-    for a type whose weights carry the integer offset ``k`` (Q4_0: 8, Q8_0: 128) the dot's
-    starting values ``-k * sum(xq)`` as int32 (in a float32 array's bytes, so that every
-    type's driver has one signature), else (Q4_1) ``dx * sum(xq)``, float32."""
+def pair_inputs(xq, dx, xs, k):
+    """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx`` and ``xs``) in the form
+    the paired int8 bodies take (`avx2_ir._pair_acc`): ``dx8``, one value per 4 of ``xq``
+    (a lane of ``vpdpbusd``'s sums), the scale of the value's 32-block; and ``aux``: for a
+    type whose weights carry the integer offset ``k`` (Q4_0: 8, Q8_0: 128) the dot's
+    starting values ``-k * sum(xq)`` per 4, as int32 (in a float32 array's bytes, so that
+    every type's driver has one signature), else (Q4_1) ``xs`` itself, ``dx * sum(xq)`` per
+    32-block."""
     n4 = xq.shape[0] // 4
     dx8 = np.empty(n4, np.float32)
+    for i in range(n4):
+        dx8[i] = dx[i >> 3]
+    if k == 0:
+        return dx8, xs
     aux = np.empty(n4, np.float32)
     off = aux.view(np.int32)
     for i in range(n4):
         t = np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1])
         t += np.int32(xq[4 * i + 2]) + np.int32(xq[4 * i + 3])
-        d = dx[i >> 3]
-        dx8[i] = d
-        if k == 0:
-            aux[i] = d * np.float32(t)
-        else:
-            off[i] = -k * t
+        off[i] = -k * t
     return dx8, aux
 
 
 @njit(**_OPTS)
-def pair_rows(xq, dx, k):
-    """`pair_inputs` of each row: ``(n, cols / 4)`` float32 twice."""
+def pair_rows(xq, dx, xs, k):
+    """`pair_inputs` of each row: ``(n, cols / 4)`` float32, and ``aux`` ``(n, cols / 4)``
+    (``xs`` itself where ``k`` is 0)."""
     n, cols = xq.shape
     dx8 = np.empty((n, cols // 4), np.float32)
+    if k == 0:
+        for i in range(n):
+            for j in range(cols // 4):
+                dx8[i, j] = dx[i, j >> 3]
+        return dx8, xs
     aux = np.empty((n, cols // 4), np.float32)
     for i in range(n):
-        d, a = pair_inputs(xq[i], dx[i], k)
+        d, a = pair_inputs(xq[i], dx[i], xs[i], k)
         dx8[i] = d
         aux[i] = a
     return dx8, aux
@@ -242,7 +248,7 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         nb = x.shape[0] // block
         xq, dx, xs = quantized_int8(x, group)
         if paired:
-            dx, xs = pair_inputs(xq, dx, k)
+            dx, xs = pair_inputs(xq, dx, xs, k)
         if by16:
             xs = sums16(xq)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
@@ -307,7 +313,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         else:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
         if paired:
-            dx, xs = pair_rows(xq, dx, k)
+            dx, xs = pair_rows(xq, dx, xs, k)
         if by16:
             xs = sums16_rows(xq)
         nb = cols // block
