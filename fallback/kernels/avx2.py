@@ -43,7 +43,17 @@ from numba import njit, prange
 from phimlx.gguf import GGMLType
 
 from . import avx2_ir, renamed
-from .avx2_ir import AVAILABLE, AVX512, TYPES, decode_row, dot_float, dot_int8, gemm_int8
+from .avx2_ir import (
+    AVAILABLE,
+    AVX512,
+    TYPES,
+    abs_max,
+    decode_row,
+    dot_float,
+    dot_int8,
+    gemm_int8,
+    round32,
+)
 
 __all__ = [
     "AVAILABLE",
@@ -82,17 +92,11 @@ def quantize_int8(x, xq, dx, xs, group):
     (n/32,) the scales (one per 32: a scale shared by 256 values is stored eight times), xs
     (n/32,) the sums ``dx * sum(xq)`` per 32."""
     for g0 in range(0, x.shape[0], group):
-        amax = np.float32(0.0)
-        for i in range(g0, g0 + group):
-            amax = max(amax, abs(x[i]))
+        amax = abs_max(x, g0, group)
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         for g in range(g0 // 32, (g0 + group) // 32):
-            t = np.int32(0)
-            for i in range(32 * g, 32 * g + 32):
-                q = np.int32(np.rint(x[i] * inv))
-                xq[i] = np.int8(q)
-                t += q
+            t = round32(x, 32 * g, inv, xq)  # rint(x * inv) as int8, and their sum
             dx[g] = d
             xs[g] = d * np.float32(t)
 

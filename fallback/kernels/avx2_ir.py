@@ -984,3 +984,49 @@ def decode_row(typingctx, code, w, r, y, i, nb):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def abs_max(typingctx, x, i0, n):
+    """The largest ``|x[i]|`` for i in ``i0 .. i0 + n - 1`` (f32[:], n a multiple of 32),
+    on 16-lane vectors (a maximum is exact in any order: the scalar loop's result)."""
+    sig = types.float32(x, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        px = h.at(h.data(signature.args[0], args[0]), builder.mul(args[1], i64(4)))
+        best = h.var(_c(V16F, 0.0))
+        with cgutils.for_range(builder, builder.sdiv(args[2], i64(16))) as loop:
+            v = h.load(px, builder.mul(loop.index, i64(64)), V16F, 4)
+            a = h.call("llvm.fabs.v16f32", V16F, [v])
+            builder.store(h.call("llvm.maxnum.v16f32", V16F, [a, builder.load(best)]), best)
+        return h.call("llvm.vector.reduce.fmax.v16f32", f32, [builder.load(best)])
+
+    return sig, codegen
+
+
+@intrinsic
+def round32(typingctx, x, i0, inv, xq):
+    """``xq[i] = rint(x[i] * inv)`` (int8) for the 32 values from ``i0``, and their sum
+    (int32), on 16-lane vectors: the scalar loop's arithmetic, value for value."""
+    sig = types.int32(x, types.intp, types.float32, xq)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        a = signature.args
+        px = h.at(h.data(a[0], args[0]), builder.mul(args[1], i64(4)))
+        pq = h.at(h.data(a[3], args[3]), args[1])
+        inv = builder.insert_element(ir.Constant(V16F, ir.Undefined), args[2], i32(0))
+        inv = h.shuf(inv, ir.Constant(V16F, ir.Undefined), [0] * 16)
+        total = _c(V16I32, 0)
+        for k in range(2):
+            v = builder.fmul(h.load(px, i64(64 * k), V16F, 4), inv)
+            q = builder.fptosi(h.call("llvm.rint.v16f32", V16F, [v]), V16I32)
+            builder.store(
+                builder.trunc(q, _vt(i8, 16)),
+                builder.bitcast(h.at(pq, i64(16 * k)), _vt(i8, 16).as_pointer()),
+            )
+            total = builder.add(total, q)
+        return h.call("llvm.vector.reduce.add.v16i32", i32, [total])
+
+    return sig, codegen
