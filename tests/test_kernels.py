@@ -518,6 +518,19 @@ def test_matvec_many(name: str, parts: list[int], path: dict, monkeypatch) -> No
 
 
 @NEEDS_INT8
+def test_quantize_rounds_ties_to_even() -> None:
+    """With max |x| = 127 the step is 1, so x itself is rounded: halves to the even
+    neighbour (``rint``, as the int8 kernels have always rounded), hand-computed values."""
+    x = np.zeros(64, np.float32)
+    x[:8] = [127, 2.5, 3.5, -2.5, -3.5, 0.5, 1.5, 2.4999998]
+    x[32:36] = [-127, 126.5, 0.49999997, -0.5]
+    xq, dx, xs = quantize_activations(x)
+    np.testing.assert_array_equal(xq[:8], [127, 2, 4, -2, -4, 0, 2, 2])
+    np.testing.assert_array_equal(xq[32:36], [-127, 126, 0, 0])
+    np.testing.assert_array_equal(dx, [1, 1])
+    np.testing.assert_array_equal(xs, [131, -1])
+
+
 @pytest.mark.parametrize("n,group", [(64, 32), (96, 32), (3072, 32), (512, 256), (3072, 256)])
 def test_quantize_vector(n: int, group: int) -> None:
     rng = np.random.default_rng(n)
