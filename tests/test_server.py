@@ -8,6 +8,7 @@ the same prompt alone (``temperature=0, repeat_penalty=1.0``, no prompt cache).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -453,6 +454,25 @@ RAW = [  # short raw prompts: each prefills in one small piece
     "Water boils at",
     "The sun rises in the",
 ]
+
+
+@pytest.mark.parametrize("kind", ["openai", "httpx"])
+def test_bench_serve_script_counts_every_token(url, kind):
+    """`bench/serve.py` against this server with either client: every request is timed
+    over exactly its ``--max-tokens`` tokens, and the totals add up."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
+    try:
+        import serve as bench
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(model_name="smol", api_key="none", max_tokens=5, client=kind)
+    r = bench.run(url, args, clients=2, requests=2, first=0)
+    assert r["requests"] == 4 and r["completion_tokens"] == 4 * 5
+    with httpx.Client(base_url=url) if kind == "httpx" else client(url) as c:
+        one = bench.one_request(c, 3, args)
+    assert one.tokens == 5 and 1 <= len(one.arrivals) <= 5
+    assert one.start <= one.first <= one.arrivals[-1] <= one.end
+    assert one.cached > 0  # the same prompt as the run's fourth request, kept
 
 
 def stream_text(api: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[str, str]:
