@@ -305,13 +305,17 @@ def test_vector_attention_kernels_against_float64(W, kind, D):
     np.testing.assert_array_equal(o[0], before[0].astype(np.float32))
 
 
-def test_token_parts_by_size():
+def test_token_parts_by_size(monkeypatch):
     """One part per kv head for short caches or one thread; over long ones enough parts of
     at least 64 positions that the KV x parts items split evenly across the threads."""
     assert ops.token_parts(10, 9, 3, 64, threads=2) == 1
     assert ops.token_parts(4096, 9, 3, 64, threads=1) == 1
     parts = ops.token_parts(4096, 9, 3, 64, threads=2)
     assert parts > 1 and (3 * parts) % 2 == 0 and 4096 / parts >= 64
+    edge = ops.LOOP_ATTENTION_MAX // (9 * 64)  # the most positions one part takes
+    assert ops.token_parts(edge, 9, 3, 64, threads=2) == 1
+    assert ops.token_parts(edge + 1, 9, 3, 64, threads=2) > 1
+    monkeypatch.setattr(ops, "LOOP_ATTENTION_MAX", 1 << 17)
     assert ops.token_parts(300, 9, 3, 64, threads=2) == 4  # ceil(300 / 64) parts at most
 
 
