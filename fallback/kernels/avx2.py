@@ -158,16 +158,12 @@ def pair_rows(xq, dx, xs, k):
     (``xs`` itself where ``k`` is 0)."""
     n, cols = xq.shape
     dx8 = np.empty((n, cols // 4), np.float32)
-    if k == 0:
-        for i in range(n):
-            for j in range(cols // 4):
-                dx8[i, j] = dx[i, j >> 3]
-        return dx8, xs
-    aux = np.empty((n, cols // 4), np.float32)
+    aux = xs if k == 0 else np.empty((n, cols // 4), np.float32)
     for i in range(n):
         d, a = pair_inputs(xq[i], dx[i], xs[i], k)
         dx8[i] = d
-        aux[i] = a
+        if k != 0:
+            aux[i] = a
     return dx8, aux
 
 

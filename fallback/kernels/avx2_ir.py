@@ -27,6 +27,9 @@ serves every type and the drivers of `avx2` differ only in that constant:
 - ``dot_float(code, w, r, x, xs, nb) -> float32``: row ``r`` of ``w`` times ``x``;
 - ``decode_row(code, w, r, y, i, nb)``: row ``r`` of ``w`` into row ``i`` of ``y``.
 
+Two more round activations to int8 (`avx2.quantize_int8`) on vectors: ``abs_max`` and
+``round32``.
+
 Dots loop over the blocks unrolled by two, alternating two vector accumulators so that
 consecutive fma's do not wait on each other.
 """
@@ -224,8 +227,7 @@ def _blocks(h, n, body):
 def _headers16(h, pr, b0, size):
     """The first 4 bytes of blocks b0 .. b0 + 15 of a row of ``size``-byte blocks as 16 x
     i32, lane j block b0 + j, in one ``vpgatherdd``."""
-    u = ir.Constant(V16I32, ir.Undefined)
-    first = h.shuf(h.b.insert_element(u, h.b.trunc(b0, i32), i32(0)), u, [0] * 16)
+    first = h.splat(h.b.trunc(b0, i32), 16)
     idx = h.b.mul(h.b.add(_c(V16I32, list(range(16))), first), _c(V16I32, size))
     fty = ir.FunctionType(V16I32, [V16I32, pr.type, V16I32, _vt(i1, 16), i32])
     fn = cgutils.get_or_insert_function(h.b.module, fty, "llvm.x86.avx512.mask.gather.dpi.512")
@@ -988,7 +990,7 @@ def decode_row(typingctx, code, w, r, y, i, nb):
 
 @intrinsic
 def abs_max(typingctx, x, i0, n):
-    """The largest ``|x[i]|`` for i in ``i0 .. i0 + n - 1`` (f32[:], n a multiple of 32),
+    """The largest ``|x[i]|`` for i in ``i0 .. i0 + n - 1`` (f32[:], n a multiple of 16),
     on 16-lane vectors (a maximum is exact in any order: the scalar loop's result)."""
     sig = types.float32(x, types.intp, types.intp)
 
@@ -1016,8 +1018,7 @@ def round32(typingctx, x, i0, inv, xq):
         a = signature.args
         px = h.at(h.data(a[0], args[0]), builder.mul(args[1], i64(4)))
         pq = h.at(h.data(a[3], args[3]), args[1])
-        inv = builder.insert_element(ir.Constant(V16F, ir.Undefined), args[2], i32(0))
-        inv = h.shuf(inv, ir.Constant(V16F, ir.Undefined), [0] * 16)
+        inv = h.splat(args[2], 16)
         total = _c(V16I32, 0)
         for k in range(2):
             v = builder.fmul(h.load(px, i64(64 * k), V16F, 4), inv)
