@@ -254,9 +254,7 @@ def _pairs(h, spec, pr, cols, nb):
         if spec.pair_min:
             mv = _halves16(h, b.lshr(words, _c(V16I32, 16)))
             for c in cols:  # xs per block (`avx2.pair_inputs`)
-                xs = h.load(c.ps, b.mul(b0, i64(4)), V16F, 4)
-                c16 = c.acc.c16
-                b.store(h.call("llvm.fma.v16f32", V16F, [mv, xs, b.load(c16)]), c16)
+                _mins_fma(h, c, mv, h.load(c.ps, b.mul(b0, i64(4)), V16F, 4))
         for j in range(0, 16, 2):
             d16 = h.shuf(dv, dv, [j] * 8 + [j + 1] * 8)
             spec.int8_pair(h, pr, cols, b.add(b0, i64(j)), d16)
@@ -270,11 +268,13 @@ def _pairs(h, spec, pr, cols, nb):
             m16 = h.shuf(dm, _c(_vt(f32, 4), 0.0), [1, 3] + [4] * 14)
             for c in cols:
                 xs2 = h.load(c.ps, b.mul(blk, i64(4)), V2F, 4)
-                xs16 = h.shuf(xs2, _c(V2F, 0.0), [0, 1] + [2] * 14)
-                c16 = c.acc.c16
-                b.store(h.call("llvm.fma.v16f32", V16F, [m16, xs16, b.load(c16)]), c16)
+                _mins_fma(h, c, m16, h.shuf(xs2, _c(V2F, 0.0), [0, 1] + [2] * 14))
     with b.if_then(b.icmp_signed("!=", b.srem(nb, i64(2)), i64(0))):
         spec.int8_body(h, pr, cols, b.sub(nb, i64(1)), 0)
+
+
+def _mins_fma(h, c, m16, xs16):  # column c's 16-lane correction += Q4_1's mins * its xs
+    h.b.store(h.call("llvm.fma.v16f32", V16F, [m16, xs16, h.b.load(c.acc.c16)]), c.acc.c16)
 
 
 def _pair_scales(h, pr, o0, o1):
