@@ -579,14 +579,16 @@ def test_int8_matmul(name: str, rows: int, n: int, monkeypatch: pytest.MonkeyPat
 
 @NEEDS_INT8
 @pytest.mark.parametrize("name", INT8_TYPES)
-@pytest.mark.parametrize("n_blocks", [16, 18, 35])
+@pytest.mark.parametrize("n_blocks", [4, 12, 16, 18, 35])
 @pytest.mark.parametrize("n", [1, 5, 12])
 def test_int8_long_rows(name: str, n_blocks: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows of 16 blocks and more, where the paired bodies (Q4_0, Q4_1, Q8_0 with AVX-512)
-    read the headers of 16 blocks at once (`avx2_ir._pairs`): 16 (one such group), 18 (a
-    group and a pair after it: SmolLM2's 576 columns), 35 (two groups, a pair, a block
-    alone).  Against gguf's dequantization, and the matmul equal to the matvec bit for
-    bit."""
+    """Rows of many blocks, where the paired bodies (Q4_0, Q4_1, Q8_0 with AVX-512) read
+    the headers of 16 blocks at once (`avx2_ir._pairs`): 16 (one such group), 18 (a group
+    and a pair after it: SmolLM2's 576 columns), 35 (two groups, a pair, a block alone);
+    and the octet bodies (Q4_0, Q4_1 on AVX2, `avx2_ir._octets`) take 8 blocks a step: 4
+    (a partial octet alone), 12 (an octet and a partial one), 16, 18 (octets and a tail of
+    one-block bodies), 35.  Against gguf's dequantization, and the matmul equal to the
+    matvec bit for bit."""
     monkeypatch.setenv("PHIMLX_INT8_PREFILL", "1")
     monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1000)  # the parallel driver too
     raw, w, cols, rng = matrix_case(name, 21, n_blocks, seed=n)
@@ -596,6 +598,33 @@ def test_int8_long_rows(name: str, n_blocks: int, n: int, monkeypatch: pytest.Mo
     xe = effective_x(m, x)
     assert np.all(np.abs(y - xe @ w.T) <= dot_tolerance(w, xe).T)
     np.testing.assert_array_equal(y, np.stack([m.matvec(row) for row in x]))
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int8_q4_largest_sums(name: str, sign: float) -> None:
+    """Every nibble 15 against x rounded to +-127 everywhere: the octet bodies sum 16 of
+    these products (15 * 127 each) in int16, 30480, just under its limit; 32 of them would
+    wrap.  The dot is hand-computed: per block, d * dx * (15 - k) * 127 * 32 (k = 8 for
+    Q4_0), plus Q4_1's m * dx * 127 * 32."""
+    n_blocks, rows = 35, 3
+    size = TYPE_SIZES[GGMLType[name]][1]
+    raw = np.zeros((rows, n_blocks, size), np.uint8)
+    d = np.float16(0.25)
+    m = np.float16(-0.5)
+    raw[:, :, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
+    if name == "Q4_1":
+        raw[:, :, 2:4] = np.frombuffer(m.tobytes(), np.uint8)
+    raw[:, :, size - 16 :] = 0xFF
+    raw = raw.reshape(rows, -1)
+    mat = make_matrix(raw, name, (rows, 32 * n_blocks), {"int8_activations": True})
+    x = np.full(32 * n_blocks, sign, np.float32)  # -> xq = +-127, dx = 1/127
+    q = 15 - (8 if name == "Q4_0" else 0)
+    per_block = float(d) * q * 32 * sign + (float(m) * 32 * sign if name == "Q4_1" else 0.0)
+    want = np.full(rows, per_block * n_blocks)
+    np.testing.assert_allclose(mat.matvec(x), want, rtol=1e-5)
+    np.testing.assert_allclose(mat.matmul(np.stack([x, -x])), np.stack([want, -want]), rtol=1e-5)
 
 
 @NEEDS_INT8

@@ -46,6 +46,7 @@ from . import avx2_ir, renamed
 from .avx2_ir import (
     AVAILABLE,
     AVX512,
+    OCTET_TAIL,
     TYPES,
     abs_max,
     decode_row,
@@ -70,6 +71,8 @@ __all__ = [
     "quantized_int8",
     "pair_inputs",
     "pair_rows",
+    "octet_inputs",
+    "octet_rows",
     "sum_groups",
     "sums16",
     "sums16_rows",
@@ -168,6 +171,55 @@ def pair_rows(xq, dx, xs, k):
 
 
 @njit(**_OPTS)
+def octet_inputs(xq, dx, xs, k):
+    """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx`` and ``xs``) in the form
+    the octet bodies take (`avx2_ir._octets`), per 8 blocks (zeros for those a last octet
+    lacks): ``xt``, ``xq`` transposed, 256 bytes whose 32-byte vector g holds in lane j
+    (4 bytes) block j's values 4 g .. 4 g + 3 (a tail the one-block body takes,
+    `avx2_ir.OCTET_TAIL`, as it is); ``dx8``, the blocks' scales, lane j block
+    j; ``aux``, for a type whose weights carry the integer offset ``k`` (Q4_0: 8), ``-k *
+    sum(xq)`` per block as int32 (in a float32 array's bytes), else ``xs`` per block."""
+    nb = xq.shape[0] // 32
+    no = (nb + 7) // 8
+    natural = 8 * (nb // 8) if nb % 8 < OCTET_TAIL else nb  # (the tail's blocks)
+    xt = np.zeros(256 * no, np.int8)
+    dx8 = np.zeros(8 * no, np.float32)
+    aux = np.zeros(8 * no, np.float32)
+    off = aux.view(np.int32)
+    for b in range(nb):
+        base = 256 * (b >> 3) + 4 * (b & 7)
+        t = np.int32(0)
+        for g in range(8):
+            for i in range(4):
+                v = xq[32 * b + 4 * g + i]
+                xt[base + 32 * g + i if b < natural else 32 * b + 4 * g + i] = v
+                t += np.int32(v)
+        dx8[b] = dx[b]
+        if k == 0:
+            aux[b] = xs[b]
+        else:
+            off[b] = -k * t
+    return xt, dx8, aux
+
+
+@njit(**_OPTS)
+def octet_rows(xq, dx, xs, k):
+    """`octet_inputs` of each row: ``xt`` int8 ``(n, 256 * ceil(cols / 256))``, ``dx8``
+    and ``aux`` float32 ``(n, 8 * ceil(cols / 256))``."""
+    n, cols = xq.shape
+    no = (cols // 32 + 7) // 8
+    xt = np.empty((n, 256 * no), np.int8)
+    dx8 = np.empty((n, 8 * no), np.float32)
+    aux = np.empty((n, 8 * no), np.float32)
+    for i in range(n):
+        a, d, c = octet_inputs(xq[i], dx[i], xs[i], k)
+        xt[i] = a
+        dx8[i] = d
+        aux[i] = c
+    return xt, dx8, aux
+
+
+@njit(**_OPTS)
 def sums16(xq):
     """The sums of each 16 values of a row of int8 activations ``xq``, as int16 in the
     bytes of a float32 array of ``len(xq) / 32`` (the ``xs`` that the bodies with
@@ -239,6 +291,7 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
     by16 = TYPES[qtype].int8_sums16
+    octet, ok = TYPES[qtype].int8_octet is not None, TYPES[qtype].octet_offset
 
     stamp = IR_STAMP
 
@@ -249,6 +302,8 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         xq, dx, xs = quantized_int8(x, group)
         if paired:
             dx, xs = pair_inputs(xq, dx, xs, k)
+        if octet:
+            xq, dx, xs = octet_inputs(xq, dx, xs, ok)
         if by16:
             xs = sums16(xq)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
@@ -297,6 +352,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
     by16 = TYPES[qtype].int8_sums16
+    octet, ok = TYPES[qtype].int8_octet is not None, TYPES[qtype].octet_offset
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
     serial_rows, threaded = QUANTIZE_SERIAL_ROWS, int(parallel)
 
@@ -314,6 +370,8 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
         if paired:
             dx, xs = pair_rows(xq, dx, xs, k)
+        if octet:
+            xq, dx, xs = octet_rows(xq, dx, xs, ok)
         if by16:
             xs = sums16_rows(xq)
         nb = cols // block
