@@ -171,34 +171,47 @@ def pair_rows(xq, dx, xs, k):
 
 
 @njit(**_OPTS)
+def octet_fill(xq, dx, xs, k, xt, dx8, aux):
+    """`octet_inputs` into ``xt``, ``dx8``, ``aux`` (zeros where no block lands)."""
+    nb = xq.shape[0] // 32
+    natural = 8 * (nb // 8) if nb % 8 < OCTET_TAIL else nb  # (the tail's blocks)
+    src, dst = xq.view(np.int32), xt.view(np.int32)  # 4 values a move
+    for i in range(dst.shape[0]):
+        dst[i] = 0
+    for i in range(dx8.shape[0]):
+        dx8[i] = 0
+        aux[i] = 0
+    for b in range(nb):
+        base = 64 * (b >> 3) + (b & 7)
+        for g in range(8):
+            dst[base + 8 * g if b < natural else 8 * b + g] = src[8 * b + g]
+        dx8[b] = dx[b]
+    if k == 0:
+        for b in range(nb):
+            aux[b] = xs[b]
+    else:
+        off = aux.view(np.int32)
+        for b in range(nb):
+            t = np.int32(0)
+            for j in range(32 * b, 32 * b + 32):
+                t += np.int32(xq[j])
+            off[b] = -k * t
+
+
+@njit(**_OPTS)
 def octet_inputs(xq, dx, xs, k):
     """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx`` and ``xs``) in the form
     the octet bodies take (`avx2_ir._octets`), per 8 blocks (zeros for those a last octet
     lacks): ``xt``, ``xq`` transposed, 256 bytes whose 32-byte vector g holds in lane j
     (4 bytes) block j's values 4 g .. 4 g + 3 (a tail the one-block body takes,
-    `avx2_ir.OCTET_TAIL`, as it is); ``dx8``, the blocks' scales, lane j block
-    j; ``aux``, for a type whose weights carry the integer offset ``k`` (Q4_0: 8), ``-k *
-    sum(xq)`` per block as int32 (in a float32 array's bytes), else ``xs`` per block."""
-    nb = xq.shape[0] // 32
-    no = (nb + 7) // 8
-    natural = 8 * (nb // 8) if nb % 8 < OCTET_TAIL else nb  # (the tail's blocks)
-    xt = np.zeros(256 * no, np.int8)
-    dx8 = np.zeros(8 * no, np.float32)
-    aux = np.zeros(8 * no, np.float32)
-    off = aux.view(np.int32)
-    for b in range(nb):
-        base = 256 * (b >> 3) + 4 * (b & 7)
-        t = np.int32(0)
-        for g in range(8):
-            for i in range(4):
-                v = xq[32 * b + 4 * g + i]
-                xt[base + 32 * g + i if b < natural else 32 * b + 4 * g + i] = v
-                t += np.int32(v)
-        dx8[b] = dx[b]
-        if k == 0:
-            aux[b] = xs[b]
-        else:
-            off[b] = -k * t
+    `avx2_ir.OCTET_TAIL`, as it is); ``dx8``, the blocks' scales, lane j block j; ``aux``,
+    for a type whose weights carry the integer offset ``k`` (Q4_0: 8), ``-k * sum(xq)`` per
+    block as int32 (in a float32 array's bytes), else ``xs`` per block."""
+    no = (xq.shape[0] // 32 + 7) // 8
+    xt = np.empty(256 * no, np.int8)
+    dx8 = np.empty(8 * no, np.float32)
+    aux = np.empty(8 * no, np.float32)
+    octet_fill(xq, dx, xs, k, xt, dx8, aux)
     return xt, dx8, aux
 
 
@@ -212,10 +225,7 @@ def octet_rows(xq, dx, xs, k):
     dx8 = np.empty((n, 8 * no), np.float32)
     aux = np.empty((n, 8 * no), np.float32)
     for i in range(n):
-        a, d, c = octet_inputs(xq[i], dx[i], xs[i], k)
-        xt[i] = a
-        dx8[i] = d
-        aux[i] = c
+        octet_fill(xq[i], dx[i], xs[i], k, xt[i], dx8[i], aux[i])
     return xt, dx8, aux
 
 
