@@ -585,10 +585,10 @@ def test_int8_long_rows(name: str, n_blocks: int, n: int, monkeypatch: pytest.Mo
     """Rows of many blocks, where the paired bodies (Q4_0, Q4_1, Q8_0 with AVX-512) read
     the headers of 16 blocks at once (`avx2_ir._pairs`): 16 (one such group), 18 (a group
     and a pair after it: SmolLM2's 576 columns), 35 (two groups, a pair, a block alone);
-    and the octet bodies (Q4_0, Q4_1 on AVX2, `avx2_ir._octets`) take 8 blocks a step: 4
-    (a partial octet alone), 12 (an octet and a partial one), 16, 18 (octets and a tail of
-    one-block bodies), 35.  Against gguf's dequantization, and the matmul equal to the
-    matvec bit for bit."""
+    and the transposed bodies on AVX2 (`avx2_ir._steps`) take 8 blocks a step (Q4_0, Q4_1)
+    or 4 (Q8_0): 4 (a partial octet alone; a quad), 12 (an octet and a partial one; quads),
+    16, 18 (octets or quads, and a tail of one-block bodies), 35.  Against gguf's
+    dequantization, and the matmul equal to the matvec bit for bit."""
     monkeypatch.setenv("PHIMLX_INT8_PREFILL", "1")
     monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1000)  # the parallel driver too
     raw, w, cols, rng = matrix_case(name, 21, n_blocks, seed=n)

@@ -71,8 +71,8 @@ __all__ = [
     "quantized_int8",
     "pair_inputs",
     "pair_rows",
-    "octet_inputs",
-    "octet_rows",
+    "step_inputs",
+    "step_rows",
     "sum_groups",
     "sums16",
     "sums16_rows",
@@ -171,10 +171,13 @@ def pair_rows(xq, dx, xs, k):
 
 
 @njit(**_OPTS)
-def octet_fill(xq, dx, xs, k, xt, dx8, aux):
-    """`octet_inputs` into ``xt``, ``dx8``, ``aux`` (zeros where no block lands)."""
+def step_fill(xq, dx, xs, k, S, xt, dx8, aux):
+    """`step_inputs` into ``xt``, ``dx8``, ``aux`` (zeros where no block lands)."""
     nb = xq.shape[0] // 32
-    natural = 8 * (nb // 8) if nb % 8 < OCTET_TAIL else nb  # (the tail's blocks)
+    tail = OCTET_TAIL if S == 8 else S
+    natural = S * (nb // S) if nb % S < tail else nb  # (the tail's blocks)
+    lane = 32 // S  # bytes of a block in each vector
+    words = lane // 4
     src, dst = xq.view(np.int32), xt.view(np.int32)  # 4 values a move
     for i in range(dst.shape[0]):
         dst[i] = 0
@@ -182,9 +185,11 @@ def octet_fill(xq, dx, xs, k, xt, dx8, aux):
         dx8[i] = 0
         aux[i] = 0
     for b in range(nb):
-        base = 64 * (b >> 3) + (b & 7)
-        for g in range(8):
-            dst[base + 8 * g if b < natural else 8 * b + g] = src[8 * b + g]
+        base = 8 * S * (b // S) + words * (b % S)
+        for g in range(S):  # vector g of the step: the block's bytes lane * g ..
+            for w in range(words):
+                i = base + 8 * g + w if b < natural else 8 * b + words * g + w
+                dst[i] = src[8 * b + words * g + w]
         dx8[b] = dx[b]
     if k == 0:
         for b in range(nb):
@@ -199,33 +204,33 @@ def octet_fill(xq, dx, xs, k, xt, dx8, aux):
 
 
 @njit(**_OPTS)
-def octet_inputs(xq, dx, xs, k):
+def step_inputs(xq, dx, xs, k, S):
     """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx`` and ``xs``) in the form
-    the octet bodies take (`avx2_ir._octets`), per 8 blocks (zeros for those a last octet
-    lacks): ``xt``, ``xq`` transposed, 256 bytes whose 32-byte vector g holds in lane j
-    (4 bytes) block j's values 4 g .. 4 g + 3 (a tail the one-block body takes,
-    `avx2_ir.OCTET_TAIL`, as it is); ``dx8``, the blocks' scales, lane j block j; ``aux``,
-    for a type whose weights carry the integer offset ``k`` (Q4_0: 8), ``-k * sum(xq)`` per
-    block as int32 (in a float32 array's bytes), else ``xs`` per block."""
-    no = (xq.shape[0] // 32 + 7) // 8
-    xt = np.empty(256 * no, np.int8)
-    dx8 = np.empty(8 * no, np.float32)
-    aux = np.empty(8 * no, np.float32)
-    octet_fill(xq, dx, xs, k, xt, dx8, aux)
+    the transposed bodies take (`avx2_ir._steps`), ``S`` blocks (8 or 4) a step, zeros for
+    those a last step lacks: ``xt``, ``xq`` transposed, ``32 S`` bytes a step whose
+    32-byte vector g holds block j's bytes ``32 / S * g ..`` at ``32 / S * j`` (a tail
+    the one-block body takes as it is); ``dx8``, the blocks' scales; ``aux``, for a type
+    whose weights carry the integer offset ``k`` (Q4_0: 8), ``-k * sum(xq)`` per block as
+    int32 (in a float32 array's bytes), else ``xs``."""
+    ns = (xq.shape[0] // 32 + S - 1) // S
+    xt = np.empty(32 * S * ns, np.int8)
+    dx8 = np.empty(S * ns, np.float32)
+    aux = np.empty(S * ns, np.float32)
+    step_fill(xq, dx, xs, k, S, xt, dx8, aux)
     return xt, dx8, aux
 
 
 @njit(**_OPTS)
-def octet_rows(xq, dx, xs, k):
-    """`octet_inputs` of each row: ``xt`` int8 ``(n, 256 * ceil(cols / 256))``, ``dx8``
-    and ``aux`` float32 ``(n, 8 * ceil(cols / 256))``."""
+def step_rows(xq, dx, xs, k, S):
+    """`step_inputs` of each row: ``xt`` int8 ``(n, 32 S * steps)``, ``dx8`` and ``aux``
+    float32 ``(n, S * steps)``."""
     n, cols = xq.shape
-    no = (cols // 32 + 7) // 8
-    xt = np.empty((n, 256 * no), np.int8)
-    dx8 = np.empty((n, 8 * no), np.float32)
-    aux = np.empty((n, 8 * no), np.float32)
+    ns = (cols // 32 + S - 1) // S
+    xt = np.empty((n, 32 * S * ns), np.int8)
+    dx8 = np.empty((n, S * ns), np.float32)
+    aux = np.empty((n, S * ns), np.float32)
     for i in range(n):
-        octet_fill(xq[i], dx[i], xs[i], k, xt[i], dx8[i], aux[i])
+        step_fill(xq[i], dx[i], xs[i], k, S, xt[i], dx8[i], aux[i])
     return xt, dx8, aux
 
 
@@ -301,7 +306,11 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
     by16 = TYPES[qtype].int8_sums16
-    octet, ok = TYPES[qtype].int8_octet is not None, TYPES[qtype].octet_offset
+    steps, sk, sb = (
+        TYPES[qtype].int8_step is not None,
+        TYPES[qtype].step_offset,
+        TYPES[qtype].step_blocks,
+    )
 
     stamp = IR_STAMP
 
@@ -312,8 +321,8 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
         xq, dx, xs = quantized_int8(x, group)
         if paired:
             dx, xs = pair_inputs(xq, dx, xs, k)
-        if octet:
-            xq, dx, xs = octet_inputs(xq, dx, xs, ok)
+        if steps:
+            xq, dx, xs = step_inputs(xq, dx, xs, sk, sb)
         if by16:
             xs = sums16(xq)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
@@ -362,7 +371,11 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
     paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
     by16 = TYPES[qtype].int8_sums16
-    octet, ok = TYPES[qtype].int8_octet is not None, TYPES[qtype].octet_offset
+    steps, sk, sb = (
+        TYPES[qtype].int8_step is not None,
+        TYPES[qtype].step_offset,
+        TYPES[qtype].step_blocks,
+    )
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
     serial_rows, threaded = QUANTIZE_SERIAL_ROWS, int(parallel)
 
@@ -380,8 +393,8 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
         if paired:
             dx, xs = pair_rows(xq, dx, xs, k)
-        if octet:
-            xq, dx, xs = octet_rows(xq, dx, xs, ok)
+        if steps:
+            xq, dx, xs = step_rows(xq, dx, xs, sk, sb)
         if by16:
             xs = sums16_rows(xq)
         nb = cols // block

@@ -14,12 +14,14 @@ task:
   times ``dx * sum(xq)``; ``x`` in a per-lane form (`avx2.pair_inputs`): 1.2-1.5x the
   one-block body on an AVX-512 Xeon.  The scales (and Q4_1's mins) of 16 blocks come in one
   gather, the mins applied once per 16 blocks and column (`_pairs`): 0.85-0.9x the time
-  of reading each pair's headers.  Without AVX-512, Q4_0 / Q4_1 take eight blocks a step
-  (`_octets`), transposed so that lane j of every vector is block j: a column's products
-  sum into the 8 blocks' integer dots by vertical adds, and its float work (conversion,
-  scale, fma) comes once per 8 blocks instead of per block; ``x`` transposed likewise
-  (`avx2.octet_inputs`).  On a 2-core Zen 3 (one thread, SmolLM2's shapes), 0.55-0.9x
-  the one-block body's time for 4 rows of ``x``, 0.4-0.6x for 8, 0.85-1.0x for one;
+  of reading each pair's headers.  Without AVX-512 the bodies are transposed (`_steps`):
+  Q4_0 / Q4_1 take eight blocks a step with lane j of every vector block j (4 bytes of it
+  a vector), Q8_0 four with lanes 2 j, 2 j + 1 block j (8 bytes); a column's products
+  sum into the blocks' integer dots by vertical adds, and its float work (conversion,
+  scale, fma) comes once a step instead of once a block; ``x`` transposed likewise
+  (`avx2.step_inputs`).  On a 2-core Zen 3 (one thread, SmolLM2's shapes), Q4_1 takes
+  0.5-0.9x the one-block body's time for 4 rows of ``x``, 0.4-0.6x for 8, 0.8-1.0x for
+  one; Q8_0 0.82x for 4, 0.67x for 8, the same for one;
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -361,34 +363,36 @@ def _neg(h, s):  # -s, a float scalar
 # the 8 blocks' integer dots by vertical adds, and the float work per column is one
 # conversion, one scale and one fma per 8 blocks (the one-block body: per block).  The
 # weights are transposed as they are read, 4 bytes at a time (`_oct_words`); ``x`` comes
-# transposed the same way (`avx2.octet_inputs`).
+# transposed the same way (`avx2.step_inputs`).
 
 
 # A row's last nb % 8 blocks, where fewer than this, run the one-block body (x in its
-# natural order there: `avx2.octet_inputs`); more, a partial octet.
+# natural order there: `avx2.step_inputs`); more, a partial octet.
 OCTET_TAIL = 4
 
 
-def _octets(h, spec, pr, cols, nb):
-    """The octet bodies over a row's ``nb`` blocks: ``spec.int8_octet(blks, oi, full)`` for
-    blocks ``8 oi .. 8 oi + 7``.  The last ``nb % 8`` blocks: under `OCTET_TAIL`, the
-    one-block body's, each; else a partial octet (``full`` False) that reads its missing
-    blocks' slots from the row's last block (valid memory), where the columns' ``x`` and
-    scales are 0 (`avx2.octet_inputs`), so that they add exact zeros."""
-    b = h.b
-    full = b.sdiv(nb, i64(8))
+def _steps(h, spec, pr, cols, nb):
+    """The transposed bodies over a row's ``nb`` blocks, ``S`` = `IRType.step_blocks` a
+    step: ``spec.int8_step(blks, si, full)`` for blocks ``S si .. S si + S - 1``.  The last
+    ``nb % S`` blocks: the one-block body's, each, or (octets, from `OCTET_TAIL` blocks) a
+    partial step (``full`` False) that reads its missing blocks' slots from the row's last
+    block (valid memory), where the columns' ``x`` and scales are 0 (`avx2.step_inputs`),
+    so that they add exact zeros."""
+    b, S = h.b, spec.step_blocks
+    full = b.sdiv(nb, i64(S))
     with cgutils.for_range(b, full) as loop:
-        b0 = b.mul(loop.index, i64(8))
-        spec.int8_octet(h, pr, cols, [b.add(b0, i64(j)) for j in range(8)], loop.index, True)
-    b0, rem = b.mul(full, i64(8)), b.srem(nb, i64(8))
-    with b.if_else(b.icmp_signed(">=", rem, i64(OCTET_TAIL))) as (partial, tail):
+        b0 = b.mul(loop.index, i64(S))
+        spec.int8_step(h, pr, cols, [b.add(b0, i64(j)) for j in range(S)], loop.index, True)
+    b0, rem = b.mul(full, i64(S)), b.srem(nb, i64(S))
+    partial_from = OCTET_TAIL if S == 8 else S  # (a quad's tail: always one-block bodies)
+    with b.if_else(b.icmp_signed(">=", rem, i64(partial_from))) as (partial, tail):
         with partial:
             last = b.sub(nb, i64(1))
             blks = [b0] + [
                 b.select(b.icmp_signed("<", b.add(b0, i64(j)), nb), b.add(b0, i64(j)), last)
-                for j in range(1, 8)
+                for j in range(1, S)
             ]
-            spec.int8_octet(h, pr, cols, blks, full, False)
+            spec.int8_step(h, pr, cols, blks, full, False)
         with tail, cgutils.for_range(b, rem) as loop:
             spec.int8_body(h, pr, cols, b.add(b0, loop.index), 1)
 
@@ -432,7 +436,7 @@ def _oct_words(h, pr, offs):
 
 def _oct_acc(h, c, isum, d8, oi):
     """Column ``c`` += ``isum`` (8 x i32, the 8 blocks' integer dots) times ``d8 * dx``,
-    ``dx`` its scales in the octet form (`avx2.octet_inputs`)."""
+    ``dx`` its scales in the octet form (`avx2.step_inputs`)."""
     sc = h.b.fmul(d8, h.load(c.pd, h.b.mul(oi, i64(32)), V8F, 4))
     _acc_fma(h, c.acc, h.tofloat(isum), sc, 0)
 
@@ -494,7 +498,7 @@ def _int8_q4_pair(h, pr, cols, b, d16, has_min):
 
 
 def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min):
-    # Q4_0's (q - 8): the 8 comes off in the integer dots, against `avx2.octet_inputs`'s
+    # Q4_0's (q - 8): the 8 comes off in the integer dots, against `avx2.step_inputs`'s
     # -8 * sum(xq) per block; Q4_1's mins meet its ``dx * sum(xq)`` per block there.  The
     # products' pair sums (at most 2 * 15 * 127) stay in int16 for 16 of them.
     size, skip = (20, 4) if has_min else (18, 2)
@@ -575,6 +579,37 @@ def _int8_q8_0_pair(h, pr, cols, b, d16):
     q = h.cat(h.load(pr, qo0, V32I8), h.load(pr, h.b.add(qo0, i64(34)), V32I8))
     u = h.b.xor(q, _c(V64I8, -128))
     _pair_acc(h, cols, u, d16, False, b)
+
+
+def _int8_q8_0_quad(h, pr, cols, blks, qi, full):
+    # Four blocks a step, transposed by 8 bytes (lanes 2 j, 2 j + 1 block j): the signed
+    # weights through vpmaddubsw as the one-block body takes them (|q| x sign(q) * x),
+    # pair sums (up to 2 * 128 * 127) widened to int32 at once.
+    del full  # (no partial quads: `_steps`)
+    offs = [h.b.mul(bk, i64(34)) for bk in blks]
+    v = ir.Constant(_vt(i16, 4), ir.Undefined)
+    for j, o in enumerate(offs):
+        v = h.b.insert_element(v, h.load(pr, o, i16), i32(j))
+    d4 = h.b.fpext(h.b.bitcast(v, _vt(f16, 4)), _vt(f32, 4))
+    spread = [0, 0, 1, 1, 2, 2, 3, 3]
+    d8 = h.shuf(d4, d4, spread)
+    ys = [h.load(pr, h.b.add(o, i64(2)), _vt(i64, 4)) for o in offs]
+    t0, t1 = h.shuf(ys[0], ys[1], [0, 4, 2, 6]), h.shuf(ys[0], ys[1], [1, 5, 3, 7])
+    t2, t3 = h.shuf(ys[2], ys[3], [0, 4, 2, 6]), h.shuf(ys[2], ys[3], [1, 5, 3, 7])
+    qs = [h.shuf(t0, t2, [0, 1, 4, 5]), h.shuf(t1, t3, [0, 1, 4, 5])]
+    qs += [h.shuf(t0, t2, [2, 3, 6, 7]), h.shuf(t1, t3, [2, 3, 6, 7])]
+    qs = [h.b.bitcast(q, V32I8) for q in qs]  # vector g: bytes 8 g .. 8 g + 7 of each block
+    aqs = [h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)]) for q in qs]
+    for c in cols:
+        isum = None
+        for g, (q, aq) in enumerate(zip(qs, aqs, strict=True)):
+            x = h.load(c.pq, h.b.add(h.b.mul(qi, i64(128)), i64(32 * g)), V32I8)
+            sx = h.call("llvm.x86.avx2.psign.b", V32I8, [x, q])
+            t = h.maddwd(h.maddubs(aq, sx), _ONES16)
+            isum = t if isum is None else h.b.add(isum, t)
+        dx4 = h.load(c.pd, h.b.mul(qi, i64(16)), _vt(f32, 4), 4)
+        sc = h.b.fmul(d8, h.shuf(dx4, dx4, spread))
+        _acc_fma(h, c.acc, h.tofloat(isum), sc, 0)
 
 
 def _float_q8_0(h, pr, px, ps, acc, b, k):
@@ -891,9 +926,9 @@ class IRType:
     with AVX-512: its offset 32 comes off once a block against them, as llama.cpp's Q8_K
     ``bsums`` do); ``pair_bytes``: a block's size, for `_pairs` to gather the paired
     bodies' headers, ``pair_min`` whether they hold a min after the scale (Q4_1);
-    ``int8_octet``: a body of eight blocks a step (`_octets`), taken instead of
+    ``int8_step``: a body of eight blocks a step (`_steps`), taken instead of
     ``int8_body`` where there is no paired one, with ``x`` in its form
-    (`avx2.octet_inputs`: the integer offset ``octet_offset`` taken off in the dots, Q4_0's
+    (`avx2.step_inputs`: the integer offset ``step_offset`` taken off in the dots, Q4_0's
     8)."""
 
     block: int
@@ -907,8 +942,9 @@ class IRType:
     int8_sums16: bool = False
     pair_bytes: int = 0
     pair_min: bool = False
-    int8_octet: Callable | None = None
-    octet_offset: int = 0
+    int8_step: Callable | None = None
+    step_offset: int = 0
+    step_blocks: int = 8
 
     @property
     def dx_step(self) -> int:
@@ -935,7 +971,8 @@ def _ir(
     x_offset=0,
     sums16=False,
     pair_bytes=0,
-    octet=None,
+    step=None,
+    step_blocks=8,
     **variant,
 ) -> IRType:
     """An `IRType` with the layout ``variant`` (keyword arguments of the bodies) bound."""
@@ -952,8 +989,9 @@ def _ir(
         int8_sums16=sums16,
         pair_bytes=pair_bytes,
         pair_min=variant.get("has_min", False),
-        int8_octet=None if octet is None or pair is not None else bind(octet, **variant),
-        octet_offset=8 if octet is not None and pair is None and x_offset == 8 else 0,
+        int8_step=None if step is None or pair is not None else bind(step, **variant),
+        step_offset=8 if step is not None and pair is None and x_offset == 8 else 0,
+        step_blocks=step_blocks,
     )
 
 
@@ -974,7 +1012,7 @@ TYPES: dict[int, IRType] = {
         _Q4_PAIR,
         8,
         pair_bytes=18,
-        octet=_int8_q4_octet,
+        step=_int8_q4_octet,
         has_min=False,
     ),
     GGMLType.Q4_1: _ir(
@@ -985,10 +1023,21 @@ TYPES: dict[int, IRType] = {
         _int8_q4,
         _Q4_PAIR,
         pair_bytes=20,
-        octet=_int8_q4_octet,
+        step=_int8_q4_octet,
         has_min=True,
     ),
-    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0, _Q8_PAIR, 128, pair_bytes=34),
+    GGMLType.Q8_0: _ir(
+        32,
+        32,
+        _float_q8_0,
+        _decode_q8_0,
+        _int8_q8_0,
+        _Q8_PAIR,
+        128,
+        pair_bytes=34,
+        step=_int8_q8_0_quad,
+        step_blocks=4,
+    ),
     GGMLType.Q4_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=False),
     GGMLType.Q5_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=True),
     GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k, sums16=AVX512),
@@ -1024,8 +1073,8 @@ def _int8_loop(h, spec, pr, cols, nb):
     step where the type has a paired body, else one (unrolled by two)."""
     if spec.int8_pair is not None:
         _pairs(h, spec, pr, cols, nb)
-    elif spec.int8_octet is not None:
-        _octets(h, spec, pr, cols, nb)
+    elif spec.int8_step is not None:
+        _steps(h, spec, pr, cols, nb)
     else:
         _blocks(h, nb, lambda blk, k: spec.int8_body(h, pr, cols, blk, k))
 
