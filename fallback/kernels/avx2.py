@@ -184,13 +184,20 @@ def step_fill(xq, dx, xs, k, S, xt, dx8, aux):
     for i in range(dx8.shape[0]):
         dx8[i] = 0
         aux[i] = 0
+    # an octet's tail of 2-3 blocks: its first two transposed by 16 bytes (`_int8_q4_pair16`)
+    pair = natural if S == 8 and nb - natural >= 2 else nb
     for b in range(nb):
+        dx8[b] = dx[b]
+        if pair <= b < pair + 2:  # vector g: bytes 16 g .. of both, 16 bytes each
+            for g in range(2):
+                for w in range(4):
+                    dst[8 * pair + 8 * g + 4 * (b - pair) + w] = src[8 * b + 4 * g + w]
+            continue
         base = 8 * S * (b // S) + words * (b % S)
         for g in range(S):  # vector g of the step: the block's bytes lane * g ..
             for w in range(words):
                 i = base + 8 * g + w if b < natural else 8 * b + words * g + w
                 dst[i] = src[8 * b + words * g + w]
-        dx8[b] = dx[b]
     if k == 0:
         for b in range(nb):
             aux[b] = xs[b]
@@ -208,10 +215,11 @@ def step_inputs(xq, dx, xs, k, S):
     """A row of int8 activations (`quantize_int8`'s ``xq``, ``dx`` and ``xs``) in the form
     the transposed bodies take (`avx2_ir._steps`), ``S`` blocks (8 or 4) a step, zeros for
     those a last step lacks: ``xt``, ``xq`` transposed, ``32 S`` bytes a step whose
-    32-byte vector g holds block j's bytes ``32 / S * g ..`` at ``32 / S * j`` (a tail
-    the one-block body takes as it is); ``dx8``, the blocks' scales; ``aux``, for a type
-    whose weights carry the integer offset ``k`` (Q4_0: 8), ``-k * sum(xq)`` per block as
-    int32 (in a float32 array's bytes), else ``xs``."""
+    32-byte vector g holds block j's bytes ``32 / S * g ..`` at ``32 / S * j`` (an
+    octet's tail: two blocks by 16 bytes, then one as it is, the one-block body's);
+    ``dx8``, the blocks' scales; ``aux``, for a type whose weights carry the integer
+    offset ``k`` (Q4_0: 8), ``-k * sum(xq)`` per block as int32 (in a float32 array's
+    bytes), else ``xs``."""
     ns = (xq.shape[0] // 32 + S - 1) // S
     xt = np.empty(32 * S * ns, np.int8)
     dx8 = np.empty(S * ns, np.float32)

@@ -19,9 +19,10 @@ task:
   a vector), Q8_0 four with lanes 2 j, 2 j + 1 block j (8 bytes); a column's products
   sum into the blocks' integer dots by vertical adds, and its float work (conversion,
   scale, fma) comes once a step instead of once a block; ``x`` transposed likewise
-  (`avx2.step_inputs`).  On a 2-core Zen 3 (one thread, SmolLM2's shapes), Q4_1 takes
-  0.5-0.9x the one-block body's time for 4 rows of ``x``, 0.4-0.6x for 8, 0.8-1.0x for
-  one; Q8_0 0.82x for 4, 0.67x for 8, the same for one;
+  (`avx2.step_inputs`); an octet's tail of 2-3 blocks takes two in a pair transposed by
+  16 bytes (`_int8_q4_pair16`).  On a 2-core Zen 3 (one thread, SmolLM2's shapes), Q4_1
+  takes 0.55-0.58x the one-block body's time for 4 rows of ``x``, 0.45-0.47x for 8,
+  0.81-0.87x for one; Q8_0 0.82x for 4, 0.67x for 8, the same for one;
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -374,7 +375,8 @@ OCTET_TAIL = 4
 def _steps(h, spec, pr, cols, nb):
     """The transposed bodies over a row's ``nb`` blocks, ``S`` = `IRType.step_blocks` a
     step: ``spec.int8_step(blks, si, full)`` for blocks ``S si .. S si + S - 1``.  The last
-    ``nb % S`` blocks: the one-block body's, each, or (octets, from `OCTET_TAIL` blocks) a
+    ``nb % S`` blocks: the one-block body's, each (an octet's tail: two of them in
+    ``spec.step_pair``, transposed by 16 bytes), or (octets, from `OCTET_TAIL` blocks) a
     partial step (``full`` False) that reads its missing blocks' slots from the row's last
     block (valid memory), where the columns' ``x`` and scales are 0 (`avx2.step_inputs`),
     so that they add exact zeros."""
@@ -393,8 +395,15 @@ def _steps(h, spec, pr, cols, nb):
                 for j in range(1, S)
             ]
             spec.int8_step(h, pr, cols, blks, full, False)
-        with tail, cgutils.for_range(b, rem) as loop:
-            spec.int8_body(h, pr, cols, b.add(b0, loop.index), 1)
+        with tail:
+            if spec.step_pair is None:
+                with cgutils.for_range(b, rem) as loop:
+                    spec.int8_body(h, pr, cols, b.add(b0, loop.index), 1)
+            else:  # an octet's tail of 1-3 blocks: two in one transposed pair, one alone
+                with b.if_then(b.icmp_signed(">=", rem, i64(2))):
+                    spec.step_pair(h, pr, cols, b0)
+                with b.if_then(b.icmp_signed("==", b.srem(rem, i64(2)), i64(1))):
+                    spec.int8_body(h, pr, cols, b.sub(nb, i64(1)), 1)
 
 
 def _oct_scales(h, pr, offs, size, full, has_min):
@@ -519,6 +528,38 @@ def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min):
         _oct_acc(h, c, isum, d8, oi)
         if has_min:
             _corr_fma(h, c.acc, m8, aux)
+
+
+def _int8_q4_pair16(h, pr, cols, b0, has_min):
+    # Blocks b0, b0 + 1 of an octet's tail, transposed by 16 bytes: lanes 0-3 the first,
+    # 4-7 the second; vector 0 their low nibbles (values 0-15), vector 1 the high ones.
+    # Q4_0's -8 * sum(xq) and Q4_1's mins as the octets take them (`avx2.step_inputs`),
+    # one lane a block.
+    size, skip = (20, 4) if has_min else (18, 2)
+    o0 = h.b.mul(b0, i64(size))
+    o1 = h.b.add(o0, i64(size))
+    dm = _pair_scales(h, pr, o0, o1)  # (d0, m0, d1, m1)
+    zero = _c(_vt(f32, 4), 0.0)
+    d8 = h.shuf(dm, dm, [0] * 4 + [2] * 4)
+    m8 = h.shuf(dm, zero, [1, 3] + [4] * 6)
+    q = h.cat(h.load(pr, h.b.add(o0, i64(skip)), V16I8), h.load(pr, h.b.add(o1, i64(skip)), V16I8))
+    lo, hi = h.b.and_(q, _c(V32I8, 15)), h.b.lshr(q, _c(V32I8, 4))
+    xo, so = h.b.mul(b0, i64(32)), h.b.mul(b0, i64(4))
+    for c in cols:
+        p = h.b.add(
+            h.maddubs(lo, h.load(c.pq, xo, V32I8)),
+            h.maddubs(hi, h.load(c.pq, h.b.add(xo, i64(32)), V32I8)),
+        )
+        isum = h.maddwd(p, _ONES16)
+        if not has_min:
+            off = h.load(c.ps, so, _vt(i32, 2), 4)
+            isum = h.b.add(isum, h.shuf(off, _c(_vt(i32, 2), 0), [0, 2, 2, 2, 1, 2, 2, 2]))
+        dx2 = h.load(c.pd, so, V2F, 4)
+        sc = h.b.fmul(d8, h.shuf(dx2, dx2, [0] * 4 + [1] * 4))
+        _acc_fma(h, c.acc, h.tofloat(isum), sc, 1)
+        if has_min:
+            xs2 = h.load(c.ps, so, V2F, 4)
+            _corr_fma(h, c.acc, m8, h.shuf(xs2, _c(V2F, 0.0), [0, 1] + [2] * 6))
 
 
 def _float_q4(h, pr, px, ps, acc, b, k, has_min):
@@ -945,6 +986,7 @@ class IRType:
     int8_step: Callable | None = None
     step_offset: int = 0
     step_blocks: int = 8
+    step_pair: Callable | None = None
 
     @property
     def dx_step(self) -> int:
@@ -973,6 +1015,7 @@ def _ir(
     pair_bytes=0,
     step=None,
     step_blocks=8,
+    step_pair=None,
     **variant,
 ) -> IRType:
     """An `IRType` with the layout ``variant`` (keyword arguments of the bodies) bound."""
@@ -992,6 +1035,7 @@ def _ir(
         int8_step=None if step is None or pair is not None else bind(step, **variant),
         step_offset=8 if step is not None and pair is None and x_offset == 8 else 0,
         step_blocks=step_blocks,
+        step_pair=None if step_pair is None or pair is not None else bind(step_pair, **variant),
     )
 
 
@@ -1013,6 +1057,7 @@ TYPES: dict[int, IRType] = {
         8,
         pair_bytes=18,
         step=_int8_q4_octet,
+        step_pair=_int8_q4_pair16,
         has_min=False,
     ),
     GGMLType.Q4_1: _ir(
@@ -1024,6 +1069,7 @@ TYPES: dict[int, IRType] = {
         _Q4_PAIR,
         pair_bytes=20,
         step=_int8_q4_octet,
+        step_pair=_int8_q4_pair16,
         has_min=True,
     ),
     GGMLType.Q8_0: _ir(
