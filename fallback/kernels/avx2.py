@@ -11,7 +11,8 @@ vectors (`avx2_ir`).  Three tasks, each a driver per type:
   the zero points / mins need computed inside the call;
 - `matvec_int8` (the quantized types' default): ``x`` quantized to int8 first with one scale
   per 32 values (per 256 for the K-quants: `avx2_ir.IRType.x_scale`; `quantize_int8`, what
-  llama.cpp does), so ``out = [w1; w2; w3] @ x_hat``;
+  llama.cpp does), so ``out = [w1; w2; w3] @ x_hat``; then laid out as the type's bodies
+  take it (`pair_inputs` for the paired ones, `step_inputs` for the transposed ones);
 - `matmul_int8`: the same for n rows of ``x`` (prefill, batched decode), each row quantized
   as a vector is, each weight block unpacked once per `GEMM_COLS` rows;
 - `decode_tile`: rows ``r0 ..`` decoded to float32, for prefill tiles handed to BLAS sgemm.

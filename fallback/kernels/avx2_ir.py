@@ -359,12 +359,12 @@ def _neg(h, s):  # -s, a float scalar
 
 
 # ---------------------------------------------------------------------------------------------
-# Eight blocks a step on 256-bit vectors (Q4_0, Q4_1, Q8_0 without AVX-512), transposed: lane
-# j of every vector belongs to block j, so that each column's 8 products of a step sum into
-# the 8 blocks' integer dots by vertical adds, and the float work per column is one
-# conversion, one scale and one fma per 8 blocks (the one-block body: per block).  The
-# weights are transposed as they are read, 4 bytes at a time (`_oct_words`); ``x`` comes
-# transposed the same way (`avx2.step_inputs`).
+# Several blocks a step on 256-bit vectors, transposed (Q4_0, Q4_1: 8 blocks, Q8_0: 4; where
+# there is no AVX-512): lane j of every vector belongs to block j (Q8_0: lanes 2 j, 2 j + 1),
+# so that each column's products of a step sum into the blocks' integer dots by vertical
+# adds, and the float work per column is one conversion, one scale and one fma a step (the
+# one-block body: per block).  The weights are transposed as they are read (`_oct_words`,
+# `_int8_q8_0_quad`); ``x`` comes transposed the same way (`avx2.step_inputs`).
 
 
 # A row's last nb % 8 blocks, where fewer than this, run the one-block body (x in its
@@ -967,10 +967,10 @@ class IRType:
     with AVX-512: its offset 32 comes off once a block against them, as llama.cpp's Q8_K
     ``bsums`` do); ``pair_bytes``: a block's size, for `_pairs` to gather the paired
     bodies' headers, ``pair_min`` whether they hold a min after the scale (Q4_1);
-    ``int8_step``: a body of eight blocks a step (`_steps`), taken instead of
-    ``int8_body`` where there is no paired one, with ``x`` in its form
-    (`avx2.step_inputs`: the integer offset ``step_offset`` taken off in the dots, Q4_0's
-    8)."""
+    ``int8_step``: a transposed body of ``step_blocks`` blocks a step (`_steps`; 8, Q8_0
+    4), taken instead of ``int8_body`` where there is no paired one, with ``x`` in its
+    form (`avx2.step_inputs`: the integer offset ``step_offset`` taken off in the dots,
+    Q4_0's 8); ``step_pair``: two blocks of an octet's tail, transposed by 16 bytes."""
 
     block: int
     x_group: int
@@ -1047,49 +1047,18 @@ _Q8_PAIR = _int8_q8_0_pair if VNNI512 else None
 
 # The types of the IR engine, by GGMLType value.
 TYPES: dict[int, IRType] = {
-    GGMLType.Q4_0: _ir(
-        32,
-        32,
-        _float_q4,
-        _decode_q4,
-        _int8_q4,
-        _Q4_PAIR,
-        8,
-        pair_bytes=18,
-        step=_int8_q4_octet,
-        step_pair=_int8_q4_pair16,
-        has_min=False,
-    ),
-    GGMLType.Q4_1: _ir(
-        32,
-        32,
-        _float_q4,
-        _decode_q4,
-        _int8_q4,
-        _Q4_PAIR,
-        pair_bytes=20,
-        step=_int8_q4_octet,
-        step_pair=_int8_q4_pair16,
-        has_min=True,
-    ),
-    GGMLType.Q8_0: _ir(
-        32,
-        32,
-        _float_q8_0,
-        _decode_q8_0,
-        _int8_q8_0,
-        _Q8_PAIR,
-        128,
-        pair_bytes=34,
-        step=_int8_q8_0_quad,
-        step_blocks=4,
-    ),
+    GGMLType.Q4_0: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, 8, pair_bytes=18,
+                       step=_int8_q4_octet, step_pair=_int8_q4_pair16, has_min=False),
+    GGMLType.Q4_1: _ir(32, 32, _float_q4, _decode_q4, _int8_q4, _Q4_PAIR, pair_bytes=20,
+                       step=_int8_q4_octet, step_pair=_int8_q4_pair16, has_min=True),
+    GGMLType.Q8_0: _ir(32, 32, _float_q8_0, _decode_q8_0, _int8_q8_0, _Q8_PAIR, 128,
+                       pair_bytes=34, step=_int8_q8_0_quad, step_blocks=4),
     GGMLType.Q4_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=False),
     GGMLType.Q5_K: _ir(256, 32, _float_qk, _decode_qk, _int8_qk, five=True),
     GGMLType.Q6_K: _ir(256, 16, _float_q6_k, _decode_q6_k, _int8_q6_k, sums16=AVX512),
     GGMLType.F16: _ir(32, 0, _float_half, _decode_half, bf16=False),
     GGMLType.BF16: _ir(32, 0, _float_half, _decode_half, bf16=True),
-}
+}  # fmt: skip
 
 
 def _type(code, task):
@@ -1116,7 +1085,8 @@ class _Col(NamedTuple):
 
 def _int8_loop(h, spec, pr, cols, nb):
     """The int8 dot's loop over a row's ``nb`` blocks for the columns ``cols``: two blocks a
-    step where the type has a paired body, else one (unrolled by two)."""
+    step where the type has a paired body, several where it has a transposed one
+    (`_steps`), else one (unrolled by two)."""
     if spec.int8_pair is not None:
         _pairs(h, spec, pr, cols, nb)
     elif spec.int8_step is not None:
@@ -1130,7 +1100,8 @@ def dot_int8(typingctx, code, w, r, xq, dx, xs, nb):
     """Row ``r`` of ``w`` (u8[:, :]) times ``x_hat``: ``xq`` i8[:], ``dx`` f32[:] (one scale
     per 32), ``xs`` f32[:] (``dx * sum(xq)`` per 32), over ``nb`` blocks -> float32.  Where
     the type has a paired body, ``dx`` and ``xs`` come in its form (`_pair_acc`;
-    `avx2.pair_inputs` makes it)."""
+    `avx2.pair_inputs` makes it); where a transposed one, ``xq``, ``dx`` and ``xs`` in
+    theirs (`_steps`; `avx2.step_inputs`)."""
     spec = _type(code, "int8_body")
     sig = types.float32(code, w, types.intp, xq, dx, xs, nb)
 
