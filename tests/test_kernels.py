@@ -628,6 +628,41 @@ def test_int8_q4_largest_sums(name: str, sign: float) -> None:
 
 
 @NEEDS_INT8
+def test_int8_bodies_follow_the_cpu() -> None:
+    """Q4_1's int8 bodies: paired on CPUs with AVX-512 (`avx2_ir._pairs`), transposed on
+    the others or with ``PHIMLX_AVX512=0`` (`avx2_ir._steps`)."""
+    from fallback.kernels import avx2_ir
+
+    spec = avx2_ir.TYPES[GGMLType.Q4_1]
+    has = all(avx2_ir._feat.get(f, False) for f in ("avx512f", "avx512bw"))
+    want = has and os.environ.get("PHIMLX_AVX512") != "0"
+    assert bool(avx2_ir.AVX512) is want
+    assert (spec.int8_pair is not None) == avx2_ir.AVX512
+    assert (spec.int8_step is not None) == (not avx2_ir.AVX512)
+
+
+@NEEDS_INT8
+def test_avx2_bodies_on_an_avx512_cpu() -> None:
+    """The transposed bodies that CPUs without AVX-512 take, checked on a CPU with it: this
+    file's long-row and extreme-sum tests in a process with ``PHIMLX_AVX512=0`` (numba
+    caches that build apart: `avx2.IR_STAMP`).  On a CPU without AVX-512 the tests above
+    already ran them."""
+    from fallback.kernels import avx2_ir
+
+    if not avx2_ir.AVX512:
+        pytest.skip("no AVX-512 in this process: the tests above ran the transposed bodies")
+    tests = "long_rows or largest_sums or bodies_follow_the_cpu"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", tests],
+        env={**os.environ, "PHIMLX_AVX512": "0"}, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@NEEDS_INT8
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K"])
 def test_int8_matmul_many_and_the_prefill_choice(name: str, monkeypatch) -> None:
     """matmul_many fuses up to three matrices into one int8 call, equal to one by one; long

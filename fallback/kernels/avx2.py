@@ -82,8 +82,11 @@ __all__ = [
 
 _OPTS = {"fastmath": True, "cache": True, "nogil": True}
 
-# The IR's source, hashed into every driver's cache key (see the module docstring).
-IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes()).hexdigest()[:15], 16)
+# The IR's source and the instruction sets it was built for (`avx2_ir.AVX512`, which
+# ``PHIMLX_AVX512=0`` turns off), hashed into every driver's cache key (see the module
+# docstring).
+_FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512)).encode()
+IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexdigest()[:15], 16)
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too.
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)

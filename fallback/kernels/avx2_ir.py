@@ -45,6 +45,7 @@ consecutive fma's do not wait on each other.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,10 +62,13 @@ from phimlx.gguf import GGMLType
 _llvm.initialize_native_asmparser()
 _feat = _llvm.get_host_cpu_features()
 AVAILABLE = all(_feat.get(k, False) for k in ("avx2", "fma", "f16c"))
-AVX512 = _feat.get("avx512f", False) and _feat.get("avx512bw", False)
+# ``PHIMLX_AVX512=0``: the bodies a CPU without AVX-512 takes, on one with it (the tests run
+# them so on such machines; `avx2.IR_STAMP` keeps their compiled code apart).
+_NO_AVX512 = os.environ.get("PHIMLX_AVX512", "").strip().lower() in ("0", "false", "no", "off")
+AVX512 = not _NO_AVX512 and _feat.get("avx512f", False) and _feat.get("avx512bw", False)
 # AVX-VNNI (or AVX-512 VNNI on 256-bit vectors): vpdpwssd fuses vpmaddwd and the add.
 VNNI = _feat.get("avxvnni", False) or (
-    _feat.get("avx512vnni", False) and _feat.get("avx512vl", False)
+    AVX512 and _feat.get("avx512vnni", False) and _feat.get("avx512vl", False)
 )
 VNNI512 = AVX512 and _feat.get("avx512vnni", False)
 
