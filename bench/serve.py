@@ -1,11 +1,11 @@
 """Load test of `phimlx serve`: N concurrent OpenAI clients, streaming greedy requests.
 
 Reports aggregate generated tokens/s, time to first token and inter-token latency
-percentiles, and (``--compare``) the wall time of the same K greedy requests run
-concurrently against one after another.  Every request generates exactly
-``--max-tokens`` tokens (``ignore_eos``); each has its own prompt (a shared opening, as
-chats share a system prompt, then its own question), so no request is a whole-prompt cache
-hit of another.
+percentiles, and (``--compare``) the wall time of K greedy requests run concurrently
+against K run one after another (``--rounds`` alternating rounds: median and spread).
+Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``); each has its own
+prompt (a shared opening, as chats share a system prompt, then its own question), so no
+request is a whole-prompt cache hit of another.
 
 Against a running server::
 
@@ -15,6 +15,11 @@ Against a running server::
 or let the script start one (on a free port) and stop it afterwards::
 
     python bench/serve.py --start smollm2-135m-instruct --clients 4 --compare
+
+The README's batching figure (4 concurrent greedy requests of 128 tokens, 4 in turn)::
+
+    python bench/serve.py --start smollm2-135m-instruct --compare --max-tokens 128 \\
+        --requests 1 --rounds 5
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -210,6 +216,36 @@ def server(args: argparse.Namespace) -> Iterator[str]:
             proc.kill()
 
 
+def compare(url: str, args: argparse.Namespace, first: int) -> dict:
+    """``--compare``: ``args.rounds`` rounds of K requests run one after another and K
+    concurrently, which of the two comes first alternating from round to round (a machine
+    that speeds up or slows down during the run favours neither).  Every request has a
+    prompt of its own (`request_body`), so none is a whole-prompt cache hit of an earlier
+    one.  Returns each round's results and speedup (sequential wall time / concurrent),
+    and the speedups' median and spread."""
+    k, rounds, n = args.compare_n, [], first
+    for i in range(args.rounds):
+        order = ("sequential", "concurrent") if i % 2 == 0 else ("concurrent", "sequential")
+        r: dict = {}
+        for mode in order:
+            r[mode] = run(url, args, 1, k, n) if mode == "sequential" else run(url, args, k, 1, n)
+            n += k
+            what = "one after another" if mode == "sequential" else "concurrently"
+            show(f"round {i + 1}: {k} requests {what}", r[mode])
+        con = r["concurrent"]["wall_s"]
+        r["speedup"] = r["sequential"]["wall_s"] / con if con else float("nan")
+        print(f"round {i + 1}: {k} concurrent finish {r['speedup']:.2f}x faster than in "
+              "sequence", flush=True)  # fmt: skip
+        rounds.append(r)
+    speedups = [r["speedup"] for r in rounds]
+    out = {"rounds": rounds, "speedup_median": statistics.median(speedups),
+           "speedup_min": min(speedups), "speedup_max": max(speedups)}  # fmt: skip
+    print(f"{k} concurrent finish {out['speedup_median']:.2f}x faster than in sequence "
+          f"(median of {len(speedups)} rounds; {out['speedup_min']:.2f}..."
+          f"{out['speedup_max']:.2f}x)", flush=True)  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8080", help="a running server")
@@ -225,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", action="store_true", help="also: K concurrent vs the same K in sequence"
     )
     p.add_argument("--compare-n", type=int, default=4, metavar="K", help="requests compared")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="with --compare: alternating rounds (median, spread)"
+    )
     p.add_argument(
         "--client",
         choices=["openai", "httpx"],
@@ -248,14 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         show(f"{args.clients} concurrent clients", r)
         results["load"] = r
         if args.compare:
-            k = args.compare_n
-            seq = run(url, args, 1, k, n)
-            show(f"{k} requests one after another", seq)
-            con = run(url, args, k, 1, n + k)
-            show(f"{k} requests concurrently", con)
-            speedup = seq["wall_s"] / con["wall_s"] if con["wall_s"] else float("nan")
-            print(f"{k} concurrent finish {speedup:.2f}x faster than in sequence", flush=True)
-            results["compare"] = {"sequential": seq, "concurrent": con, "speedup": speedup}
+            results["compare"] = compare(url, args, n)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)

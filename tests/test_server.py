@@ -479,6 +479,35 @@ def test_bench_serve_script_counts_every_token(url, kind):
     assert one.cached > 0  # the same prompt as the run's fourth request, kept
 
 
+def test_bench_serve_compare_rounds(url, capsys):
+    """`bench/serve.py --compare --rounds 2`: each round times K requests in turn and K at
+    once, every one of them over its tokens, and the median and spread are those of the
+    rounds' own wall times."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
+    try:
+        import serve as bench
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(
+        model_name="smol", api_key="none", max_tokens=3, client="httpx", compare_n=2, rounds=2
+    )
+    r = bench.compare(url, args, first=100)
+    assert len(r["rounds"]) == 2
+    speedups = []
+    for rnd in r["rounds"]:
+        for mode in ("sequential", "concurrent"):
+            assert rnd[mode]["requests"] == 2 and rnd[mode]["completion_tokens"] == 2 * 3
+        speedups.append(rnd["sequential"]["wall_s"] / rnd["concurrent"]["wall_s"])
+    assert [x["speedup"] for x in r["rounds"]] == speedups
+    assert r["speedup_median"] == (speedups[0] + speedups[1]) / 2
+    assert (r["speedup_min"], r["speedup_max"]) == (min(speedups), max(speedups))
+    out = capsys.readouterr().out
+    # the second round runs the concurrent requests first
+    second = out[out.index("round 2:") :]
+    assert second.index("concurrently") < second.index("one after another")
+    wait_idle(url)
+
+
 def stream_text(api: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[str, str]:
     """A greedy streamed text completion: its text and finish reason."""
     s = api.completions.create(
