@@ -176,24 +176,39 @@ def matvec_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def matmul_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
+def matmul_plan(
+    mats: list[QuantMatrix], *, exact: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
     """``x -> x @ [W1; W2; ...].T`` (a new float32 ``(n, sum of rows)`` array) for matrices
     sharing ``x``, as `matmul_many` computes it, with the kernel choice made once, here: a
     batched decode step calls one per projection per layer, where `matmul_many`'s checks
     and choices would cost as much as a small product.  Rows of ``x`` beyond the int8
     kernel's reach (a long prompt on the float path) go through `matmul_many`; so do rows
     for the AMX tiles (few calls, long ones).  ``x`` must be float32 ``(n, cols)``; the plan
-    does not check it again."""
+    does not check it again.
+
+    ``exact``: the int8 kernel for any number of rows, so that each row of the result is
+    the one ``x``'s row alone gives (`QuantMatrix.matvec`, bit for bit): several prompts'
+    rows prefilled together (`fallback.model.NumpyModel.prefill_batch`).
+
+    Raises:
+        ValueError: ``exact`` for a matrix without an int8 kernel (`can_multiply_exactly`).
+    """
     m0 = mats[0]
     int8 = isinstance(m0, QuantMatrix) and m0._matmul is not None
+    if exact and not can_multiply_exactly(mats):
+        raise ValueError("an exact matmul plan needs matrices with an int8 kernel")
     fused = _fused_kernel(mats, 1) if int8 else None
     if fused is None:
+        if exact:  # one int8 call per matrix
+            plans = [matmul_plan([m], exact=True) for m in mats]
+            return lambda x: np.concatenate([p(x) for p in plans], axis=-1)
         return functools.partial(matmul_many, mats)
     kernel, (w1, w2, w3) = fused
     rows = sum(m.rows for m in mats)
 
     def run(x: np.ndarray) -> np.ndarray:
-        if not m0._int8_matmul(x.shape[0]):  # (the tiles' rows too)
+        if not exact and not m0._int8_matmul(x.shape[0]):  # (the tiles' rows too)
             return matmul_many(mats, x)
         x = np.ascontiguousarray(x)  # (free when it is: one compiled signature)
         out = np.empty((x.shape[0], rows), np.float32)
@@ -201,6 +216,11 @@ def matmul_plan(mats: list[QuantMatrix]) -> Callable[[np.ndarray], np.ndarray]:
         return out
 
     return run
+
+
+def can_multiply_exactly(mats: list[QuantMatrix]) -> bool:
+    """Whether `matmul_plan` (``exact=True``) takes ``mats``: each has an int8 kernel."""
+    return all(isinstance(m, QuantMatrix) and m._matmul is not None for m in mats)
 
 
 class QuantMatrix:

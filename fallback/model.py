@@ -3,7 +3,8 @@
 One layer loop, `NumpyModel._layers`, serves both architectures (what differs is in
 `ModelConfig`: fused or split projections, rope style, LongRoPE factors, sliding window)
 and every call: prefill chunks of up to `PREFILL_CHUNK` tokens (`NumpySession._forward`),
-decode steps (the same), and batched steps of several sessions (`NumpyModel.step_batch`).
+decode steps (the same), batched steps of several sessions (`NumpyModel.step_batch`) and
+several sessions' prompts at once (`NumpyModel.prefill_batch`).
 Two choices made per call plug into it:
 
 - the projections: for one token, vectors through matvec plans (`matvec_plan`: the kernel
@@ -50,6 +51,7 @@ from phimlx.backends import (
     check_kv_state,
     check_trim,
     checked_batch,
+    checked_prefills,
     checked_tokens,
 )
 from phimlx.config import ModelConfig
@@ -58,7 +60,7 @@ from phimlx.gguf import ModelFile
 
 from . import ops
 from .kernels import int8_kernel_available
-from .matrix import QuantMatrix, matmul_plan, matvec_plan
+from .matrix import QuantMatrix, can_multiply_exactly, matmul_plan, matvec_plan
 from .threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,24 @@ def _attend_each(
     if qkv.ndim == 1:
         return attends[0](qkv, kcs[0], vcs[0])
     return np.stack([a(row, kc, vc) for a, row, kc, vc in zip(attends, qkv, kcs, vcs, strict=True)])
+
+
+def _attend_segments(
+    attends: list[_Attend],
+    bounds: list[int],
+    qkv: np.ndarray,
+    kcs: tuple[np.ndarray, ...],
+    vcs: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """The attention plug-in of several prompts' rows together: rows ``bounds[i] ..
+    bounds[i + 1] - 1`` of qkv are prompt i's, through its session's prefill attention
+    (``attends[i]``) over its caches (``kcs[i]``, ``vcs[i]``); returns (T, H * D)."""
+    return np.concatenate(
+        [
+            a(qkv[lo:hi], kc, vc)
+            for a, lo, hi, kc, vc in zip(attends, bounds, bounds[1:], kcs, vcs, strict=False)
+        ]
+    )
 
 
 @dataclass
@@ -231,6 +251,83 @@ class NumpyModel:
             s._pos += 1
         return self.output_mm(h)  # (B, vocab)
 
+    def prefill_batch(
+        self, sessions: Sequence[NumpySession], token_lists: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """Prefill ``token_lists[b]`` into ``sessions[b]`` for each b; float32 logits (B,
+        vocab), row b those after list b's last token.  Row b and session b's cache are
+        what ``sessions[b].prefill(token_lists[b])`` gives, bit for bit.
+
+        Lists that the int8 matmul takes alone (up to `matrix.INT8_MATMUL_ROWS` tokens, on
+        the int8 path) go through each weight matrix together, in one pass (each weight
+        block read once for all their rows, one call per matrix rather than one per list),
+        each list's rows attending as its own prefill would; the rest (longer lists, float
+        activations) are prefilled one after another, as alone.
+
+        Raises:
+            ValueError: see `phimlx.backends.checked_prefills`.
+            ContextLengthError: a list does not fit its session.
+        """
+        lists = checked_prefills(
+            sessions,
+            token_lists,
+            self.config,
+            lambda s: isinstance(s, NumpySession) and s.model is self,
+        )
+        out = np.empty((len(lists), self.config.vocab_size), np.float32)
+        together = [i for i, ids in enumerate(lists) if self._prefills_exactly(ids.size)]
+        if len(together) < 2:
+            together = []
+        for i, (s, ids) in enumerate(zip(sessions, lists, strict=True)):
+            if i not in together:
+                out[i] = s.prefill(ids)
+        if not together:
+            return out
+        group = [sessions[i] for i in together]
+        ids = [lists[i] for i in together]
+        bounds = np.cumsum([0] + [a.size for a in ids]).tolist()
+        for s, a in zip(group, ids, strict=True):
+            s._ensure_capacity(s._pos + a.size)
+        attends = [s._attention(a.size) for s, a in zip(group, ids, strict=True)]
+        attend = functools.partial(_attend_segments, attends, bounds)
+        ks = zip(*(s._k for s in group), strict=True)
+        vs = zip(*(s._v for s in group), strict=True)
+        x = self.embed.take_rows(np.concatenate(ids))
+        layer_calls, output = self._exact_calls
+        h = self._layers(x, layer_calls, attend, ks, vs)  # (T, hidden)
+        for s, a in zip(group, ids, strict=True):
+            s._pos += a.size
+        out[together] = output(np.ascontiguousarray(h[np.array(bounds[1:]) - 1]))
+        return out
+
+    def _prefills_exactly(self, n: int) -> bool:
+        """Whether a prefill of ``n`` tokens takes the int8 matmul in every matrix (the
+        output's matvec too), so that its rows can share a pass with others'."""
+        layers = [m for la in self.layers for m in (*la.qkv, la.out, *la.gate_up, la.down)]
+        return (
+            n <= PREFILL_CHUNK
+            and can_multiply_exactly([self.output, *layers])
+            and all(m._int8_matmul(n) for m in layers)
+        )
+
+    @functools.cached_property
+    def _exact_calls(self) -> tuple[list[_LayerCalls], Callable[[np.ndarray], np.ndarray]]:
+        """The layer calls and the output product of `prefill_batch`: every row through the
+        int8 kernel, as each list's own prefill (and its output matvec) takes it."""
+        nexts = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
+        layers = [
+            _LayerCalls(
+                matmul_plan(la.qkv, exact=True),
+                matmul_plan([la.out], exact=True),
+                matmul_plan(la.gate_up, exact=True),
+                matmul_plan([la.down], exact=True),
+                la.ffn_norm,
+                nxt,
+            )
+            for la, nxt in zip(self.layers, nexts, strict=True)
+        ]
+        return layers, matmul_plan([self.output], exact=True)
+
     def _attend_rows(
         self, rows: Sequence[tuple[NumpySession, int]]
     ) -> tuple[_Attend, Iterable[Any], Iterable[Any]]:
@@ -298,6 +395,7 @@ class NumpyModel:
 
     def close(self) -> None:
         self.layers, self.token_calls, self.chunk_calls = [], [], []
+        self.__dict__.pop("_exact_calls", None)
         self.file.close()
 
 

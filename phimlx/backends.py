@@ -113,7 +113,12 @@ class Session(Protocol):
 
 @runtime_checkable
 class LoadedModel(Protocol):
-    """Weights resident on the backend's device, ready to open sessions."""
+    """Weights resident on the backend's device, ready to open sessions.
+
+    A backend may also have ``prefill_batch(sessions, token_lists) -> logits (B, vocab)``,
+    several sessions' prompts in one forward pass, each row what the session's own
+    ``prefill`` returns (the NumPy backend's, validated by `checked_prefills`); without it,
+    `phimlx.Model.prefill_batch` prefills them one after another."""
 
     config: ModelConfig
 
@@ -246,22 +251,56 @@ def checked_batch(
             f"give one token id per session: {len(sessions)} sessions, token ids of shape "
             f"{ids.shape}"
         )
+    _check_distinct(sessions, owns)
+    for i, s in enumerate(sessions):
+        _checked_row(i, s, ids[i : i + 1], config)
+    return ids
+
+
+def checked_prefills(
+    sessions: Sequence[Session],
+    token_lists: Sequence[Sequence[int]],
+    config: ModelConfig,
+    owns: Callable[[object], bool],
+) -> list[np.ndarray]:
+    """Validate a batched prefill (`LoadedModel.prefill_batch`) before anything is
+    computed; returns each session's ids as an int64 array.
+
+    Raises:
+        ValueError: no sessions, not one list per session, a session ``owns`` refuses or
+            that appears twice, an empty list, an id outside the vocabulary.
+        ContextLengthError: a list does not fit in what is left of its session's context.
+    """
+    if len(sessions) == 0:
+        raise ValueError("no sessions given; give at least one session and its token ids")
+    if len(token_lists) != len(sessions):
+        raise ValueError(
+            f"give one list of token ids per session: {len(sessions)} sessions, "
+            f"{len(token_lists)} lists"
+        )
+    _check_distinct(sessions, owns)
+    pairs = enumerate(zip(sessions, token_lists, strict=True))
+    return [_checked_row(i, s, t, config) for i, (s, t) in pairs]
+
+
+def _check_distinct(sessions: Sequence[Session], owns: Callable[[object], bool]) -> None:
     seen: set[int] = set()
     for i, s in enumerate(sessions):
         if not owns(s):
             raise ValueError(
                 f"sessions[{i}] ({type(s).__name__}) was not opened by this model; a batch "
-                "steps sessions of one model (open them with its new_session)"
+                "advances sessions of one model (open them with its new_session)"
             )
         if id(s) in seen:
-            raise ValueError(f"sessions[{i}] appears twice; a session advances once per step")
+            raise ValueError(f"sessions[{i}] appears twice; a session advances once per pass")
         seen.add(id(s))
-    for i, s in enumerate(sessions):
-        try:
-            checked_tokens(ids[i : i + 1], s.position, s.max_context, config)
-        except ValueError as e:  # ContextLengthError too, keeping its type
-            raise type(e)(f"sessions[{i}]: {e}") from e
-    return ids
+
+
+def _checked_row(i: int, s: Session, token_ids: Sequence[int], config: ModelConfig) -> np.ndarray:
+    try:
+        return checked_tokens(token_ids, s.position, s.max_context, config)
+    except ValueError as e:  # ContextLengthError too, keeping its type
+        raise type(e)(f"sessions[{i}]: {e}") from e
 
 
 # How a session stores K and V (`load(kv_cache_type=...)`): float16 (the default, as

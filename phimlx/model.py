@@ -23,7 +23,7 @@ from .gguf import ModelFile, open_gguf
 from .prompt_cache import PromptCache, ReplyIds
 from .sampling import LogitsProcessor, Sampler, SamplingParams
 from .scoring import Score
-from .session import Session, step_batch
+from .session import Session, prefill_batch, step_batch
 from .speculative import Drafter
 from .tokenizer import Tokenizer
 
@@ -137,6 +137,31 @@ class Model:
             TypeError: something that is not a `Session`.
         """
         return step_batch(self._backend_model, self._lock, sessions, token_ids)
+
+    def prefill_batch(
+        self, sessions: Sequence[Session], token_lists: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """Prefill ``token_lists[b]`` into ``sessions[b]`` for each b: on the NumPy backend
+        the short lists (up to 32 tokens on the int8 path) in one forward pass, each weight
+        block read once for all their rows, each list attending over its own session's
+        cache; longer ones (and every list on MLX) one after another.  Row b equals what
+        ``sessions[b].prefill(token_lists[b])`` returns, bit for bit on the NumPy backend.
+
+        Args:
+            sessions: distinct sessions of this model (`new_session`).
+            token_lists: one non-empty list of ids per session.
+
+        Returns:
+            float32 logits of shape ``(len(sessions), vocab)``: each after its list's last id.
+
+        Raises:
+            ContextLengthError: a list does not fit in what is left of its session.
+            ValueError: no sessions, not one list per session, an empty list, a session given
+                twice or not of this model, an id outside the vocabulary.  Nothing has
+                changed then.
+            TypeError: something that is not a `Session`.
+        """
+        return prefill_batch(self._backend_model, self._lock, sessions, token_lists)
 
     # -- prompts ---------------------------------------------------------------------------
 

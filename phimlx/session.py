@@ -76,11 +76,14 @@ class Session:
                 )
             finally:  # an interrupted prefill may have cached some of its chunks
                 self._sync(ids)
-            last = logits[-1] if all_logits else logits
-            self._ends[self.position] = last.copy()  # the caller may write into its own
-            while len(self._ends) > _KEPT_ENDS:
-                del self._ends[next(iter(self._ends))]
+            self._keep_end(logits[-1] if all_logits else logits)
             return logits
+
+    def _keep_end(self, logits: np.ndarray) -> None:
+        """Keep the logits a prefill ending at the current position returned (`logits_at`)."""
+        self._ends[self.position] = logits.copy()  # the caller may write into its own
+        while len(self._ends) > _KEPT_ENDS:
+            del self._ends[next(iter(self._ends))]
 
     def verify(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append ``token_ids``; float32 logits (T, vocab) after each, as T `step` calls give
@@ -160,6 +163,47 @@ class Session:
             self._tokens.extend(fed[: pos - len(self._tokens)])
 
 
+def prefill_batch(
+    model: backends.LoadedModel,
+    lock: threading.Lock,
+    sessions: Sequence[Session],
+    token_lists: Sequence[Sequence[int]],
+) -> np.ndarray:
+    """`Session.prefill` of ``token_lists[b]`` into ``sessions[b]`` for each b, under
+    ``lock``, in one forward pass where the backend has one (the NumPy backend's
+    ``prefill_batch``; elsewhere one prefill after another): float32 logits (B, vocab), row
+    b what ``sessions[b].prefill(token_lists[b])`` returns.  See `phimlx.Model.prefill_batch`.
+    """
+    _check_own(sessions, lock)
+    lists = [[int(t) for t in ids] for ids in token_lists]
+    batched = getattr(model, "prefill_batch", None)
+    with lock:
+        try:
+            if batched is not None:
+                logits = np.asarray(batched([s._inner for s in sessions], lists), np.float32)
+            else:  # everything checked first, as the batched form does
+                inner = [s._inner for s in sessions]
+                backends.checked_prefills(inner, lists, model.config, lambda s: True)
+                rows = [s.prefill(ids) for s, ids in zip(inner, lists, strict=True)]
+                logits = np.stack(rows).astype(np.float32, copy=False)
+        finally:  # each session's ids follow its position, whatever was computed
+            for s, ids in zip(sessions, lists, strict=False):
+                s._sync(ids)
+        for s, row in zip(sessions, logits, strict=True):
+            s._keep_end(row)
+        return logits
+
+
+def _check_own(sessions: Sequence[Session], lock: threading.Lock) -> None:
+    for i, s in enumerate(sessions):
+        if not isinstance(s, Session):
+            raise TypeError(f"sessions[{i}] is a {type(s).__name__}, not a phimlx Session")
+        if s._lock is not lock:
+            raise ValueError(
+                f"sessions[{i}] belongs to another model; a batch advances sessions of one model"
+            )
+
+
 def step_batch(
     model: backends.LoadedModel,
     lock: threading.Lock,
@@ -169,13 +213,7 @@ def step_batch(
     """`backends.LoadedModel.step_batch` for public sessions opened by ``model`` (whose
     forward passes take turns under ``lock``): one forward pass under the lock, then each
     session's ids follow its position.  See `phimlx.Model.step_batch`."""
-    for i, s in enumerate(sessions):
-        if not isinstance(s, Session):
-            raise TypeError(f"sessions[{i}] is a {type(s).__name__}, not a phimlx Session")
-        if s._lock is not lock:
-            raise ValueError(
-                f"sessions[{i}] belongs to another model; a batch steps sessions of one model"
-            )
+    _check_own(sessions, lock)
     ids = [int(t) for t in token_ids]
     with lock:
         try:

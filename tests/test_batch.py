@@ -250,6 +250,122 @@ def test_step_batch_errors_leave_every_session_unchanged(tiny_backend, make_mode
         full.step(1)  # the error a single step gives
 
 
+# ------------------------------------------------------------ prefill_batch
+
+# Lists of up to 32 tokens (the int8 matmul's reach alone) that make more rows together
+# (a pass over all of them with the prefill's own row-count choice would take float tiles),
+# one list of 40 (prefilled alone), and one of one token; after prefixes of 0..12 held.
+PREFILL_LISTS = (30, 20, 40, 12, 1)
+HELD = (0, 3, 12, 5, 7)
+
+
+def prefill_batch_vs_alone(model, seed: int = 0):
+    """`prefill_batch` into sessions holding HELD tokens against twin sessions prefilled
+    one by one: the logits, positions and caches must be the same, bit for bit."""
+    rng = np.random.default_rng(seed)
+    v = model.config.vocab_size
+    held = [rng.integers(3, v, n).tolist() for n in HELD]
+    lists = [rng.integers(3, v, n).tolist() for n in PREFILL_LISTS]
+    batched, twins = [], []
+    for h in held:
+        a, b = model.new_session(128), model.new_session(128)
+        if h:
+            a.prefill(h)
+            b.prefill(h)
+        batched.append(a)
+        twins.append(b)
+    got = model.prefill_batch(batched, lists)
+    want = np.stack([t.prefill(ids) for t, ids in zip(twins, lists, strict=True)])
+    assert got.dtype == np.float32 and got.shape == (len(lists), v)
+    np.testing.assert_array_equal(got, want)
+    assert rel_err(got[0], got[1]) > 1e-2  # different prompts, different logits
+    for a, b in zip(batched, twins, strict=True):
+        assert a.position == b.position
+        for x, y in zip(a.kv_state(), b.kv_state(), strict=True):
+            np.testing.assert_array_equal(x, y)
+    # and they go on alike
+    np.testing.assert_array_equal(batched[1].step(5), twins[1].step(5))
+
+
+@pytest.mark.parametrize("case", ["llama-q4_1-gqa", "phi3-q8_0", "phi3-q4_0-window"])
+def test_numpy_prefill_batch_equals_prefills(make_model, monkeypatch, case):
+    """Default activations (int8 where a kernel exists): the short lists share one pass
+    (counted) and each gets what its own prefill gives, bit for bit; a float model prefills
+    each list alone."""
+    path = make_model(**TINY | NUMPY_CASES[case])
+    model = load_numpy(path, float_activations=False)
+    passes = []
+    layers = model._layers
+    monkeypatch.setattr(model, "_layers", lambda x, *a: passes.append(len(x)) or layers(x, *a))
+    prefill_batch_vs_alone(model)
+    together = sum(n for n in PREFILL_LISTS if n <= 32)
+    if all(m.int8_activations for m in model._matrices()):  # (an AVX2 CPU with numba)
+        assert together in passes  # one pass for the short lists' rows
+    assert 40 in passes  # the long one alone
+
+
+def test_numpy_prefill_batch_smollm2(smollm2_path):
+    prefill_batch_vs_alone(load_numpy(smollm2_path, float_activations=False))
+
+
+def test_numpy_prefill_batch_float_activations_prefills_each(make_model):
+    prefill_batch_vs_alone(
+        load_numpy(make_model(**TINY | dict(mix="Q4_0")), float_activations=True)
+    )
+
+
+def test_prefill_batch_errors_leave_every_session_unchanged(make_model):
+    model = load_numpy(make_model(**TINY | dict(mix="Q4_0")), float_activations=False)
+    a, b = model.new_session(64), model.new_session(8)
+    a.prefill([1, 2])
+    b.prefill([3, 4, 5])
+    v = model.config.vocab_size
+    cases = [
+        (ValueError, "outside the vocabulary", [a, b], [[1, 2], [3, v]]),
+        (ValueError, "no tokens given", [a, b], [[1, 2], []]),
+        (ValueError, "appears twice", [a, a], [[1], [2]]),
+        (ValueError, "one list of token ids per session", [a, b], [[1]]),
+        (ValueError, "no sessions", [], []),
+        (ContextLengthError, r"sessions\[1\]: 6 tokens do not fit", [a, b], [[1], [1] * 6]),
+    ]
+    for error, match, sessions, lists in cases:
+        with pytest.raises(error, match=match):
+            model.prefill_batch(sessions, lists)
+        assert (a.position, b.position) == (2, 3)
+
+
+def test_public_prefill_batch_tracks_tokens_and_keeps_end_logits(tiny_phi3):
+    """`Model.prefill_batch` on each backend (MLX: one prefill after another): the
+    sessions' ids, the logits kept for a repeated prompt, and the sessions' checks."""
+    backends = ["numpy"] + (["mlx"] if _has_mlx() else [])
+    for backend in backends:
+        with phimlx.load(tiny_phi3, backend=backend) as model, phimlx.load(tiny_phi3) as other:
+            a, b, twin = model.new_session(), model.new_session(), model.new_session()
+            a.prefill([1, 2, 3])
+            rows = model.prefill_batch([a, b], [[4, 5], [6, 7, 8]])
+            assert rows.shape == (2, model.config.vocab_size)
+            assert (a.tokens, b.tokens) == ((1, 2, 3, 4, 5), (6, 7, 8))
+            np.testing.assert_array_equal(a.logits_at(5), rows[0])
+            np.testing.assert_array_equal(b.logits_at(3), rows[1])
+            np.testing.assert_allclose(rows[1], twin.prefill([6, 7, 8]), rtol=0, atol=1e-5)
+            with pytest.raises(TypeError, match="not a phimlx Session"):
+                model.prefill_batch([a, object()], [[1], [2]])
+            with pytest.raises(ValueError, match="another model"):
+                model.prefill_batch([a, other.new_session()], [[1], [2]])
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                model.prefill_batch([a, b], [[1], [model.config.vocab_size]])
+            assert (a.tokens, b.tokens) == ((1, 2, 3, 4, 5), (6, 7, 8))
+
+
+def _has_mlx() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------ prefill(all_logits=True)
 
 

@@ -10,9 +10,9 @@ registered step and hands its session back to the prompt cache.
 A new request's prompt is prefilled here, in pieces of ``prefill_chunk`` tokens (a shorter
 prompt whole), about ``prefill_chunk`` tokens between two decode rounds, so a long prompt
 delays the others' next token by one piece, not by its whole prefill, and several short
-ones that arrive together start together.  The prefilled session goes back to the prompt
-cache, where the request's stream finds it holding the whole prompt (and the logits after
-it).
+ones that arrive together start together, their pieces in one forward pass
+(`Model.prefill_batch`).  The prefilled session goes back to the prompt cache, where the
+request's stream finds it holding the whole prompt (and the logits after it).
 
 Chunks reach the request's asyncio side through `Ticket`, a queue: the engine collects a
 round's chunks and hands them over with one ``loop.call_soon_threadsafe`` (one wake-up of
@@ -274,35 +274,47 @@ class Engine:
 
     def _prefill_pieces(self) -> None:
         """Prefill pieces of the waiting prompts, oldest first, about ``prefill_chunk``
-        tokens in all (at least one piece); start each stream whose prompt is done.
+        tokens in all (at least one piece), in one forward pass (`Model.prefill_batch`);
+        start each stream whose prompt is done.
 
         A piece is ``prefill_chunk`` tokens of one prompt or the rest of it, never less:
-        a prompt that fits in one piece is prefilled whole, as `Model.stream` would."""
+        a prompt that fits in one piece is prefilled whole, as `Model.stream` would, and
+        gets the logits it would get alone."""
+        pieces: list[tuple[_Job, Session, int]] = []  # a job, its session, its piece's end
         done = 0
-        while self._prefilling:
-            job = self._prefilling[0]
+        for job in list(self._prefilling):
             session = job.session
             assert session is not None
             if job.ticket.cancelled:
-                self._prefilling.pop(0)
+                self._prefilling.remove(job)
                 self.model._prompt_cache.put(session)  # what was prefilled stays useful
                 self._end(job)
                 continue
-            ids = job.ticket.call.ids
-            piece = min(self.prefill_chunk, len(ids) - session.position)
+            piece = min(self.prefill_chunk, len(job.ticket.call.ids) - session.position)
             if done and done + piece > self.prefill_chunk:
-                return  # the decode steps of the others come first
+                break  # the decode steps of the others come first
+            pieces.append((job, session, session.position + piece))
+            done += max(piece, 1)
+        todo = [(job.ticket.call.ids, s, end) for job, s, end in pieces if end > s.position]
+        if len(todo) > 1:
             try:
-                if piece > 0:
-                    session.prefill(ids[session.position : session.position + piece])
+                self.model.prefill_batch(
+                    [s for _, s, _ in todo], [ids[s.position : end] for ids, s, end in todo]
+                )
+            except Exception:  # noqa: BLE001 - each prompt again on its own, below, so
+                log.debug("a batched prefill failed", exc_info=True)  # its error is its own
+        for job, session, end in pieces:
+            ids = job.ticket.call.ids
+            try:
+                if session.position < end:
+                    session.prefill(ids[session.position : end])
             except Exception as e:  # noqa: BLE001
-                self._prefilling.pop(0)
+                self._prefilling.remove(job)
                 self.model._prompt_cache.put(session)
                 self._end(job, e)
                 continue
-            done += max(piece, 1)
             if session.position == len(ids):
-                self._prefilling.pop(0)
+                self._prefilling.remove(job)
                 # The stream takes it back from the cache at once, holding the whole prompt.
                 self.model._prompt_cache.put(session)
                 job.session = None
