@@ -187,28 +187,17 @@ class NumpyModel:
             )
         self.weight_bytes = sum(m.nbytes for m in self._matrices())
         self.attn_scale = np.float32(1.0 / np.sqrt(c.head_dim))
-        nexts = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
         # one token: vectors through matvec plans (kernels chosen once, here)
-        self.token_calls = [
-            _LayerCalls(
-                matvec_plan(la.qkv),
-                matvec_plan([la.out]),
-                matvec_plan(la.gate_up),
-                matvec_plan([la.down]),
-                la.ffn_norm,
-                nxt,
-            )
-            for la, nxt in zip(self.layers, nexts, strict=True)
-        ]
+        self.token_calls = self._layer_calls(matvec_plan)
         # a chunk: (T, n) rows through tiled matmuls
-        self.chunk_calls = [
+        self.chunk_calls = self._layer_calls(matmul_plan)
+
+    def _layer_calls(self, plan: Callable[[list[QuantMatrix]], _Project]) -> list[_LayerCalls]:
+        """Each layer's `_LayerCalls`, its projections through ``plan``."""
+        nexts = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
+        return [
             _LayerCalls(
-                matmul_plan(la.qkv),
-                matmul_plan([la.out]),
-                matmul_plan(la.gate_up),
-                matmul_plan([la.down]),
-                la.ffn_norm,
-                nxt,
+                plan(la.qkv), plan([la.out]), plan(la.gate_up), plan([la.down]), la.ffn_norm, nxt
             )
             for la, nxt in zip(self.layers, nexts, strict=True)
         ]
@@ -314,19 +303,8 @@ class NumpyModel:
     def _exact_calls(self) -> tuple[list[_LayerCalls], Callable[[np.ndarray], np.ndarray]]:
         """The layer calls and the output product of `prefill_batch`: every row through the
         int8 kernel, as each list's own prefill (and its output matvec) takes it."""
-        nexts = [layer.attn_norm for layer in self.layers[1:]] + [self.output_norm]
-        layers = [
-            _LayerCalls(
-                matmul_plan(la.qkv, exact=True),
-                matmul_plan([la.out], exact=True),
-                matmul_plan(la.gate_up, exact=True),
-                matmul_plan([la.down], exact=True),
-                la.ffn_norm,
-                nxt,
-            )
-            for la, nxt in zip(self.layers, nexts, strict=True)
-        ]
-        return layers, matmul_plan([self.output], exact=True)
+        exact = functools.partial(matmul_plan, exact=True)
+        return self._layer_calls(exact), exact([self.output])
 
     def _attend_rows(
         self, rows: Sequence[tuple[NumpySession, int]]
