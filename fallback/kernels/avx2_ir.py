@@ -1114,8 +1114,9 @@ def _int8_loop(h, spec, pr, cols, nb):
         _blocks(h, nb, lambda blk, k: _prefetched(h, spec, pr, cols, blk, k))
 
 
-# How far ahead of the block being multiplied the K-quants' int8 loop prefetches its row
-# (and, past the row's end, the next row's start).  The hardware prefetcher alone left
+# How far ahead of the block being multiplied the int8 loops prefetch their row (the
+# K-quants' one-block loops and the transposed steps of Q4_0 / Q4_1 / Q8_0; past the row's
+# end, the next row's start).  The hardware prefetcher alone left
 # one thread streaming a Phi-3-mini matrix at 7.5-7.8 GB/s where it can read 14 (AVX2
 # AMD EPYC VM, Q4_K / Q5_K / Q6_K matvecs over all 32 layers, A/B in one process): with
 # 1536 bytes ahead 0.81-0.82x the time on 1 thread and 0.83-0.85x on 2; 768: 0.89-0.90x;
