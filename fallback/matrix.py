@@ -300,7 +300,7 @@ class QuantMatrix:
         self._int8 = bool(int8_activations)
         self._matvec: Matvec = self.kernels.matvec_int8 if self._int8 else self.kernels.matvec_float
         self._matmul: Matvec | None = self.kernels.matmul_int8 if self._int8 else None
-        self._int8_prefill = int8_prefill(self.qtype)
+        self._int8_prefill = int8_prefill()
         self._group = int8_group(self.qtype) if self._int8 else 0  # (asked per batched step)
         # (``PHIMLX_INT8_PREFILL=1`` keeps prompts on the int8 kernel, tiles or not)
         tiles = self._int8 and not self._int8_prefill

@@ -287,21 +287,29 @@ def prefill_batch_vs_alone(model, seed: int = 0):
     np.testing.assert_array_equal(batched[1].step(5), twins[1].step(5))
 
 
+@pytest.mark.parametrize("prompts", ["int8", "float"])
 @pytest.mark.parametrize("case", ["llama-q4_1-gqa", "phi3-q8_0", "phi3-q4_0-window"])
-def test_numpy_prefill_batch_equals_prefills(make_model, monkeypatch, case):
-    """Default activations (int8 where a kernel exists): the short lists share one pass
-    (counted) and each gets what its own prefill gives, bit for bit; a float model prefills
-    each list alone."""
+def test_numpy_prefill_batch_equals_prefills(make_model, monkeypatch, case, prompts):
+    """Default activations (int8 where a kernel exists): the lists the int8 matmul takes
+    share one pass (counted) and each gets what its own prefill gives, bit for bit.  With
+    prompts on the int8 kernels (``PHIMLX_INT8_PREFILL=1``, the default without AVX-512)
+    that is every list; with longer prompts on float tiles (``=0``) the lists of up to 32
+    tokens, the 40-token one alone.  A float model prefills each list alone."""
+    monkeypatch.setenv("PHIMLX_INT8_PREFILL", "1" if prompts == "int8" else "0")
     path = make_model(**TINY | NUMPY_CASES[case])
     model = load_numpy(path, float_activations=False)
     passes = []
     layers = model._layers
     monkeypatch.setattr(model, "_layers", lambda x, *a: passes.append(len(x)) or layers(x, *a))
     prefill_batch_vs_alone(model)
-    together = sum(n for n in PREFILL_LISTS if n <= 32)
-    if all(m.int8_activations for m in model._matrices()):  # (an AVX2 CPU with numba)
-        assert together in passes  # one pass for the short lists' rows
-    assert 40 in passes  # the long one alone
+    # (the twins prefill each list alone too: one pass of 40 rows is theirs)
+    if not all(m.int8_activations for m in model._matrices()):  # (no AVX2 CPU or numba)
+        assert passes.count(40) == 2
+    elif prompts == "int8":
+        assert sum(PREFILL_LISTS) in passes and passes.count(40) == 1  # one pass for all
+    else:
+        assert sum(n for n in PREFILL_LISTS if n <= 32) in passes  # the short lists' rows
+        assert passes.count(40) == 2  # the long one alone
 
 
 def test_numpy_prefill_batch_smollm2(smollm2_path):
