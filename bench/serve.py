@@ -66,16 +66,18 @@ class Timing:
 
 
 def request_body(i: int, args: argparse.Namespace) -> dict:
-    """Request ``i``: streamed, greedy, exactly ``args.max_tokens`` tokens."""
-    return {
+    """Request ``i``: greedy, exactly ``args.max_tokens`` tokens, streamed (unless
+    ``args.no_stream``: one response at the end)."""
+    body = {
         "model": args.model_name,
         "messages": [{"role": "user", "content": f"Write a story about {TOPICS[i % len(TOPICS)]} "
                       f"(story {i})."}],
         "max_tokens": args.max_tokens,
         "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
     }  # fmt: skip
+    if not args.no_stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return body
 
 
 def one_request(client: openai.OpenAI | httpx.Client, i: int, args: argparse.Namespace) -> Timing:
@@ -86,6 +88,12 @@ def one_request(client: openai.OpenAI | httpx.Client, i: int, args: argparse.Nam
     body = request_body(i, args)
     t = Timing(time.perf_counter())
     stream = client.chat.completions.create(**body, extra_body={"ignore_eos": True})
+    if args.no_stream:  # (no first token to time: TTFT is the whole request)
+        t.end = time.perf_counter()
+        t.tokens = stream.usage.completion_tokens
+        details = stream.usage.prompt_tokens_details
+        t.cached = (details.cached_tokens or 0) if details else 0
+        return t
     for chunk in stream:
         now = time.perf_counter()
         if chunk.choices and chunk.choices[0].delta.content:
@@ -105,6 +113,14 @@ def _raw_request(client: httpx.Client, i: int, args: argparse.Namespace) -> Timi
     chunk), so on a machine whose cores the server uses too, less of it is measured."""
     t = Timing(time.perf_counter())
     body = {**request_body(i, args), "ignore_eos": True}
+    if args.no_stream:
+        response = client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        use = response.json()["usage"]
+        t.end = time.perf_counter()
+        t.tokens = use["completion_tokens"]
+        t.cached = (use.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return t
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -270,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         default="openai",
         help="the `openai` package (default), or httpx with the events parsed by json.loads: "
         "less client work per token on the cores the server shares",
+    )
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="requests answered whole at the end (no server-sent events; TTFT is the request)",
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args(argv)

@@ -687,6 +687,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             cache=args.cache,
             max_context=args.max_context,
+            warmup=args.warmup,
         )
     return 0
 
@@ -829,6 +830,13 @@ def build_parser() -> ArgumentParser:
         default=10.0,
         metavar="S",
         help="seconds in-flight requests get to finish after SIGTERM/Ctrl-C",
+    )
+    sv.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="take requests at once (default: first run each kind of forward pass once, so "
+        "that the first requests do not wait for the kernels to load)",
     )
     sv.set_defaults(func=cmd_serve, parser=sv)
 

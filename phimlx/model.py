@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 _OVERFLOW_POLICIES = ("drop_oldest", "error")
 # Prompt-cache budget: KV bytes kept across calls (the most recent session always stays).
 DEFAULT_CACHE_BYTES = 2 << 30
+
+# `Model.warm_up`'s prompts: a short one (the NumPy backend's int8 kernels take it; two of
+# them share a pass) and a longer one (its float path and BLAS).
+WARM_UP_SHORT = 12
+WARM_UP_LONG = 48
 
 Messages = Sequence[Mapping[str, str]]
 Prompt = str | Messages | Sequence[int]
@@ -162,6 +168,33 @@ class Model:
             TypeError: something that is not a `Session`.
         """
         return prefill_batch(self._backend_model, self._lock, sessions, token_lists)
+
+    def warm_up(self) -> float:
+        """Run each kind of forward pass generation uses once, on two scratch sessions, so
+        that the first requests do not wait while the backend readies its kernels (the
+        NumPy backend's numba kernels load from their disk cache on first use, about a
+        second in all; the very first run on a machine compiles them).  A server does this
+        before it takes requests, as llama.cpp's does.
+
+        The passes: a batched prefill of two short prompts, a longer prefill after one of
+        them, a step, and a batched step of both (`prefill_batch`, `Session.prefill`,
+        `Session.step`, `step_batch`).  The prompt cache and every other session are left
+        as they were.
+
+        Returns:
+            The seconds it took.
+        """
+        t0 = time.perf_counter()
+        c = self.config
+        short = max(2, min(WARM_UP_SHORT, (c.context_length - 2) // 4))
+        long = max(1, min(WARM_UP_LONG, c.context_length - short - 2))
+        ids = [1 + i % (c.vocab_size - 1) for i in range(short + long)]
+        a, b = self.new_session(short + long + 1), self.new_session(short + 1)
+        self.prefill_batch([a, b], [ids[:short], ids[: short - 1]])
+        a.prefill(ids[short:])
+        b.step(ids[0])
+        self.step_batch([a, b], [ids[1], ids[2]])
+        return time.perf_counter() - t0
 
     # -- prompts ---------------------------------------------------------------------------
 

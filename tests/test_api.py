@@ -194,3 +194,72 @@ def test_cli_bench_takes_its_own_options():
     )
     assert out.returncode == 0, out.stderr
     assert "--model" in out.stdout and "--backends" in out.stdout
+
+
+WARM_CHECK = r"""
+import sys
+from numba.core import dispatcher
+
+loads = []  # (phase, kernel): a signature loaded from numba's cache or compiled
+orig = dispatcher.Dispatcher.compile
+
+
+def compile(self, sig):
+    if sig not in self.overloads:
+        loads.append((phase, self.py_func.__name__))
+    return orig(self, sig)
+
+
+dispatcher.Dispatcher.compile = compile
+import phimlx
+
+phase = "load"
+model = phimlx.load(sys.argv[1], backend="numpy")
+phase = "warm-up"
+if sys.argv[2] == "warm":
+    model.warm_up()
+phase = "requests"
+# what a server's first requests run: a chat prompt alone, then three short turns after
+# kept prefixes in one pass, each sampled, then steps of one and of four sessions
+ids = model.encode_prompt("Write a story about a lighthouse keeper, please.")
+first = model.new_session()
+first.prefill(ids)
+first.step(0)
+more = [model.new_session() for _ in range(3)]
+for s in more:
+    s.prefill(ids[:8])
+model.prefill_batch(more, [ids[8 : 8 + k] for k in (5, 7, 9)])
+model.step_batch([first, *more], [1, 2, 3, 4])
+print(sorted({k for p, k in loads if p == "requests"}))
+print(sorted({k for p, k in loads if p == "warm-up"}))
+"""
+
+
+@pytest.mark.parametrize("how", ["warm", "cold"])
+def test_warm_up_readies_every_kernel_the_first_requests_run(smollm2_path, how):
+    """After `Model.warm_up`, a server's first requests (a prompt, a batched prefill after
+    kept prefixes, a step, a batched step) load no compiled kernel: each was loaded (from
+    numba's cache, or compiled) by the warm-up.  Without it they load several."""
+    out = subprocess.run(
+        [sys.executable, "-c", WARM_CHECK, str(smollm2_path), how],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    in_requests, in_warm_up = (eval(line) for line in out.stdout.strip().splitlines()[-2:])
+    if how == "warm":
+        assert in_requests == [] and len(in_warm_up) >= 5, (in_requests, in_warm_up)
+    else:
+        assert len(in_requests) >= 5 and in_warm_up == []
+
+
+def test_warm_up_leaves_the_model_as_it_was(smol):
+    """The warm-up's sessions are its own: the kept sessions and what generation gives
+    are as before."""
+    kw = dict(max_tokens=8, temperature=0, repeat_penalty=1.0)
+    before = smol.generate("Name three colours.", **kw)
+    kept = [(s.position, list(s.tokens)) for s in smol._prompt_cache._sessions]
+    seconds = smol.warm_up()
+    assert seconds > 0
+    assert [(s.position, list(s.tokens)) for s in smol._prompt_cache._sessions] == kept
+    after = smol.generate("Name three colours.", **kw)
+    assert (after.tokens, after.text) == (before.tokens, before.text)

@@ -460,22 +460,29 @@ RAW = [  # short raw prompts: each prefills in one small piece
 ]
 
 
+@pytest.mark.parametrize("no_stream", [False, True])
 @pytest.mark.parametrize("kind", ["openai", "httpx"])
-def test_bench_serve_script_counts_every_token(url, kind):
-    """`bench/serve.py` against this server with either client: every request is timed
-    over exactly its ``--max-tokens`` tokens, and the totals add up."""
+def test_bench_serve_script_counts_every_token(url, kind, no_stream):
+    """`bench/serve.py` against this server with either client, streamed or not: every
+    request is timed over exactly its ``--max-tokens`` tokens, and the totals add up."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
     try:
         import serve as bench
     finally:
         sys.path.pop(0)
-    args = argparse.Namespace(model_name="smol", api_key="none", max_tokens=5, client=kind)
+    args = argparse.Namespace(
+        model_name="smol", api_key="none", max_tokens=5, client=kind, no_stream=no_stream
+    )
     r = bench.run(url, args, clients=2, requests=2, first=0)
     assert r["requests"] == 4 and r["completion_tokens"] == 4 * 5
     with httpx.Client(base_url=url) if kind == "httpx" else client(url) as c:
         one = bench.one_request(c, 3, args)
-    assert one.tokens == 5 and 1 <= len(one.arrivals) <= 5
-    assert one.start <= one.first <= one.arrivals[-1] <= one.end
+    assert one.tokens == 5
+    if no_stream:  # one response: no chunks, the first token is timed with the end
+        assert one.arrivals == [] and one.first is None and one.ttft == one.end - one.start
+    else:
+        assert 1 <= len(one.arrivals) <= 5
+        assert one.start <= one.first <= one.arrivals[-1] <= one.end
     assert one.cached > 0  # the same prompt as the run's fourth request, kept
 
 
@@ -489,8 +496,9 @@ def test_bench_serve_compare_rounds(url, capsys):
     finally:
         sys.path.pop(0)
     args = argparse.Namespace(
-        model_name="smol", api_key="none", max_tokens=3, client="httpx", compare_n=2, rounds=2
-    )
+        model_name="smol", api_key="none", max_tokens=3, client="httpx", compare_n=2,
+        rounds=2, no_stream=False,
+    )  # fmt: skip
     r = bench.compare(url, args, first=100)
     assert len(r["rounds"]) == 2
     speedups = []
@@ -677,6 +685,27 @@ def test_engine_stop_ends_requests_in_flight_and_queued(model):
 # -- the command -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_app_warms_up_before_it_takes_requests(model, monkeypatch, warmup):
+    """``create_app(warmup=True)`` (what `serve` and ``phimlx serve`` ask for unless
+    ``--no-warmup``) runs `Model.warm_up` once, at startup, before the engine takes
+    requests; without it, not at all."""
+    seen = []
+    real = model.warm_up
+
+    def spy() -> float:
+        seen.append(app.state.engine.alive)  # the engine thread: not started yet
+        return real()
+
+    monkeypatch.setattr(model, "warm_up", spy)
+    app = create_app(model, model_id="smol", max_context=CONTEXT, warmup=warmup)
+    with running(app) as base:
+        assert seen == ([False] if warmup else [])
+        r = client(base).completions.create(model="smol", prompt="Hi", max_tokens=2)
+        assert r.usage.completion_tokens <= 2
+    assert len(seen) == int(warmup)
+
+
 def test_phimlx_serve_command_and_sigterm(smollm2_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -713,7 +742,7 @@ def test_phimlx_serve_command_and_sigterm(smollm2_path):
         assert proc.wait(timeout=DEADLINE) in (0, -signal.SIGTERM)
         err = proc.stderr.read()
         assert "Traceback" not in err, err
-        assert "engine stopped" in err
+        assert "warmed up in" in err and "engine stopped" in err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -792,3 +821,14 @@ def test_non_ascii_regex_on_a_sentencepiece_vocabulary(tiny_phi3):
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=DEADLINE)
         assert r.status_code == 200, r.text[:300]
         assert r.json()["choices"][0]["text"] == "½%"
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], True), (["--no-warmup"], False)])
+def test_serve_command_warms_up_unless_told_not_to(tiny_phi3, monkeypatch, flag, want):
+    import phimlx.server
+    from phimlx import cli
+
+    got: dict = {}
+    monkeypatch.setattr(phimlx.server, "serve", lambda model, **kw: got.update(kw))
+    assert cli.main(["serve", "--model", str(tiny_phi3), *flag]) == 0
+    assert got["warmup"] is want

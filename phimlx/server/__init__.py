@@ -50,6 +50,7 @@ def serve(
     port: int = 8080,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
+    warmup: bool = True,
     **kwargs: Any,
 ) -> None:
     """Serve ``model`` over HTTP until interrupted (SIGINT or SIGTERM).
@@ -59,6 +60,8 @@ def serve(
         host, port: where to listen (default: this machine only).
         shutdown_timeout: seconds in-flight requests get to finish after the signal.
         log_level: uvicorn's log level.
+        warmup: run `Model.warm_up` before taking requests (``phimlx serve
+            --no-warmup`` skips it).
         **kwargs: `create_app`'s options (``model_id``, ``api_key``, ``max_batch``, ...).
 
     Raises:
@@ -66,7 +69,7 @@ def serve(
     """
     # streams in flight get the shutdown timeout too (less a second for the engine to stop)
     kwargs.setdefault("shutdown_grace", max(0.0, shutdown_timeout - 1.0))
-    app = create_app(model, **kwargs)
+    app = create_app(model, warmup=warmup, **kwargs)
     import uvicorn
 
     config = uvicorn.Config(

@@ -59,6 +59,7 @@ def create_app(
     max_context: int | None = None,
     prefill_chunk: int = 256,
     shutdown_grace: float = 0.0,
+    warmup: bool = False,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``model``; its engine thread runs while the app's
     lifespan does (started at startup, stopped at shutdown).
@@ -75,6 +76,8 @@ def create_app(
         prefill_chunk: prompt tokens prefilled between two decode rounds.
         shutdown_grace: seconds a stream in flight may go on after the server is told to
             stop (then it is cancelled); keep it under uvicorn's graceful-shutdown timeout.
+        warmup: run `Model.warm_up` at startup, before the first request is taken (so
+            that it does not wait while the kernels load).
     """
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     supported = library_options(model)
@@ -85,6 +88,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if warmup:
+            seconds = await run_in_threadpool(model.warm_up)
+            log.info("warmed up in %.1f s", seconds)
         engine.start()
         log.info("serving %s (%s) with batches of up to %d", model_id, model.backend, max_batch)
         try:
