@@ -218,6 +218,7 @@ model = phimlx.load(sys.argv[1], backend="numpy")
 phase = "warm-up"
 if sys.argv[2] == "warm":
     model.warm_up()
+    assert model.tokenizer._backend_obj is not None  # the tokenizer, built on first use
 phase = "requests"
 # what a server's first requests run: a chat prompt alone, then three short turns after
 # kept prefixes in one pass, each sampled, then steps of one and of four sessions
@@ -239,7 +240,8 @@ print(sorted({k for p, k in loads if p == "warm-up"}))
 def test_warm_up_readies_every_kernel_the_first_requests_run(smollm2_path, how):
     """After `Model.warm_up`, a server's first requests (a prompt, a batched prefill after
     kept prefixes, a step, a batched step) load no compiled kernel: each was loaded (from
-    numba's cache, or compiled) by the warm-up.  Without it they load several."""
+    numba's cache, or compiled) by the warm-up, which built the tokenizer too.  Without it
+    they load several."""
     out = subprocess.run(
         [sys.executable, "-c", WARM_CHECK, str(smollm2_path), how],
         capture_output=True, text=True, timeout=900,
@@ -263,3 +265,23 @@ def test_warm_up_leaves_the_model_as_it_was(smol):
     assert [(s.position, list(s.tokens)) for s in smol._prompt_cache._sessions] == kept
     after = smol.generate("Name three colours.", **kw)
     assert (after.tokens, after.text) == (before.tokens, before.text)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_warm_up_on_either_backend(make_model, backend):
+    """`Model.warm_up` runs on MLX too (its batched prefill is prefills in turn) and on a
+    model whose context (16) is shorter than its prompts would be; greedy text is the same
+    after it."""
+    if backend == "mlx":
+        try:
+            import mlx.core  # noqa: F401
+        except ImportError:
+            require("mlx", 'pip install "mlx[cpu]" mlx-lm')
+    path = make_model(n_layers=2, hidden=64, ffn=128, n_heads=4, mix="Q8_0", context=16)
+    kw = dict(max_tokens=6, temperature=0, repeat_penalty=1.0, chat=False)
+    with phimlx.load(path, backend=backend) as m:
+        assert m.config.context_length == 16
+        before = m.generate("Hi there", **kw)
+        m.clear_cache()
+        assert m.warm_up() > 0
+        assert m.generate("Hi there", **kw).tokens == before.tokens
