@@ -35,7 +35,8 @@ _OVERFLOW_POLICIES = ("drop_oldest", "error")
 DEFAULT_CACHE_BYTES = 2 << 30
 
 # `Model.warm_up`'s prompts: a short one (the NumPy backend's int8 kernels take it; two of
-# them share a pass) and a longer one (its float path and BLAS).
+# them share a pass) and a longer one (past the 32 rows after which, on CPUs with AVX-512,
+# Q4_0 / Q4_1 / Q8_0 prompts leave the int8 kernels for float tiles and BLAS).
 WARM_UP_SHORT = 12
 WARM_UP_LONG = 48
 

@@ -706,6 +706,18 @@ def test_app_warms_up_before_it_takes_requests(model, monkeypatch, warmup):
     assert len(seen) == int(warmup)
 
 
+def test_app_serves_when_its_warm_up_fails(model, monkeypatch, caplog):
+    def broken() -> float:
+        raise RuntimeError("no warm-up today")
+
+    monkeypatch.setattr(model, "warm_up", broken)
+    app = create_app(model, model_id="smol", max_context=CONTEXT, warmup=True)
+    with caplog.at_level("WARNING", logger="phimlx.server.app"), running(app) as base:
+        r = client(base).completions.create(model="smol", prompt="Hi", max_tokens=2)
+        assert r.usage.completion_tokens <= 2
+    assert "the warm-up failed" in caplog.text and "no warm-up today" in caplog.text
+
+
 def test_phimlx_serve_command_and_sigterm(smollm2_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

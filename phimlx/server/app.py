@@ -89,8 +89,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if warmup:
-            seconds = await run_in_threadpool(model.warm_up)
-            log.info("warmed up in %.1f s", seconds)
+            try:
+                seconds = await run_in_threadpool(model.warm_up)
+                log.info("warmed up in %.1f s", seconds)
+            except Exception:  # noqa: BLE001 - the first requests pay instead; still serve
+                log.warning("the warm-up failed; serving without it", exc_info=True)
         engine.start()
         log.info("serving %s (%s) with batches of up to %d", model_id, model.backend, max_batch)
         try:
