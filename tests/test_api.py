@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -221,7 +222,7 @@ if sys.argv[2] == "warm":
     assert model.tokenizer._backend_obj is not None  # the tokenizer, built on first use
 phase = "requests"
 # what a server's first requests run: a chat prompt alone, then three short turns after
-# kept prefixes in one pass, each sampled, then steps of one and of four sessions
+# kept prefixes in one pass, then steps of one and of four sessions
 ids = model.encode_prompt("Write a story about a lighthouse keeper, please.")
 first = model.new_session()
 first.prefill(ids)
@@ -247,7 +248,8 @@ def test_warm_up_readies_every_kernel_the_first_requests_run(smollm2_path, how):
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    in_requests, in_warm_up = (eval(line) for line in out.stdout.strip().splitlines()[-2:])
+    lines = out.stdout.strip().splitlines()[-2:]
+    in_requests, in_warm_up = (ast.literal_eval(line) for line in lines)
     if how == "warm":
         assert in_requests == [] and len(in_warm_up) >= 5, (in_requests, in_warm_up)
     else:
