@@ -247,8 +247,9 @@ class NumpyModel:
         vocab), row b those after list b's last token.  Row b and session b's cache are
         what ``sessions[b].prefill(token_lists[b])`` gives, bit for bit.
 
-        Lists that the int8 matmul takes alone (up to `matrix.INT8_MATMUL_ROWS` tokens, on
-        the int8 path) go through each weight matrix together, in one pass (each weight
+        Lists that the int8 matmul takes alone (up to `matrix.INT8_MATMUL_ROWS` tokens on
+        the int8 path, up to `PREFILL_CHUNK` where prompts take the int8 kernels:
+        `kernels.int8_prefill`) go through each weight matrix together, in one pass (each weight
         block read once for all their rows, one call per matrix rather than one per list),
         each list's rows attending as its own prefill would; the rest (longer lists, float
         activations) are prefilled one after another, as alone.

@@ -149,7 +149,8 @@ class Model:
         self, sessions: Sequence[Session], token_lists: Sequence[Sequence[int]]
     ) -> np.ndarray:
         """Prefill ``token_lists[b]`` into ``sessions[b]`` for each b: on the NumPy backend
-        the short lists (up to 32 tokens on the int8 path) in one forward pass, each weight
+        the lists its int8 kernels take (up to 32 tokens on CPUs with AVX-512, 128 for
+        K-quants; up to 256 on CPUs without it) in one forward pass, each weight
         block read once for all their rows, each list attending over its own session's
         cache; longer ones (and every list on MLX) one after another.  Row b equals what
         ``sessions[b].prefill(token_lists[b])`` returns, bit for bit on the NumPy backend.
