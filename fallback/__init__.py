@@ -80,22 +80,22 @@ def warm_up(model: Any) -> None:
 
     They call every compiled kernel a generation calls (the prefill's int8 matmuls and
     norms, the tile decoders of long prompts, the step's matvecs, fused attention and
-    embedding lookup; a batched step's attention; the parallel attention of long caches)
-    with the argument types of a real call and the model's KV cache type, which is what
-    numba compiles for; the sessions are dropped afterwards.
+    embedding lookup; a batched step's attention; the threads' attention of long caches and
+    of big batches) with the argument types of a real call and the model's KV cache type,
+    which is what numba compiles for; the sessions are dropped afterwards.  Needs numba.
     """
     session = model.new_session(min(4, model.config.context_length))
     session.prefill([0, 0])
     session.step(0)
     model.step_batch([model.new_session(1), model.new_session(1)], [0, 0])  # short caches
-    if model.threads > 1:  # the parallel attention of long caches, on this cache type
-        from . import ops
+    # the threads' attention (long caches, big batches), on this cache type
+    from . import ops
 
-        c, kc, vc = model.config, session._k[0], session._v[0]
-        kv, _, d = ops.cache_shape(kc)
-        qkv = np.zeros((c.n_heads + 2 * kv) * d, np.float32)
-        cos, sin = session._cos[:1], session._sin[:1]
-        ops.attend_token(cos, sin, True, 0, 0, model.attn_scale, c.n_heads, qkv, kc, vc, parts=2)
+    c, kc, vc = model.config, session._k[0], session._v[0]
+    kv, _, d = ops.cache_shape(kc)
+    qkv = np.zeros((c.n_heads + 2 * kv) * d, np.float32)
+    cos, sin = session._cos[:1], session._sin[:1]
+    ops.attend_token(cos, sin, True, 0, 0, model.attn_scale, c.n_heads, qkv, kc, vc, parts=2)
     seen = set()
     for m in model._matrices():
         if m.use_numba and id(m.kernels) not in seen:

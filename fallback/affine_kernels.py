@@ -19,13 +19,15 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
+from .kernels import prange_only
+
 F = np.float32
 
 # float16 / bfloat16 bits -> float32, exactly
 F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 BF16_TABLE = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
 
-_OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+_OPTS = {"parallel": prange_only(), "fastmath": True, "cache": True, "nogil": True}
 
 
 # Each matvec: the groups' dot products of a row first (one loop, 2-D indexing, int32

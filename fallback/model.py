@@ -372,6 +372,15 @@ class NumpyModel:
             h = add_norm(x, down(silu_mul(gate_up(h), ffn)), next_norm, eps)
         return h  # output-normed after the last layer
 
+    def warm_up(self) -> None:
+        """Call every compiled kernel a generation calls once (`fallback.warm_up`), so that
+        numba loads each from its disk cache (or compiles it) now: `phimlx.Model.warm_up`."""
+        from . import warm_up
+        from .kernels import numba_available
+
+        if numba_available():  # (the pure NumPy path has nothing to load)
+            warm_up(self)
+
     def close(self) -> None:
         self.layers, self.token_calls, self.chunk_calls = [], [], []
         self.__dict__.pop("_exact_calls", None)

@@ -50,17 +50,27 @@ import numpy as np
 
 from phimlx.backends import KV_CACHE_TYPES
 
-from .kernels import numba_available, renamed
+from .kernels import numba_available, prange_only, renamed
 from .threads import one_blas_thread, tbb_loaded
 
-# Decode attention of up to this many multiply-adds per layer (positions attended x H x D,
-# summed over a batch's rows) runs on the calling thread, one part per kv head; above, on
-# numba's threads, a token's positions split into parts too (`token_parts`).  Below it a
-# launch of the threads costs more than it saves: the parallel kernel's time matches the
-# serial one's at ~450k on TBB, 250k-350k on OpenMP, for 1, 2 or 4 rows alike, and is
-# 1.9x (TBB) and 1.4x (OpenMP) of it at 116k (SmolLM2-135M, 2 threads, 2-core Xeon VM:
-# `attend_batch` against `attend_batch_serial`, 12 alternations per size in one process).
+# One token's decode attention of up to this many multiply-adds per layer (positions
+# attended x H x D) runs on the calling thread, one part per kv head; above, its positions
+# split into parts (`token_parts`) on numba's threads.  Below it the parts' launch and merge
+# cost more than they save: one token in parts against the calling thread's one part
+# (SmolLM2-135M, 2 threads, AMD EPYC VM, 12 alternations a size, `prange_only` kernels) on
+# TBB 1.01-1.12x the time at 74k-230k and 0.70x at 461k; on OpenMP 1.02-1.16x at 74k-230k.
+# (Figures from before `prange_only`, when the threads' kernel made four launches a call:
+# parity at ~450k on TBB and 250k-350k on OpenMP on a 2-core Xeon VM.)
 LOOP_ATTENTION_MAX = 7 << 16 if tbb_loaded() else 1 << 18
+
+# Two tokens or more (a batched step's rows, a run of drafted tokens), each attending in one
+# part per kv head, go to numba's threads from this many multiply-adds in all: their (row,
+# kv head) items split across the threads with nothing to merge, and the kernel's one
+# launch pays for itself sooner than a token's parts do.  SmolLM2-135M, 2 threads, AMD EPYC
+# VM, the threads' kernel against the calling thread's (12 alternations a size, after a
+# parallel product as in a step): on TBB 1.06x the time at 37k (4 rows of 16 positions),
+# 0.98-0.99x at 74k, 0.82-0.85x at 147k, 0.74-0.79x at 230k-460k; on OpenMP 0.85x at 74k.
+ROWS_ATTENTION_MAX = 1 << 16
 
 # ---------------------------------------------------------------------------- NumPy engine
 
@@ -338,10 +348,12 @@ def decode_parts(n_positions: int, n_kv: int, threads: int) -> int:
 def attend_kernel(parts: np.ndarray, p0s: np.ndarray, n_heads: int, head_dim: int) -> Callable:
     """The kernel `attend_rows` runs for tokens at positions ``p0s`` in ``parts`` parts:
     `attend_batch_serial` on the calling thread where every row takes one part and they
-    attend up to `LOOP_ATTENTION_MAX` multiply-adds in all (a launch of numba's threads
-    would cost more), else `attend_batch` on numba's threads."""
+    attend up to `LOOP_ATTENTION_MAX` multiply-adds in all (one token) or
+    `ROWS_ATTENTION_MAX` (several: a launch of numba's threads would cost more), else
+    `attend_batch` on numba's threads."""
     work = int(p0s.sum() + len(p0s)) * n_heads * head_dim
-    return attend_batch_serial if work <= LOOP_ATTENTION_MAX and parts.max() == 1 else attend_batch
+    limit = LOOP_ATTENTION_MAX if len(p0s) == 1 else ROWS_ATTENTION_MAX
+    return attend_batch_serial if work <= limit and parts.max() == 1 else attend_batch
 
 
 def attend_rows(
@@ -1318,7 +1330,7 @@ if numba_available():
     silu_mul = _jit(_silu_mul_loop)
     rope = _jit(_rope_loop)
     attend_batch = numba.njit(
-        cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=True
+        cache=True, fastmath=True, nogil=True, error_model="numpy", parallel=prange_only()
     )(renamed(_attend_batch_loop, "_parallel"))
     attend_batch_serial = _jit(renamed(_attend_batch_loop, "_serial"))
     FUSED_DECODE = True  # the forward pass may call attend_token

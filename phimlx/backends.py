@@ -118,7 +118,9 @@ class LoadedModel(Protocol):
     A backend may also have ``prefill_batch(sessions, token_lists) -> logits (B, vocab)``,
     several sessions' prompts in one forward pass, each row what the session's own
     ``prefill`` returns (the NumPy backend's, validated by `checked_prefills`); without it,
-    `phimlx.Model.prefill_batch` prefills them one after another."""
+    `phimlx.Model.prefill_batch` prefills them one after another.  And ``warm_up()``: ready
+    whatever `phimlx.Model.warm_up`'s passes do not reach (the NumPy backend calls every
+    compiled kernel once)."""
 
     config: ModelConfig
 

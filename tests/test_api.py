@@ -199,6 +199,8 @@ def test_cli_bench_takes_its_own_options():
 
 WARM_CHECK = r"""
 import sys
+
+import numpy as np
 from numba.core import dispatcher
 
 loads = []  # (phase, kernel): a signature loaded from numba's cache or compiled
@@ -232,6 +234,18 @@ for s in more:
     s.prefill(ids[:8])
 model.prefill_batch(more, [ids[8 : 8 + k] for k in (5, 7, 9)])
 model.step_batch([first, *more], [1, 2, 3, 4])
+# and steps of four sessions long enough to attend on numba's threads
+from fallback import ops
+
+c = model.config
+n = ops.ROWS_ATTENTION_MAX // (4 * c.n_heads * c.head_dim) + 1
+four = [model.new_session() for _ in range(4)]
+for s in four:
+    s.prefill(ids[:1] * n)
+assert ops.attend_kernel(np.ones(4, np.int64), np.full(4, n), c.n_heads, c.head_dim) is (
+    ops.attend_batch
+)
+model.step_batch(four, [1, 2, 3, 4])
 print(sorted({k for p, k in loads if p == "requests"}))
 print(sorted({k for p, k in loads if p == "warm-up"}))
 """
@@ -240,7 +254,8 @@ print(sorted({k for p, k in loads if p == "warm-up"}))
 @pytest.mark.parametrize("how", ["warm", "cold"])
 def test_warm_up_readies_every_kernel_the_first_requests_run(smollm2_path, how):
     """After `Model.warm_up`, a server's first requests (a prompt, a batched prefill after
-    kept prefixes, a step, a batched step) load no compiled kernel: each was loaded (from
+    kept prefixes, a step, a batched step, one whose attention runs on numba's threads)
+    load no compiled kernel: each was loaded (from
     numba's cache, or compiled) by the warm-up, which built the tokenizer too.  Without it
     they load several."""
     out = subprocess.run(

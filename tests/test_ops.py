@@ -387,6 +387,64 @@ def k_cap(c):
     return ops.cache_shape(c)[1]
 
 
+def test_attend_kernel_by_rows_and_size():
+    """One token stays on the calling thread up to `LOOP_ATTENTION_MAX` multiply-adds in one
+    part; several up to `ROWS_ATTENTION_MAX` in all; past that, or in parts, numba's threads."""
+    H, D = 9, 64
+    one = np.ones(1, np.int64)
+    edge = ops.LOOP_ATTENTION_MAX // (H * D)  # positions one token takes on this thread
+    assert ops.attend_kernel(one, np.array([edge - 1]), H, D) is ops.attend_batch_serial
+    assert ops.attend_kernel(one, np.array([edge]), H, D) is ops.attend_batch
+    assert ops.attend_kernel(one * 2, np.array([3]), H, D) is ops.attend_batch
+    rows = ops.ROWS_ATTENTION_MAX // (4 * H * D)  # positions each of 4 rows takes there
+    four = np.ones(4, np.int64)
+    assert ops.attend_kernel(four, np.full(4, rows - 1), H, D) is ops.attend_batch_serial
+    assert ops.attend_kernel(four, np.full(4, rows + 1), H, D) is ops.attend_batch
+
+
+def _parallel_regions(py_func, args, parallel):
+    """How many parallel regions (launches of numba's threads) ``py_func`` compiled with
+    ``parallel`` makes, after calling it with ``args``."""
+    import numba
+
+    probe = numba.njit(parallel=parallel, fastmath=True, error_model="numpy")(py_func)
+    probe(*args)
+    return len(probe.get_metadata(probe.signatures[0])["parfor_diagnostics"].get_parfors())
+
+
+@compiled
+def test_threaded_kernels_launch_the_threads_once_a_call():
+    """The kernels on numba's threads, compiled with their own ``parallel`` option, make one
+    parallel region a call (their one ``prange``): the NumPy calls around it (the attention
+    kernel's ``np.zeros`` scratch) run on the calling thread.  With numba's plain
+    ``parallel=True`` the attention kernel makes four."""
+    from fallback.kernels import avx2_kernels
+    from phimlx.gguf import GGMLType
+
+    H, KV, D, B = 6, 2, 64, 3
+    r = np.random.default_rng(0)
+    caches = [(ops.new_cache("f16", KV, 40, D), ops.new_cache("f16", KV, 40, D)) for _ in range(B)]
+    ang = r.uniform(0, 6, (B, D // 2))
+    args = (
+        np.ones(B, np.int64), np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32),
+        True, np.array([5, 9, 30]), 0, np.float32(0.125), H,
+        r.standard_normal((B, (H + 2 * KV) * D)).astype(np.float32),
+        caches[0][0], ops.cache_table(caches),
+    )  # fmt: skip
+    attend = ops.attend_batch.py_func
+    assert _parallel_regions(attend, args, ops.attend_batch.targetoptions["parallel"]) == 1
+    assert _parallel_regions(attend, args, True) == 4
+    avx2 = avx2_kernels()
+    if avx2 is not None:
+        w = np.zeros((16, 18 * 20), np.uint8)
+        for make, x in ((avx2.matmul_int8, np.ones((4, 576), np.float32)),
+                        (avx2.matvec_int8, np.ones(576, np.float32))):  # fmt: skip
+            driver = make(GGMLType.Q4_1, parallel=True)
+            out = np.zeros((*x.shape[:-1], 16), np.float32)
+            opts = driver.targetoptions["parallel"]
+            assert _parallel_regions(driver.py_func, (w, w[:0], w[:0], x, out), opts) == 1
+
+
 def _copy_cache(c):
     return tuple(x.copy() for x in c) if isinstance(c, tuple) else c.copy()
 

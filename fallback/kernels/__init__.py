@@ -34,6 +34,32 @@ from phimlx.gguf import GGMLType
 
 from . import numpy_engine
 
+
+def prange_only() -> Any:
+    """numba's ``parallel`` option for every kernel here that runs on its threads: its
+    ``prange`` loops, nothing else.  ``parallel=True`` also turns the NumPy calls in a
+    kernel's own body (``np.zeros``, ``np.ones``, array expressions) into parallel loops,
+    each one more launch of the threads: the one-token attention kernel made four launches
+    a call, not one, and took 1.3-2x the time of its serial twin where ~0.75x was to be had.
+
+    An options object, not the dict numba takes: numba empties a dict as it reads it, so
+    one dict shared by several kernels gives the second and later plain ``parallel=True``.
+    (Imports numba: call it where a kernel is compiled.)"""
+    from numba.core.cpu_options import ParallelOptions
+
+    return ParallelOptions(
+        {
+            "prange": True,
+            "numpy": False,
+            "comprehension": False,
+            "reduction": False,
+            "inplace_binop": False,
+            "setitem": False,
+            "stencil": False,
+        }
+    )
+
+
 log = logging.getLogger(__name__)
 
 _numba: Any = None  # the numba engine's modules, imported on first use

@@ -42,6 +42,7 @@ from numba.extending import intrinsic
 
 from phimlx.gguf import GGMLType
 
+from . import prange_only
 from .avx2 import _OPTS, FLOAT_TYPES, IR_STAMP
 from .avx2_ir import TYPES, decode_row
 from .avx2_ir import _feat as _host_features
@@ -267,7 +268,7 @@ def matmul_bf16(qtype: GGMLType) -> Any:
 
     name = f"matmul_bf16_{GGMLType(qtype).name.lower()}"
     driver.__name__ = driver.__qualname__ = name
-    compiled = njit(parallel=True, **_OPTS)(driver)
+    compiled = njit(parallel=prange_only(), **_OPTS)(driver)
 
     def run(w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         compiled(w1, w2, w3, x, out, _CONFIG, get_num_threads())

@@ -43,7 +43,7 @@ from numba import njit, prange
 
 from phimlx.gguf import GGMLType
 
-from . import avx2_ir, renamed
+from . import avx2_ir, prange_only, renamed
 from .avx2_ir import (
     AVAILABLE,
     AVX512,
@@ -131,7 +131,7 @@ def _rows_int8(x, group):  # noqa: ANN001, ANN202
 # `quantized_int8` of each row of x (float32 (n, cols)): xq int8 (n, cols), dx and xs float32
 # (n, cols / 32), each row exactly as `quantize_int8` rounds it alone; on numba's threads, or
 # (`_serial`) on the calling thread.
-quantized_rows_int8 = njit(parallel=True, **_OPTS)(renamed(_rows_int8, "_parallel"))
+quantized_rows_int8 = njit(parallel=prange_only(), **_OPTS)(renamed(_rows_int8, "_parallel"))
 quantized_rows_int8_serial = njit(**_OPTS)(renamed(_rows_int8, "_serial"))
 
 
@@ -286,7 +286,7 @@ def _compiled(driver: Any, name: str, parallel: bool) -> Any:
     """``driver`` compiled under ``name`` (its own cache file); ``parallel`` turns its
     ``prange`` into threads."""
     driver.__name__ = driver.__qualname__ = name
-    return njit(parallel=parallel, **_OPTS)(driver)
+    return njit(parallel=prange_only() if parallel else False, **_OPTS)(driver)
 
 
 def _name(task: str, qtype: GGMLType, parallel: bool) -> str:

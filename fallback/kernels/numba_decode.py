@@ -27,6 +27,8 @@ from numba import njit, prange
 
 from phimlx.gguf import TYPE_SIZES, GGMLType
 
+from . import prange_only
+
 U = np.uint64
 I = np.int32  # noqa: E741
 F = np.float32
@@ -35,7 +37,7 @@ F = np.float32
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 
-_OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+_OPTS = {"parallel": prange_only(), "fastmath": True, "cache": True, "nogil": True}
 
 # A float32 for every float16 bit pattern: the kernels decode block scales with one lookup
 # (float16 is no numba type), ``F16_TABLE[f16_bits(row, o)]``.

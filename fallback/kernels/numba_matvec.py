@@ -30,13 +30,14 @@ from numba import njit, prange
 
 from phimlx.gguf import TYPE_SIZES, GGMLType
 
+from . import prange_only
 from .numba_decode import F16_TABLE, f16_bits, k_scale_min_high, k_scale_min_low, q5_high_bits
 
 U = np.uint64
 I = np.int32  # noqa: E741
 F = np.float32
 
-_OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+_OPTS = {"parallel": prange_only(), "fastmath": True, "cache": True, "nogil": True}
 
 
 @njit(**_OPTS)
