@@ -40,7 +40,7 @@ def prange_only() -> Any:
     ``prange`` loops, nothing else.  ``parallel=True`` also turns the NumPy calls in a
     kernel's own body (``np.zeros``, ``np.ones``, array expressions) into parallel loops,
     each one more launch of the threads: the one-token attention kernel made four launches
-    a call, not one, and took 1.3-2x the time of its serial twin where ~0.75x was to be had.
+    a call, not one, and took 1.1-2x the time of its serial twin where ~0.75x was to be had.
 
     An options object, not the dict numba takes: numba empties a dict as it reads it, so
     one dict shared by several kernels gives the second and later plain ``parallel=True``.
