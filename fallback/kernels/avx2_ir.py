@@ -514,8 +514,11 @@ def _int8_q4_pair(h, pr, cols, b, d16, has_min):
 
 def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min):
     # Q4_0's (q - 8): the 8 comes off in the integer dots, against `avx2.step_inputs`'s
-    # -8 * sum(xq) per block; Q4_1's mins meet its ``dx * sum(xq)`` per block there.  The
-    # products' pair sums (at most 2 * 15 * 127) stay in int16 for 16 of them.
+    # -8 * sum(xq) per block; Q4_1's mins meet its ``dx * sum(xq)`` per block there, into
+    # the column's accumulator itself: a correction vector of its own kept 16 vectors live
+    # at 4 columns, and the loop spilled them (0.92-0.94x the time at 4 columns on a Zen 3,
+    # SmolLM2's shapes; the same at 1 and 8).  The products' pair sums (at most 2 * 15 *
+    # 127) stay in int16 for 16 of them.
     size, skip = (20, 4) if has_min else (18, 2)
     offs = [h.b.mul(bk, i64(size)) for bk in blks]
     d8, m8 = _oct_scales(h, pr, offs, size, full, has_min)
@@ -533,7 +536,7 @@ def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min):
             isum = h.b.add(isum, aux)
         _oct_acc(h, c, isum, d8, oi)
         if has_min:
-            _corr_fma(h, c.acc, m8, aux)
+            _acc_fma(h, c.acc, m8, aux, 0)
 
 
 def _int8_q4_pair16(h, pr, cols, b0, has_min):
