@@ -445,6 +445,40 @@ def test_threaded_kernels_launch_the_threads_once_a_call():
             assert _parallel_regions(driver.py_func, (w, w[:0], w[:0], x, out), opts) == 1
 
 
+@compiled
+def test_every_threaded_kernel_takes_the_prange_only_option():
+    """Each compiled kernel here that runs on numba's threads (the ones the test above does
+    not count too: the numba matvecs and decoders, the MLX-format affine kernels, AMX)
+    takes `prange_only`'s options: its ``prange`` and nothing else, not numba's plain
+    ``parallel=True`` (nor a dict numba emptied while a first kernel read it)."""
+    import importlib
+
+    from numba.core.cpu_options import ParallelOptions
+    from numba.core.registry import CPUDispatcher
+
+    names = ["fallback.ops", "fallback.affine_kernels", "fallback.kernels.numba_matvec",
+             "fallback.kernels.numba_decode", "fallback.kernels.avx2",
+             "fallback.kernels.amx"]  # fmt: skip
+    seen = []
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a CPU without the engine: nothing compiled there
+            continue
+        for attr, obj in vars(mod).items():
+            if not isinstance(obj, CPUDispatcher) or not obj.targetoptions.get("parallel"):
+                continue
+            opts = obj.targetoptions["parallel"]
+            assert isinstance(opts, ParallelOptions), (name, attr, opts)
+            flags = {k: getattr(opts, k) for k in ("enabled", "prange", "numpy", "comprehension",
+                     "reduction", "inplace_binop", "setitem", "stencil", "fusion")}  # fmt: skip
+            assert flags == {**dict.fromkeys(flags, False), "enabled": True, "prange": True,
+                             "fusion": True}, (name, attr, flags)  # fmt: skip
+            seen.append(f"{name}.{attr}")
+    assert any("numba_matvec" in n for n in seen) and any("affine" in n for n in seen), seen
+    assert "fallback.ops.attend_batch" in seen, seen
+
+
 def _copy_cache(c):
     return tuple(x.copy() for x in c) if isinstance(c, tuple) else c.copy()
 
