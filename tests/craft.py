@@ -370,11 +370,36 @@ class Hang(Exception):
     """An operation ran past its time bound."""
 
 
+_watchdog_armed = False  # a `watchdog` block is running: `time_bound` leaves faulthandler alone
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """faulthandler's watchdog over a whole block: past ``seconds`` it dumps every thread's
+    stack and kills the process (a hang inside C code that never returns to Python).  The
+    `time_bound` blocks inside it keep their SIGALRM bound but do not arm and cancel the
+    watchdog themselves: a test opening ~1800 crafted files did that ~1800 times, and once
+    (in ~17 CI runs) CPython 3.11 crashed with a segmentation fault in a thread Python does
+    not know, the main thread inside ``cancel_dump_traceback_later``."""
+    global _watchdog_armed
+    if _watchdog_armed:
+        yield
+        return
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    _watchdog_armed = True
+    try:
+        yield
+    finally:
+        _watchdog_armed = False
+        faulthandler.cancel_dump_traceback_later()
+
+
 @contextlib.contextmanager
 def time_bound(seconds: float) -> Iterator[None]:
     """Raise `Hang` if the block runs longer than ``seconds`` (POSIX main thread; elsewhere a
     no-op).  A faulthandler watchdog at twice the bound dumps stacks and kills the process if
-    the hang is inside C code that never returns to Python."""
+    the hang is inside C code that never returns to Python; inside a `watchdog` block, that
+    block's watchdog does instead."""
     main = threading.current_thread() is threading.main_thread()
     if not (main and hasattr(signal, "setitimer")):
         yield
@@ -385,13 +410,12 @@ def time_bound(seconds: float) -> Iterator[None]:
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
-    faulthandler.dump_traceback_later(2 * seconds + 5, exit=True)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        faulthandler.cancel_dump_traceback_later()
+    with watchdog(2 * seconds + 5):
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
 
 
 def alloc_bound(file_size: int) -> int:

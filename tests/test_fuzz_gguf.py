@@ -252,6 +252,13 @@ def _check(path: Path, backend_names: Sequence[str]) -> str:
     return outcome
 
 
+@pytest.fixture(autouse=True)
+def _one_watchdog() -> Iterator[None]:
+    """faulthandler's watchdog armed once a test, not once a file (`craft.watchdog`)."""
+    with craft.watchdog(900):
+        yield
+
+
 def measured_check(path: Path, backend_names: Sequence[str]) -> tuple[str, int]:
     """`check` under the time bound; also the peak of traced allocation it made (tracemalloc
     must be on).  Raises `craft.Hang` on a hang."""
@@ -472,6 +479,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or stack.enter_context(craft.scratch_dir())
         workdir.mkdir(parents=True, exist_ok=True)
+        # faulthandler's watchdog once for the campaign, not once a file (`craft.watchdog`)
+        stack.enter_context(craft.watchdog(60 + 2 * args.examples * EXAMPLE_TIMEOUT))
         counts, findings = run_campaign(
             args.examples, args.seed, workdir, names, log_every=args.log_every
         )

@@ -37,6 +37,13 @@ def tally(request: pytest.FixtureRequest) -> craft.Tally:
     return craft.Tally.get(request.config, TITLE)
 
 
+@pytest.fixture(autouse=True)
+def _one_watchdog() -> Iterator[None]:
+    """faulthandler's watchdog armed once a test, not once a file (`craft.watchdog`)."""
+    with craft.watchdog(600):
+        yield
+
+
 def expect_error(path: Path, tally: craft.Tally, match: str | None = None) -> GGUFError:
     """Open ``path``: it must raise GGUFError (nothing else), within 10 s and the alloc bound."""
     size = path.stat().st_size
