@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def make_model(synthetic_dir: Path):
         return ensure_model(SyntheticSpec(**fields), synthetic_dir)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def one_watchdog() -> Iterator[None]:
+    """faulthandler's watchdog armed once for the test (`craft.watchdog`), not once for each
+    time-bounded file inside it: the malformed-GGUF and fuzz modules use it."""
+    import craft
+
+    with craft.watchdog(900):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ CI_EXAMPLES = int(os.environ.get("PHIMLX_FUZZ_EXAMPLES", "400"))
 HYPOTHESIS_EXAMPLES = int(os.environ.get("PHIMLX_FUZZ_HYPOTHESIS", "60"))
 EXAMPLE_TIMEOUT = 20.0  # seconds per file; generous: a hang, not a slow file, fails
 TITLE = "GGUF fuzz"
+pytestmark = pytest.mark.usefixtures("one_watchdog")  # (conftest)
 
 
 # -- seeds ------------------------------------------------------------------------------
@@ -250,13 +251,6 @@ def _check(path: Path, backend_names: Sequence[str]) -> str:
     finally:
         mf.close()
     return outcome
-
-
-@pytest.fixture(autouse=True)
-def _one_watchdog() -> Iterator[None]:
-    """faulthandler's watchdog armed once a test, not once a file (`craft.watchdog`)."""
-    with craft.watchdog(900):
-        yield
 
 
 def measured_check(path: Path, backend_names: Sequence[str]) -> tuple[str, int]:

@@ -30,18 +30,12 @@ from phimlx.gguf import open_gguf
 from phimlx.tokenizer import Tokenizer
 
 TITLE = "malformed GGUF suite"
+pytestmark = pytest.mark.usefixtures("one_watchdog")  # (conftest)
 
 
 @pytest.fixture
 def tally(request: pytest.FixtureRequest) -> craft.Tally:
     return craft.Tally.get(request.config, TITLE)
-
-
-@pytest.fixture(autouse=True)
-def _one_watchdog() -> Iterator[None]:
-    """faulthandler's watchdog armed once a test, not once a file (`craft.watchdog`)."""
-    with craft.watchdog(600):
-        yield
 
 
 def expect_error(path: Path, tally: craft.Tally, match: str | None = None) -> GGUFError:
