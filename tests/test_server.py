@@ -486,6 +486,40 @@ def test_bench_serve_script_counts_every_token(url, kind, no_stream):
     assert one.cached > 0  # the same prompt as the run's fourth request, kept
 
 
+def test_bench_serve_times_requests_not_client_making(monkeypatch):
+    """`bench/serve.py`'s wall time runs from the first request sent to the last answered:
+    making a client (~50 ms each, its TLS context) comes before the clock, or the K
+    concurrent clients' making would count K times against the server (a fake clock:
+    making a client takes 10 s of it, a request 1 s)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
+    try:
+        import serve as bench
+    finally:
+        sys.path.pop(0)
+    clock = [0.0]
+    lock = threading.Lock()
+
+    def tick(s: float) -> None:
+        with lock:
+            clock[0] += s
+
+    def make(url: str, args: argparse.Namespace) -> contextlib.nullcontext:
+        tick(10.0)
+        return contextlib.nullcontext()
+
+    def request(c: object, i: int, args: argparse.Namespace) -> object:
+        t = bench.Timing(clock[0])
+        tick(1.0)
+        t.end, t.tokens = clock[0], 1
+        return t
+
+    monkeypatch.setattr(bench, "make_client", make)
+    monkeypatch.setattr(bench, "one_request", request)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    r = bench.run("http://unused", argparse.Namespace(), clients=4, requests=2, first=0)
+    assert r["requests"] == 8 and r["wall_s"] == 8.0  # the 8 requests' seconds, no making
+
+
 def test_bench_serve_compare_rounds(url, capsys):
     """`bench/serve.py --compare --rounds 2`: each round times K requests in turn and K at
     once, every one of them over its tokens, and the median and spread are those of the
