@@ -100,7 +100,7 @@ def warm_up(model: Any) -> None:
     for m in model._matrices():
         if m.use_numba and id(m.kernels) not in seen:
             seen.add(id(m.kernels))
-            m.kernels.decode_tile(m.raw, 0, np.empty((1, m.cols), np.float32))
+            m.decode_tile(0, np.empty((1, m.cols), np.float32))
             if getattr(m, "_tiles", None) is not None:  # AMX: a prompt's products (16 rows)
                 w, x = m.raw[:16], np.zeros((1, m.cols), np.float32)
                 m._tiles(w, m._empty, m._empty, x, np.empty((1, w.shape[0]), np.float32))
@@ -129,7 +129,7 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
     Returns:
         True if nothing (or nothing checked) needs compiling.
     """
-    from .kernels import kernel_set, numba_available
+    from .kernels import kernel_set, numba_available, repack_default
 
     if not numba_available():
         return True
@@ -154,7 +154,10 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
         except KeyError:  # a type with no kernel: loading it fails later, and says why
             continue
         tiles = getattr(ks.matmul_tiles, "dispatcher", None)  # (AMX: a prompt's products)
-        for kernel in (ks.decode_tile, ks.matmul_int8 and ks.matmul_int8.parallel, tiles):
+        int8 = ks.matmul_int8
+        if ks.octets is not None and repack_default():  # (the repacked matrices' kernels)
+            int8 = ks.octets.matmul_int8
+        for kernel in (ks.decode_tile, int8 and int8.parallel, tiles):
             if hasattr(kernel, "_cache"):  # the per-type compiled ones (others are shared)
                 dispatchers.append(kernel)
     missing = [d for d in dispatchers if not _fresh_on_disk(d)]

@@ -33,6 +33,7 @@ calls them:
 from __future__ import annotations
 
 import functools
+import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -44,11 +45,13 @@ from . import kernels
 from .kernels import (
     Matvec,
     MatvecFn,
+    Octets,
     int8_activations_default,
     int8_group,
     int8_prefill,
     kernel_set,
     numba_available,
+    repack_default,
 )
 
 # Bytes of float32 one decoded prefill tile may take (`QuantMatrix.matmul`).
@@ -71,6 +74,27 @@ INT8_MATMUL_ROWS = {32: 32, 256: 128}
 # bit for bit, as the float tiles it replaces were not).  Decoding a weight panel costs
 # about what 20-30 rows of the int8 product do, the tiles' product little beside it.
 TILES_ROWS = 32
+
+
+def _release_file_pages(view: np.ndarray) -> bool:
+    """Drop the pages of a file's memory map under ``view`` from this process's resident
+    memory (``madvise(MADV_DONTNEED)``; whole pages inside the view only): after a repack
+    the file's blocks are no longer read, and resident they would count twice.  The map is
+    the file's, never written (copy-on-write or read-only), so a page read again comes back
+    from the file as it was.  Nothing for an array that is not a view of such a map (its
+    memory is its owner's).  True if pages were released."""
+    base: object = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    start = view.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + view.nbytes) // page * page
+    if hi <= lo:
+        return False
+    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    return True
 
 
 def _empty_like_rows(raw: np.ndarray) -> np.ndarray:
@@ -228,8 +252,9 @@ class QuantMatrix:
 
     Args:
         raw: ``uint8 (rows, row_bytes)``, usually a view of the copy-on-write memory map
-            (`ModelFile.raw`); it is never copied or decoded whole.  A writable array keeps
-            numba to one compiled signature (read-only arrays compile a second one).
+            (`ModelFile.raw`); it is never decoded whole, nor copied unless ``repack``.  A
+            writable array keeps numba to one compiled signature (read-only arrays compile
+            a second one).
         qtype: the GGML type of the blocks.
         shape: ``(rows, cols)`` in weights.
         use_numba: force the numba kernels (True), the NumPy path (False), or pick (None:
@@ -240,6 +265,11 @@ class QuantMatrix:
             to 8 bits per 32 values, like llama.cpp (logits move by a few percent); the
             float kernels compute ``W @ x`` to float32 rounding.  `matmul` follows the
             same choice.
+        repack: on the int8 path, copy the blocks into the layout the int8 kernels read
+            fastest where the type has one here (`kernels.Octets`: Q4_0 and Q4_1 on AVX2
+            without AVX-512; the same size, the same results bit for bit), as llama.cpp
+            repacks Q4_0; the file's blocks are then no longer read.  None: yes unless
+            ``PHIMLX_REPACK=0``.
 
     Raises:
         UnsupportedModelError: ``qtype`` has no kernel (the message names the type).
@@ -255,6 +285,7 @@ class QuantMatrix:
         *,
         use_numba: bool | None = None,
         int8_activations: bool | None = None,
+        repack: bool | None = None,
     ) -> None:
         if qtype not in DEQUANTIZABLE:
             names = ", ".join(sorted(t.name for t in DEQUANTIZABLE))
@@ -300,6 +331,14 @@ class QuantMatrix:
         self._int8 = bool(int8_activations)
         self._matvec: Matvec = self.kernels.matvec_int8 if self._int8 else self.kernels.matvec_float
         self._matmul: Matvec | None = self.kernels.matmul_int8 if self._int8 else None
+        # The int8 kernels' own layout, if repacked: `raw` then holds it (decoding unpacks).
+        self._octets: Octets | None = None
+        octets = self.kernels.octets if self._int8 and self.use_numba else None
+        if octets is not None and (repack_default() if repack is None else repack):
+            file_blocks = self.raw
+            self.raw, self._octets = octets.pack(file_blocks), octets
+            _release_file_pages(file_blocks)
+            self._matvec, self._matmul = octets.matvec_int8, octets.matmul_int8
         self._int8_prefill = int8_prefill()
         self._group = int8_group(self.qtype) if self._int8 else 0  # (asked per batched step)
         # (``PHIMLX_INT8_PREFILL=1`` keeps prompts on the int8 kernel, tiles or not)
@@ -368,7 +407,7 @@ class QuantMatrix:
         buf = np.empty((self._tile_rows, self.cols), dtype=np.float32)  # (tile, cols)
         for r0 in range(0, self.rows, self._tile_rows):
             tile = buf[: min(self._tile_rows, self.rows - r0)]
-            self.kernels.decode_tile(self.raw, r0, tile)  # on this thread: BLAS wants the cores
+            self.decode_tile(r0, tile)  # on this thread: BLAS wants the cores
             np.matmul(x, tile.T, out=out[:, r0 : r0 + tile.shape[0]])
         return out
 
@@ -383,6 +422,20 @@ class QuantMatrix:
         """Whether `matmul` of ``n`` rows runs on the AMX tiles (`TILES_ROWS`)."""
         return self._tiles is not None and n >= TILES_ROWS
 
+    @property
+    def repacked(self) -> bool:
+        """True if the blocks were repacked at load (``repack``): `raw` is then a copy in
+        the int8 kernels' layout, not the file's blocks."""
+        return self._octets is not None
+
+    def decode_tile(self, r0: int, out: np.ndarray) -> None:
+        """Rows ``r0 .. r0 + len(out) - 1`` of W decoded into ``out`` (float32 ``(n, cols)``),
+        on the calling thread."""
+        if self._octets is None:
+            self.kernels.decode_tile(self.raw, r0, out)
+        else:
+            self.kernels.decode_tile(self._octets.unpack(self.raw[r0 : r0 + len(out)]), 0, out)
+
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W decoded: float32 ``[len(ids), cols]`` (the embedding lookup).
 
@@ -394,5 +447,9 @@ class QuantMatrix:
             bad = ids[(ids < 0) | (ids >= self.rows)][0]
             raise IndexError(f"row id {bad} out of range for a matrix of {self.rows} rows")
         out = np.empty((ids.size, self.cols), dtype=np.float32)  # (n, cols)
-        self.kernels.decode_rows(self.raw, ids, out)
+        if self._octets is None:
+            self.kernels.decode_rows(self.raw, ids, out)
+        else:
+            rows = self._octets.unpack(self.raw[ids])
+            self.kernels.decode_rows(rows, np.arange(ids.size, dtype=np.int64), out)
         return out

@@ -641,6 +641,111 @@ def test_int8_bodies_follow_the_cpu() -> None:
     assert (spec.int8_step is not None) == (not avx2_ir.AVX512)
 
 
+def _packable(name: str) -> None:
+    if GGMLType[name] not in kernels.avx2_kernels().PACKED_TYPES:
+        pytest.skip(f"no packed layout for {name} here (AVX-512: the paired bodies)")
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_repack_layout(name: str) -> None:
+    """`avx2.pack_octets` against the layout written out by hand, for a row of 19 blocks
+    (two octets, then three blocks left as they are): in each octet the 8 scales, Q4_1's 8
+    mins, then quant word g of block j (its bytes 4 g .. 4 g + 3) at 32 g + 4 j; and
+    `unpack_octets` gives the file's blocks back."""
+    avx2 = kernels.avx2_kernels()
+    qtype = GGMLType[name]
+    size = TYPE_SIZES[qtype][1]
+    head = size - 16
+    raw = np.random.default_rng(7).integers(0, 256, (3, 19 * size), dtype=np.uint8)
+    packed = avx2.pack_octets(raw, qtype)
+    assert packed.shape == raw.shape and packed.dtype == np.uint8
+    for r in range(3):
+        for o in range(2):
+            blocks = raw[r, 8 * size * o : 8 * size * (o + 1)].reshape(8, size)
+            octet = packed[r, 8 * size * o : 8 * size * (o + 1)]
+            want = [blocks[:, 0:2].reshape(-1)]
+            if head == 4:
+                want.append(blocks[:, 2:4].reshape(-1))
+            for g in range(4):
+                want += [blocks[j, head + 4 * g : head + 4 * g + 4] for j in range(8)]
+            np.testing.assert_array_equal(octet, np.concatenate(want))
+    np.testing.assert_array_equal(packed[:, 16 * size :], raw[:, 16 * size :])
+    np.testing.assert_array_equal(avx2.unpack_octets(packed, qtype), raw)
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("n_blocks", [1, 3, 7, 8, 11, 12, 16, 18, 19, 48])
+def test_repacked_matrix_equals_the_file_layout(
+    name: str, n_blocks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repacked matrix (`QuantMatrix` ``repack=True``) gives what the same matrix on the
+    file's blocks gives, bit for bit: the int8 matvec and matmul (1-13 rows of ``x``, the
+    serial and parallel drivers) for rows of whole octets, octets and a tail (1-3 blocks:
+    one-block bodies, the 16-byte pair; 4-7: a partial octet), and no octet at all; its
+    embedding lookup and prompt tiles (the float path: ``PHIMLX_INT8_PREFILL=0``) decode
+    the file's weights (against gguf's dequantization)."""
+    _packable(name)
+    raw, w, cols, rng = matrix_case(name, 21, n_blocks, seed=3)
+    shape = (21, cols)
+    plain = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=False)
+    packed = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=True)
+    assert packed.repacked and not plain.repacked
+    assert (n_blocks >= 8) == (not np.array_equal(packed.raw, raw))
+    for serial in (True, False):
+        monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1 << 30 if serial else 1000)
+        for n in (1, 2, 4, 5, 8, 13):
+            x = rng.standard_normal((n, cols), dtype=np.float32)
+            np.testing.assert_array_equal(
+                QuantMatrix(raw, GGMLType[name], shape, repack=True).matmul(x), plain.matmul(x)
+            )
+        np.testing.assert_array_equal(packed.matvec(x[0]), plain.matvec(x[0]))
+    ids = np.array([20, 0, 7, 7], np.int64)
+    np.testing.assert_allclose(packed.take_rows(ids), w[ids], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(packed.take_rows(ids[:1]), w[ids[:1]], rtol=0, atol=1e-6)
+    monkeypatch.setenv("PHIMLX_INT8_PREFILL", "0")
+    tiles = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=True)
+    x = rng.standard_normal((64, cols), dtype=np.float32)  # past the int8 matmul's rows
+    assert tiles.repacked and not tiles._int8_matmul(64)
+    np.testing.assert_allclose(tiles.matmul(x), x @ w.T, rtol=1e-4, atol=1e-3)
+
+
+@NEEDS_INT8
+def test_repack_default_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q4 matrices on the int8 path are repacked unless ``PHIMLX_REPACK=0``; never on the
+    float path, whose kernels read the file's blocks."""
+    _packable("Q4_1")
+    raw, _, cols, _ = matrix_case("Q4_1", 3, 16)
+    assert QuantMatrix(raw, GGMLType.Q4_1, (3, cols), int8_activations=True).repacked
+    assert not QuantMatrix(raw, GGMLType.Q4_1, (3, cols), int8_activations=False).repacked
+    monkeypatch.setenv("PHIMLX_REPACK", "0")
+    assert not QuantMatrix(raw, GGMLType.Q4_1, (3, cols), int8_activations=True).repacked
+
+
+@NEEDS_INT8
+def test_repack_releases_the_file_pages_only(tmp_path: Path) -> None:
+    """Repacking a matrix that is a view of a file's memory map hands the map's pages back
+    (`matrix._release_file_pages`); the map still reads the file's bytes (another matrix
+    over the same blocks, unpacked, gives gguf's weights), and an array in memory is never
+    touched."""
+    _packable("Q4_0")
+    raw, w, cols, rng = matrix_case("Q4_0", 600, 16)  # 600 * 288 bytes: many pages
+    file = tmp_path / "w.bin"
+    raw.tofile(file)
+    mm = np.memmap(file, dtype=np.uint8, mode="c", shape=raw.shape)
+    assert matrix._release_file_pages(np.asarray(mm)[10:500])
+    before = raw.copy()
+    assert not matrix._release_file_pages(raw)
+    np.testing.assert_array_equal(raw, before)
+    packed = QuantMatrix(mm, GGMLType.Q4_0, (600, cols), int8_activations=True, repack=True)
+    plain = QuantMatrix(mm, GGMLType.Q4_0, (600, cols), int8_activations=True, repack=False)
+    np.testing.assert_array_equal(np.asarray(mm), raw)
+    x = rng.standard_normal(cols, dtype=np.float32)
+    np.testing.assert_array_equal(packed.matvec(x), plain.matvec(x))
+    np.testing.assert_allclose(plain.take_rows(np.arange(600)), w, rtol=0, atol=1e-6)
+
+
 @NEEDS_INT8
 def test_avx2_bodies_on_an_avx512_cpu() -> None:
     """The transposed bodies that CPUs without AVX-512 take, checked on a CPU with it: this
@@ -651,7 +756,7 @@ def test_avx2_bodies_on_an_avx512_cpu() -> None:
 
     if not avx2_ir.AVX512:
         pytest.skip("no AVX-512 in this process: the tests above ran the transposed bodies")
-    tests = "long_rows or largest_sums or bodies_follow_the_cpu"
+    tests = "long_rows or largest_sums or bodies_follow_the_cpu or repack"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
          "-k", tests],

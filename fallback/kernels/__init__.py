@@ -137,6 +137,14 @@ def int8_activations_default() -> bool:
     return v not in ("0", "false", "no", "off")
 
 
+def repack_default() -> bool:
+    """Whether matrices on the int8 path are repacked at load where their type has a packed
+    layout here (`Octets`), unless told: yes, unless ``PHIMLX_REPACK`` is ``0`` / ``false``
+    / ``no`` / ``off`` (the weights then stay in the memory-mapped file)."""
+    v = os.environ.get("PHIMLX_REPACK", "").strip().lower()
+    return v not in ("0", "false", "no", "off")
+
+
 class TypeKernels(NamedTuple):
     """What the engines have for one type (the NumPy engine has every type).
 
@@ -193,6 +201,19 @@ class Matvec:
 
 
 @dataclass(frozen=True)
+class Octets:
+    """A type's int8 kernels for rows in another layout, made once per matrix at load
+    (`fallback.kernels.avx2.pack_octets`, what llama.cpp calls repacking): ``pack(raw)`` a
+    new array of ``raw``'s shape in the layout, ``unpack(rows)`` the file's blocks back;
+    ``matvec_int8`` and ``matmul_int8`` as `KernelSet`'s, bit for bit, on packed rows."""
+
+    pack: Callable[[np.ndarray], np.ndarray]
+    unpack: Callable[[np.ndarray], np.ndarray]
+    matvec_int8: Matvec
+    matmul_int8: Matvec
+
+
+@dataclass(frozen=True)
 class KernelSet:
     """The kernels a matrix of one type calls on this machine, resolved by `kernel_set`.
 
@@ -204,7 +225,9 @@ class KernelSet:
     AMX tiles for many rows of ``x`` (`amx.matmul_bf16`; None without AMX, or without
     ``matmul_int8``: it stands in for it from `fallback.matrix.TILES_ROWS` rows);
     ``decode_tile`` decodes
-    prefill tiles (rows ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup).
+    prefill tiles (rows ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup);
+    ``octets`` the int8 kernels for rows packed at load (`Octets`; Q4_0 and Q4_1 on AVX2
+    without AVX-512, else None).
     One field per task: a new task is a new field, filled per engine in `_resolve`."""
 
     qtype: GGMLType
@@ -215,6 +238,7 @@ class KernelSet:
     decode_tile: DecodeTileFn
     decode_rows: DecodeRowsFn
     matmul_tiles: MatmulFn | None = None
+    octets: Octets | None = None
 
 
 def _each_matrix(single: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> Matvec:
@@ -250,13 +274,26 @@ def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
         return KernelSet(qtype, engine, _each_matrix(single), None, None, tile, rows)
     avx2 = avx2_kernels()
     fv = Matvec(avx2.matvec_float(qtype, parallel=True), avx2.matvec_float(qtype, parallel=False))
-    iv = im = tiles = None
+    iv = im = tiles = octets = None
     if kinds.avx2_int8:
         iv = Matvec(avx2.matvec_int8(qtype, parallel=True), avx2.matvec_int8(qtype, parallel=False))
         im = Matvec(avx2.matmul_int8(qtype, parallel=True), avx2.matmul_int8(qtype, parallel=False))
         amx = amx_kernels()
         tiles = None if amx is None else amx.matmul_bf16(qtype)
-    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows, tiles)
+    if kinds.avx2_int8 and qtype in avx2.PACKED_TYPES:
+        octets = Octets(
+            functools.partial(avx2.pack_octets, qtype=qtype),
+            functools.partial(avx2.unpack_octets, qtype=qtype),
+            Matvec(
+                avx2.matvec_int8(qtype, parallel=True, packed=True),
+                avx2.matvec_int8(qtype, parallel=False, packed=True),
+            ),
+            Matvec(
+                avx2.matmul_int8(qtype, parallel=True, packed=True),
+                avx2.matmul_int8(qtype, parallel=False, packed=True),
+            ),
+        )
+    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows, tiles, octets)
 
 
 def kernel_set(qtype: GGMLType, cols: int, *, use_numba: bool) -> KernelSet:

@@ -62,10 +62,12 @@ __all__ = [
     "AVX512",
     "FLOAT_TYPES",
     "INT8_TYPES",
+    "PACKED_TYPES",
     "decode_tile",
     "matvec_float",
     "matmul_int8",
     "matvec_int8",
+    "pack_octets",
     "quantize_int8",
     "quantized_rows_int8",
     "quantized_rows_int8_serial",
@@ -77,6 +79,7 @@ __all__ = [
     "sum_groups",
     "sums16",
     "sums16_rows",
+    "unpack_octets",
     "x_scale",
 ]
 
@@ -88,9 +91,72 @@ _OPTS = {"fastmath": True, "cache": True, "nogil": True}
 _FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512)).encode()
 IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexdigest()[:15], 16)
 
-# The types with a float matvec and a tile decoder here; those with an int8 matvec too.
+# The types with a float matvec and a tile decoder here; those with an int8 matvec too;
+# those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1 without
+# AVX-512).
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
 INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is not None)
+PACKED_TYPES = frozenset(GGMLType(c - avx2_ir.OCTETS) for c in avx2_ir.PACKED_TYPES)
+
+
+def _octet_layout(qtype: GGMLType) -> tuple[int, int]:
+    """A Q4_0 / Q4_1 block's size and the bytes before its quants (2 or 4)."""
+    size = {GGMLType.Q4_0: 18, GGMLType.Q4_1: 20}[GGMLType(qtype)]
+    return size, size - 16
+
+
+@functools.cache
+def _octet_order(qtype: GGMLType) -> np.ndarray:
+    """``order[k]``: the byte of a full octet of the file's blocks (8 x size) that byte k
+    of the packed octet holds (`pack_octets`)."""
+    size, head = _octet_layout(qtype)
+    order = np.empty(8 * size, np.int64)
+    for j in range(8):  # block j: its scale (and min), its 4 words of quants
+        for t in range(head):  # the file's byte t of the block: packed at 2 j + 16 (t // 2)
+            order[2 * j + 16 * (t // 2) + t % 2] = size * j + t
+        for g in range(4):
+            for t in range(4):
+                order[8 * head + 32 * g + 4 * j + t] = size * j + head + 4 * g + t
+    return order
+
+
+@njit(parallel=prange_only(), **_OPTS)
+def _octets_moved(src, dst, order, scatter):  # noqa: ANN001, ANN202
+    """Each full octet of each row of ``src`` into ``dst`` (a copy of it: the bytes after a
+    row's last full octet are in place) by ``order``: ``dst[k] = src[order[k]]``, or where
+    ``scatter`` ``dst[order[k]] = src[k]``."""
+    n = order.shape[0]
+    octets = src.shape[1] // n
+    for r in prange(src.shape[0]):
+        for o in range(octets):
+            base = n * o
+            if scatter:
+                for k in range(n):
+                    dst[r, base + order[k]] = src[r, base + k]
+            else:
+                for k in range(n):
+                    dst[r, base + k] = src[r, base + order[k]]
+
+
+def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 matrix ``raw`` (the file's
+    blocks) in the layout the int8 kernels read fastest without AVX-512
+    (``packed=True``): each row's full octets of 8 blocks as the 8 scales (f16), Q4_1's 8
+    mins, then the quants transposed, 4 x 32 bytes whose 4 bytes at ``32 g + 4 j`` are block
+    j's quant bytes ``4 g .. 4 g + 3``; the same size, so a row's last ``nb % 8`` blocks stay
+    as they are.  `unpack_octets` reverses it."""
+    src = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = src.copy()
+    _octets_moved(src, out, _octet_order(qtype), False)
+    return out
+
+
+def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """The file's blocks of rows in `pack_octets`'s layout: a new uint8 array of their shape."""
+    src = np.ascontiguousarray(packed, dtype=np.uint8)
+    out = src.copy()
+    _octets_moved(src, out, _octet_order(qtype), True)
+    return out
 
 
 @njit(**_OPTS)
@@ -289,8 +355,26 @@ def _compiled(driver: Any, name: str, parallel: bool) -> Any:
     return njit(parallel=prange_only() if parallel else False, **_OPTS)(driver)
 
 
-def _name(task: str, qtype: GGMLType, parallel: bool) -> str:
-    return f"{task}_{GGMLType(qtype).name.lower()}" + ("" if parallel else "_serial")
+def _name(task: str, qtype: GGMLType, parallel: bool, packed: bool = False) -> str:
+    layout = "_octets" if packed else ""
+    return f"{task}_{GGMLType(qtype).name.lower()}{layout}" + ("" if parallel else "_serial")
+
+
+def _int8_layout(qtype: GGMLType, packed: bool) -> tuple[int, ...]:
+    """What an int8 driver of ``qtype`` closes over (ints only): the IR's type code (the
+    GGMLType value, or where ``packed`` its `avx2_ir.PACKED_TYPES` code), the block, the
+    x scale's group, whether the bodies are paired and x's offset for them, whether they
+    take sums per 16, whether they are transposed, x's offset and the blocks of a step
+    for those.  KeyError where there is no such kernel."""
+    if qtype not in INT8_TYPES:
+        raise KeyError(f"no AVX2 int8 kernel for {GGMLType(qtype).name}")
+    code = avx2_ir.OCTETS + int(qtype) if packed else int(qtype)
+    if code not in TYPES and code not in avx2_ir.PACKED_TYPES:
+        raise KeyError(f"no AVX2 int8 kernel for {GGMLType(qtype).name} in packed octets here")
+    spec = avx2_ir.spec(code)
+    paired, steps = spec.int8_pair is not None, spec.int8_step is not None
+    return (code, spec.block, spec.x_scale, paired, spec.x_offset, spec.int8_sums16, steps,
+            spec.step_offset, spec.step_blocks)  # fmt: skip
 
 
 # A driver's closure holds only ints (code, block, group, the IR's stamp): see the module
@@ -305,24 +389,15 @@ def x_scale(qtype: GGMLType) -> int:
 
 
 @functools.cache
-def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
+def matvec_int8(qtype: GGMLType, *, parallel: bool, packed: bool = False) -> Any:
     """The driver ``(w1, w2, w3, x, out)``: ``out = [w1; w2; w3] @ x_hat`` for ``qtype``
-    matrices (uint8 ``(rows, row_bytes)``), ``x`` float32 ``(cols,)`` quantized to int8 per
-    32 values inside the call.
+    matrices (uint8 ``(rows, row_bytes)``; ``packed``: in `pack_octets`'s layout), ``x``
+    float32 ``(cols,)`` quantized to int8 per 32 values inside the call.
 
     Raises:
-        KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`).
+        KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`; ``packed``: `PACKED_TYPES`).
     """
-    if qtype not in INT8_TYPES:
-        raise KeyError(f"no AVX2 int8 matvec for {GGMLType(qtype).name}")
-    code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
-    paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
-    by16 = TYPES[qtype].int8_sums16
-    steps, sk, sb = (
-        TYPES[qtype].int8_step is not None,
-        TYPES[qtype].step_offset,
-        TYPES[qtype].step_blocks,
-    )
+    code, block, group, paired, k, by16, steps, sk, sb = _int8_layout(qtype, packed)
 
     stamp = IR_STAMP
 
@@ -346,7 +421,7 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool) -> Any:
             else:
                 out[r] = dot_int8(code, w3, r - n2, xq, dx, xs, nb)
 
-    return _compiled(driver, _name("matvec_int8", qtype, parallel), parallel)
+    return _compiled(driver, _name("matvec_int8", qtype, parallel, packed), parallel)
 
 
 # The int8 product's register tile (activation rows per unpacked weight block; must be a
@@ -362,7 +437,7 @@ QUANTIZE_SERIAL_ROWS = 16
 
 
 @functools.cache
-def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
+def matmul_int8(qtype: GGMLType, *, parallel: bool, packed: bool = False) -> Any:
     """The driver ``(w1, w2, w3, x, out)``: ``out = x_hat @ [w1; w2; w3].T`` for ``qtype``
     matrices and n activation rows ``x`` (float32 ``(n, cols)``), each rounded to int8
     inside the call as `matvec_int8` rounds a vector (`quantized_rows_int8`, with the
@@ -375,19 +450,12 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
     the cache) only when the parallel callee was compiled in the same process, so an entry
     compiled against a cached callee crashed the next process that ran it first.
 
+    ``packed``: the matrices in `pack_octets`'s layout.
+
     Raises:
-        KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`).
+        KeyError: no int8 kernel for ``qtype`` (`INT8_TYPES`; ``packed``: `PACKED_TYPES`).
     """
-    if qtype not in INT8_TYPES:
-        raise KeyError(f"no AVX2 int8 matmul for {GGMLType(qtype).name}")
-    code, block, group = int(qtype), TYPES[qtype].block, TYPES[qtype].x_scale
-    paired, k = TYPES[qtype].int8_pair is not None, TYPES[qtype].x_offset
-    by16 = TYPES[qtype].int8_sums16
-    steps, sk, sb = (
-        TYPES[qtype].int8_step is not None,
-        TYPES[qtype].step_offset,
-        TYPES[qtype].step_blocks,
-    )
+    code, block, group, paired, k, by16, steps, sk, sb = _int8_layout(qtype, packed)
     nc, task_rows = GEMM_COLS, GEMM_TASK_ROWS
     serial_rows, threaded = QUANTIZE_SERIAL_ROWS, int(parallel)
 
@@ -430,7 +498,7 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool) -> Any:
                 elif n - c4 == 3:
                     gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c4, 3, out, nb)
 
-    return _compiled(driver, _name("matmul_int8", qtype, parallel), parallel)
+    return _compiled(driver, _name("matmul_int8", qtype, parallel, packed), parallel)
 
 
 @functools.cache

@@ -22,7 +22,10 @@ task:
   (`avx2.step_inputs`); an octet's tail of 2-3 blocks takes two in a pair transposed by
   16 bytes (`_int8_q4_pair16`).  On a 2-core Zen 3 (one thread, SmolLM2's shapes), Q4_1
   takes 0.55-0.58x the one-block body's time for 4 rows of ``x``, 0.45-0.47x for 8,
-  0.81-0.87x for one; Q8_0 0.82x for 4, 0.67x for 8, the same for one;
+  0.81-0.87x for one; Q8_0 0.82x for 4, 0.67x for 8, the same for one.  Q4_0 / Q4_1 rows
+  repacked at load (`avx2.pack_octets`: each full octet already transposed) take their own
+  type codes (`PACKED_TYPES`), whose octets are 2-3 loads and 4 where the file's layout
+  needs a gather and 12 shuffles (`_oct_packed`);
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -44,6 +47,7 @@ consecutive fma's do not wait on each other.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -512,19 +516,23 @@ def _int8_q4_pair(h, pr, cols, b, d16, has_min):
     _pair_acc(h, cols, h.shuf(lo, hi, order), d16, has_min, b)
 
 
-def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min):
+def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min, packed=False):
     # Q4_0's (q - 8): the 8 comes off in the integer dots, against `avx2.step_inputs`'s
     # -8 * sum(xq) per block; Q4_1's mins meet its ``dx * sum(xq)`` per block there, into
     # the column's accumulator itself: a correction vector of its own kept 16 vectors live
     # at 4 columns, and the loop spilled them (0.92-0.94x the time at 4 columns on a Zen 3,
     # SmolLM2's shapes; the same at 1 and 8).  The products' pair sums (at most 2 * 15 *
-    # 127) stay in int16 for 16 of them.
+    # 127) stay in int16 for 16 of them.  ``packed``: a full octet is stored as this body
+    # reads it (`_oct_packed`); a partial one, as the file stores it.
     size, skip = (20, 4) if has_min else (18, 2)
     offs = [h.b.mul(bk, i64(size)) for bk in blks]
-    d8, m8 = _oct_scales(h, pr, offs, size, full, has_min)
-    words = [
-        h.b.bitcast(w, V32I8) for w in _oct_words(h, pr, [h.b.add(o, i64(skip)) for o in offs])
-    ]
+    if packed and full:
+        d8, m8, words = _oct_packed(h, pr, offs[0], has_min)
+    else:
+        d8, m8 = _oct_scales(h, pr, offs, size, full, has_min)
+        words = [
+            h.b.bitcast(w, V32I8) for w in _oct_words(h, pr, [h.b.add(o, i64(skip)) for o in offs])
+        ]
     qs = [h.b.and_(w, _c(V32I8, 15)) for w in words] + [h.b.lshr(w, _c(V32I8, 4)) for w in words]
     for c in cols:
         p = h.maddubs(qs[0], _oct_x(h, c, oi, 0))
@@ -537,6 +545,18 @@ def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min):
         _oct_acc(h, c, isum, d8, oi)
         if has_min:
             _acc_fma(h, c.acc, m8, aux, 0)
+
+
+def _oct_packed(h, pr, o, has_min):
+    """A full octet of Q4 blocks at byte ``o`` of a row stored transposed (`avx2.pack_octets`:
+    the 8 scales, Q4_1's 8 mins, then 4 x 32 bytes of quants, vector g lane j block j's
+    bytes 4 g .. 4 g + 3): ``(d8, m8, words)`` as `_oct_scales` and `_oct_words` give them
+    from the file's layout, in 2-3 loads and 4 instead of a gather and 12 shuffles."""
+    b = h.b
+    d8 = b.fpext(h.load(pr, o, _vt(f16, 8)), V8F)
+    m8 = b.fpext(h.load(pr, b.add(o, i64(16)), _vt(f16, 8)), V8F) if has_min else None
+    q0 = b.add(o, i64(32 if has_min else 16))
+    return d8, m8, [h.load(pr, b.add(q0, i64(32 * g)), V32I8) for g in range(4)]
 
 
 def _int8_q4_pair16(h, pr, cols, b0, has_min):
@@ -990,8 +1010,8 @@ class IRType:
 
     block: int
     x_group: int
-    float_body: Callable
-    decode_body: Callable
+    float_body: Callable | None  # (None: `PACKED_TYPES`)
+    decode_body: Callable | None
     int8_body: Callable | None = None
     x_scale: int = 32
     int8_pair: Callable | None = None
@@ -1083,11 +1103,34 @@ TYPES: dict[int, IRType] = {
 }  # fmt: skip
 
 
+# Q4_0 and Q4_1 rows with each full octet of blocks stored as the transposed bodies read it
+# (`avx2.pack_octets`), by the code ``OCTETS + `` their GGMLType value: int8 bodies only (the
+# float dot and the decoder read the file's layout).  Only where the transposed bodies run
+# (no AVX-512).  On a 2-core Zen 3 (SmolLM2's Q4_1 shapes, one thread), the products took
+# 0.72-0.83x the time for 4 rows of ``x`` and 0.54-0.71x for one.
+OCTETS = 1024
+PACKED_TYPES: dict[int, IRType] = {
+    OCTETS + q: dataclasses.replace(
+        TYPES[q],
+        float_body=None,
+        decode_body=None,
+        int8_step=functools.partial(_int8_q4_octet, has_min=q == GGMLType.Q4_1, packed=True),
+    )
+    for q in (GGMLType.Q4_0, GGMLType.Q4_1)
+    if TYPES[q].int8_step is not None
+}
+
+
+def spec(code: int) -> IRType:
+    """The `IRType` of a type code (a GGMLType value, or a `PACKED_TYPES` code)."""
+    return TYPES[code] if code in TYPES else PACKED_TYPES[code]
+
+
 def _type(code, task):
     """The `IRType` of a literal type code that has ``task``; a typing error otherwise."""
     if not isinstance(code, types.IntegerLiteral):
         raise errors.TypingError("the type code must be a compile-time constant")
-    spec = TYPES.get(code.literal_value)
+    spec = TYPES.get(code.literal_value) or PACKED_TYPES.get(code.literal_value)
     if spec is None or getattr(spec, task) is None:
         raise errors.TypingError(f"no {task} for type code {code.literal_value}")
     return spec
