@@ -118,10 +118,11 @@ def _fresh_on_disk(dispatcher: Any) -> bool:
 def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
     """Whether loading ``mf`` with this backend will find its kernels compiled on disk.
 
-    Checks the kernels every model calls (norms, SiLU, rope, attention) and the tile decoder
-    of each weight type in ``mf``: numba compiles these on first use, for seconds, and keeps
-    them in its cache (``__pycache__`` or ``NUMBA_CACHE_DIR``).  Without numba nothing is
-    compiled: True.  When the cache cannot be read: False.
+    Checks the kernels every model calls (norms, SiLU, rope, attention), and per weight
+    type in ``mf`` the tile decoder, the int8 product and the repacker where they apply:
+    numba compiles these on first use, for seconds, and keeps them in its cache
+    (``__pycache__`` or ``NUMBA_CACHE_DIR``).  Without numba nothing is compiled: True.
+    When the cache cannot be read: False.
 
     Args:
         mf: the open GGUF file that is about to be loaded.
@@ -129,7 +130,7 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
     Returns:
         True if nothing (or nothing checked) needs compiling.
     """
-    from .kernels import kernel_set, numba_available, repack_default
+    from .kernels import avx2_kernels, kernel_set, numba_available, repack_default
 
     if not numba_available():
         return True
@@ -157,6 +158,7 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
         int8 = ks.matmul_int8
         if ks.octets is not None and repack_default():  # (the repacked matrices' kernels)
             int8 = ks.octets.matmul_int8
+            dispatchers.append(avx2_kernels()._octets_moved)  # and the packer
         for kernel in (ks.decode_tile, int8 and int8.parallel, tiles):
             if hasattr(kernel, "_cache"):  # the per-type compiled ones (others are shared)
                 dispatchers.append(kernel)
