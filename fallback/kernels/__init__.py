@@ -130,19 +130,24 @@ def amx_kernels() -> Any:
     return amx if amx.available() else None
 
 
+def _env_switch(name: str) -> bool | None:
+    """The environment's switch ``name``: None where unset (or empty), False for ``0`` /
+    ``false`` / ``no`` / ``off`` (any case), True for anything else."""
+    v = os.environ.get(name, "").strip().lower()
+    return None if not v else v not in ("0", "false", "no", "off")
+
+
 def int8_activations_default() -> bool:
     """Whether matrices use the int8-activation kernels where they exist, unless told: yes,
     unless ``PHIMLX_INT8_ACTIVATIONS`` is ``0`` / ``false`` / ``no`` / ``off``."""
-    v = os.environ.get("PHIMLX_INT8_ACTIVATIONS", "").strip().lower()
-    return v not in ("0", "false", "no", "off")
+    return _env_switch("PHIMLX_INT8_ACTIVATIONS") is not False
 
 
 def repack_default() -> bool:
     """Whether matrices on the int8 path are repacked at load where their type has a packed
     layout here (`Octets`), unless told: yes, unless ``PHIMLX_REPACK`` is ``0`` / ``false``
     / ``no`` / ``off`` (the weights then stay in the memory-mapped file)."""
-    v = os.environ.get("PHIMLX_REPACK", "").strip().lower()
-    return v not in ("0", "false", "no", "off")
+    return _env_switch("PHIMLX_REPACK") is not False
 
 
 class TypeKernels(NamedTuple):
@@ -367,9 +372,9 @@ def int8_prefill() -> bool:
     EPYC, 2 threads, the int8 path took Phi-3-mini shapes' 128-token prompts 1.6-1.8x as
     fast in Q4_0 and 1.2-1.4x in Q8_0, and SmolLM2's (Q4_1) prompts of 38-512 tokens
     1.0-2.0x (K-quants: see the README)."""
-    v = os.environ.get("PHIMLX_INT8_PREFILL", "").strip().lower()
-    if v:
-        return v not in ("0", "false", "no", "off")
+    switch = _env_switch("PHIMLX_INT8_PREFILL")
+    if switch is not None:
+        return switch
     avx2 = avx2_kernels()
     return avx2 is not None and not avx2.AVX512
 
