@@ -413,6 +413,7 @@ def _parallel_regions(py_func, args, parallel):
 
 
 @compiled
+@pytest.mark.slow  # compiles three kernels afresh (~35 s); the test below checks the options
 def test_threaded_kernels_launch_the_threads_once_a_call():
     """The kernels on numba's threads, compiled with their own ``parallel`` option, make one
     parallel region a call (their one ``prange``): the NumPy calls around it (the attention
