@@ -1,7 +1,8 @@
 """Load test of `phimlx serve`: N concurrent OpenAI clients, streaming greedy requests.
 
 Reports aggregate generated tokens/s, time to first token and inter-token latency
-percentiles, and (``--compare``) the wall time of K greedy requests run concurrently
+percentiles, the CPU time the clients and (``--start``) the server used meanwhile, and
+(``--compare``) the wall time of K greedy requests run concurrently
 against K run one after another (``--rounds`` alternating rounds: median and spread).
 Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``); each has its own
 prompt (a shared opening, as chats share a system prompt, then its own question), so no
@@ -149,10 +150,37 @@ def make_client(url: str, args: argparse.Namespace) -> openai.OpenAI | httpx.Cli
                          timeout=3600)  # fmt: skip
 
 
-def run(url: str, args: argparse.Namespace, clients: int, requests: int, first: int) -> dict:
+def process_cpu(pid: int | None = None) -> float | None:
+    """CPU seconds (user + system, all threads) used so far by this process, or by process
+    ``pid`` (through psutil; None where psutil is missing or the process is gone)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return t.user + t.system
+
+
+def run(
+    url: str,
+    args: argparse.Namespace,
+    clients: int,
+    requests: int,
+    first: int,
+    server_pid: int | None = None,
+) -> dict:
     """``clients`` threads, each sending ``requests`` requests one after another.  The
     clients are made before the clock starts: making one costs the client process ~50 ms
-    (its TLS context), four at once ~160 ms on two cores, while the server waits idle."""
+    (its TLS context), four at once ~160 ms on two cores, while the server waits idle.
+    The CPU the client process (and the server process ``server_pid``) used over the same
+    span is reported beside the wall time: on a machine whose cores they share, what the
+    clients use is not the server's."""
     made = [make_client(url, args) for _ in range(clients)]
 
     def worker(c: int) -> list[Timing]:
@@ -160,10 +188,13 @@ def run(url: str, args: argparse.Namespace, clients: int, requests: int, first: 
             return [one_request(client, first + c * requests + r, args) for r in range(requests)]
 
     with ThreadPoolExecutor(clients) as pool:
+        cpu0 = (process_cpu(), process_cpu(server_pid) if server_pid else None)
         t0 = time.perf_counter()
         timings = [t for ts in pool.map(worker, range(clients)) for t in ts]
         wall = time.perf_counter() - t0
-    return summarize(timings, wall)
+        cpu1 = (process_cpu(), process_cpu(server_pid) if server_pid else None)
+    cpu = [None if None in (a, b) else b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    return summarize(timings, wall, *cpu)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -174,7 +205,12 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def summarize(timings: list[Timing], wall: float) -> dict:
+def summarize(
+    timings: list[Timing],
+    wall: float,
+    client_cpu: float | None = None,
+    server_cpu: float | None = None,
+) -> dict:
     tokens = sum(t.tokens for t in timings)
     ttft = [t.ttft for t in timings]
     itl = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
@@ -186,6 +222,8 @@ def summarize(timings: list[Timing], wall: float) -> dict:
         "ttft_s": {f"p{q}": pct(ttft, q) for q in (50, 90, 99)},
         "itl_ms": {f"p{q}": 1000 * pct(itl, q) for q in (50, 90, 99)},
         "cached_prompt_tokens": sum(t.cached for t in timings),
+        "client_cpu_s": client_cpu,
+        "server_cpu_s": server_cpu,
     }
 
 
@@ -195,16 +233,27 @@ def show(title: str, r: dict) -> None:
         f"{r['wall_s']:.2f} s = {r['aggregate_tok_s']:.1f} tok/s aggregate; "
         f"TTFT p50/p90/p99 {r['ttft_s']['p50']:.3f}/{r['ttft_s']['p90']:.3f}/"
         f"{r['ttft_s']['p99']:.3f} s; inter-token p50/p90/p99 {r['itl_ms']['p50']:.1f}/"
-        f"{r['itl_ms']['p90']:.1f}/{r['itl_ms']['p99']:.1f} ms",
+        f"{r['itl_ms']['p90']:.1f}/{r['itl_ms']['p99']:.1f} ms{_cpu_text(r)}",
         flush=True,
     )
 
 
+def _cpu_text(r: dict) -> str:
+    """ "; CPU: clients 0.52 s (23% of the wall), server ..." (the parts measured)."""
+    parts = [
+        f"{who} {r[key]:.2f} s ({100 * r[key] / r['wall_s']:.0f}% of the wall)"
+        for who, key in (("clients", "client_cpu_s"), ("server", "server_cpu_s"))
+        if r.get(key) is not None and r["wall_s"] > 0
+    ]
+    return "; CPU: " + ", ".join(parts) if parts else ""
+
+
 @contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
-    """The server's URL: ``--url``, or a ``phimlx serve --model START`` started here."""
+def server(args: argparse.Namespace) -> Iterator[tuple[str, int | None]]:
+    """The server's URL and process id: ``--url`` (its process unknown: None), or a
+    ``phimlx serve --model START`` started here."""
     if not args.start:
-        yield args.url.rstrip("/")
+        yield args.url.rstrip("/"), None
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,7 +277,7 @@ def server(args: argparse.Namespace) -> Iterator[str]:
             if time.monotonic() - t0 > 600:
                 raise SystemExit("phimlx serve did not come up in 600 s")
             time.sleep(0.25)
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -237,7 +286,7 @@ def server(args: argparse.Namespace) -> Iterator[str]:
             proc.kill()
 
 
-def compare(url: str, args: argparse.Namespace, first: int) -> dict:
+def compare(url: str, args: argparse.Namespace, first: int, server_pid: int | None = None) -> dict:
     """``--compare``: ``args.rounds`` rounds of K requests run one after another and K
     concurrently, which of the two comes first alternating from round to round (a machine
     that speeds up or slows down during the run favours neither).  Every request has a
@@ -249,7 +298,8 @@ def compare(url: str, args: argparse.Namespace, first: int) -> dict:
         order = ("sequential", "concurrent") if i % 2 == 0 else ("concurrent", "sequential")
         r: dict = {}
         for mode in order:
-            r[mode] = run(url, args, 1, k, n) if mode == "sequential" else run(url, args, k, 1, n)
+            clients, each = (1, k) if mode == "sequential" else (k, 1)
+            r[mode] = run(url, args, clients, each, n, server_pid)
             n += k
             what = "one after another" if mode == "sequential" else "concurrently"
             show(f"round {i + 1}: {k} requests {what}", r[mode])
@@ -301,19 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     results: dict = {"args": vars(args)}
-    with server(args) as url:
+    with server(args) as (url, pid):
         health = httpx.get(f"{url}/health").json()
         print(f"server {url}: model {health.get('model')}", flush=True)
         n = 0
         if args.warmup:
             run(url, args, 1, args.warmup, n)
             n += args.warmup
-        r = run(url, args, args.clients, args.requests, n)
+        r = run(url, args, args.clients, args.requests, n, pid)
         n += args.clients * args.requests
         show(f"{args.clients} concurrent clients", r)
         results["load"] = r
         if args.compare:
-            results["compare"] = compare(url, args, n)
+            results["compare"] = compare(url, args, n, pid)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)

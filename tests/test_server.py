@@ -476,6 +476,8 @@ def test_bench_serve_script_counts_every_token(url, kind, no_stream):
     )
     r = bench.run(url, args, clients=2, requests=2, first=0)
     assert r["requests"] == 4 and r["completion_tokens"] == 4 * 5
+    # the client process's CPU over the run; the server's only where its process is known
+    assert r["client_cpu_s"] > 0 and r["server_cpu_s"] is None
     with httpx.Client(base_url=url) if kind == "httpx" else client(url) as c:
         one = bench.one_request(c, 3, args)
     assert one.tokens == 5
@@ -485,6 +487,25 @@ def test_bench_serve_script_counts_every_token(url, kind, no_stream):
         assert 1 <= len(one.arrivals) <= 5
         assert one.start <= one.first <= one.arrivals[-1] <= one.end
     assert one.cached > 0  # the same prompt as the run's fourth request, kept
+
+
+def test_bench_serve_reads_cpu_time():
+    """`bench/serve.py`'s CPU readings: this process's (os.times) counts a spin of 0.3 s of
+    CPU, psutil's reading of this process by its id agrees, a process gone reads None."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
+    try:
+        import serve as bench
+    finally:
+        sys.path.pop(0)
+    before, t0 = bench.process_cpu(), time.process_time()
+    while time.process_time() - t0 < 0.3:
+        pass
+    assert bench.process_cpu() - before >= 0.28  # (os.times counts in clock ticks)
+    pytest.importorskip("psutil")
+    assert bench.process_cpu(os.getpid()) == pytest.approx(bench.process_cpu(), abs=0.05)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert bench.process_cpu(int(gone.stdout)) is None
 
 
 def test_bench_serve_times_requests_not_client_making(monkeypatch):
