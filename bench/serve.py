@@ -239,7 +239,8 @@ def show(title: str, r: dict) -> None:
 
 
 def _cpu_text(r: dict) -> str:
-    """ "; CPU: clients 0.52 s (23% of the wall), server ..." (the parts measured)."""
+    """The line's CPU part, ``; CPU: clients 0.52 s (23% of the wall), server ...``, for
+    the readings there are (empty without any)."""
     parts = [
         f"{who} {r[key]:.2f} s ({100 * r[key] / r['wall_s']:.0f}% of the wall)"
         for who, key in (("clients", "client_cpu_s"), ("server", "server_cpu_s"))
