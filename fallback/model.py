@@ -61,7 +61,7 @@ from phimlx.gguf import ModelFile
 from . import ops
 from .kernels import int8_kernel_available
 from .matrix import QuantMatrix, can_multiply_exactly, matmul_plan, matvec_plan
-from .threads import set_threads
+from .threads import set_threads, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class NumpyModel:
         for s in sessions:
             s._ensure_capacity(s._pos + 1)
         attend, ks, vs = self._attend_rows([(s, s._pos) for s in sessions])
-        h = self._layers(self.embed.take_rows(ids), self.chunk_calls, attend, ks, vs)  # (B, hidden)
+        h = self._layers(self._embed(ids), self.chunk_calls, attend, ks, vs)  # (B, hidden)
         for s in sessions:
             s._pos += 1
         return self.output_mm(h)  # (B, vocab)
@@ -282,7 +282,7 @@ class NumpyModel:
         attend = functools.partial(_attend_segments, attends, bounds)
         ks = zip(*(s._k for s in group), strict=True)
         vs = zip(*(s._v for s in group), strict=True)
-        x = self.embed.take_rows(np.concatenate(ids))
+        x = self._embed(np.concatenate(ids))
         layer_calls, output = self._exact_calls
         h = self._layers(x, layer_calls, attend, ks, vs)  # (T, hidden)
         for s, a in zip(group, ids, strict=True):
@@ -348,6 +348,13 @@ class NumpyModel:
         else:
             ks = (np.concatenate(t) for t in zip(*(s._tables for s in sessions), strict=True))
         return attend, ks, sessions[0]._k
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """The start of every forward pass: this model's thread count for the calling
+        thread (`use_threads`: numba keeps it per thread), then the rows of ``ids``
+        looked up in the embedding, float32 (T, hidden)."""
+        use_threads(self.threads)
+        return self.embed.take_rows(ids)
 
     def _layers(
         self,
@@ -497,7 +504,7 @@ class NumpySession:
             return self.prefill(ids, all_logits=True)
         self._ensure_capacity(p0 + T)
         attend, ks, vs = m._attend_rows([(self, p0 + i) for i in range(T)])  # row i at p0 + i
-        h = m._layers(m.embed.take_rows(ids), m.chunk_calls, attend, ks, vs)  # (T, hidden)
+        h = m._layers(m._embed(ids), m.chunk_calls, attend, ks, vs)  # (T, hidden)
         self._pos = p0 + T
         return m.output_mm(h)  # (T, vocab)
 
@@ -553,10 +560,10 @@ class NumpySession:
         T, p0 = ids.size, self._pos
         self._ensure_capacity(p0 + T)
         if decode:  # one token: activations are vectors, through the matvec plans
-            x = m.embed.take_rows(ids)[0]  # (hidden,), a fresh array: the residual stream
+            x = m._embed(ids)[0]  # (hidden,), a fresh array: the residual stream
             h = m._layers(x, m.token_calls, *m._attend_rows([(self, p0)]))
         else:
-            x = m.embed.take_rows(ids)  # (T, hidden)
+            x = m._embed(ids)  # (T, hidden)
             h = m._layers(x, m.chunk_calls, self._attention(T), self._k, self._v)
         self._pos = p0 + T
         if all_logits:

@@ -168,6 +168,22 @@ def _set_blas_threads(n: int) -> None:
     threadpoolctl.threadpool_limits(limits=n, user_api="blas")
 
 
+def use_threads(n: int) -> None:
+    """Run numba's parallel kernels on ``n`` threads from the calling thread on.
+
+    numba keeps this count per thread: a new thread starts at ``NUMBA_NUM_THREADS`` (every
+    logical CPU) whatever `set_threads` set in the thread that loaded the model.  A model
+    run from another thread (the server's engine thread, a worker pool) calls this at the
+    start of each forward pass, or its kernels would take every logical CPU whatever its
+    ``threads`` (measured: a server started with ``--threads 1`` kept both cores of a
+    2-core VM busy).  Costs ~1 us where the count is already ``n``."""
+    if numba_available():
+        import numba
+
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+
+
 def set_threads(n: int | None = None) -> int:
     """Set the threads used by the numba kernels and by BLAS.
 

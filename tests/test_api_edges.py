@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import threadpoolctl
 
@@ -36,6 +38,29 @@ def test_threads_limit_blas_through_threadpoolctl(tiny_phi3):
     with phimlx.load(tiny_phi3, backend="numpy", threads=1):
         blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
         assert blas and all(i["num_threads"] == 1 for i in blas)
+
+
+def test_threads_hold_in_the_thread_that_runs_the_model(tiny_phi3):
+    """numba keeps its thread count per thread (a new one starts at every CPU): a model
+    loaded with threads=1 here runs its kernels on one thread from another thread too, as
+    the server's engine thread runs it."""
+    numba = pytest.importorskip("numba")
+    from fallback.kernels import numba_available
+
+    if not numba_available() or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba's kernels on more than one CPU needed")
+    seen = []
+    with phimlx.load(tiny_phi3, backend="numpy", threads=1) as m:
+
+        def run() -> None:
+            seen.append(numba.get_num_threads())  # a new thread: numba's default
+            m.generate("hi", max_tokens=2, temperature=0)
+            seen.append(numba.get_num_threads())
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    assert seen == [numba.config.NUMBA_NUM_THREADS, 1]
 
 
 def test_chat_template_error_is_exported(phi3, monkeypatch):
