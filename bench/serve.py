@@ -17,6 +17,8 @@ or let the script start one (on a free port) and stop it afterwards::
 
     python bench/serve.py --start smollm2-135m-instruct --clients 4 --compare
 
+(options after ``--`` go to that server: ``... --compare -- --threads 1``).
+
 The README's batching figure (4 concurrent greedy requests of 128 tokens, 4 in turn)::
 
     python bench/serve.py --start smollm2-135m-instruct --compare --max-tokens 128 \\
@@ -249,6 +251,19 @@ def _cpu_text(r: dict) -> str:
     return "; CPU: " + ", ".join(parts) if parts else ""
 
 
+def server_argv(args: argparse.Namespace, port: int) -> list[str]:
+    """The command that starts ``phimlx serve`` for ``--start``: the model, the port, a
+    batch of room for every client, ``--backend`` and ``--api-key`` when given, then the
+    options given after ``--`` (``args.serve_args``; a repeated option's last value wins)."""
+    argv = [sys.executable, "-m", "phimlx", "serve", "--model", args.start, "--port", str(port),
+            "--max-batch", str(max(args.clients, args.compare_n))]  # fmt: skip
+    if args.backend:
+        argv += ["--backend", args.backend]
+    if args.api_key != "none":
+        argv += ["--api-key", args.api_key]
+    return argv + list(args.serve_args)
+
+
 @contextlib.contextmanager
 def server(args: argparse.Namespace) -> Iterator[tuple[str, int | None]]:
     """The server's URL and process id: ``--url`` (its process unknown: None), or a
@@ -259,13 +274,7 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, int | None]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "phimlx", "serve", "--model", args.start, "--port", str(port),
-            "--max-batch", str(max(args.clients, args.compare_n))]  # fmt: skip
-    if args.backend:
-        argv += ["--backend", args.backend]
-    if args.api_key != "none":
-        argv += ["--api-key", args.api_key]
-    proc = subprocess.Popen(argv, env={**os.environ})
+    proc = subprocess.Popen(server_argv(args, port), env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
@@ -318,8 +327,18 @@ def compare(url: str, args: argparse.Namespace, first: int, server_pid: int | No
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; what follows ``--`` is ``serve_args``, options for the server that
+    ``--start`` starts (``-- --threads 1 --kv-cache-type q8_0``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    serve_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, serve_args = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [options] [-- phimlx serve's options, with --start]",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="a running server")
     p.add_argument("--start", metavar="MODEL", help="start `phimlx serve --model MODEL` here")
     p.add_argument("--backend", help="with --start: the server's --backend")
@@ -350,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args(argv)
+    if serve_args and not args.start:
+        p.error(f"{' '.join(serve_args)}: options after -- go to the server --start starts")
+    args.serve_args = serve_args
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     results: dict = {"args": vars(args)}
     with server(args) as (url, pid):

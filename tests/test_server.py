@@ -461,16 +461,22 @@ RAW = [  # short raw prompts: each prefills in one small piece
 ]
 
 
+def bench_serve() -> types.ModuleType:
+    """The ``bench/serve.py`` script as a module."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
+    try:
+        import serve
+    finally:
+        sys.path.pop(0)
+    return serve
+
+
 @pytest.mark.parametrize("no_stream", [False, True])
 @pytest.mark.parametrize("kind", ["openai", "httpx"])
 def test_bench_serve_script_counts_every_token(url, kind, no_stream):
     """`bench/serve.py` against this server with either client, streamed or not: every
     request is timed over exactly its ``--max-tokens`` tokens, and the totals add up."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
-    try:
-        import serve as bench
-    finally:
-        sys.path.pop(0)
+    bench = bench_serve()
     args = argparse.Namespace(
         model_name="smol", api_key="none", max_tokens=5, client=kind, no_stream=no_stream
     )
@@ -492,11 +498,7 @@ def test_bench_serve_script_counts_every_token(url, kind, no_stream):
 def test_bench_serve_reads_cpu_time():
     """`bench/serve.py`'s CPU readings: this process's (os.times) counts a spin of 0.3 s of
     CPU, psutil's reading of this process by its id agrees, a process gone reads None."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
-    try:
-        import serve as bench
-    finally:
-        sys.path.pop(0)
+    bench = bench_serve()
     before, t0 = bench.process_cpu(), time.process_time()
     while time.process_time() - t0 < 0.3:
         pass
@@ -508,16 +510,29 @@ def test_bench_serve_reads_cpu_time():
     assert bench.process_cpu(int(gone.stdout)) is None
 
 
+def test_bench_serve_passes_what_follows_dashes_to_the_server():
+    """`bench/serve.py --start M ... -- OPTIONS`: the server it starts gets OPTIONS after
+    its own; without --start there is no server to give them to, a usage error."""
+    bench = bench_serve()
+    args = bench.parse_args(["--start", "m.gguf", "--clients", "3", "--api-key", "k", "--",
+                             "--threads", "1", "--max-batch", "2"])  # fmt: skip
+    assert args.serve_args == ["--threads", "1", "--max-batch", "2"]
+    assert bench.server_argv(args, 8123)[1:] == [
+        "-m", "phimlx", "serve", "--model", "m.gguf", "--port", "8123", "--max-batch", "4",
+        "--api-key", "k", "--threads", "1", "--max-batch", "2",
+    ]  # fmt: skip
+    assert bench.parse_args(["--start", "m.gguf"]).serve_args == []
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--compare", "--", "--threads", "1"])
+    assert e.value.code == 2
+
+
 def test_bench_serve_times_requests_not_client_making(monkeypatch):
     """`bench/serve.py`'s wall time runs from the first request sent to the last answered:
     making a client (~50 ms each, its TLS context) comes before the clock, or the K
     concurrent clients' making would count K times against the server (a fake clock:
     making a client takes 10 s of it, a request 1 s)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
-    try:
-        import serve as bench
-    finally:
-        sys.path.pop(0)
+    bench = bench_serve()
     clock = [0.0]
     lock = threading.Lock()
 
@@ -547,11 +562,7 @@ def test_bench_serve_compare_rounds(url, capsys):
     """`bench/serve.py --compare --rounds 2`: each round times K requests in turn and K at
     once, every one of them over its tokens, and the median and spread are those of the
     rounds' own wall times."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
-    try:
-        import serve as bench
-    finally:
-        sys.path.pop(0)
+    bench = bench_serve()
     args = argparse.Namespace(
         model_name="smol", api_key="none", max_tokens=3, client="httpx", compare_n=2,
         rounds=2, no_stream=False,
