@@ -176,7 +176,7 @@ def use_threads(n: int) -> None:
     run from another thread (the server's engine thread, a worker pool) calls this at the
     start of each forward pass, or its kernels would take every logical CPU whatever its
     ``threads`` (measured: a server started with ``--threads 1`` kept both cores of a
-    2-core VM busy).  Costs ~1 us where the count is already ``n``."""
+    2-core VM busy).  Costs ~5 us where the count is already ``n``."""
     if numba_available():
         import numba
 
@@ -202,6 +202,6 @@ def set_threads(n: int | None = None) -> int:
         import numba
 
         want = min(want, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(want)
+        use_threads(want)
     _set_blas_threads(want)
     return want
