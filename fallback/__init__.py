@@ -158,7 +158,7 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
         int8 = ks.matmul_int8
         if ks.octets is not None and repack_default():  # (the repacked matrices' kernels)
             int8 = ks.octets.matmul_int8
-            dispatchers.append(avx2_kernels()._octets_moved)  # and the packer
+            dispatchers.append(avx2_kernels().packer(qtype))  # and the packer
         for kernel in (ks.decode_tile, int8 and int8.parallel, tiles):
             if hasattr(kernel, "_cache"):  # the per-type compiled ones (others are shared)
                 dispatchers.append(kernel)

@@ -92,8 +92,8 @@ _FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512)).encode()
 IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexdigest()[:15], 16)
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too;
-# those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1 without
-# AVX-512).
+# those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1, Q4_K
+# without AVX-512).
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
 INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is not None)
 PACKED_TYPES = frozenset(GGMLType(c - avx2_ir.OCTETS) for c in avx2_ir.PACKED_TYPES)
@@ -139,13 +139,18 @@ def _octets_moved(src, dst, order, scatter):  # noqa: ANN001, ANN202
 
 
 def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
-    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 matrix ``raw`` (the file's
-    blocks) in the layout the int8 kernels read fastest without AVX-512
-    (``packed=True``): each row's full octets of 8 blocks as the 8 scales (f16), Q4_1's 8
-    mins, then the quants transposed, 4 x 32 bytes whose 4 bytes at ``32 g + 4 j`` are block
-    j's quant bytes ``4 g .. 4 g + 3``; the same size, so a row's last ``nb % 8`` blocks stay
-    as they are.  `unpack_octets` reverses it."""
+    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 / Q4_K matrix ``raw`` (the
+    file's blocks) in the layout the int8 kernels read fastest without AVX-512
+    (``packed=True``), the same size.  Q4_0 / Q4_1: each row's full octets of 8 blocks as
+    the 8 scales (f16), Q4_1's 8 mins, then the quants transposed, 4 x 32 bytes whose 4
+    bytes at ``32 g + 4 j`` are block j's quant bytes ``4 g .. 4 g + 3``; a row's last
+    ``nb % 8`` blocks stay as they are.  Q4_K: each block's 8 sub-blocks as an octet of Q4_1
+    blocks (`_qk_moved`).  `unpack_octets` reverses it."""
     src = np.ascontiguousarray(raw, dtype=np.uint8)
+    if GGMLType(qtype) == GGMLType.Q4_K:  # (every byte moved: no copy first)
+        out = np.empty_like(src)
+        _qk_moved(src.view(np.uint32), out.view(np.uint32), False)
+        return out
     out = src.copy()
     _octets_moved(src, out, _octet_order(qtype), False)
     return out
@@ -154,9 +159,50 @@ def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
 def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """The file's blocks of rows in `pack_octets`'s layout: a new uint8 array of their shape."""
     src = np.ascontiguousarray(packed, dtype=np.uint8)
+    if GGMLType(qtype) == GGMLType.Q4_K:
+        out = np.empty_like(src)
+        _qk_moved(src.view(np.uint32), out.view(np.uint32), True)
+        return out
     out = src.copy()
     _octets_moved(src, out, _octet_order(qtype), True)
     return out
+
+
+def packer(qtype: GGMLType) -> Any:
+    """The compiled function that `pack_octets` runs for ``qtype`` (to check numba's cache)."""
+    return _qk_moved if GGMLType(qtype) == GGMLType.Q4_K else _octets_moved
+
+
+@njit(parallel=prange_only(), **_OPTS)
+def _qk_moved(src, dst, unpack):  # noqa: ANN001, ANN202
+    """`pack_octets` of Q4_K, or (``unpack``) its inverse, on the uint32 words of rows (a
+    block is 36: 4 of header, copied as they are, then 32 of quants) from ``src`` into
+    ``dst`` (every word written).
+
+    The file keeps sub-block j's quant l (0..31) in nibble j & 1 of byte 32 (j >> 1) + l of
+    a block's 128 quant bytes.  Packed, sub-block j is a Q4_1 block's 16 bytes (byte l:
+    quant l low, quant 16 + l high), transposed as an octet's: its bytes 4 g .. 4 g + 3 at
+    byte 32 g + 4 j (`avx2_ir._oct_cols` reads the 8 sub-blocks as lanes).  So packed word
+    8 g + j of a block takes its four bytes from the file's words 8 p + g and 8 p + 4 + g
+    (p = j >> 1): their low nibbles (j even) or high ones, as a byte's low and high."""
+    lo4, hi4 = np.uint32(0x0F0F0F0F), np.uint32(0xF0F0F0F0)
+    four = np.uint32(4)
+    blocks = src.shape[1] // 36
+    for r in prange(src.shape[0]):
+        for b in range(blocks):
+            q = 36 * b + 4
+            for k in range(q - 4, q):
+                dst[r, k] = src[r, k]
+            for p in range(4):
+                for g in range(4):
+                    if unpack:
+                        a, c = src[r, q + 8 * g + 2 * p], src[r, q + 8 * g + 2 * p + 1]
+                        dst[r, q + 8 * p + g] = (a & lo4) | ((c & lo4) << four)
+                        dst[r, q + 8 * p + 4 + g] = ((a >> four) & lo4) | (c & hi4)
+                    else:
+                        a, c = src[r, q + 8 * p + g], src[r, q + 8 * p + 4 + g]
+                        dst[r, q + 8 * g + 2 * p] = (a & lo4) | ((c & lo4) << four)
+                        dst[r, q + 8 * g + 2 * p + 1] = ((a >> four) & lo4) | (c & hi4)
 
 
 @njit(**_OPTS)
@@ -373,8 +419,9 @@ def _int8_layout(qtype: GGMLType, packed: bool) -> tuple[int, ...]:
         raise KeyError(f"no AVX2 int8 kernel for {GGMLType(qtype).name} in packed octets here")
     spec = avx2_ir.spec(code)
     paired, steps = spec.int8_pair is not None, spec.int8_step is not None
+    x_step = spec.step_blocks * spec.block // 32  # x's blocks of 32 a step (Q4_K: 1 x 256)
     return (code, spec.block, spec.x_scale, paired, spec.x_offset, spec.int8_sums16, steps,
-            spec.step_offset, spec.step_blocks)  # fmt: skip
+            spec.step_offset, x_step)  # fmt: skip
 
 
 # A driver's closure holds only ints (code, block, group, the IR's stamp): see the module
