@@ -628,25 +628,28 @@ def test_int8_q4_largest_sums(name: str, sign: float) -> None:
 
 
 @NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_int8_q4_k_largest_sums(sign: float) -> None:
-    """Q4_K as its repacked octets sum it: every nibble 15 against x rounded to +-127, 16
-    products (15 * 127 each) a lane in int16, 30480.  Every sub-block's 6-bit scale is 9
-    and its min 5 (the 12 scale bytes written by hand: bytes 0-3 the scales of sub-blocks
-    0-3, 4-7 their mins, 8-11 the low bits of sub-blocks 4-7's scale and min, 6-bit values
-    under 16 needing no high bits); the dot per block is 8 * 32 * (d * 9 * 15 - dmin * 5),
-    times the sign."""
+def test_int8_k_quant_largest_sums(name: str, sign: float) -> None:
+    """Q4_K and Q5_K as their repacked octets sum them: every quant at its largest (15;
+    Q5_K 31, every 5th bit set) against x rounded to +-127, in int16 16 products a lane
+    (Q4_K: 30480) or 8 (Q5_K: 31496) before they widen.  Every sub-block's 6-bit scale is
+    9 and its min 5 (the 12 scale bytes written by hand: bytes 0-3 the scales of
+    sub-blocks 0-3, 4-7 their mins, 8-11 the low bits of sub-blocks 4-7's scale and min,
+    6-bit values under 16 needing no high bits); the dot per block is 8 * 32 * (d * 9 * q
+    - dmin * 5), times the sign."""
     n_blocks, rows = 3, 2
-    raw = np.zeros((rows, n_blocks, 144), np.uint8)
+    size, q = (176, 31) if name == "Q5_K" else (144, 15)
+    raw = np.zeros((rows, n_blocks, size), np.uint8)
     d, dmin = np.float16(0.125), np.float16(0.25)
     raw[:, :, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
     raw[:, :, 2:4] = np.frombuffer(dmin.tobytes(), np.uint8)
     raw[:, :, 4:8], raw[:, :, 8:12], raw[:, :, 12:16] = 9, 5, 9 | (5 << 4)
-    raw[:, :, 16:] = 0xFF
+    raw[:, :, 16:] = 0xFF  # (Q5_K: the 5th bits too)
     raw = raw.reshape(rows, -1)
-    mat = make_matrix(raw, "Q4_K", (rows, 256 * n_blocks), {"int8_activations": True})
+    mat = make_matrix(raw, name, (rows, 256 * n_blocks), {"int8_activations": True})
     x = np.full(256 * n_blocks, sign, np.float32)  # -> xq = +-127, dx = 1/127
-    per_block = 8 * 32 * (float(d) * 9 * 15 - float(dmin) * 5) * sign
+    per_block = 8 * 32 * (float(d) * 9 * q - float(dmin) * 5) * sign
     want = np.full(rows, per_block * n_blocks)
     np.testing.assert_allclose(mat.matvec(x), want, rtol=1e-5)
     np.testing.assert_allclose(mat.matmul(np.stack([x, -x])), np.stack([want, -want]), rtol=1e-5)
@@ -700,41 +703,49 @@ def test_repack_layout(name: str) -> None:
 
 
 @NEEDS_INT8
-def test_repack_layout_q4_k() -> None:
-    """`avx2.pack_octets` of Q4_K against the layout written out by hand: each block's 16
-    header bytes as they are; sub-block j's quant l, which the file keeps in nibble j & 1 of
-    quant byte 32 (j >> 1) + l, as a Q4_1 block's byte l (quant l low, quant 16 + l high)
-    at 16 + 32 g + 4 j + t for l = 4 g + t; and `unpack_octets` gives the file's blocks
-    back."""
-    _packable("Q4_K")
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K"])
+def test_repack_layout_k_quants(name: str) -> None:
+    """`avx2.pack_octets` of Q4_K / Q5_K against the layout written out by hand: each
+    block's 16 header bytes as they are; sub-block j's quant l, which the file keeps in
+    nibble j & 1 of quant byte 32 (j >> 1) + l, as a Q4_1 block's byte l (quant l low,
+    quant 16 + l high) at 32 g + 4 j + t of the quants for l = 4 g + t; Q5_K's 5th bits
+    (the file's bit j of byte l of the 32 bytes after the header) at bit G of byte
+    4 j + t there for l = 4 G + t; and `unpack_octets` gives the file's blocks back."""
+    _packable(name)
     avx2 = kernels.avx2_kernels()
-    raw = np.random.default_rng(11).integers(0, 256, (3, 2 * 144), dtype=np.uint8)
-    packed = avx2.pack_octets(raw, GGMLType.Q4_K)
+    size, q0 = (176, 48) if name == "Q5_K" else (144, 16)
+    raw = np.random.default_rng(11).integers(0, 256, (3, 2 * size), dtype=np.uint8)
+    packed = avx2.pack_octets(raw, GGMLType[name])
     assert packed.shape == raw.shape and packed.dtype == np.uint8
     for r in range(3):
         for b in range(2):
-            block, out = raw[r, 144 * b : 144 * b + 144], packed[r, 144 * b : 144 * b + 144]
+            block, out = raw[r, size * b : size * (b + 1)], packed[r, size * b : size * (b + 1)]
             np.testing.assert_array_equal(out[:16], block[:16])
             for j in range(8):
-                q = [(int(block[16 + 32 * (j // 2) + i]) >> (4 * (j % 2))) & 15 for i in range(32)]
+                q = [(int(block[q0 + 32 * (j // 2) + i]) >> (4 * (j % 2))) & 15 for i in range(32)]
                 for i in range(16):
-                    assert out[16 + 32 * (i // 4) + 4 * j + i % 4] == q[i] | (q[16 + i] << 4)
-    np.testing.assert_array_equal(avx2.unpack_octets(packed, GGMLType.Q4_K), raw)
+                    assert out[q0 + 32 * (i // 4) + 4 * j + i % 4] == q[i] | (q[16 + i] << 4)
+                if name == "Q5_K":
+                    for i in range(32):
+                        bit = (int(out[16 + 4 * j + i % 4]) >> (i // 4)) & 1
+                        assert bit == (int(block[16 + i]) >> j) & 1
+    np.testing.assert_array_equal(avx2.unpack_octets(packed, GGMLType[name]), raw)
 
 
 @NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K"])
 @pytest.mark.parametrize("n_blocks", [1, 3])
-def test_repacked_q4_k_matrix(n_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A repacked Q4_K matrix sums each sub-block's dot in a lane of its own, where the
+def test_repacked_k_quant_matrix(name: str, n_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repacked Q4_K / Q5_K matrix sums each sub-block's dot in a lane of its own, where the
     file's layout sums the sub-blocks' scaled dots in integers first: the two round
     differently, each within float32's bound of gguf's dequantization, and the repacked
     matmul (1-13 rows of ``x``, serial and parallel drivers) equals its matvec bit for bit;
     its embedding lookup and prompt tiles decode the file's weights."""
-    _packable("Q4_K")
-    raw, w, cols, rng = matrix_case("Q4_K", 21, n_blocks, seed=5)
+    _packable(name)
+    raw, w, cols, rng = matrix_case(name, 21, n_blocks, seed=5)
     shape = (21, cols)
-    plain = QuantMatrix(raw, GGMLType.Q4_K, shape, int8_activations=True, repack=False)
-    packed = QuantMatrix(raw, GGMLType.Q4_K, shape, int8_activations=True, repack=True)
+    plain = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=False)
+    packed = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=True)
     assert packed.repacked and not plain.repacked and not np.array_equal(packed.raw, raw)
     for serial in (True, False):
         monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1 << 30 if serial else 1000)
@@ -747,7 +758,7 @@ def test_repacked_q4_k_matrix(n_blocks: int, monkeypatch: pytest.MonkeyPatch) ->
     ids = np.array([20, 0, 7, 7], np.int64)
     np.testing.assert_allclose(packed.take_rows(ids), w[ids], rtol=0, atol=1e-6)
     monkeypatch.setenv("PHIMLX_INT8_PREFILL", "0")
-    tiles = QuantMatrix(raw, GGMLType.Q4_K, shape, int8_activations=True, repack=True)
+    tiles = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=True)
     x = rng.standard_normal((160, cols), dtype=np.float32)  # past the int8 matmul's rows
     assert tiles.repacked and not tiles._int8_matmul(160)
     assert np.all(np.abs(tiles.matmul(x) - x @ w.T) <= dot_tolerance(w, x).T)

@@ -92,8 +92,8 @@ _FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512)).encode()
 IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexdigest()[:15], 16)
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too;
-# those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1, Q4_K
-# without AVX-512).
+# those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1, Q4_K,
+# Q5_K without AVX-512).
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
 INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is not None)
 PACKED_TYPES = frozenset(GGMLType(c - avx2_ir.OCTETS) for c in avx2_ir.PACKED_TYPES)
@@ -139,17 +139,19 @@ def _octets_moved(src, dst, order, scatter):  # noqa: ANN001, ANN202
 
 
 def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
-    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 / Q4_K matrix ``raw`` (the
-    file's blocks) in the layout the int8 kernels read fastest without AVX-512
+    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 / Q4_K / Q5_K matrix ``raw``
+    (the file's blocks) in the layout the int8 kernels read fastest without AVX-512
     (``packed=True``), the same size.  Q4_0 / Q4_1: each row's full octets of 8 blocks as
     the 8 scales (f16), Q4_1's 8 mins, then the quants transposed, 4 x 32 bytes whose 4
     bytes at ``32 g + 4 j`` are block j's quant bytes ``4 g .. 4 g + 3``; a row's last
-    ``nb % 8`` blocks stay as they are.  Q4_K: each block's 8 sub-blocks as an octet of Q4_1
-    blocks (`_qk_moved`).  `unpack_octets` reverses it."""
+    ``nb % 8`` blocks stay as they are.  Q4_K / Q5_K: each block's 8 sub-blocks as an octet
+    of Q4_1 blocks, Q5_K's 5th bits transposed likewise (`_qk_moved`).  `unpack_octets`
+    reverses it."""
     src = np.ascontiguousarray(raw, dtype=np.uint8)
-    if GGMLType(qtype) == GGMLType.Q4_K:  # (every byte moved: no copy first)
+    if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):  # (every byte moved: no copy)
         out = np.empty_like(src)
-        _qk_moved(src.view(np.uint32), out.view(np.uint32), False)
+        five = GGMLType(qtype) == GGMLType.Q5_K
+        _qk_moved(src.view(np.uint32), out.view(np.uint32), False, five)
         return out
     out = src.copy()
     _octets_moved(src, out, _octet_order(qtype), False)
@@ -159,9 +161,10 @@ def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
 def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """The file's blocks of rows in `pack_octets`'s layout: a new uint8 array of their shape."""
     src = np.ascontiguousarray(packed, dtype=np.uint8)
-    if GGMLType(qtype) == GGMLType.Q4_K:
+    if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):
         out = np.empty_like(src)
-        _qk_moved(src.view(np.uint32), out.view(np.uint32), True)
+        five = GGMLType(qtype) == GGMLType.Q5_K
+        _qk_moved(src.view(np.uint32), out.view(np.uint32), True, five)
         return out
     out = src.copy()
     _octets_moved(src, out, _octet_order(qtype), True)
@@ -170,29 +173,55 @@ def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
 
 def packer(qtype: GGMLType) -> Any:
     """The compiled function that `pack_octets` runs for ``qtype`` (to check numba's cache)."""
-    return _qk_moved if GGMLType(qtype) == GGMLType.Q4_K else _octets_moved
+    return _qk_moved if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K) else _octets_moved
+
+
+@njit(inline="always", **_OPTS)
+def _transpose8(x):  # noqa: ANN001, ANN202
+    """The 8 x 8 bit matrix x (byte r's bit c at bit 8 r + c) transposed (Hacker's Delight)."""
+    t = (x ^ (x >> np.uint64(7))) & np.uint64(0x00AA00AA00AA00AA)
+    x = x ^ t ^ (t << np.uint64(7))
+    t = (x ^ (x >> np.uint64(14))) & np.uint64(0x0000CCCC0000CCCC)
+    x = x ^ t ^ (t << np.uint64(14))
+    t = (x ^ (x >> np.uint64(28))) & np.uint64(0x00000000F0F0F0F0)
+    return x ^ t ^ (t << np.uint64(28))
 
 
 @njit(parallel=prange_only(), **_OPTS)
-def _qk_moved(src, dst, unpack):  # noqa: ANN001, ANN202
-    """`pack_octets` of Q4_K, or (``unpack``) its inverse, on the uint32 words of rows (a
-    block is 36: 4 of header, copied as they are, then 32 of quants) from ``src`` into
-    ``dst`` (every word written).
+def _qk_moved(src, dst, unpack, five):  # noqa: ANN001, ANN202
+    """`pack_octets` of Q4_K (Q5_K where ``five``), or (``unpack``) its inverse, on the
+    uint32 words of rows (a block is 36 (44): 4 of header, copied as they are, (8 of 5th
+    bits,) 32 of quants) from ``src`` into ``dst`` (every word written).
 
     The file keeps sub-block j's quant l (0..31) in nibble j & 1 of byte 32 (j >> 1) + l of
-    a block's 128 quant bytes.  Packed, sub-block j is a Q4_1 block's 16 bytes (byte l:
-    quant l low, quant 16 + l high), transposed as an octet's: its bytes 4 g .. 4 g + 3 at
-    byte 32 g + 4 j (`avx2_ir._oct_cols` reads the 8 sub-blocks as lanes).  So packed word
-    8 g + j of a block takes its four bytes from the file's words 8 p + g and 8 p + 4 + g
-    (p = j >> 1): their low nibbles (j even) or high ones, as a byte's low and high."""
+    a block's 128 quant bytes (Q5_K: its 5th bit, bit j of byte l of the 32 before them).
+    Packed, sub-block j is a Q4_1 block's 16 bytes (byte l: quant l low, quant 16 + l
+    high), transposed as an octet's: its bytes 4 g .. 4 g + 3 at byte 32 g + 4 j
+    (`avx2_ir._oct_cols` reads the 8 sub-blocks as lanes).  So packed word 8 g + j of a
+    block takes its four bytes from the file's words 8 p + g and 8 p + 4 + g (p = j >> 1):
+    their low nibbles (j even) or high ones, as a byte's low and high.  Q5_K's 5th bits:
+    packed byte 4 j + t's bit G is quant 4 G + t's of sub-block j, so for each t the 8
+    bytes 4 G + t and the 8 bytes 4 j + t are transposed 8 x 8 bit matrices."""
     lo4, hi4 = np.uint32(0x0F0F0F0F), np.uint32(0xF0F0F0F0)
-    four = np.uint32(4)
-    blocks = src.shape[1] // 36
+    four, byte = np.uint32(4), np.uint64(0xFF)
+    size, q0 = (44, 12) if five else (36, 4)
+    blocks = src.shape[1] // size
     for r in prange(src.shape[0]):
         for b in range(blocks):
-            q = 36 * b + 4
-            for k in range(q - 4, q):
+            base = size * b
+            q = base + q0
+            for k in range(base, base + 4):
                 dst[r, k] = src[r, k]
+            if five:  # words base + 4 .. base + 11: the 5th bits
+                for t in range(4):
+                    sh = np.uint64(8 * t)
+                    x = np.uint64(0)
+                    for i in range(8):
+                        x |= ((np.uint64(src[r, base + 4 + i]) >> sh) & byte) << np.uint64(8 * i)
+                    y = _transpose8(x)
+                    for i in range(8):
+                        word = np.uint32((y >> np.uint64(8 * i)) & byte) << np.uint32(8 * t)
+                        dst[r, base + 4 + i] = (dst[r, base + 4 + i] if t else 0) | word
             for p in range(4):
                 for g in range(4):
                     if unpack:

@@ -25,8 +25,8 @@ task:
   0.81-0.87x for one; Q8_0 0.82x for 4, 0.67x for 8, the same for one.  Q4_0 / Q4_1 rows
   repacked at load (`avx2.pack_octets`: each full octet already transposed) take their own
   type codes (`PACKED_TYPES`), whose octets are 2-3 loads and 4 where the file's layout
-  needs a gather and 12 shuffles (`_oct_packed`); so do Q4_K rows, a block's 8 sub-blocks
-  repacked as an octet of Q4_1 blocks (`_int8_qk_octet`);
+  needs a gather and 12 shuffles (`_oct_packed`); so do Q4_K and Q5_K rows, a block's 8
+  sub-blocks repacked as an octet of Q4_1 blocks (`_int8_qk_octet`);
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -537,17 +537,29 @@ def _int8_q4_octet(h, pr, cols, blks, oi, full, has_min, packed=False):
     _oct_cols(h, cols, oi, words, d8, m8, has_min)
 
 
-def _oct_cols(h, cols, oi, words, d8, m8, has_min):
+def _oct_cols(h, cols, oi, words, d8, m8, has_min, fifth=None):
     """Each column's products with a transposed step of 8 blocks of 32 (lane j block j):
     ``words`` the 4 x 32 bytes of quant pairs (low nibble weight l, high weight 16 + l of
     block j's 4 bytes at 32 g + 4 j), ``d8`` the blocks' float scales, ``m8`` (where
-    ``has_min``) their mins, against ``xs`` in the step form; else Q4_0's ``-8 sum(xq)``."""
+    ``has_min``) their mins, against ``xs`` in the step form; else Q4_0's ``-8 sum(xq)``.
+    ``fifth``: Q5_K's 32 bytes of 5th bits, bit G of byte 4 j + t weight 4 G + t's; its
+    quants (up to 31) sum in int16 four vectors at a time (4 * 2 * 31 * 127 fits, 8 would
+    not), the nibbles' eight."""
     qs = [h.b.and_(w, _c(V32I8, 15)) for w in words] + [h.b.lshr(w, _c(V32I8, 4)) for w in words]
+    if fifth is not None:  # bit G of each byte to bit 4: the quant's 16
+        for g in range(8):
+            bit = h.b.shl(fifth, _c(V32I8, 4 - g)) if g < 4 else h.b.lshr(fifth, _c(V32I8, g - 4))
+            qs[g] = h.b.or_(qs[g], h.b.and_(bit, _c(V32I8, 16)))
     for c in cols:
         p = h.maddubs(qs[0], _oct_x(h, c, oi, 0))
         for g in range(1, 8):
+            if fifth is not None and g == 4:
+                part, p = p, h.maddubs(qs[g], _oct_x(h, c, oi, g))
+                continue
             p = h.b.add(p, h.maddubs(qs[g], _oct_x(h, c, oi, g)))
         isum = h.maddwd(p, _ONES16)
+        if fifth is not None:
+            isum = h.madd_acc(isum, part, _ONES16)
         aux = h.load(c.ps, h.b.mul(oi, i64(32)), V8F if has_min else V8I32, 4)
         if not has_min:
             isum = h.b.add(isum, aux)
@@ -840,15 +852,18 @@ def _int8_qk(h, pr, cols, b, k, five):
 
 
 def _int8_qk_octet(h, pr, cols, blks, oi, full, five):  # noqa: ARG001 - a step is one block
-    # A Q4_K block repacked at load (`avx2.pack_octets`): its header as the file has it, then its
-    # eight sub-blocks' quants transposed as a Q4 octet's (lane j sub-block j), so that the
-    # octet's integer dots (`_oct_cols`) serve it: d * sc_j and -dmin * m_j are its 8
-    # scales and mins, against x's scale (one per 256) and its sums per 32.
+    # A Q4_K / Q5_K block repacked at load (`avx2.pack_octets`): its header (and Q5_K's 32
+    # bytes of 5th bits) where the file has it, its eight sub-blocks' quants transposed as
+    # a Q4 octet's (lane j sub-block j; Q5_K's 5th bits likewise), so that the octet's
+    # integer dots (`_oct_cols`) serve it: d * sc_j and -dmin * m_j are its 8 scales and
+    # mins, against x's scale (one per 256) and its sums per 32.
     o, d, dm, scf, mnf, _ = _qk_block(h, pr, blks[0], five)
     d8 = h.b.fmul(scf, h.splat(d))
     m8 = h.b.fmul(mnf, h.splat(_neg(h, dm)))
-    words = [h.load(pr, h.b.add(o, i64(16 + 32 * g)), V32I8) for g in range(4)]
-    _oct_cols(h, cols, oi, words, d8, m8, True)
+    qo = 48 if five else 16
+    words = [h.load(pr, h.b.add(o, i64(qo + 32 * g)), V32I8) for g in range(4)]
+    fifth = h.load(pr, h.b.add(o, i64(16)), V32I8) if five else None
+    _oct_cols(h, cols, oi, words, d8, m8, True, fifth)
 
 
 def _float_qk(h, pr, px, ps, acc, b, k, five):
@@ -1128,9 +1143,9 @@ TYPES: dict[int, IRType] = {
 # (`avx2.pack_octets`), by the code ``OCTETS + `` their GGMLType value: int8 bodies only (the
 # float dot and the decoder read the file's layout).  Only where the transposed bodies run
 # (no AVX-512).  On a 2-core Zen 3 (SmolLM2's Q4_1 shapes, one thread), the products took
-# 0.72-0.83x the time for 4 rows of ``x`` and 0.54-0.71x for one.  Q4_K rows likewise, one
-# block a step (`_int8_qk_octet`; 3072 columns, 2 threads: 0.69-0.75x for 4 rows, 0.83-0.88x
-# for one).
+# 0.72-0.83x the time for 4 rows of ``x`` and 0.54-0.71x for one.  Q4_K and Q5_K rows
+# likewise, one block a step (`_int8_qk_octet`; 3072 columns, 2 threads: Q4_K 0.69-0.75x
+# for 4 rows, 0.83-0.88x for one; Q5_K 0.73-0.79x and 0.85-0.96x).
 OCTETS = 1024
 PACKED_TYPES: dict[int, IRType] = {
     OCTETS + q: dataclasses.replace(
@@ -1142,14 +1157,15 @@ PACKED_TYPES: dict[int, IRType] = {
     for q in (GGMLType.Q4_0, GGMLType.Q4_1)
     if TYPES[q].int8_step is not None
 }
-if not AVX512:  # Q4_K, one block (8 sub-blocks of 32) a step: `_int8_qk_octet`
-    PACKED_TYPES[OCTETS + GGMLType.Q4_K] = dataclasses.replace(
-        TYPES[GGMLType.Q4_K],
-        float_body=None,
-        decode_body=None,
-        int8_step=functools.partial(_int8_qk_octet, five=False),
-        step_blocks=1,
-    )
+if not AVX512:  # Q4_K and Q5_K, one block (8 sub-blocks of 32) a step: `_int8_qk_octet`
+    for _q in (GGMLType.Q4_K, GGMLType.Q5_K):
+        PACKED_TYPES[OCTETS + _q] = dataclasses.replace(
+            TYPES[_q],
+            float_body=None,
+            decode_body=None,
+            int8_step=functools.partial(_int8_qk_octet, five=_q == GGMLType.Q5_K),
+            step_blocks=1,
+        )
 
 
 def spec(code: int) -> IRType:
