@@ -396,6 +396,8 @@ def _steps(h, spec, pr, cols, nb):
         if spec.block_bytes:
             _prefetch(h, pr, b0, spec.block_bytes, S * spec.block_bytes)
         spec.int8_step(h, pr, cols, [b.add(b0, i64(j)) for j in range(S)], loop.index, True)
+    if S == 1:  # (one block a step, Q4_K / Q5_K repacked: nothing left over)
+        return
     b0, rem = b.mul(full, i64(S)), b.srem(nb, i64(S))
     partial_from = OCTET_TAIL if S == 8 else S  # (a quad's tail: always one-block bodies)
     with b.if_else(b.icmp_signed(">=", rem, i64(partial_from))) as (partial, tail):
