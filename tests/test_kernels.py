@@ -188,13 +188,14 @@ def test_matmul_crosses_tiles(path: dict, monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize("path", PATHS)
 def test_memmap_view_is_used_in_place(path: dict, tmp_path) -> None:
-    raw, w, cols, rng = matrix_case("Q6_K", 21, 2, seed=3)
+    # (Q8_0: a type the int8 path never repacks; the K-quants and Q4 are copied on AVX2)
+    raw, w, cols, rng = matrix_case("Q8_0", 21, 16, seed=3)
     file = tmp_path / "w.bin"
     pad = np.zeros(64, np.uint8)  # the tensor sits at an offset, as in a GGUF file
     np.concatenate([pad, raw.reshape(-1)]).tofile(file)
     mm = np.memmap(file, dtype=np.uint8, mode="c")
     view = mm[64 : 64 + raw.nbytes].reshape(raw.shape)
-    m = make_matrix(view, "Q6_K", (21, cols), path)
+    m = make_matrix(view, "Q8_0", (21, cols), path)
     assert np.shares_memory(m.raw, mm)
     x = rng.standard_normal(cols, dtype=np.float32)
     xe = effective_x(m, x)
@@ -656,6 +657,29 @@ def test_int8_k_quant_largest_sums(name: str, sign: float) -> None:
 
 
 @NEEDS_INT8
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int8_q6_k_largest_sums(sign: float) -> None:
+    """Q6_K as its repacked octets sum it: every quant 63 (all ql and qh bits set) against
+    x rounded to +-127, two products of 2 * 63 * 127 a lane in int16 (32004) before each
+    pair widens against its scale; the scales alternate 9 and -7 (sub-block j's first 16
+    quants 9, its last 16 -7), so the dot per block is 8 * 16 * d * (63 - 32) * (9 - 7),
+    times the sign."""
+    n_blocks, rows = 3, 2
+    raw = np.zeros((rows, n_blocks, 210), np.uint8)
+    d = np.float16(0.125)
+    raw[:, :, :192] = 0xFF
+    raw[:, :, 192:208] = np.tile(np.array([9, -7], np.int8).view(np.uint8), 8)
+    raw[:, :, 208:210] = np.frombuffer(d.tobytes(), np.uint8)
+    raw = raw.reshape(rows, -1)
+    mat = make_matrix(raw, "Q6_K", (rows, 256 * n_blocks), {"int8_activations": True})
+    x = np.full(256 * n_blocks, sign, np.float32)  # -> xq = +-127, dx = 1/127
+    per_block = 8 * 16 * float(d) * 31 * (9 - 7) * sign
+    want = np.full(rows, per_block * n_blocks)
+    np.testing.assert_allclose(mat.matvec(x), want, rtol=1e-5)
+    np.testing.assert_allclose(mat.matmul(np.stack([x, -x])), np.stack([want, -want]), rtol=1e-5)
+
+
+@NEEDS_INT8
 def test_int8_bodies_follow_the_cpu() -> None:
     """Q4_1's int8 bodies: paired on CPUs with AVX-512 (`avx2_ir._pairs`), transposed on
     the others or with ``PHIMLX_AVX512=0`` (`avx2_ir._steps`)."""
@@ -733,14 +757,45 @@ def test_repack_layout_k_quants(name: str) -> None:
 
 
 @NEEDS_INT8
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K"])
+def test_repack_layout_q6_k() -> None:
+    """`avx2.pack_octets` of Q6_K against the layout written out by hand: quant
+    y = 128 n + 32 m + l (sub-block j = 4 n + m), whose low 4 bits the file keeps in nibble
+    m >> 1 of byte 64 n + 32 (m & 1) + l and high 2 in bits 2 m, 2 m + 1 of byte
+    128 + 32 n + l, as sub-block j's quant l: its low 4 bits a Q4_1 block's (quants i,
+    16 + i as byte 32 (i >> 2) + 4 j + (i & 3)'s low and high nibble), its high 2 bits at
+    bits 2 (G & 3) of byte 128 + 32 (G >> 2) + 4 j + t for l = 4 G + t; the 16 scales and
+    d where they were; and `unpack_octets` gives the file's blocks back."""
+    _packable("Q6_K")
+    avx2 = kernels.avx2_kernels()
+    raw = np.random.default_rng(13).integers(0, 256, (3, 2 * 210), dtype=np.uint8)
+    packed = avx2.pack_octets(raw, GGMLType.Q6_K)
+    assert packed.shape == raw.shape and packed.dtype == np.uint8
+    for r in range(3):
+        for b in range(2):
+            block, out = raw[r, 210 * b : 210 * (b + 1)], packed[r, 210 * b : 210 * (b + 1)]
+            np.testing.assert_array_equal(out[192:], block[192:])
+            for j in range(8):
+                n, m = divmod(j, 4)
+                for ln in range(32):
+                    low = (int(block[64 * n + 32 * (m % 2) + ln]) >> (4 * (m // 2))) & 15
+                    high = (int(block[128 + 32 * n + ln]) >> (2 * m)) & 3
+                    i, hi_nibble = ln % 16, ln // 16
+                    byte = int(out[32 * (i // 4) + 4 * j + i % 4])
+                    assert (byte >> (4 * hi_nibble)) & 15 == low
+                    G, t = divmod(ln, 4)
+                    assert (int(out[128 + 32 * (G // 4) + 4 * j + t]) >> (2 * (G % 4))) & 3 == high
+    np.testing.assert_array_equal(avx2.unpack_octets(packed, GGMLType.Q6_K), raw)
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n_blocks", [1, 3])
 def test_repacked_k_quant_matrix(name: str, n_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A repacked Q4_K / Q5_K matrix sums each sub-block's dot in a lane of its own, where the
-    file's layout sums the sub-blocks' scaled dots in integers first: the two round
-    differently, each within float32's bound of gguf's dequantization, and the repacked
-    matmul (1-13 rows of ``x``, serial and parallel drivers) equals its matvec bit for bit;
-    its embedding lookup and prompt tiles decode the file's weights."""
+    """A repacked Q4_K / Q5_K / Q6_K matrix sums each sub-block's dot in a lane of its own,
+    where the file's layout sums the sub-blocks' scaled dots in integers first: the two
+    round differently, each within float32's bound of gguf's dequantization, and the
+    repacked matmul (1-13 rows of ``x``, serial and parallel drivers) equals its matvec bit
+    for bit; its embedding lookup and prompt tiles decode the file's weights."""
     _packable(name)
     raw, w, cols, rng = matrix_case(name, 21, n_blocks, seed=5)
     shape = (21, cols)

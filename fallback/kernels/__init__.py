@@ -231,8 +231,8 @@ class KernelSet:
     ``matmul_int8``: it stands in for it from `fallback.matrix.TILES_ROWS` rows);
     ``decode_tile`` decodes
     prefill tiles (rows ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup);
-    ``octets`` the int8 kernels for rows packed at load (`Octets`; Q4_0, Q4_1, Q4_K and
-    Q5_K on AVX2 without AVX-512, else None).
+    ``octets`` the int8 kernels for rows packed at load (`Octets`; Q4_0, Q4_1 and the
+    K-quants Q4_K, Q5_K, Q6_K on AVX2 without AVX-512, else None).
     One field per task: a new task is a new field, filled per engine in `_resolve`."""
 
     qtype: GGMLType

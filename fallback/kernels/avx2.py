@@ -93,7 +93,7 @@ IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexd
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too;
 # those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1, Q4_K,
-# Q5_K without AVX-512).
+# Q5_K, Q6_K without AVX-512).
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
 INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is not None)
 PACKED_TYPES = frozenset(GGMLType(c - avx2_ir.OCTETS) for c in avx2_ir.PACKED_TYPES)
@@ -139,16 +139,20 @@ def _octets_moved(src, dst, order, scatter):  # noqa: ANN001, ANN202
 
 
 def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
-    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 / Q4_K / Q5_K matrix ``raw``
-    (the file's blocks) in the layout the int8 kernels read fastest without AVX-512
+    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrix
+    ``raw`` (the file's blocks) in the layout the int8 kernels read fastest without AVX-512
     (``packed=True``), the same size.  Q4_0 / Q4_1: each row's full octets of 8 blocks as
     the 8 scales (f16), Q4_1's 8 mins, then the quants transposed, 4 x 32 bytes whose 4
     bytes at ``32 g + 4 j`` are block j's quant bytes ``4 g .. 4 g + 3``; a row's last
     ``nb % 8`` blocks stay as they are.  Q4_K / Q5_K: each block's 8 sub-blocks as an octet
-    of Q4_1 blocks, Q5_K's 5th bits transposed likewise (`_qk_moved`).  `unpack_octets`
-    reverses it."""
+    of Q4_1 blocks, Q5_K's 5th bits transposed likewise (`_qk_moved`); Q6_K: its low 4 bits
+    so, its high 2 bits transposed likewise (`_q6k_moved`).  `unpack_octets` reverses it."""
     src = np.ascontiguousarray(raw, dtype=np.uint8)
-    if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):  # (every byte moved: no copy)
+    if GGMLType(qtype) == GGMLType.Q6_K:  # (every byte written: no copy)
+        out = np.empty_like(src)
+        _q6k_moved(src, out, False)
+        return out
+    if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):
         out = np.empty_like(src)
         five = GGMLType(qtype) == GGMLType.Q5_K
         _qk_moved(src.view(np.uint32), out.view(np.uint32), False, five)
@@ -161,6 +165,10 @@ def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
 def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """The file's blocks of rows in `pack_octets`'s layout: a new uint8 array of their shape."""
     src = np.ascontiguousarray(packed, dtype=np.uint8)
+    if GGMLType(qtype) == GGMLType.Q6_K:
+        out = np.empty_like(src)
+        _q6k_moved(src, out, True)
+        return out
     if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):
         out = np.empty_like(src)
         five = GGMLType(qtype) == GGMLType.Q5_K
@@ -173,6 +181,8 @@ def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
 
 def packer(qtype: GGMLType) -> Any:
     """The compiled function that `pack_octets` runs for ``qtype`` (to check numba's cache)."""
+    if GGMLType(qtype) == GGMLType.Q6_K:
+        return _q6k_moved
     return _qk_moved if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K) else _octets_moved
 
 
@@ -185,6 +195,51 @@ def _transpose8(x):  # noqa: ANN001, ANN202
     x = x ^ t ^ (t << np.uint64(14))
     t = (x ^ (x >> np.uint64(28))) & np.uint64(0x00000000F0F0F0F0)
     return x ^ t ^ (t << np.uint64(28))
+
+
+@njit(parallel=prange_only(), **_OPTS)
+def _q6k_moved(src, dst, unpack):  # noqa: ANN001, ANN202
+    """`pack_octets` of Q6_K, or (``unpack``) its inverse, from the rows ``src`` into
+    ``dst`` (every byte written).  The file keeps quant y = 128 n + 32 m + l of a block
+    (n 0..1, m 0..3, l 0..31; sub-block j = 4 n + m) as nibble m >> 1 of ql byte
+    64 n + 32 (m & 1) + l, and bits 2 m, 2 m + 1 of qh byte 32 n + l (ql the block's first
+    128 bytes, qh the next 64; then 16 scales and d, left in place).  Packed, the low 4
+    bits are a Q4 octet's quants (`_qk_moved`: sub-block j's quants i, 16 + i as byte
+    32 (i >> 2) + 4 j + (i & 3)'s low and high nibble, i 0..15) and the high 2 bits two
+    vectors: quant 4 G + t's at bits 2 (G & 3) of byte 128 + 32 (G >> 2) + 4 j + t."""
+    blocks = src.shape[1] // 210
+    for r in prange(src.shape[0]):
+        for b in range(blocks):
+            o = 210 * b
+            for k in range(o + 192, o + 210):
+                dst[r, k] = src[r, k]
+            if not unpack:  # each packed byte from its sources at once
+                for j in range(8):
+                    a, s = o + 64 * (j >> 2) + 32 * (j & 1), 4 * ((j >> 1) & 1)
+                    m2, qh = 2 * (j & 3), o + 128 + 32 * (j >> 2)
+                    for g in range(4):
+                        for t in range(4):
+                            lo = (src[r, a + 4 * g + t] >> s) & 15
+                            hi = (src[r, a + 16 + 4 * g + t] >> s) & 15
+                            dst[r, o + 32 * g + 4 * j + t] = lo | (hi << 4)
+                    for half in range(2):
+                        for t in range(4):
+                            v = 0
+                            for s2 in range(4):
+                                v |= ((src[r, qh + 4 * (4 * half + s2) + t] >> m2) & 3) << (2 * s2)
+                            dst[r, o + 128 + 32 * half + 4 * j + t] = v
+                continue
+            for k in range(o, o + 192):  # unpacking: each quant's bits back in turn
+                dst[r, k] = 0
+            for j in range(8):
+                n, m = j >> 2, j & 3
+                for i in range(32):
+                    lo_at = o + 32 * ((i & 15) >> 2) + 4 * j + (i & 3)
+                    hi_at = o + 128 + 32 * (i >> 4) + 4 * j + (i & 3)
+                    low = (src[r, lo_at] >> (4 * (i >> 4))) & 15
+                    high = (src[r, hi_at] >> (2 * ((i >> 2) & 3))) & 3
+                    dst[r, o + 64 * n + 32 * (m & 1) + i] |= low << (4 * (m >> 1))
+                    dst[r, o + 128 + 32 * n + i] |= high << (2 * m)
 
 
 @njit(parallel=prange_only(), **_OPTS)
@@ -482,12 +537,12 @@ def matvec_int8(qtype: GGMLType, *, parallel: bool, packed: bool = False) -> Any
             return
         nb = x.shape[0] // block
         xq, dx, xs = quantized_int8(x, group)
+        if by16:  # (before a transposition: the sums of x's natural 16s)
+            xs = sums16(xq)
         if paired:
             dx, xs = pair_inputs(xq, dx, xs, k)
         if steps:
             xq, dx, xs = step_inputs(xq, dx, xs, sk, sb)
-        if by16:
-            xs = sums16(xq)
         n1, n2 = w1.shape[0], w1.shape[0] + w2.shape[0]
         for r in prange(n2 + w3.shape[0]):
             if r < n1:
@@ -547,12 +602,12 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool, packed: bool = False) -> Any
             xq, dx, xs = quantized_rows_int8(x, group)
         else:
             xq, dx, xs = quantized_rows_int8_serial(x, group)
+        if by16:  # (before a transposition, as in `matvec_int8`)
+            xs = sums16_rows(xq)
         if paired:
             dx, xs = pair_rows(xq, dx, xs, k)
         if steps:
             xq, dx, xs = step_rows(xq, dx, xs, sk, sb)
-        if by16:
-            xs = sums16_rows(xq)
         nb = cols // block
         rows = w1.shape[0] + w2.shape[0] + w3.shape[0]
         for t in prange((rows + task_rows - 1) // task_rows):

@@ -25,8 +25,8 @@ task:
   0.81-0.87x for one; Q8_0 0.82x for 4, 0.67x for 8, the same for one.  Q4_0 / Q4_1 rows
   repacked at load (`avx2.pack_octets`: each full octet already transposed) take their own
   type codes (`PACKED_TYPES`), whose octets are 2-3 loads and 4 where the file's layout
-  needs a gather and 12 shuffles (`_oct_packed`); so do Q4_K and Q5_K rows, a block's 8
-  sub-blocks repacked as an octet of Q4_1 blocks (`_int8_qk_octet`);
+  needs a gather and 12 shuffles (`_oct_packed`); so do the K-quants' rows, a block's 8
+  sub-blocks repacked as an octet of Q4_1 blocks (`_int8_qk_octet`, `_int8_q6_k_octet`);
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -396,7 +396,7 @@ def _steps(h, spec, pr, cols, nb):
         if spec.block_bytes:
             _prefetch(h, pr, b0, spec.block_bytes, S * spec.block_bytes)
         spec.int8_step(h, pr, cols, [b.add(b0, i64(j)) for j in range(S)], loop.index, True)
-    if S == 1:  # (one block a step, Q4_K / Q5_K repacked: nothing left over)
+    if S == 1:  # (one block a step, the K-quants repacked: nothing left over)
         return
     b0, rem = b.mul(full, i64(S)), b.srem(nb, i64(S))
     partial_from = OCTET_TAIL if S == 8 else S  # (a quad's tail: always one-block bodies)
@@ -967,6 +967,42 @@ def _int8_q6_k(h, pr, cols, b, k):
     _block_scaled(h, cols, isums, d, g, k)
 
 
+def _int8_q6_k_octet(h, pr, cols, blks, oi, full):  # noqa: ARG001 - a step is one block
+    # A Q6_K block repacked at load (`avx2.pack_octets`): its sub-blocks' low 4 bits as a
+    # Q4 octet's quants (lane j sub-block j), their high 2 bits in two vectors (bits 2 s,
+    # 2 s + 1 of byte 4 j + t: quant 4 G + t, G = s, then G = 4 + s), scales and d where the
+    # file has them.  Quants reach 63, so the products sum in int16 two vectors at a time,
+    # each pair widened by vpmaddwd against its 16 weights' scale (sc_2j for quants 0-15,
+    # sc_2j+1 for 16-31); the 32 comes off against x's sums per 16, as `_int8_q6_k` does.
+    b = h.b
+    o = b.mul(blks[0], i64(210))
+    d = h.f16(pr, b.add(o, i64(208)))
+    sc16 = b.sext(h.load(pr, b.add(o, i64(192)), V16I8), V16I16)
+    sc_lo = h.shuf(sc16, sc16, [2 * (i // 2) for i in range(16)])  # lane j: sc_2j twice
+    sc_hi = h.shuf(sc16, sc16, [2 * (i // 2) + 1 for i in range(16)])
+    neg = b.mul(sc16, _c(V16I16, -32))
+    words = [h.load(pr, b.add(o, i64(32 * g)), V32I8) for g in range(4)]
+    highs = [h.load(pr, b.add(o, i64(128 + 32 * i)), V32I8) for i in range(2)]
+    qs = []
+    for g in range(8):
+        low = b.and_(words[g], _c(V32I8, 15)) if g < 4 else b.lshr(words[g - 4], _c(V32I8, 4))
+        hv, s2 = highs[g // 4], 2 * (g % 4)  # bits s2, s2 + 1 to bits 4, 5
+        top = b.shl(hv, _c(V32I8, 4 - s2)) if s2 <= 4 else b.lshr(hv, _c(V32I8, s2 - 4))
+        qs.append(b.or_(low, b.and_(top, _c(V32I8, 48))))
+    d8 = h.splat(d)
+    for c in cols:
+        isum = None
+        for pair in range(4):
+            p = b.add(
+                h.maddubs(qs[2 * pair], _oct_x(h, c, oi, 2 * pair)),
+                h.maddubs(qs[2 * pair + 1], _oct_x(h, c, oi, 2 * pair + 1)),
+            )
+            sc = sc_lo if pair < 2 else sc_hi
+            isum = h.maddwd(p, sc) if isum is None else h.madd_acc(isum, p, sc)
+        isum = h.madd_acc(isum, h.load(c.ps, b.mul(oi, i64(32)), V16I16, 4), neg)
+        _oct_acc(h, c, isum, d8, oi)
+
+
 def _float_q6_k(h, pr, px, ps, acc, b, k):  # ps: sums of x per 16
     o, d, sc = _q6k_block(h, pr, b, True)  # d * sc_j, j = 0..15
     xs16 = h.load(ps, h.b.mul(b, i64(64)), _vt(f32, 16), 4)
@@ -1145,9 +1181,10 @@ TYPES: dict[int, IRType] = {
 # (`avx2.pack_octets`), by the code ``OCTETS + `` their GGMLType value: int8 bodies only (the
 # float dot and the decoder read the file's layout).  Only where the transposed bodies run
 # (no AVX-512).  On a 2-core Zen 3 (SmolLM2's Q4_1 shapes, one thread), the products took
-# 0.72-0.83x the time for 4 rows of ``x`` and 0.54-0.71x for one.  Q4_K and Q5_K rows
-# likewise, one block a step (`_int8_qk_octet`; 3072 columns, 2 threads: Q4_K 0.69-0.75x
-# for 4 rows, 0.83-0.88x for one; Q5_K 0.73-0.79x and 0.85-0.96x).
+# 0.72-0.83x the time for 4 rows of ``x`` and 0.54-0.71x for one.  The K-quants' rows
+# likewise, one block a step (`_int8_qk_octet`, `_int8_q6_k_octet`; 3072 columns, 2
+# threads: Q4_K 0.69-0.75x for 4 rows, 0.83-0.88x for one; Q5_K 0.73-0.79x and
+# 0.85-0.96x).
 OCTETS = 1024
 PACKED_TYPES: dict[int, IRType] = {
     OCTETS + q: dataclasses.replace(
@@ -1159,14 +1196,14 @@ PACKED_TYPES: dict[int, IRType] = {
     for q in (GGMLType.Q4_0, GGMLType.Q4_1)
     if TYPES[q].int8_step is not None
 }
-if not AVX512:  # Q4_K and Q5_K, one block (8 sub-blocks of 32) a step: `_int8_qk_octet`
-    for _q in (GGMLType.Q4_K, GGMLType.Q5_K):
+if not AVX512:  # the K-quants, one block (8 sub-blocks of 32) a step
+    for _q, _step in (
+        (GGMLType.Q4_K, functools.partial(_int8_qk_octet, five=False)),
+        (GGMLType.Q5_K, functools.partial(_int8_qk_octet, five=True)),
+        (GGMLType.Q6_K, _int8_q6_k_octet),
+    ):
         PACKED_TYPES[OCTETS + _q] = dataclasses.replace(
-            TYPES[_q],
-            float_body=None,
-            decode_body=None,
-            int8_step=functools.partial(_int8_qk_octet, five=_q == GGMLType.Q5_K),
-            step_blocks=1,
+            TYPES[_q], float_body=None, decode_body=None, int8_step=_step, step_blocks=1
         )
 
 
