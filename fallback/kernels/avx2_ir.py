@@ -1184,7 +1184,7 @@ TYPES: dict[int, IRType] = {
 # 0.72-0.83x the time for 4 rows of ``x`` and 0.54-0.71x for one.  The K-quants' rows
 # likewise, one block a step (`_int8_qk_octet`, `_int8_q6_k_octet`; 3072 columns, 2
 # threads: Q4_K 0.69-0.75x for 4 rows, 0.83-0.88x for one; Q5_K 0.73-0.79x and
-# 0.85-0.96x).
+# 0.85-0.96x; Q6_K 0.74-0.75x and 0.72-0.96x).
 OCTETS = 1024
 PACKED_TYPES: dict[int, IRType] = {
     OCTETS + q: dataclasses.replace(
