@@ -147,35 +147,28 @@ def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
     ``nb % 8`` blocks stay as they are.  Q4_K / Q5_K: each block's 8 sub-blocks as an octet
     of Q4_1 blocks, Q5_K's 5th bits transposed likewise (`_qk_moved`); Q6_K: its low 4 bits
     so, its high 2 bits transposed likewise (`_q6k_moved`).  `unpack_octets` reverses it."""
-    src = np.ascontiguousarray(raw, dtype=np.uint8)
-    if GGMLType(qtype) == GGMLType.Q6_K:  # (every byte written: no copy)
-        out = np.empty_like(src)
-        _q6k_moved(src, out, False)
-        return out
-    if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):
-        out = np.empty_like(src)
-        five = GGMLType(qtype) == GGMLType.Q5_K
-        _qk_moved(src.view(np.uint32), out.view(np.uint32), False, five)
-        return out
-    out = src.copy()
-    _octets_moved(src, out, _octet_order(qtype), False)
-    return out
+    return _moved(raw, qtype, False)
 
 
 def unpack_octets(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """The file's blocks of rows in `pack_octets`'s layout: a new uint8 array of their shape."""
-    src = np.ascontiguousarray(packed, dtype=np.uint8)
-    if GGMLType(qtype) == GGMLType.Q6_K:
-        out = np.empty_like(src)
-        _q6k_moved(src, out, True)
+    return _moved(packed, qtype, True)
+
+
+def _moved(rows: np.ndarray, qtype: GGMLType, unpack: bool) -> np.ndarray:
+    """`pack_octets` (or, ``unpack``, `unpack_octets`) of ``rows`` by `packer`'s function:
+    the K-quants' write every byte (no copy first), Q4's move full octets in a copy."""
+    src = np.ascontiguousarray(rows, dtype=np.uint8)
+    move, qtype = packer(qtype), GGMLType(qtype)
+    if move is _octets_moved:
+        out = src.copy()
+        move(src, out, _octet_order(qtype), unpack)
         return out
-    if GGMLType(qtype) in (GGMLType.Q4_K, GGMLType.Q5_K):
-        out = np.empty_like(src)
-        five = GGMLType(qtype) == GGMLType.Q5_K
-        _qk_moved(src.view(np.uint32), out.view(np.uint32), True, five)
-        return out
-    out = src.copy()
-    _octets_moved(src, out, _octet_order(qtype), True)
+    out = np.empty_like(src)
+    if move is _q6k_moved:
+        move(src, out, unpack)
+    else:
+        move(src.view(np.uint32), out.view(np.uint32), unpack, qtype == GGMLType.Q5_K)
     return out
 
 
