@@ -681,16 +681,40 @@ def test_int8_q6_k_largest_sums(sign: float) -> None:
 
 @NEEDS_INT8
 def test_int8_bodies_follow_the_cpu() -> None:
-    """Q4_1's int8 bodies: paired on CPUs with AVX-512 (`avx2_ir._pairs`), transposed on
-    the others or with ``PHIMLX_AVX512=0`` (`avx2_ir._steps`)."""
+    """Q4_1's int8 bodies: paired where the 512-bit bodies are taken (`avx2_ir._pairs`),
+    transposed elsewhere (`avx2_ir._steps`); never the 512-bit ones without AVX-512."""
     from fallback.kernels import avx2_ir
 
     spec = avx2_ir.TYPES[GGMLType.Q4_1]
     has = all(avx2_ir._feat.get(f, False) for f in ("avx512f", "avx512bw"))
-    want = has and os.environ.get("PHIMLX_AVX512") != "0"
-    assert bool(avx2_ir.AVX512) is want
+    if not has or os.environ.get("PHIMLX_AVX512") == "0":
+        assert not avx2_ir.AVX512
     assert (spec.int8_pair is not None) == avx2_ir.AVX512
     assert (spec.int8_step is not None) == (not avx2_ir.AVX512)
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize(
+    ("features", "cpu", "setting", "want"),
+    [
+        ({"avx512f": True, "avx512bw": True}, "sapphirerapids", "", True),
+        ({"avx512f": True, "avx512bw": True}, "icelake-server", "off", False),
+        ({"avx512f": True, "avx512bw": True}, "znver4", "", False),
+        ({"avx512f": True, "avx512bw": True}, "znver5", " ", False),
+        ({"avx512f": True, "avx512bw": True}, "znver4", "1", True),
+        ({"avx512f": True, "avx512bw": True}, "znver4", "On", True),
+        ({"avx512f": True, "avx512bw": True}, "znver4", "0", False),
+        ({"avx512f": True}, "knl", "1", False),  # no AVX-512BW
+        ({"avx2": True}, "znver3", "1", False),
+        ({"avx2": True}, "alderlake", "", False),
+    ],
+)
+def test_wide_bodies_rule(features: dict, cpu: str, setting: str, want: bool) -> None:
+    """Where the 512-bit int8 bodies are taken: on AVX-512 CPUs but AMD's Zen, unless
+    ``PHIMLX_AVX512`` says otherwise, and never without AVX-512F and BW."""
+    from fallback.kernels import avx2_ir
+
+    assert avx2_ir.wide_bodies(features, cpu, setting) is want
 
 
 def _packable(name: str) -> None:
@@ -890,21 +914,22 @@ def test_repack_releases_the_file_pages_only(tmp_path: Path) -> None:
 
 
 @NEEDS_INT8
-def test_avx2_bodies_on_an_avx512_cpu() -> None:
-    """The transposed bodies that CPUs without AVX-512 take, checked on a CPU with it: this
-    file's long-row and extreme-sum tests in a process with ``PHIMLX_AVX512=0`` (numba
-    caches that build apart: `avx2.IR_STAMP`).  On a CPU without AVX-512 the tests above
-    already ran them."""
+def test_other_bodies_on_an_avx512_cpu() -> None:
+    """On a CPU with AVX-512, the int8 bodies this process does not take (the transposed
+    ones where it takes the 512-bit ones, as on a CPU without AVX-512; the 512-bit ones
+    where it does not, as on an Intel CPU): this file's long-row and extreme-sum tests in
+    a process with ``PHIMLX_AVX512`` set the other way (numba caches that build apart:
+    `avx2.IR_STAMP`).  A CPU without AVX-512 can run only the transposed ones."""
     from fallback.kernels import avx2_ir
 
-    if not avx2_ir.AVX512:
-        pytest.skip("no AVX-512 in this process: the tests above ran the transposed bodies")
+    if not all(avx2_ir._feat.get(f, False) for f in ("avx512f", "avx512bw")):
+        pytest.skip("no AVX-512 here: the tests above ran the transposed bodies")
     tests = "long_rows or largest_sums or bodies_follow_the_cpu or repack"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
          "-k", tests],
-        env={**os.environ, "PHIMLX_AVX512": "0"}, cwd=Path(__file__).parent.parent,
-        capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "PHIMLX_AVX512": "0" if avx2_ir.AVX512 else "1"},
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

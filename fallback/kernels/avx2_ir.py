@@ -8,13 +8,15 @@ task:
 
 - int8 dot: ``x`` as int8 with one scale per 32 values; weights x ``x`` by ``vpmaddubsw``
   (u8 x i8 -> i16 pairs) then ``vpmaddwd`` (-> i32), converted and fma'd by ``d * dx``.
-  With AVX-512, Q4_0 / Q4_1 / Q8_0 take two blocks a step on 512-bit vectors (`_pairs`;
-  ``vpdpbusd`` where the CPU has VNNI: u8 x i8 summed into i32 in one instruction), Q4_0's
-  8 and Q8_0's 128 (its weights read as q + 128) taken off in the integer dot, Q4_1's min
-  times ``dx * sum(xq)``; ``x`` in a per-lane form (`avx2.pair_inputs`): 1.2-1.5x the
-  one-block body on an AVX-512 Xeon.  The scales (and Q4_1's mins) of 16 blocks come in one
-  gather, the mins applied once per 16 blocks and column (`_pairs`): 0.85-0.9x the time
-  of reading each pair's headers.  Without AVX-512 the bodies are transposed (`_steps`):
+  With AVX-512 (where `wide_bodies` takes it: by default not on AMD's Zen, where the
+  transposed bodies below ran faster on a Zen 4), Q4_0 / Q4_1 / Q8_0 take two blocks a
+  step on 512-bit vectors (`_pairs`; ``vpdpbusd`` where the CPU has VNNI: u8 x i8 summed
+  into i32 in one instruction), Q4_0's 8 and Q8_0's 128 (its weights read as q + 128)
+  taken off in the integer dot, Q4_1's min times ``dx * sum(xq)``; ``x`` in a per-lane
+  form (`avx2.pair_inputs`): 1.2-1.5x the one-block body on an AVX-512 Xeon.  The scales
+  (and Q4_1's mins) of 16 blocks come in one gather, the mins applied once per 16 blocks
+  and column (`_pairs`): 0.85-0.9x the time of reading each pair's headers.  Without them
+  the bodies are transposed (`_steps`):
   Q4_0 / Q4_1 take eight blocks a step with lane j of every vector block j (4 bytes of it
   a vector), Q8_0 four with lanes 2 j, 2 j + 1 block j (8 bytes); a column's products
   sum into the blocks' integer dots by vertical adds, and its float work (conversion,
@@ -67,10 +69,29 @@ from phimlx.gguf import GGMLType
 _llvm.initialize_native_asmparser()
 _feat = _llvm.get_host_cpu_features()
 AVAILABLE = all(_feat.get(k, False) for k in ("avx2", "fma", "f16c"))
-# ``PHIMLX_AVX512=0``: the bodies a CPU without AVX-512 takes, on one with it (the tests run
-# them so on such machines; `avx2.IR_STAMP` keeps their compiled code apart).
-_NO_AVX512 = os.environ.get("PHIMLX_AVX512", "").strip().lower() in ("0", "false", "no", "off")
-AVX512 = not _NO_AVX512 and _feat.get("avx512f", False) and _feat.get("avx512bw", False)
+
+
+def wide_bodies(features: dict[str, bool], cpu_name: str, setting: str = "") -> bool:
+    """Whether the int8 products take the 512-bit bodies (`_pairs`, the K-quants' 16-lane
+    sums) rather than the transposed 256-bit ones (`_steps`, repacked octets).
+
+    ``setting`` is ``PHIMLX_AVX512``: ``0`` (or false, no, off) the 256-bit bodies, ``1``
+    (true, yes, on) the 512-bit ones where the CPU has AVX-512F and BW; unset, the 512-bit
+    ones on such CPUs except AMD's Zen (LLVM's ``znver*``).  On a Zen 4 VM (2 threads,
+    SmolLM2 Q4_1, `phimlx bench`) the 256-bit bodies ran prompts at 1.6x the speed, one
+    sequence's decode at 1.3x and 4 sequences' at 1.5x.  The 512-bit ones were measured
+    only against the one-block 256-bit bodies, on an Intel Xeon (1.2-1.5x); Zen 5 was not
+    measured.  (`avx2.IR_STAMP` keeps the two builds' compiled code apart.)"""
+    has = features.get("avx512f", False) and features.get("avx512bw", False)
+    choice = setting.strip().lower()
+    if choice in ("0", "false", "no", "off"):
+        return False
+    if choice in ("1", "true", "yes", "on"):
+        return has
+    return has and not cpu_name.startswith("znver")
+
+
+AVX512 = wide_bodies(_feat, _llvm.get_host_cpu_name(), os.environ.get("PHIMLX_AVX512", ""))
 # AVX-VNNI (or AVX-512 VNNI on 256-bit vectors): vpdpwssd fuses vpmaddwd and the add.
 VNNI = _feat.get("avxvnni", False) or (
     AVX512 and _feat.get("avx512vnni", False) and _feat.get("avx512vl", False)
