@@ -669,15 +669,28 @@ def test_prefill_in_pieces_between_decode_steps(float_model):
         "pear and"
     )
     assert len(model.tokenizer.encode(long_prompt)) > 3 * 8
-    want = [alone(model, p, chat=False, max_tokens=12) for p in (RAW[0], long_prompt)]
+    # the first runs 64 tokens (EOS ignored): the second is sent once the first has streamed
+    # its first token, so it joins a running batch however fast the steps are
+    want = [
+        alone(model, RAW[0], chat=False, max_tokens=64, ignore_eos=True),
+        alone(model, long_prompt, chat=False, max_tokens=12),
+    ]
     app = create_app(model, model_id="smol", max_context=CONTEXT, prefill_chunk=8)
     spy = _BatchSizes(model)
-    with running(app) as url, spy, ThreadPoolExecutor(2) as pool:
+    with running(app) as url, spy, ThreadPoolExecutor(1) as pool:
         api = client(url)
-        first = pool.submit(stream_text, api, RAW[0], 12)
-        time.sleep(0.2)  # order only: the second joins a running batch (no timing check)
-        second = pool.submit(stream_text, api, long_prompt, 12)
-        got = [first.result()[0], second.result()[0]]
+        stream = api.completions.create(
+            model="smol", prompt=RAW[0], max_tokens=64, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        texts, second = [], None
+        for c in stream:
+            if c.choices:
+                texts.append(c.choices[0].text)
+                if second is None:
+                    second = pool.submit(stream_text, api, long_prompt, 12)
+        assert second is not None
+        got = ["".join(texts), second.result()[0]]
     assert got == [w.text for w in want]
     assert max(spy.sizes) == 2
 
