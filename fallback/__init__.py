@@ -81,8 +81,9 @@ def warm_up(model: Any) -> None:
     They call every compiled kernel a generation calls (the prefill's int8 matmuls and
     norms, the tile decoders of long prompts, the step's matvecs, fused attention and
     embedding lookup; a batched step's attention; the threads' attention of long caches and
-    of big batches) with the argument types of a real call and the model's KV cache type,
-    which is what numba compiles for; the sessions are dropped afterwards.  Needs numba.
+    of big batches; a long prompt's attention) with the argument types of a real call and
+    the model's KV cache type, which is what numba compiles for; the sessions are dropped
+    afterwards.  Needs numba.
     """
     session = model.new_session(min(4, model.config.context_length))
     session.prefill([0, 0])
@@ -96,6 +97,11 @@ def warm_up(model: Any) -> None:
     qkv = np.zeros((c.n_heads + 2 * kv) * d, np.float32)
     cos, sin = session._cos[:1], session._sin[:1]
     ops.attend_token(cos, sin, True, 0, 0, model.attn_scale, c.n_heads, qkv, kc, vc, parts=2)
+    # a long prompt's attention (`ops.attend`: its rope and BLAS), which the short prefill
+    # above does not take (`ops.prefill_by_rows`)
+    rows = np.zeros((2, qkv.size), np.float32)
+    cos, sin = session._cos[:2], session._sin[:2]
+    ops.attend(cos, sin, True, 0, 0, model.attn_scale, c.n_heads, rows, kc, vc)
     seen = set()
     for m in model._matrices():
         if m.use_numba and id(m.kernels) not in seen:

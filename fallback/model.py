@@ -16,7 +16,9 @@ Two choices made per call plug into it:
   the compiled one-call block (`ops.attend_rows`, split across numba's threads by kv heads
   and, over long caches, by positions: no BLAS call in a decode step, so only numba's
   threads run); for a prefill chunk `ops.attend`, batched BLAS products on one BLAS thread,
-  a large block's query rows split over the threads (`ops.row_parts`).  See `fallback.ops`.
+  a large block's query rows split over the threads (`ops.row_parts`), except a short chunk
+  over a cache that is not long, whose tokens take the one-token block each, at its own
+  position (`ops.prefill_by_rows`).  See `fallback.ops`.
   A batch of B sessions (or a run of drafted tokens) runs the same compiled block for all B
   rows in one call (`_attend_rows`): each token attends over its own cache at its own
   position, as its step would, bit for bit.
@@ -278,10 +280,10 @@ class NumpyModel:
         bounds = np.cumsum([0] + [a.size for a in ids]).tolist()
         for s, a in zip(group, ids, strict=True):
             s._ensure_capacity(s._pos + a.size)
-        attends = [s._attention(a.size) for s, a in zip(group, ids, strict=True)]
-        attend = functools.partial(_attend_segments, attends, bounds)
-        ks = zip(*(s._k for s in group), strict=True)
-        vs = zip(*(s._v for s in group), strict=True)
+        plugs = [s._prefill_attention(a.size) for s, a in zip(group, ids, strict=True)]
+        attend = functools.partial(_attend_segments, [a for a, _, _ in plugs], bounds)
+        ks = zip(*(k for _, k, _ in plugs), strict=True)
+        vs = zip(*(v for _, _, v in plugs), strict=True)
         x = self._embed(np.concatenate(ids))
         layer_calls, output = self._exact_calls
         h = self._layers(x, layer_calls, attend, ks, vs)  # (T, hidden)
@@ -459,8 +461,8 @@ class NumpySession:
         self._pos = 0  # nothing to carry over when the capacity grows
         self._ensure_capacity(n)
         for kc, vc, kl, vl in zip(self._k, self._v, k, v, strict=True):
-            ops.cache_write(kc, 0, kl)
-            ops.cache_write(vc, 0, vl)
+            ops.cache_write(kc, 0, kl, exact=True)  # q8_0: the codes they came from
+            ops.cache_write(vc, 0, vl, exact=True)
         self._pos = n
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
@@ -490,7 +492,7 @@ class NumpySession:
         equal bit for bit to T `step` calls (speculative decoding's check of drafted
         tokens): the T rows go through each matrix at once with the int8 matmul, whose
         rows equal the decode matvec, and each row attends with the decode attention at
-        its own position.  (A prefill's batched attention sums in another order; with int8
+        its own position.  (A long prefill's batched attention sums in another order; with int8
         activations that rounding difference can flip an activation's rounding and grow to
         the int8 noise level, which would change a near-tie.)"""
         ids = checked_tokens(token_ids, self._pos, self.max_context, self.model.config)
@@ -544,6 +546,17 @@ class NumpySession:
             threads=m.threads,
         )  # then attend(qkv, kc, vc) -> (T, H * D), or (H * D,) for one token
 
+    def _prefill_attention(self, T: int) -> tuple[_Attend, Iterable[Any], Iterable[Any]]:
+        """`NumpyModel._layers`' ``(attend, ks, vs)`` for a prefill of T tokens from the
+        current position (the cache must have room): each token through the compiled
+        one-token attention at its own position (`NumpyModel._attend_rows`, as `verify`
+        takes it) where `ops.prefill_by_rows` finds that cheaper (a short chunk over a
+        cache that is not long), else `_attention`'s batched products."""
+        m, c, p0 = self.model, self.model.config, self._pos
+        if ops.prefill_by_rows(T, p0 + T, c.n_heads, c.head_dim):
+            return m._attend_rows([(self, p0 + i) for i in range(T)])
+        return self._attention(T), self._k, self._v
+
     def _forward(self, ids: np.ndarray, *, decode: bool, all_logits: bool = False) -> np.ndarray:
         """Run ``ids`` (T tokens at positions pos .. pos + T - 1) through the model, adding
         them to the cache; returns float32 logits [vocab] of the last, or with
@@ -564,7 +577,7 @@ class NumpySession:
             h = m._layers(x, m.token_calls, *m._attend_rows([(self, p0)]))
         else:
             x = m._embed(ids)  # (T, hidden)
-            h = m._layers(x, m.chunk_calls, self._attention(T), self._k, self._v)
+            h = m._layers(x, m.chunk_calls, *self._prefill_attention(T))
         self._pos = p0 + T
         if all_logits:
             return m.output_mm(np.ascontiguousarray(h.reshape(T, -1)))  # (T, vocab)

@@ -72,6 +72,33 @@ LOOP_ATTENTION_MAX = 7 << 16 if tbb_loaded() else 1 << 18
 # 0.98-0.99x at 74k, 0.82-0.85x at 147k, 0.74-0.79x at 230k-460k; on OpenMP 0.85x at 74k.
 ROWS_ATTENTION_MAX = 1 << 16
 
+# A prefill chunk of T tokens over P positions attends token by token through the compiled
+# one-token kernel (`attend_rows`, as a batched step's rows do) where it does fewer than
+# ROWS_PREFILL_SMALL multiply-adds (T x P x H x D), or fewer than ROWS_PREFILL_MAX in at
+# most ROWS_PREFILL_TOKENS tokens; else through BLAS (`attend`).  `attend` first converts
+# the cache's P rows to float32, a cost that does not shrink with T; the compiled kernel
+# reads the cache as stored, but each token reads it again, which loses once the cache
+# outgrows the CPU's caches (Phi-3-mini, 3000 positions: 1.03x `attend`'s time at 16
+# tokens, 3.8x at 48).  Zen 4 VM, 2 threads, TBB, one layer, `attend_rows` over `attend`:
+# SmolLM2-135M 0.34x at 4 tokens over 2000 positions, 0.42x at 13 over 500, 0.63x at 13
+# over 2000, 0.72-0.73x at 16 over 4000-7000, 0.59-0.72x at 64-128 over 28; Phi-3-mini
+# 0.36x at 13 over 1000, 0.35x at 4 over 3000, 0.47x at 13 over 200.  Where it lost:
+# SmolLM2 0.95-1.23x at 32-128 tokens over 500-4000, Phi-3-mini above.
+ROWS_PREFILL_SMALL = 1 << 23
+ROWS_PREFILL_MAX = 1 << 26
+ROWS_PREFILL_TOKENS = 16
+
+
+def prefill_by_rows(T: int, P: int, n_heads: int, head_dim: int) -> bool:
+    """Whether a prefill chunk of T tokens whose last attends over P positions takes the
+    compiled one-token attention for each token (`attend_rows`) rather than `attend`
+    (see `ROWS_PREFILL_MAX`).  Never without numba."""
+    if attend_batch is None:
+        return False
+    work = T * P * n_heads * head_dim
+    return work <= ROWS_PREFILL_SMALL or (T <= ROWS_PREFILL_TOKENS and work <= ROWS_PREFILL_MAX)
+
+
 # ---------------------------------------------------------------------------- NumPy engine
 
 
@@ -245,16 +272,40 @@ def _f16_rows_np(c: np.ndarray, P: int) -> np.ndarray:
 _f16_rows = _f16_rows_np  # compiled below where numba is (F16C's vcvtph2ps: NumPy's is scalar)
 
 
-def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray) -> None:
-    """Store float32 rows x (KV, T, D) at positions p0 .. p0 + T - 1 of a cache."""
+def _q8_0_rows(xb: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks ``xb`` (..., block) rounded to int8 codes against ``scale`` (...): (codes,
+    whether codes x scale gives every value of the block back exactly)."""
+    inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
+    codes = np.rint(xb * inv[..., None])
+    return codes, (codes * scale[..., None] == xb).all(axis=-1)
+
+
+def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray, *, exact: bool = False) -> None:
+    """Store float32 rows x (KV, T, D) at positions p0 .. p0 + T - 1 of a cache.
+
+    ``exact`` (q8_0): where a block's values are already q8_0 values (a cache's rows as
+    `cache_rows` gives them, loaded back), store the codes and scale that give them back
+    bit for bit.  ``max|x| / 127`` can miss the scale they came from by an ulp or two
+    (127 x scale rounds, and the compiled kernels' scale is ``max|x| x (1 / 127)``), so
+    the scales within two ulps of it are tried too."""
     T = x.shape[1]
     if isinstance(c, tuple):
         q, d = c
         nb = d.shape[2]
         xb = x.reshape(*x.shape[:2], nb, -1)  # (KV, T, nb, block)
         scale = np.abs(xb).max(axis=-1) / np.float32(127.0)  # (KV, T, nb)
-        inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
-        q[:, p0 : p0 + T] = np.rint(xb * inv[..., None]).reshape(x.shape).astype(np.int8)
+        codes, same = _q8_0_rows(xb, scale)
+        if exact and not same.all():
+            for ulps in (1, -1, 2, -2):
+                near = scale
+                for _ in range(abs(ulps)):
+                    near = np.nextafter(near, np.float32(np.inf if ulps > 0 else 0))
+                c2, same2 = _q8_0_rows(xb, near)
+                take = same2 & ~same
+                scale = np.where(take, near, scale)
+                codes = np.where(take[..., None], c2, codes)
+                same |= same2
+        q[:, p0 : p0 + T] = codes.reshape(x.shape).astype(np.int8)
         d[:, p0 : p0 + T] = scale
     elif c.dtype == np.uint16:
         c[:, p0 : p0 + T] = x.astype(np.float16).view(np.uint16)

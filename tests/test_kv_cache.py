@@ -130,3 +130,27 @@ def test_prompt_cache_of_another_kv_type_is_a_clear_error(tiny_phi3, tmp_path):
         pytest.raises(PromptCacheError, match=r"'f16'.*'f32'.*kv_cache_type='f16'"),
     ):
         other.load_prompt_cache(path)
+
+
+def test_q8_0_rows_loaded_back_keep_their_codes_and_scales():
+    """q8_0 values written again with ``exact`` keep the codes and scales they came from,
+    whether numpy's ``max / 127`` or a compiled kernel's ``max x (1 / 127)`` made the
+    scale: plain ``max / 127`` of the values misses some of the kernel's by an ulp."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 300, 64)).astype(np.float32)
+    first = ops.new_cache("q8_0", 4, 300, 64)
+    ops.cache_write(first, 0, x)
+    q, d = first
+    amax = np.abs(x.reshape(4, 300, 2, 32)).max(axis=-1)
+    kernel_scales = amax * (np.float32(1.0) / np.float32(127.0))
+    for scales, kernel in ((d.copy(), False), (kernel_scales, True)):
+        d[...] = scales
+        vals = ops.cache_rows(first, 300)
+        again = ops.new_cache("q8_0", 4, 300, 64)
+        ops.cache_write(again, 0, vals, exact=True)
+        np.testing.assert_array_equal(again[1], scales)
+        np.testing.assert_array_equal(again[0], q)
+        np.testing.assert_array_equal(ops.cache_rows(again, 300), vals)
+        plain = ops.new_cache("q8_0", 4, 300, 64)
+        ops.cache_write(plain, 0, vals)
+        assert np.array_equal(plain[1], scales) is not kernel  # what `exact` is for

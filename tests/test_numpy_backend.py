@@ -9,6 +9,7 @@ import pytest
 from conftest import require
 
 import fallback
+from fallback.kernels import numba_available
 from phimlx.config import ModelConfig
 from phimlx.gguf import open_gguf
 
@@ -158,14 +159,16 @@ def test_prefill_in_chunks_equals_steps(tiny_phi3, monkeypatch):
 
 
 def test_attention_engine_dispatch(tiny_phi3, monkeypatch):
-    """Prefill chunks take the batched block (`ops.attend`); single tokens the compiled one
-    (`ops.attend_rows`), in one part per kv head over at most ``LOOP_ATTENTION_MAX / (H *
-    D)`` positions and in several above, never BLAS.  Across the switch the logits still
-    match transformers."""
+    """Prefill chunks past `ops.prefill_by_rows`' bounds take the batched block
+    (`ops.attend`); single tokens the compiled one (`ops.attend_rows`), in one part per kv
+    head over at most ``LOOP_ATTENTION_MAX / (H * D)`` positions and in several above,
+    never BLAS.  Across the switch the logits still match transformers."""
     from fallback import ops
 
     cfg = ModelConfig.from_gguf(open_gguf(tiny_phi3))
     calls: dict[str, int] = {"attend": 0}
+    monkeypatch.setattr(ops, "ROWS_PREFILL_SMALL", 0)  # the tiny model's prompt is short
+    monkeypatch.setattr(ops, "ROWS_PREFILL_TOKENS", 0)
 
     def counted(name):
         real = getattr(ops, name)
@@ -198,6 +201,47 @@ def test_attention_engine_dispatch(tiny_phi3, monkeypatch):
     else:
         assert calls == {"attend": L * 41}
     assert rel_err(ours, hf_logits(tiny_phi3, ids)[99:]) < 1e-4
+
+
+@pytest.mark.skipif(not numba_available(), reason="the compiled attention needs numba")
+@pytest.mark.parametrize("kv", ["f32", "q8_0"])
+def test_short_prefills_attend_token_by_token(tiny_phi3, monkeypatch, kv):
+    """A prefill chunk within `ops.prefill_by_rows`' bounds attends through the compiled
+    one-token block, one row a token at its own position (one call a layer, no
+    `ops.attend`); a longer one through `ops.attend`.  Both match transformers."""
+    from fallback import ops
+
+    cfg = ModelConfig.from_gguf(open_gguf(tiny_phi3))
+    H, D, L = cfg.n_heads, cfg.head_dim, cfg.n_layers
+    assert ops.prefill_by_rows(8, 40, H, D) and not ops.prefill_by_rows(17, 4096, 32, 96)
+    assert ops.prefill_by_rows(100, 100, 9, 64) and not ops.prefill_by_rows(100, 2000, 9, 64)
+    assert ops.prefill_by_rows(16, 4000, 9, 64) and not ops.prefill_by_rows(32, 4000, 9, 64)
+    calls: dict[str, list[int]] = {"attend": [], "attend_rows": []}
+
+    def counted(name):
+        real = getattr(ops, name)
+
+        def call(*args, **kwargs):
+            rows = args[7].shape[0] if name == "attend" else args[9].shape[0]  # qkv
+            calls[name].append(rows)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(ops, name, counted(name))
+    ids = np.random.default_rng(8).integers(0, 32000, size=40).tolist()
+    ref = hf_logits(tiny_phi3, ids)
+    short = our_logits(tiny_phi3, ids, 40, kv=kv)  # a prefill of 40 tokens: token by token
+    assert calls == {"attend": [], "attend_rows": [40] * L}
+    tol = 1e-4 if kv == "f32" else 1e-2  # q8_0 rounds K and V to 8 bits
+    assert rel_err(short, ref[39:]) < tol
+    calls["attend_rows"].clear()
+    monkeypatch.setattr(ops, "ROWS_PREFILL_SMALL", 0)
+    monkeypatch.setattr(ops, "ROWS_PREFILL_TOKENS", 0)
+    batched = our_logits(tiny_phi3, ids, 40, kv=kv)
+    assert calls == {"attend": [40] * L, "attend_rows": []}
+    assert rel_err(batched, ref[39:]) < tol
 
 
 def test_step_async_is_a_finished_step(tiny_phi3):
