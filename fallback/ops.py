@@ -272,12 +272,15 @@ def _f16_rows_np(c: np.ndarray, P: int) -> np.ndarray:
 _f16_rows = _f16_rows_np  # compiled below where numba is (F16C's vcvtph2ps: NumPy's is scalar)
 
 
-def _q8_0_rows(xb: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks ``xb`` (..., block) rounded to int8 codes against ``scale`` (...): (codes,
-    whether codes x scale gives every value of the block back exactly)."""
+def _q8_0_codes(xb: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Blocks ``xb`` (..., block) rounded to int8 codes (as float32) against ``scale`` (...)."""
     inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
-    codes = np.rint(xb * inv[..., None])
-    return codes, (codes * scale[..., None] == xb).all(axis=-1)
+    return np.rint(xb * inv[..., None])
+
+
+def _q8_0_exact(xb: np.ndarray, scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Whether ``codes x scale`` gives every value of each block of ``xb`` back exactly."""
+    return (codes * scale[..., None] == xb).all(axis=-1)
 
 
 def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray, *, exact: bool = False) -> None:
@@ -294,13 +297,15 @@ def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray, *, exact: bool = 
         nb = d.shape[2]
         xb = x.reshape(*x.shape[:2], nb, -1)  # (KV, T, nb, block)
         scale = np.abs(xb).max(axis=-1) / np.float32(127.0)  # (KV, T, nb)
-        codes, same = _q8_0_rows(xb, scale)
-        if exact and not same.all():
+        codes = _q8_0_codes(xb, scale)
+        same = _q8_0_exact(xb, scale, codes) if exact else None
+        if same is not None and not same.all():
             for ulps in (1, -1, 2, -2):
                 near = scale
                 for _ in range(abs(ulps)):
                     near = np.nextafter(near, np.float32(np.inf if ulps > 0 else 0))
-                c2, same2 = _q8_0_rows(xb, near)
+                c2 = _q8_0_codes(xb, near)
+                same2 = _q8_0_exact(xb, near, c2)
                 take = same2 & ~same
                 scale = np.where(take, near, scale)
                 codes = np.where(take[..., None], c2, codes)
