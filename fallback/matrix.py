@@ -267,7 +267,7 @@ class QuantMatrix:
             same choice.
         repack: on the int8 path, copy the blocks into the layout the int8 kernels read
             fastest where the type has one here (`kernels.Octets`, the same size: Q4_0
-            and Q4_1 on AVX2 without AVX-512, the same results bit for bit; Q4_K, Q5_K
+            and Q4_1 where the 256-bit int8 bodies run, the same results bit for bit; Q4_K, Q5_K
             and Q6_K there, rounded otherwise, within float32's bound), as llama.cpp
             repacks Q4_0 and Q4_K; the file's blocks are then no longer read.  None: yes unless
             ``PHIMLX_REPACK=0``.

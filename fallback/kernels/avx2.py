@@ -85,15 +85,15 @@ __all__ = [
 
 _OPTS = {"fastmath": True, "cache": True, "nogil": True}
 
-# The IR's source and the instruction sets it was built for (`avx2_ir.AVX512`, which
-# ``PHIMLX_AVX512=0`` turns off), hashed into every driver's cache key (see the module
+# The IR's source and the instruction sets it was built for (`avx2_ir.AVX512`, as
+# `avx2_ir.wide_bodies` chooses), hashed into every driver's cache key (see the module
 # docstring).
 _FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512)).encode()
 IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexdigest()[:15], 16)
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too;
 # those whose int8 kernels also read rows in `pack_octets`'s layout (Q4_0, Q4_1, Q4_K,
-# Q5_K, Q6_K without AVX-512).
+# Q5_K, Q6_K where the 256-bit bodies run: `avx2_ir.wide_bodies`).
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
 INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is not None)
 PACKED_TYPES = frozenset(GGMLType(c - avx2_ir.OCTETS) for c in avx2_ir.PACKED_TYPES)
@@ -140,13 +140,14 @@ def _octets_moved(src, dst, order, scatter):  # noqa: ANN001, ANN202
 
 def pack_octets(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrix
-    ``raw`` (the file's blocks) in the layout the int8 kernels read fastest without AVX-512
-    (``packed=True``), the same size.  Q4_0 / Q4_1: each row's full octets of 8 blocks as
-    the 8 scales (f16), Q4_1's 8 mins, then the quants transposed, 4 x 32 bytes whose 4
-    bytes at ``32 g + 4 j`` are block j's quant bytes ``4 g .. 4 g + 3``; a row's last
-    ``nb % 8`` blocks stay as they are.  Q4_K / Q5_K: each block's 8 sub-blocks as an octet
-    of Q4_1 blocks, Q5_K's 5th bits transposed likewise (`_qk_moved`); Q6_K: its low 4 bits
-    so, its high 2 bits transposed likewise (`_q6k_moved`).  `unpack_octets` reverses it."""
+    ``raw`` (the file's blocks) in the layout the 256-bit int8 kernels read fastest
+    (``packed=True``; `avx2_ir.wide_bodies`), the same size.  Q4_0 / Q4_1: each row's full
+    octets of 8 blocks as the 8 scales (f16), Q4_1's 8 mins, then the quants transposed, 4 x
+    32 bytes whose 4 bytes at ``32 g + 4 j`` are block j's quant bytes ``4 g .. 4 g + 3``; a
+    row's last ``nb % 8`` blocks stay as they are.  Q4_K / Q5_K: each block's 8 sub-blocks
+    as an octet of Q4_1 blocks, Q5_K's 5th bits transposed likewise (`_qk_moved`); Q6_K: its
+    low 4 bits so, its high 2 bits transposed likewise (`_q6k_moved`).  `unpack_octets`
+    reverses it."""
     return _moved(raw, qtype, False)
 
 
