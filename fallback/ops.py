@@ -300,10 +300,9 @@ def cache_write(c: np.ndarray | tuple, p0: int, x: np.ndarray, *, exact: bool = 
         codes = _q8_0_codes(xb, scale)
         same = _q8_0_exact(xb, scale, codes) if exact else None
         if same is not None and not same.all():
-            for ulps in (1, -1, 2, -2):
-                near = scale
-                for _ in range(abs(ulps)):
-                    near = np.nextafter(near, np.float32(np.inf if ulps > 0 else 0))
+            hi, lo = np.float32(np.inf), np.float32(0)
+            up, down = np.nextafter(scale, hi), np.nextafter(scale, lo)
+            for near in (up, down, np.nextafter(up, hi), np.nextafter(down, lo)):
                 c2 = _q8_0_codes(xb, near)
                 same2 = _q8_0_exact(xb, near, c2)
                 take = same2 & ~same
