@@ -935,6 +935,61 @@ def test_other_bodies_on_an_avx512_cpu() -> None:
     assert " passed" in run.stdout and " failed" not in run.stdout
 
 
+def _steps_by_hand(xq: np.ndarray, dx, xs, k: int, S: int):  # noqa: ANN001, ANN202
+    """`avx2.step_inputs` as its docstring and `avx2_ir._steps` lay it out, in NumPy."""
+    nb, lane = len(xq) // 32, 32 // S
+    blocks = xq.reshape(nb, 32)
+    full, rem = nb // S, nb % S
+    ns = -(-nb // S)
+    xt = np.zeros((ns, S, 32), np.int8)  # step, vector g, 32 bytes
+    partial = S == 8 and rem >= 4  # (`avx2_ir.OCTET_TAIL`)
+    for b in range(S * full + (rem if partial else 0)):  # lane j of vector g: block S t + j
+        t, j = divmod(b, S)
+        for g in range(S):
+            xt[t, g, lane * j : lane * j + lane] = blocks[b, lane * g : lane * g + lane]
+    flat = xt.reshape(-1)
+    if not partial:
+        tail = list(range(S * full, nb))
+        if S == 8 and len(tail) >= 2:  # two blocks by 16 bytes: vector g = 16 bytes of each
+            b = tail[0]
+            for g in range(2):
+                flat[32 * (b + g) : 32 * (b + g) + 16] = blocks[b, 16 * g : 16 * g + 16]
+                flat[32 * (b + g) + 16 : 32 * (b + g) + 32] = blocks[b + 1, 16 * g : 16 * g + 16]
+            tail = tail[2:]
+        for b in tail:  # as they are
+            flat[32 * b : 32 * b + 32] = blocks[b]
+    dx8 = np.zeros(S * ns, np.float32)
+    dx8[:nb] = dx
+    aux = np.zeros(S * ns, np.float32)
+    if k == 0:
+        aux[:nb] = xs
+    else:
+        aux.view(np.int32)[:nb] = -k * blocks.astype(np.int32).sum(axis=1)
+    return flat, dx8, aux
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("S", [4, 8])
+@pytest.mark.parametrize("k", [0, 8])
+def test_step_inputs_by_hand(S: int, k: int) -> None:
+    """`avx2.step_inputs` (x in the transposed bodies' form) against the layout built by
+    hand in NumPy, for 1 to 41 blocks (full steps, partial octets, an octet's tail of a
+    pair and a block, a quad's tail), byte for byte."""
+    from fallback.kernels import avx2
+
+    rng = np.random.default_rng(S + k)
+    for nb in range(1, 42):
+        xq = rng.integers(-127, 128, 32 * nb).astype(np.int8)
+        dx = rng.random(nb).astype(np.float32)
+        xs = rng.standard_normal(nb).astype(np.float32)
+        got = avx2.step_inputs(xq, dx, xs, k, S)
+        want = _steps_by_hand(xq, dx, xs, k, S)
+        for a, b, what in zip(got, want, ("xt", "dx8", "aux"), strict=True):
+            np.testing.assert_array_equal(
+                a.view(np.uint8), b.view(np.uint8), err_msg=f"{nb} {what}"
+            )
+
+
 @NEEDS_INT8
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K"])
 def test_int8_matmul_many_and_the_prefill_choice(name: str, monkeypatch) -> None:

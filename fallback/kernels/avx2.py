@@ -368,20 +368,37 @@ def pair_rows(xq, dx, xs, k):
 def step_fill(xq, dx, xs, k, S, xt, dx8, aux):
     """`step_inputs` into ``xt``, ``dx8``, ``aux`` (zeros where no block lands)."""
     nb = xq.shape[0] // 32
+    full = nb // S
     tail = OCTET_TAIL if S == 8 else S
-    natural = S * (nb // S) if nb % S < tail else nb  # (the tail's blocks)
+    natural = S * full if nb % S < tail else nb  # (the tail's blocks)
     lane = 32 // S  # bytes of a block in each vector
     words = lane // 4
     src, dst = xq.view(np.int32), xt.view(np.int32)  # 4 values a move
-    for i in range(dst.shape[0]):
+    # The full steps: vector g of step t, lane j <- block S t + j's bytes lane * g ..., as
+    # rows of 2-d views with constant bounds (which LLVM unrolls: ten times the speed of
+    # the same moves through computed indices of the 1-d views).
+    if S == 8:
+        blocks, vectors = src[: 8 * nb].reshape(nb, 8), dst.reshape(-1, 8)
+        for t in range(full):
+            for g in range(8):
+                v = vectors[8 * t + g]
+                for j in range(8):
+                    v[j] = blocks[8 * t + j, g]
+    else:  # quads: 8 bytes a block and vector
+        blocks8, vectors8 = xq.view(np.int64).reshape(nb, 4), xt.view(np.int64).reshape(-1, 4)
+        for t in range(full):
+            for g in range(4):
+                v = vectors8[4 * t + g]
+                for j in range(4):
+                    v[j] = blocks8[4 * t + j, g]
+    for i in range(8 * S * full, dst.shape[0]):  # the last, partial step's slots
         dst[i] = 0
     for i in range(dx8.shape[0]):
-        dx8[i] = 0
+        dx8[i] = dx[i] if i < nb else 0
         aux[i] = 0
     # an octet's tail of 2-3 blocks: its first two transposed by 16 bytes (`_int8_q4_pair16`)
     pair = natural if S == 8 and nb - natural >= 2 else nb
-    for b in range(nb):
-        dx8[b] = dx[b]
+    for b in range(S * full, nb):
         if pair <= b < pair + 2:  # vector g: bytes 16 g .. of both, 16 bytes each
             for g in range(2):
                 for w in range(4):
