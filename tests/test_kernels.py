@@ -629,6 +629,31 @@ def test_int8_q4_largest_sums(name: str, sign: float) -> None:
 
 
 @NEEDS_INT8
+@pytest.mark.parametrize("q", [-128, 127])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int8_q8_0_largest_sums(q: int, sign: float) -> None:
+    """Every Q8_0 quant at an end of its range against x rounded to +-127 everywhere: with
+    vpdpbusd the quads take q + 128 (0 or 255) and start each lane from -128 times its x
+    sum (-128 * 16 * 127); without, vpmaddubsw pairs |q| x sign(q) * x (2 * 128 * 127, just
+    under int16's limit).  35 blocks: 8 quads and a tail of 3 one-block bodies.  The dot
+    is hand-computed: d * dx * q * 127 * 32 per block, dx = 1/127."""
+    n_blocks, rows = 35, 3
+    raw = np.zeros((rows, n_blocks, 34), np.uint8)
+    d = np.float16(0.25)
+    raw[:, :, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
+    raw[:, :, 2:] = np.uint8(q & 0xFF)
+    raw = raw.reshape(rows, -1)
+    mat = make_matrix(raw, "Q8_0", (rows, 32 * n_blocks), {"int8_activations": True})
+    x = np.full(32 * n_blocks, sign, np.float32)
+    want = np.full(rows, float(d) * q * 32 * sign * n_blocks)
+    np.testing.assert_allclose(mat.matvec(x), want, rtol=1e-5)
+    for n in (2, 4, 5):
+        xs = np.stack([x if i % 2 == 0 else -x for i in range(n)])
+        wants = np.stack([want if i % 2 == 0 else -want for i in range(n)])
+        np.testing.assert_allclose(mat.matmul(xs), wants, rtol=1e-5)
+
+
+@NEEDS_INT8
 @pytest.mark.parametrize("name", ["Q4_K", "Q5_K"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_int8_k_quant_largest_sums(name: str, sign: float) -> None:
@@ -935,6 +960,76 @@ def test_other_bodies_on_an_avx512_cpu() -> None:
     assert " passed" in run.stdout and " failed" not in run.stdout
 
 
+@NEEDS_INT8
+def test_bodies_without_vnni() -> None:
+    """On a CPU with VNNI (vpdpbusd on 256-bit vectors: `avx2_ir.DPBUSD`), the bodies of
+    CPUs without it: this file's long-row and extreme-sum tests in a process with
+    ``PHIMLX_VNNI=0`` (a build numba caches apart: `avx2.IR_STAMP`)."""
+    from fallback.kernels import avx2_ir
+
+    if not avx2_ir.DPBUSD:
+        pytest.skip("no VNNI here: the tests above ran the bodies without it")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "long_rows or largest_sums or repack"],
+        env={**os.environ, "PHIMLX_VNNI": "0"},
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+_PRODUCTS = """
+import sys
+import numpy as np
+from fallback.matrix import QuantMatrix
+from phimlx.gguf import GGMLType
+data = dict(np.load(sys.argv[1]))
+out = {}
+for key in [k for k in data if k.startswith("raw_")]:
+    name, cols = key[4:].rsplit("_", 1)[0], data["x_" + key[4:]].shape[1]
+    m = QuantMatrix(data[key], GGMLType[name], (data[key].shape[0], cols), int8_activations=True)
+    x = data["x_" + key[4:]]
+    out["one_" + key[4:]] = m.matvec(x[0])
+    for n in (4, 5, 9):
+        out[f"rows{n}_" + key[4:]] = m.matmul(x[:n])
+np.savez(sys.argv[2], **out)
+"""
+
+
+@NEEDS_INT8
+def test_vnni_bodies_give_the_same_bits(tmp_path: Path) -> None:
+    """The vpdpbusd bodies (`avx2_ir.DPBUSD`: Q8_0's quads, Q4_0 / Q4_1's octets) sum the
+    same integers in the same lanes as the bodies without VNNI, so every product is the
+    same bit for bit: this process against one with ``PHIMLX_VNNI=0``, for rows of 4, 12,
+    18 and 35 blocks (quads or octets, partial ones, tails), one and 4, 5, 9 rows of x."""
+    from fallback.kernels import avx2_ir
+
+    if not avx2_ir.DPBUSD:
+        pytest.skip("no VNNI here")
+    rng = np.random.default_rng(11)
+    data = {}
+    for name in ("Q4_0", "Q4_1", "Q8_0"):
+        for n_blocks in (4, 12, 18, 35):
+            raw, _, cols, _ = matrix_case(name, 19, n_blocks, seed=n_blocks)
+            data[f"raw_{name}_{n_blocks}"] = raw
+            data[f"x_{name}_{n_blocks}"] = rng.standard_normal((9, cols), dtype=np.float32)
+    np.savez(tmp_path / "in.npz", **data)
+    script = tmp_path / "products.py"
+    script.write_text(_PRODUCTS)
+    for env, out in (({}, "here.npz"), ({"PHIMLX_VNNI": "0"}, "without.npz")):
+        run = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "in.npz"), str(tmp_path / out)],
+            env={**os.environ, **env}, cwd=Path(__file__).parent.parent,
+            capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+    here, without = np.load(tmp_path / "here.npz"), np.load(tmp_path / "without.npz")
+    assert sorted(here) == sorted(without) and len(here) == 48
+    for key in here:
+        np.testing.assert_array_equal(here[key], without[key], err_msg=key)
+
+
 def _steps_by_hand(xq: np.ndarray, dx, xs, k: int, S: int):  # noqa: ANN001, ANN202
     """`avx2.step_inputs` as its docstring and `avx2_ir._steps` lay it out, in NumPy."""
     nb, lane = len(xq) // 32, 32 // S
@@ -963,6 +1058,11 @@ def _steps_by_hand(xq: np.ndarray, dx, xs, k: int, S: int):  # noqa: ANN001, ANN
     aux = np.zeros(S * ns, np.float32)
     if k == 0:
         aux[:nb] = xs
+    elif S == 4:  # int16 pairs: -(sums of the even and of the odd 4-byte groups)
+        g4 = blocks.reshape(nb, 8, 4).astype(np.int32).sum(axis=2)
+        halves = aux.view(np.int16)
+        halves[0 : 2 * nb : 2] = -g4[:, 0::2].sum(axis=1)
+        halves[1 : 2 * nb : 2] = -g4[:, 1::2].sum(axis=1)
     else:
         aux.view(np.int32)[:nb] = -k * blocks.astype(np.int32).sum(axis=1)
     return flat, dx8, aux
@@ -970,7 +1070,7 @@ def _steps_by_hand(xq: np.ndarray, dx, xs, k: int, S: int):  # noqa: ANN001, ANN
 
 @NEEDS_INT8
 @pytest.mark.parametrize("S", [4, 8])
-@pytest.mark.parametrize("k", [0, 8])
+@pytest.mark.parametrize("k", [0, 8, 128])
 def test_step_inputs_by_hand(S: int, k: int) -> None:
     """`avx2.step_inputs` (x in the transposed bodies' form) against the layout built by
     hand in NumPy, for 1 to 41 blocks (full steps, partial octets, an octet's tail of a

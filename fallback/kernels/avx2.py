@@ -88,7 +88,7 @@ _OPTS = {"fastmath": True, "cache": True, "nogil": True}
 # The IR's source and the instruction sets it was built for (`avx2_ir.AVX512`, as
 # `avx2_ir.wide_bodies` chooses), hashed into every driver's cache key (see the module
 # docstring).
-_FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512)).encode()
+_FLAGS = repr((avx2_ir.AVX512, avx2_ir.VNNI, avx2_ir.VNNI512, avx2_ir.DPBUSD)).encode()
 IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexdigest()[:15], 16)
 
 # The types with a float matvec and a tile decoder here; those with an int8 matvec too;
@@ -412,6 +412,15 @@ def step_fill(xq, dx, xs, k, S, xt, dx8, aux):
     if k == 0:
         for b in range(nb):
             aux[b] = xs[b]
+    elif S == 4:  # quads: lanes 2 j, 2 j + 1 sum block j's even and odd 4-byte groups
+        halves = aux.view(np.int16)  # -(their sums), int16 each (`_int8_q8_0_quad`)
+        for b in range(nb):
+            for odd in range(2):
+                t = np.int32(0)
+                for g in range(odd, 8, 2):
+                    for j in range(32 * b + 4 * g, 32 * b + 4 * g + 4):
+                        t += np.int32(xq[j])
+                halves[2 * b + odd] = np.int16(-t)
     else:
         off = aux.view(np.int32)
         for b in range(nb):
@@ -430,7 +439,8 @@ def step_inputs(xq, dx, xs, k, S):
     octet's tail: two blocks by 16 bytes, then one as it is, the one-block body's);
     ``dx8``, the blocks' scales; ``aux``, for a type whose weights carry the integer
     offset ``k`` (Q4_0: 8), ``-k * sum(xq)`` per block as int32 (in a float32 array's
-    bytes), else ``xs``."""
+    bytes; quads: ``-sum(xq)`` of the block's even and odd 4-byte groups, as int16), else
+    ``xs``."""
     ns = (xq.shape[0] // 32 + S - 1) // S
     xt = np.empty(32 * S * ns, np.int8)
     dx8 = np.empty(S * ns, np.float32)

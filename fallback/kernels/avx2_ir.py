@@ -92,11 +92,22 @@ def wide_bodies(features: dict[str, bool], cpu_name: str, setting: str = "") -> 
 
 
 AVX512 = wide_bodies(_feat, _llvm.get_host_cpu_name(), os.environ.get("PHIMLX_AVX512", ""))
+# Whether the bodies may use the CPU's VNNI instructions: ``PHIMLX_VNNI=0`` (or false, no,
+# off) makes them take the instructions of CPUs without (the tests run those bodies so).
+_USE_VNNI = os.environ.get("PHIMLX_VNNI", "").strip().lower() not in ("0", "false", "no", "off")
 # AVX-VNNI (or AVX-512 VNNI on 256-bit vectors): vpdpwssd fuses vpmaddwd and the add.
-VNNI = _feat.get("avxvnni", False) or (
-    AVX512 and _feat.get("avx512vnni", False) and _feat.get("avx512vl", False)
+VNNI = _USE_VNNI and (
+    _feat.get("avxvnni", False)
+    or (AVX512 and _feat.get("avx512vnni", False) and _feat.get("avx512vl", False))
 )
-VNNI512 = AVX512 and _feat.get("avx512vnni", False)
+VNNI512 = _USE_VNNI and AVX512 and _feat.get("avx512vnni", False)
+# vpdpbusd on 256-bit vectors, whichever bodies run (Zen 4 has it with AVX-512 VNNI and VL,
+# Intel's cores since Alder Lake as AVX-VNNI): the transposed bodies' dots of Q8_0's quads
+# (`_int8_q8_0_quad`) and Q4_0 / Q4_1's octets (`_oct_cols_dpbusd`), the same integers in
+# the same lanes as without it, so the same bits.
+DPBUSD = _USE_VNNI and (
+    _feat.get("avxvnni", False) or (_feat.get("avx512vnni", False) and _feat.get("avx512vl", False))
+)
 
 i1, i8, i16, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f16, f32 = ir.HalfType(), ir.FloatType()
@@ -573,6 +584,9 @@ def _oct_cols(h, cols, oi, words, d8, m8, has_min, fifth=None):
         for g in range(8):
             bit = h.b.shl(fifth, _c(V32I8, 4 - g)) if g < 4 else h.b.lshr(fifth, _c(V32I8, g - 4))
             qs[g] = h.b.or_(qs[g], h.b.and_(bit, _c(V32I8, 16)))
+    if DPBUSD and fifth is None:
+        _oct_cols_dpbusd(h, cols, oi, qs, d8, m8, has_min)
+        return
     for c in cols:
         p = h.maddubs(qs[0], _oct_x(h, c, oi, 0))
         for g in range(1, 8):
@@ -587,6 +601,24 @@ def _oct_cols(h, cols, oi, words, d8, m8, has_min, fifth=None):
         if not has_min:
             isum = h.b.add(isum, aux)
         _oct_acc(h, c, isum, d8, oi)
+        if has_min:
+            _acc_fma(h, c.acc, m8, aux, 0)
+
+
+def _oct_cols_dpbusd(h, cols, oi, qs, d8, m8, has_min):
+    """`_oct_cols` (no fifth bits) through vpdpbusd: each column's 8 products summed
+    into int32 by two chains of four, the first started from Q4_0's ``-8 sum(xq)``; one
+    instruction a vector and column where vpmaddubsw takes two and a widening (Zen 4, 2
+    threads, 4 rows of x: Q4_1 and Q4_0 3072 x 576 0.87-0.94x the time, 576 x 1536
+    0.95-1.0x; one row the same)."""
+    for c in cols:
+        aux = h.load(c.ps, h.b.mul(oi, i64(32)), V8F if has_min else V8I32, 4)
+        chains = [_c(V8I32, 0) if has_min else aux, _c(V8I32, 0)]
+        for g in range(8):
+            x = h.b.bitcast(_oct_x(h, c, oi, g), V8I32)
+            u = h.b.bitcast(qs[g], V8I32)
+            chains[g & 1] = h.call("llvm.x86.avx512.vpdpbusd.256", V8I32, [chains[g & 1], u, x])
+        _oct_acc(h, c, h.b.add(chains[0], chains[1]), d8, oi)
         if has_min:
             _acc_fma(h, c.acc, m8, aux, 0)
 
@@ -696,9 +728,13 @@ def _int8_q8_0_pair(h, pr, cols, b, d16):
 
 
 def _int8_q8_0_quad(h, pr, cols, blks, qi, full):
-    # Four blocks a step, transposed by 8 bytes (lanes 2 j, 2 j + 1 block j): the signed
-    # weights through vpmaddubsw as the one-block body takes them (|q| x sign(q) * x),
-    # pair sums (up to 2 * 128 * 127) widened to int32 at once.
+    # Four blocks a step, transposed by 8 bytes (lanes 2 j, 2 j + 1 block j's even and odd
+    # 4-byte groups).  With `DPBUSD`: q + 128 as unsigned bytes, one vpdpbusd a vector and
+    # column (unsaturated int32 sums), each lane started from -128 times the sum of its
+    # groups' xq (`avx2.step_inputs`), so that it ends with the same integer as without.
+    # Else the signed weights through vpmaddubsw as the one-block body takes them (|q| x
+    # sign(q) * x), pair sums (up to 2 * 128 * 127) widened to int32 at once: three more
+    # vector instructions a vector and column.
     del full  # (no partial quads: `_steps`)
     offs = [h.b.mul(bk, i64(34)) for bk in blks]
     v = ir.Constant(_vt(i16, 4), ir.Undefined)
@@ -713,6 +749,18 @@ def _int8_q8_0_quad(h, pr, cols, blks, qi, full):
     qs = [h.shuf(t0, t2, [0, 1, 4, 5]), h.shuf(t1, t3, [0, 1, 4, 5])]
     qs += [h.shuf(t0, t2, [2, 3, 6, 7]), h.shuf(t1, t3, [2, 3, 6, 7])]
     qs = [h.b.bitcast(q, V32I8) for q in qs]  # vector g: bytes 8 g .. 8 g + 7 of each block
+    if DPBUSD:
+        us = [h.b.bitcast(h.b.xor(q, _c(V32I8, -128)), V8I32) for q in qs]
+        for c in cols:
+            sums = h.b.sext(h.load(c.ps, h.b.mul(qi, i64(16)), _vt(i16, 8), 4), V8I32)
+            isum = h.b.mul(sums, _c(V8I32, 128))
+            for g, u in enumerate(us):
+                x = h.load(c.pq, h.b.add(h.b.mul(qi, i64(128)), i64(32 * g)), V8I32)
+                isum = h.call("llvm.x86.avx512.vpdpbusd.256", V8I32, [isum, u, x])
+            dx4 = h.load(c.pd, h.b.mul(qi, i64(16)), _vt(f32, 4), 4)
+            sc = h.b.fmul(d8, h.shuf(dx4, dx4, spread))
+            _acc_fma(h, c.acc, h.tofloat(isum), sc, 0)
+        return
     aqs = [h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)]) for q in qs]
     for c in cols:
         isum = None
@@ -1166,7 +1214,10 @@ def _ir(
         pair_bytes=pair_bytes,
         pair_min=variant.get("has_min", False),
         int8_step=None if step is None or pair is not None else bind(step, **variant),
-        step_offset=8 if step is not None and pair is None and x_offset == 8 else 0,
+        # (the transposed bodies take Q4_0's 8 off in the dots, and Q8_0's 128 with DPBUSD)
+        step_offset=x_offset
+        if step is not None and pair is None and (x_offset == 8 or DPBUSD)
+        else 0,
         step_blocks=step_blocks,
         step_pair=None if step_pair is None or pair is not None else bind(step_pair, **variant),
         block_bytes=block_bytes,
