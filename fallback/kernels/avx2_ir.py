@@ -103,7 +103,7 @@ VNNI = _USE_VNNI and (
 VNNI512 = _USE_VNNI and AVX512 and _feat.get("avx512vnni", False)
 # vpdpbusd on 256-bit vectors, whichever bodies run (Zen 4 has it with AVX-512 VNNI and VL,
 # Intel's cores since Alder Lake as AVX-VNNI): the transposed bodies' dots of Q8_0's quads
-# (`_int8_q8_0_quad`) and Q4_0 / Q4_1's octets (`_oct_cols_dpbusd`), the same integers in
+# (`_int8_q8_0_quad`) and Q4_0 / Q4_1's octets (`_oct_dpbusd`), the same integers in
 # the same lanes as without it, so the same bits.
 DPBUSD = _USE_VNNI and (
     _feat.get("avxvnni", False) or (_feat.get("avx512vnni", False) and _feat.get("avx512vl", False))
@@ -584,43 +584,43 @@ def _oct_cols(h, cols, oi, words, d8, m8, has_min, fifth=None):
         for g in range(8):
             bit = h.b.shl(fifth, _c(V32I8, 4 - g)) if g < 4 else h.b.lshr(fifth, _c(V32I8, g - 4))
             qs[g] = h.b.or_(qs[g], h.b.and_(bit, _c(V32I8, 16)))
-    if DPBUSD and fifth is None:
-        _oct_cols_dpbusd(h, cols, oi, qs, d8, m8, has_min)
-        return
     for c in cols:
-        p = h.maddubs(qs[0], _oct_x(h, c, oi, 0))
-        for g in range(1, 8):
-            if fifth is not None and g == 4:
-                part, p = p, h.maddubs(qs[g], _oct_x(h, c, oi, g))
-                continue
-            p = h.b.add(p, h.maddubs(qs[g], _oct_x(h, c, oi, g)))
-        isum = h.maddwd(p, _ONES16)
-        if fifth is not None:
-            isum = h.madd_acc(isum, part, _ONES16)
         aux = h.load(c.ps, h.b.mul(oi, i64(32)), V8F if has_min else V8I32, 4)
-        if not has_min:
-            isum = h.b.add(isum, aux)
+        if DPBUSD and fifth is None:
+            isum = _oct_dpbusd(h, c, oi, qs, _c(V8I32, 0) if has_min else aux)
+        else:
+            p = h.maddubs(qs[0], _oct_x(h, c, oi, 0))
+            for g in range(1, 8):
+                if fifth is not None and g == 4:
+                    part, p = p, h.maddubs(qs[g], _oct_x(h, c, oi, g))
+                    continue
+                p = h.b.add(p, h.maddubs(qs[g], _oct_x(h, c, oi, g)))
+            isum = h.maddwd(p, _ONES16)
+            if fifth is not None:
+                isum = h.madd_acc(isum, part, _ONES16)
+            if not has_min:
+                isum = h.b.add(isum, aux)
         _oct_acc(h, c, isum, d8, oi)
         if has_min:
             _acc_fma(h, c.acc, m8, aux, 0)
 
 
-def _oct_cols_dpbusd(h, cols, oi, qs, d8, m8, has_min):
-    """`_oct_cols` (no fifth bits) through vpdpbusd: each column's 8 products summed
-    into int32 by two chains of four, the first started from Q4_0's ``-8 sum(xq)``; one
-    instruction a vector and column where vpmaddubsw takes two and a widening (Zen 4, 2
-    threads, 4 rows of x: Q4_1 and Q4_0 3072 x 576 0.87-0.94x the time, 576 x 1536
-    0.95-1.0x; one row the same)."""
-    for c in cols:
-        aux = h.load(c.ps, h.b.mul(oi, i64(32)), V8F if has_min else V8I32, 4)
-        chains = [_c(V8I32, 0) if has_min else aux, _c(V8I32, 0)]
-        for g in range(8):
-            x = h.b.bitcast(_oct_x(h, c, oi, g), V8I32)
-            u = h.b.bitcast(qs[g], V8I32)
-            chains[g & 1] = h.call("llvm.x86.avx512.vpdpbusd.256", V8I32, [chains[g & 1], u, x])
-        _oct_acc(h, c, h.b.add(chains[0], chains[1]), d8, oi)
-        if has_min:
-            _acc_fma(h, c.acc, m8, aux, 0)
+def _oct_dpbusd(h, c, oi, qs, start):
+    """Column ``c``'s 8 products with the quants ``qs`` of a transposed octet, summed into
+    int32 by vpdpbusd (`DPBUSD`) in two chains of four, the first from ``start`` (Q4_0's
+    ``-8 sum(xq)``): one instruction a vector and column where vpmaddubsw takes two and a
+    widening (Zen 4, 2 threads, 4 rows of x: Q4_1 and Q4_0 3072 x 576 0.87-0.94x the time,
+    576 x 1536 0.95-1.0x; one row the same)."""
+    chains = [start, _c(V8I32, 0)]
+    for g in range(8):
+        x = h.b.bitcast(_oct_x(h, c, oi, g), V8I32)
+        chains[g & 1] = _dpbusd(h, chains[g & 1], qs[g], x)
+    return h.b.add(chains[0], chains[1])
+
+
+def _dpbusd(h, acc, u, s):  # acc (8 x i32) + u8 x i8 products, each 4 consecutive summed
+    i32s = [h.b.bitcast(v, V8I32) for v in (u, s)]
+    return h.call("llvm.x86.avx512.vpdpbusd.256", V8I32, [acc, *i32s])
 
 
 def _oct_packed(h, pr, o, has_min):
@@ -749,23 +749,18 @@ def _int8_q8_0_quad(h, pr, cols, blks, qi, full):
     qs = [h.shuf(t0, t2, [0, 1, 4, 5]), h.shuf(t1, t3, [0, 1, 4, 5])]
     qs += [h.shuf(t0, t2, [2, 3, 6, 7]), h.shuf(t1, t3, [2, 3, 6, 7])]
     qs = [h.b.bitcast(q, V32I8) for q in qs]  # vector g: bytes 8 g .. 8 g + 7 of each block
-    if DPBUSD:
-        us = [h.b.bitcast(h.b.xor(q, _c(V32I8, -128)), V8I32) for q in qs]
-        for c in cols:
-            sums = h.b.sext(h.load(c.ps, h.b.mul(qi, i64(16)), _vt(i16, 8), 4), V8I32)
-            isum = h.b.mul(sums, _c(V8I32, 128))
-            for g, u in enumerate(us):
-                x = h.load(c.pq, h.b.add(h.b.mul(qi, i64(128)), i64(32 * g)), V8I32)
-                isum = h.call("llvm.x86.avx512.vpdpbusd.256", V8I32, [isum, u, x])
-            dx4 = h.load(c.pd, h.b.mul(qi, i64(16)), _vt(f32, 4), 4)
-            sc = h.b.fmul(d8, h.shuf(dx4, dx4, spread))
-            _acc_fma(h, c.acc, h.tofloat(isum), sc, 0)
-        return
     aqs = [h.call("llvm.abs.v32i8", V32I8, [q, ir.Constant(i1, 0)]) for q in qs]
+    us = [h.b.xor(q, _c(V32I8, -128)) for q in qs]
     for c in cols:
         isum = None
-        for g, (q, aq) in enumerate(zip(qs, aqs, strict=True)):
+        if DPBUSD:
+            sums = h.b.sext(h.load(c.ps, h.b.mul(qi, i64(16)), _vt(i16, 8), 4), V8I32)
+            isum = h.b.mul(sums, _c(V8I32, 128))
+        for g, (q, aq, u) in enumerate(zip(qs, aqs, us, strict=True)):
             x = h.load(c.pq, h.b.add(h.b.mul(qi, i64(128)), i64(32 * g)), V32I8)
+            if DPBUSD:
+                isum = _dpbusd(h, isum, u, x)
+                continue
             sx = h.call("llvm.x86.avx2.psign.b", V32I8, [x, q])
             t = h.maddwd(h.maddubs(aq, sx), _ONES16)
             isum = t if isum is None else h.b.add(isum, t)
