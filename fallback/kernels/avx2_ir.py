@@ -610,7 +610,7 @@ def _oct_dpbusd(h, c, oi, qs, start):
     int32 by vpdpbusd (`DPBUSD`) in two chains of four, the first from ``start`` (Q4_0's
     ``-8 sum(xq)``): one instruction a vector and column where vpmaddubsw takes two and a
     widening (Zen 4, 2 threads, 4 rows of x: Q4_1 and Q4_0 3072 x 576 0.87-0.94x the time,
-    576 x 1536 0.95-1.0x; one row the same)."""
+    576 x 1536 0.95-1.01x; one row the same)."""
     chains = [start, _c(V8I32, 0)]
     for g in range(8):
         x = h.b.bitcast(_oct_x(h, c, oi, g), V8I32)
