@@ -449,6 +449,17 @@ class NumpySession:
         v = np.stack([ops.cache_rows(vc, p) for vc in self._v])
         return k, v
 
+    def fork(self, n: int) -> NumpySession:
+        """A new session holding positions 0 .. n - 1 of this one, their stored bytes
+        copied (whatever the ``kv_cache_type``)."""
+        n = check_trim(n, self._pos)
+        other = NumpySession(self.model, self.max_context)
+        other._ensure_capacity(n)
+        for dst, src in zip(other._k + other._v, self._k + self._v, strict=True):
+            ops.cache_copy(dst, src, n)
+        other._pos = n
+        return other
+
     def load_kv_state(self, k: np.ndarray, v: np.ndarray) -> None:
         """Replace the cache with ``k``, ``v`` (float32 (layers, KV, P, D), as `kv_state`
         gives them), stored as this session's ``kv_cache_type``; the position becomes P.

@@ -106,6 +106,17 @@ class Session(Protocol):
         """
         ...
 
+    def fork(self, n: int) -> Session:
+        """A new session of the same ``max_context`` holding this one's first ``n``
+        positions (``0 <= n <= position``) exactly as this one holds them; this one is
+        unchanged.
+
+        Raises:
+            ValueError: ``n`` out of range, or the cache no longer holds every position
+                from 0 (a sliding-window cache that has wrapped).
+        """
+        ...
+
     def reset(self) -> None:
         """Empty the cache (position 0)."""
         ...

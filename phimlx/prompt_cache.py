@@ -4,7 +4,11 @@ A chat turn's prompt is the previous turn's prompt, the reply, and the new messa
 a cache every turn re-reads the whole history.  `PromptCache` keeps the sessions of recent
 calls (their KV caches and the ids they hold) within a memory budget, least recently used
 evicted, and hands the next call the one that shares the longest prefix with its prompt, so
-only the rest is prefilled (as llama.cpp's server and llama-cpp-python do).
+only the rest is prefilled (as llama.cpp's server and llama-cpp-python do).  Where the
+prompt shares only the start of that session (a system prompt that other conversations
+begin with too), the call gets a copy of the start (`Session.fork`) rather than the session
+cut back to it, so the conversation it holds is not lost to the next call, and calls at
+the same time each get the start (vLLM's and SGLang's prefix caches share it likewise).
 
 `ReplyIds` remembers the ids generated for recent replies, by their text: a conversation fed
 back with a reply in it is encoded with those ids rather than by re-tokenizing the text,
@@ -58,9 +62,16 @@ class PromptCache:
         return sum(s.position for s in self._sessions) * self.bytes_per_token
 
     def take(self, ids: Sequence[int], max_context: int) -> tuple[Session | None, int]:
-        """Lend the kept session of ``max_context`` positions that shares the longest prefix
-        with ``ids`` (removed from the cache until `put` back), and that prefix's length;
-        ``(None, 0)`` when no session shares anything."""
+        """A session for a call whose prompt is ``ids``, from the kept session of
+        ``max_context`` positions that shares the longest prefix with it, and that prefix's
+        length; ``(None, 0)`` when no session shares anything.
+
+        Where the prompt continues what the kept session holds, or shares more than half
+        of it (the next turn of its conversation, a retry of its last turn), that session
+        is lent, out of the cache until `put` back.  Where it shares less (a system prompt
+        or a document that other conversations start with too), the call gets a fork of
+        the shared prefix (`Session.fork`) and the kept session stays, whole, for the
+        calls that continue it and for other calls at the same time."""
         with self._lock:
             best, best_n = None, 0
             for s in self._sessions:
@@ -69,9 +80,20 @@ class PromptCache:
                 n = common_prefix(s.tokens, ids)
                 if n > best_n:
                     best, best_n = s, n
-            if best is not None:
-                self._sessions.remove(best)
+            if best is None:
+                return None, 0
+            self._sessions.remove(best)  # out while it is forked: no one else changes it
+        if 2 * best_n > best.position:
             return best, best_n
+        try:
+            fork = best.fork(best_n)
+        except ValueError:  # (a wrapped sliding window): lend it, as the only way to reuse it
+            return best, best_n
+        except BaseException:  # (out of memory): kept as it was
+            self.put(best)
+            raise
+        self.put(best)
+        return fork, best_n
 
     def put(self, session: Session) -> None:
         """Keep ``session`` as the most recently used; evict the least recently used ones

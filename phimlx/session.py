@@ -147,6 +147,24 @@ class Session:
             self._ends = {p: v for p, v in self._ends.items() if p <= kept}
             return kept
 
+    def fork(self, n: int | None = None) -> Session:
+        """A new session holding this one's first ``n`` positions (default: all of them)
+        exactly as this one holds them, with their ids; this one is unchanged.  A prefix
+        that several conversations share (a system prompt, a document) is computed once
+        and forked for each.
+
+        Raises:
+            ValueError: ``n`` is outside ``0 .. position``, or the cache no longer holds
+                every position from 0 (a sliding-window cache that has wrapped).
+        """
+        with self._lock:
+            n = self.position if n is None else n
+            inner = self._inner.fork(n)
+            other = Session(inner, self._lock)
+            other._tokens = self._tokens[:n]
+            other._ends = {p: v for p, v in self._ends.items() if p <= n}
+            return other
+
     def reset(self) -> None:
         """Forget everything (position 0)."""
         with self._lock:

@@ -63,6 +63,51 @@ def test_trim_then_continue_equals_a_fresh_prefill(tiny_phi3, backend):
         np.testing.assert_allclose(s.step(ids[39]), fresh, atol=1e-4 * np.abs(fresh).max())
 
 
+@pytest.mark.parametrize(
+    "backend, kv", [("numpy", "f16"), ("numpy", "f32"), ("numpy", "q8_0"), ("mlx", None)]
+)
+def test_a_fork_holds_the_prefix_and_both_go_on_alone(tiny_phi3, backend, kv):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    with phimlx.load(tiny_phi3, backend=backend, **({"kv_cache_type": kv} if kv else {})) as m:
+        ids = np.random.default_rng(2).integers(3, 32000, size=40).tolist()
+        s = m.new_session(128)
+        s.prefill(ids)
+        f = s.fork(25)
+        assert (f.position, s.position, f.max_context) == (25, 40, 128)
+        assert f.tokens == tuple(ids[:25]) and s.tokens == tuple(ids)
+        k, v = s._inner.kv_state()  # (the backend's own copies, as the cache file saves them)
+        fk, fv = f._inner.kv_state()
+        np.testing.assert_array_equal(fk, k[:, :, :25])
+        np.testing.assert_array_equal(fv, v[:, :, :25])
+        # the fork steps as the session cut back to 25 would; the session as before
+        cut = m.new_session(128)
+        cut.prefill(ids)
+        cut.trim(25)
+        whole = m.new_session(128)
+        whole.prefill(ids)
+        for t in (11, 12, 13):
+            np.testing.assert_array_equal(f.step(t), cut.step(t))
+            np.testing.assert_array_equal(s.step(t + 100), whole.step(t + 100))
+        assert f.tokens == (*ids[:25], 11, 12, 13) and s.position == 43
+        assert s.fork().tokens == s.tokens and s.fork(0).position == 0
+        with pytest.raises(ValueError, match="cannot trim"):
+            s.fork(44)
+
+
+def test_a_wrapped_sliding_window_cannot_be_forked(make_model):
+    pytest.importorskip("mlx.core")
+    path = make_model(n_layers=2, hidden=64, ffn=128, n_heads=4, mix="F32", sliding_window=8)
+    with phimlx.load(path, backend="mlx") as m:
+        s = m.new_session(64)
+        s.prefill(list(range(10, 16)))
+        assert s.fork(4).tokens == tuple(range(10, 14))  # inside the window: a fork
+        for t in range(16, 20):
+            s.step(t)  # the 9th and 10th positions overwrite the first two
+        with pytest.raises(ValueError, match="wrapped"):
+            s.fork(5)
+
+
 def test_trim_refuses_positions_it_does_not_hold(phi3):
     s = phi3.new_session()
     s.prefill([1, 2, 3])
@@ -97,9 +142,10 @@ def test_an_interrupted_prefill_keeps_tokens_and_cache_in_step(phi3, monkeypatch
 
 
 class FakeSession:
-    def __init__(self, tokens, max_context=100):
+    def __init__(self, tokens, max_context=100, forkable=True):
         self._t = list(tokens)
         self.max_context = max_context
+        self.forkable = forkable
 
     @property
     def tokens(self):
@@ -108,6 +154,11 @@ class FakeSession:
     @property
     def position(self):
         return len(self._t)
+
+    def fork(self, n):
+        if not self.forkable:
+            raise ValueError("this session's sliding-window cache has wrapped")
+        return FakeSession(self._t[:n], self.max_context)
 
 
 def test_pool_lends_the_longest_common_prefix_and_evicts_least_recent():
@@ -121,9 +172,31 @@ def test_pool_lends_the_longest_common_prefix_and_evicts_least_recent():
     assert pool.take([1, 2, 3], max_context=50) == (None, 0)  # another context size
     pool.put(b)
     pool.put(FakeSession([4] * 5))  # 3 + 4 + 5 positions = 120 bytes > 100: `a` goes
-    assert pool.take([1, 2, 3], max_context=100) == (b, 2)  # b now, a would share 3
+    got, n = pool.take([1, 2, 3], max_context=100)  # a would share 3: b's 2 (a fork)
+    assert n == 2 and got.tokens == (1, 2) and len(pool) == 2
     pool.put(FakeSession([5] * 50))  # alone over budget: kept, it is the newest
-    assert len(pool) == 1 and pool.take([5, 5], 100)[1] == 2
+    assert len(pool) == 1 and pool.take([5, 5, 5], 100)[0].tokens == (5, 5, 5)
+
+
+def test_pool_forks_a_prefix_that_other_calls_share():
+    """A prompt that shares at most half of a kept session gets a fork of the shared part,
+    and the session stays for the call that continues it, and for other calls meanwhile;
+    a prompt that continues it (or most of it) gets the session itself."""
+    pool = PromptCache(bytes_per_token=1, max_bytes=1000, max_sessions=4)
+    chat = FakeSession([7, 7, 7, 1, 2, 3, 4, 5, 6, 8])  # system prompt 7 7 7, then a chat
+    pool.put(chat)
+    first, n1 = pool.take([7, 7, 7, 9, 9], max_context=100)
+    second, n2 = pool.take([7, 7, 7, 8], max_context=100)  # at the same time as the first
+    assert (n1, n2) == (3, 3) and first.tokens == second.tokens == (7, 7, 7)
+    assert first is not chat and second is not chat and len(pool) == 1
+    got, n = pool.take([*chat.tokens, 11, 12], max_context=100)  # the chat's next turn
+    assert got is chat and n == 10 and len(pool) == 0
+    pool.put(chat)
+    got, n = pool.take(chat.tokens[:6], max_context=100)  # more than half: a retry
+    assert got is chat and n == 6
+    pool.put(FakeSession([7, 7, 7, 1], forkable=False))  # a wrapped window: lent whole
+    got, n = pool.take([7, 7, 9], max_context=100)
+    assert got.tokens == (7, 7, 7, 1) and n == 2
 
 
 def test_common_prefix():
@@ -177,6 +250,23 @@ def test_greedy_chat_with_the_cache_equals_without_on_mlx(tiny_phi3):
     pytest.importorskip("mlx.core")
     with phimlx.load(tiny_phi3, backend="mlx") as model:
         _check_chat_reuse(model, ["one two", "three", "four five six"])
+
+
+def test_a_conversation_keeps_its_cache_while_another_shares_its_system_prompt(smol):
+    """A second conversation that starts with the same system prompt gets that prefix
+    from the first one's kept session (a fork), without cutting it: the first one's next
+    turn still finds its whole history cached."""
+    system = {"role": "system", "content": "You answer in one short sentence."}
+    a = [system, {"role": "user", "content": "Tell me about the moon and its phases."}]
+    b = [system, {"role": "user", "content": "What is two plus two?"}]
+    smol.clear_cache()
+    ra = smol.chat(a, max_tokens=40, ignore_eos=True, **GREEDY)
+    rb = smol.chat(b, max_tokens=8, **GREEDY)
+    shared = common_prefix(smol.encode_prompt(a), smol.encode_prompt(b))
+    assert 0 < shared < len(smol.encode_prompt(b)) and rb.stats.cached_tokens == shared
+    a2 = [*a, {"role": "assistant", "content": ra.text}, {"role": "user", "content": "Why?"}]
+    ra2 = smol.chat(a2, max_tokens=8, **GREEDY)
+    assert ra2.stats.cached_tokens >= ra.stats.prompt_tokens + len(ra.tokens) - 1
 
 
 def test_the_same_call_again_gives_the_same_text(smol):

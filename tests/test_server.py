@@ -39,6 +39,7 @@ except ImportError as e:  # the server extra, and the clients of the test extra
     pytest.skip(f"the server's packages: {e} (pip install -e '.[test]')", allow_module_level=True)
 
 import phimlx  # noqa: E402
+from phimlx.prompt_cache import common_prefix  # noqa: E402
 from phimlx.server import create_app  # noqa: E402
 from phimlx.server.convert import library_options  # noqa: E402
 
@@ -605,6 +606,41 @@ def test_simultaneous_greedy_streams_each_give_their_text_alone(model, url, api,
         assert text == w.text
         assert finish == {"context": "length"}.get(w.finish_reason, w.finish_reason)
     assert max(spy.sizes) > 1, "the streams were never stepped together"
+    wait_idle(url)
+
+
+def test_simultaneous_requests_each_reuse_a_kept_shared_prefix(model, url, api):
+    """Requests that arrive together and share the start of one kept session (a system
+    prompt) each get that prefix from the cache (`PromptCache.take` forks it), and answer
+    as the same requests sent one after another do."""
+    system = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
+    opening = [system, *user("Describe a quiet morning by a lake.")]
+    prompts = [[system, *user(q)] for q in ("Name a colour.", "Name a fruit.",
+                                            "Name a city.", "Name an animal.")]  # fmt: skip
+    ids = model.encode_prompt(opening)
+    shared = [common_prefix(ids, model.encode_prompt(p)) for p in prompts]
+
+    def ask(messages: list) -> openai.types.chat.ChatCompletion:
+        return api.chat.completions.create(
+            model="smol", messages=messages, max_tokens=6, temperature=0
+        )
+
+    def after_opening(together: bool) -> list:
+        model.clear_cache()
+        first = api.chat.completions.create(
+            model="smol", messages=opening, max_tokens=40, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert first.usage.completion_tokens == 40
+        if not together:
+            return [ask(p) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(ask, prompts))
+
+    one_by_one, together = after_opening(False), after_opening(True)
+    for r, alone_r, n in zip(together, one_by_one, shared, strict=True):
+        assert r.usage.prompt_tokens_details.cached_tokens >= n > 0
+        assert r.choices[0].message.content == alone_r.choices[0].message.content
     wait_idle(url)
 
 

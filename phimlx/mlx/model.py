@@ -310,6 +310,40 @@ class MLXSession:
         if p == 0:
             empty = np.zeros((c0.n_layers, c0.n_kv_heads, 0, c0.head_dim), dtype)
             return empty, empty.copy()
+        self._check_unwrapped("saved")
+        # C order: NumPy keeps the strides of MLX's transposed (KV, P, D) views through
+        # np.array and np.stack, and a byte-level consumer (safetensors) would misread them.
+        k = np.stack([np.array(c.keys[0, :, :p, :]) for c in self._cache])  # (L, KV, P, D)
+        v = np.stack([np.array(c.values[0, :, :p, :]) for c in self._cache])
+        return np.ascontiguousarray(k, dtype), np.ascontiguousarray(v, dtype)
+
+    def fork(self, n: int) -> MLXSession:
+        """A new session holding positions 0 .. n - 1 of this one (slices of its arrays,
+        which MLX never changes in place: each cache's update makes new ones).
+
+        Raises:
+            ValueError: ``n`` out of range, or a sliding-window cache has wrapped.
+        """
+        n = check_trim(n, self._pos)
+        other = MLXSession(self._m, self.max_context)
+        if n == 0:
+            return other
+        self._check_unwrapped("forked")
+        for dst, src in zip(other._cache, self._cache, strict=True):
+            dst.keys, dst.values = src.keys[..., :n, :], src.values[..., :n, :]
+            dst.offset = n
+            if isinstance(dst, RotatingKVCache):
+                dst._idx = n
+        mx.eval([(c.keys, c.values) for c in other._cache])
+        other._pos = n
+        return other
+
+    def _check_unwrapped(self, what: str) -> None:
+        """Raise unless every cache holds its positions in order from 0.
+
+        Raises:
+            ValueError: a sliding-window cache has wrapped.
+        """
         for c in self._cache:
             # In temporal order from position 0 until the window is full, or after one
             # prefill longer than the window (kept whole); past that it has overwritten or
@@ -317,16 +351,11 @@ class MLXSession:
             rotating = isinstance(c, RotatingKVCache)
             if rotating and c.offset > c.max_size and c.keys.shape[2] != c.offset:
                 raise ValueError(
-                    f"this session's sliding-window cache has wrapped ({p} positions, "
-                    f"window {c.max_size}): it no longer holds the first positions, so "
-                    "it cannot be saved; save before it passes the window, or use a "
+                    f"this session's sliding-window cache has wrapped ({self._pos} positions,"
+                    f" window {c.max_size}): it no longer holds the first positions, so it "
+                    f"cannot be {what}; do so before it passes the window, or use a "
                     "max_context no larger than the window"
                 )
-        # C order: NumPy keeps the strides of MLX's transposed (KV, P, D) views through
-        # np.array and np.stack, and a byte-level consumer (safetensors) would misread them.
-        k = np.stack([np.array(c.keys[0, :, :p, :]) for c in self._cache])  # (L, KV, P, D)
-        v = np.stack([np.array(c.values[0, :, :p, :]) for c in self._cache])
-        return np.ascontiguousarray(k, dtype), np.ascontiguousarray(v, dtype)
 
     def load_kv_state(self, k: np.ndarray, v: np.ndarray) -> None:
         """Replace the cache with ``k``, ``v`` ((layers, KV, P, D) in the model's compute
