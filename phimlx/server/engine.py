@@ -244,7 +244,8 @@ class Engine:
             self._count -= 1
 
     def _admit(self, ticket: Ticket) -> None:
-        """Give ``ticket`` a session: the kept one sharing the longest prefix, else a new one."""
+        """Give ``ticket`` a session: the kept one sharing the longest prefix (or a fork of
+        its shared start: `PromptCache.take`), else a new one."""
         job = _Job(ticket)
         if ticket.cancelled:
             self._end(job)
