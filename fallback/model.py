@@ -452,7 +452,7 @@ class NumpySession:
     def fork(self, n: int) -> NumpySession:
         """A new session holding positions 0 .. n - 1 of this one, their stored bytes
         copied (whatever the ``kv_cache_type``)."""
-        n = check_trim(n, self._pos)
+        n = check_trim(n, self._pos, "fork at")
         other = NumpySession(self.model, self.max_context)
         other._ensure_capacity(n)
         for dst, src in zip(other._k + other._v, self._k + self._v, strict=True):

@@ -179,14 +179,15 @@ def check_fits(n: int, position: int, max_context: int, model_context: int | Non
         )
 
 
-def check_trim(n: int, position: int) -> int:
-    """``n`` as a position to trim a session at ``position`` back to.
+def check_trim(n: int, position: int, what: str = "trim to") -> int:
+    """``n`` as a position to trim a session at ``position`` back to (``what``: the
+    operation, as the message names it: "trim to", "fork at").
 
     Raises:
         ValueError: ``n`` is not an integer in ``0 .. position``.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= position:
-        raise ValueError(f"cannot trim to {n!r}: the session holds {position} positions")
+        raise ValueError(f"cannot {what} {n!r}: the session holds {position} positions")
     return int(n)
 
 

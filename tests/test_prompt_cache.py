@@ -91,8 +91,9 @@ def test_a_fork_holds_the_prefix_and_both_go_on_alone(tiny_phi3, backend, kv):
             np.testing.assert_array_equal(s.step(t + 100), whole.step(t + 100))
         assert f.tokens == (*ids[:25], 11, 12, 13) and s.position == 43
         assert s.fork().tokens == s.tokens and s.fork(0).position == 0
-        with pytest.raises(ValueError, match="cannot trim"):
-            s.fork(44)
+        for bad in (44, -1, 2.5):
+            with pytest.raises(ValueError, match="cannot fork at"):
+                s.fork(bad)
 
 
 def test_a_wrapped_sliding_window_cannot_be_forked(make_model):

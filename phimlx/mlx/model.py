@@ -324,7 +324,7 @@ class MLXSession:
         Raises:
             ValueError: ``n`` out of range, or a sliding-window cache has wrapped.
         """
-        n = check_trim(n, self._pos)
+        n = check_trim(n, self._pos, "fork at")
         other = MLXSession(self._m, self.max_context)
         if n == 0:
             return other
