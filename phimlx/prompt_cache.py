@@ -52,6 +52,7 @@ class PromptCache:
         self.max_sessions = max_sessions
         self._sessions: list[Session] = []  # least recently used first
         self._lock = threading.Lock()
+        self._clears = 0  # `clear` calls so far: a session forked meanwhile is not put back
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -83,6 +84,7 @@ class PromptCache:
             if best is None:
                 return None, 0
             self._sessions.remove(best)  # out while it is forked: no one else changes it
+            clears = self._clears
         if 2 * best_n > best.position:
             return best, best_n
         try:
@@ -90,29 +92,40 @@ class PromptCache:
         except ValueError:  # (a wrapped sliding window): lend it, as the only way to reuse it
             return best, best_n
         except BaseException:  # (out of memory): kept as it was
-            self.put(best)
+            self._put_back(best, clears)
             raise
-        self.put(best)
+        self._put_back(best, clears)
         return fork, best_n
+
+    def _put_back(self, session: Session, clears: int) -> None:
+        """`put` a session that was out while it was forked, unless the cache was cleared
+        meanwhile (``clears``: the count of `clear` calls when it was taken out)."""
+        with self._lock:
+            if clears == self._clears:
+                self._keep(session)
 
     def put(self, session: Session) -> None:
         """Keep ``session`` as the most recently used; evict the least recently used ones
         beyond the budget."""
         with self._lock:
-            if session in self._sessions:
-                self._sessions.remove(session)
-            if session.position == 0:
-                return
-            self._sessions.append(session)
-            while len(self._sessions) > 1 and (
-                len(self._sessions) > self.max_sessions or self.nbytes > self.max_bytes
-            ):
-                self._sessions.pop(0)
+            self._keep(session)
+
+    def _keep(self, session: Session) -> None:  # (under the lock)
+        if session in self._sessions:
+            self._sessions.remove(session)
+        if session.position == 0:
+            return
+        self._sessions.append(session)
+        while len(self._sessions) > 1 and (
+            len(self._sessions) > self.max_sessions or self.nbytes > self.max_bytes
+        ):
+            self._sessions.pop(0)
 
     def clear(self) -> None:
         """Drop every kept session (their memory goes with them)."""
         with self._lock:
             self._sessions.clear()
+            self._clears += 1
 
 
 class ReplyIds:

@@ -200,6 +200,19 @@ def test_pool_forks_a_prefix_that_other_calls_share():
     assert got.tokens == (7, 7, 7, 1) and n == 2
 
 
+def test_a_session_forked_while_the_pool_is_cleared_stays_out():
+    pool = PromptCache(bytes_per_token=1, max_bytes=1000)
+
+    class ClearedMeanwhile(FakeSession):
+        def fork(self, n):
+            pool.clear()  # another thread, while this one copies
+            return super().fork(n)
+
+    pool.put(ClearedMeanwhile([1, 2, 3, 4, 5, 6]))
+    got, n = pool.take([1, 2, 9], max_context=100)
+    assert got.tokens == (1, 2) and n == 2 and len(pool) == 0
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
