@@ -162,8 +162,9 @@ def kernels_cached(mf: ModelFile | Checkpoint) -> bool:
             continue
         tiles = getattr(ks.matmul_tiles, "dispatcher", None)  # (AMX: a prompt's products)
         int8 = ks.matmul_int8
-        if ks.octets is not None and repack_default():  # (the repacked matrices' kernels)
-            int8 = ks.octets.matmul_int8
+        packed = ks.rows8 or ks.octets  # (rows a multiple of 8, as a real model's are)
+        if packed is not None and repack_default():  # (the repacked matrices' kernels)
+            int8 = packed.matmul_int8
             dispatchers.append(avx2_kernels().packer(qtype))  # and the packer
         for kernel in (ks.decode_tile, int8 and int8.parallel, tiles):
             if hasattr(kernel, "_cache"):  # the per-type compiled ones (others are shared)

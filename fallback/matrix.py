@@ -267,9 +267,11 @@ class QuantMatrix:
             same choice.
         repack: on the int8 path, copy the blocks into the layout the int8 kernels read
             fastest where the type has one here (`kernels.Octets`, the same size: Q4_0
-            and Q4_1 where the 256-bit int8 bodies run, the same results bit for bit; Q4_K, Q5_K
-            and Q6_K there, rounded otherwise, within float32's bound), as llama.cpp
-            repacks Q4_0 and Q4_K; the file's blocks are then no longer read.  None: yes unless
+            and Q4_1 with rows a multiple of 8 interleaved by 8 rows, on any AVX2 CPU;
+            other Q4_0 / Q4_1 matrices in octets where the 256-bit int8 bodies run, the
+            same results bit for bit; Q4_K, Q5_K and Q6_K there; the rest rounded otherwise
+            than the file's layout, within float32's bound), as llama.cpp repacks Q4_0
+            and Q4_K; the file's blocks are then no longer read.  None: yes unless
             ``PHIMLX_REPACK=0``.
 
     Raises:
@@ -334,7 +336,13 @@ class QuantMatrix:
         self._matmul: Matvec | None = self.kernels.matmul_int8 if self._int8 else None
         # The int8 kernels' own layout, if repacked: `raw` then holds it (decoding unpacks).
         self._octets: Octets | None = None
-        octets = self.kernels.octets if self._int8 and self.use_numba else None
+        octets = None
+        if self._int8 and self.use_numba:  # rows interleaved by 8 first, where they can be
+            octets = next(
+                (o for o in (self.kernels.rows8, self.kernels.octets)
+                 if o is not None and self.rows % o.rows == 0),
+                None,
+            )  # fmt: skip
         if octets is not None and (repack_default() if repack is None else repack):
             file_blocks = self.raw
             self.raw, self._octets = octets.pack(file_blocks), octets
@@ -435,7 +443,8 @@ class QuantMatrix:
         if self._octets is None:
             self.kernels.decode_tile(self.raw, r0, out)
         else:
-            self.kernels.decode_tile(self._octets.unpack(self.raw[r0 : r0 + len(out)]), 0, out)
+            ids = np.arange(r0, r0 + len(out), dtype=np.int64)
+            self.kernels.decode_tile(self._octets.unpack(self.raw, ids), 0, out)
 
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W decoded: float32 ``[len(ids), cols]`` (the embedding lookup).
@@ -451,6 +460,6 @@ class QuantMatrix:
         if self._octets is None:
             self.kernels.decode_rows(self.raw, ids, out)
         else:
-            rows = self._octets.unpack(self.raw[ids])
+            rows = self._octets.unpack(self.raw, ids)
             self.kernels.decode_rows(rows, np.arange(ids.size, dtype=np.int64), out)
         return out

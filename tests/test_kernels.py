@@ -904,6 +904,75 @@ def test_repacked_matrix_equals_the_file_layout(
 
 
 @NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_rows8_layout(name: str) -> None:
+    """`avx2.pack_rows8` against the layout written out by hand, for 16 rows of 3 blocks:
+    group g (rows 8 g .. 8 g + 7, their bytes) holds per block b the 8 rows' scales, Q4_1's
+    8 mins, then row r's quant bytes 4 q .. 4 q + 3 at 32 q + 4 r; `unpack_rows8` gives the
+    file's blocks back, and `rows8_rows` any rows of them in any order."""
+    avx2 = kernels.avx2_kernels()
+    qtype = GGMLType[name]
+    size = TYPE_SIZES[qtype][1]
+    head = size - 16
+    raw = np.random.default_rng(17).integers(0, 256, (16, 3 * size), dtype=np.uint8)
+    packed = avx2.pack_rows8(raw, qtype)
+    assert packed.shape == raw.shape and packed.dtype == np.uint8
+    for g in range(2):
+        group = packed[8 * g : 8 * g + 8].reshape(-1)
+        for b in range(3):
+            blocks = raw[8 * g : 8 * g + 8, size * b : size * (b + 1)]  # (8 rows, size)
+            want = [blocks[:, 0:2].reshape(-1)]
+            if head == 4:
+                want.append(blocks[:, 2:4].reshape(-1))
+            for q in range(4):
+                want += [blocks[r, head + 4 * q : head + 4 * q + 4] for r in range(8)]
+            np.testing.assert_array_equal(
+                group[8 * size * b : 8 * size * (b + 1)], np.concatenate(want)
+            )
+    np.testing.assert_array_equal(avx2.unpack_rows8(packed, qtype), raw)
+    ids = np.array([13, 0, 7, 7, 8], np.int64)
+    np.testing.assert_array_equal(avx2.rows8_rows(packed, ids, qtype), raw[ids])
+    with pytest.raises(ValueError, match="interleave by 8"):
+        avx2.pack_rows8(raw[:12], qtype)
+
+
+@NEEDS_INT8
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("n_blocks", [1, 3, 18, 19])
+def test_rows8_matrix(name: str, n_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Q4_0 / Q4_1 matrix whose rows are a multiple of 8 is repacked with its rows
+    interleaved by 8 (`avx2.pack_rows8`): its int8 matvec and matmul (1-13 rows of ``x``,
+    the serial and parallel drivers, one matrix or three fused) are within float32's bound
+    of gguf's dequantization times ``x_hat``, and the matmul equals the matvec row for row,
+    bit for bit, as the batched decode needs; its embedding lookup and prompt tiles decode
+    the file's weights.  Where VNNI is turned off (the maddubs bodies) the results are the
+    same bits."""
+    raw, w, cols, rng = matrix_case(name, 40, n_blocks, seed=9)
+    shape = (40, cols)
+    packed = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=True)
+    assert packed.repacked and packed._octets is packed.kernels.rows8
+    assert not np.array_equal(packed.raw, raw)
+    parts = [QuantMatrix(raw[a:b], GGMLType[name], (b - a, cols), int8_activations=True)
+             for a, b in ((0, 16), (16, 24), (24, 40))]  # fmt: skip
+    for serial in (True, False):
+        monkeypatch.setattr(matrix, "SERIAL_WEIGHTS", 1 << 30 if serial else 1000)
+        for n in (1, 2, 3, 4, 5, 8, 13):
+            x = rng.standard_normal((n, cols), dtype=np.float32)
+            y, xe = packed.matmul(x), effective_x(packed, x)
+            assert np.all(np.abs(y - xe @ w.T) <= dot_tolerance(w, xe).T)
+            np.testing.assert_array_equal(y, np.stack([packed.matvec(row) for row in x]))
+            np.testing.assert_array_equal(matrix.matmul_many(parts, x), y)
+        np.testing.assert_array_equal(matrix.matvec_many(parts, x[0]), y[0])
+    ids = np.array([39, 0, 7, 7, 8], np.int64)
+    np.testing.assert_allclose(packed.take_rows(ids), w[ids], rtol=0, atol=1e-6)
+    monkeypatch.setenv("PHIMLX_INT8_PREFILL", "0")
+    tiles = QuantMatrix(raw, GGMLType[name], shape, int8_activations=True, repack=True)
+    x = rng.standard_normal((160, cols), dtype=np.float32)  # past the int8 matmul's rows
+    assert tiles.repacked and not tiles._int8_matmul(160)
+    assert np.all(np.abs(tiles.matmul(x) - x @ w.T) <= dot_tolerance(w, x).T)
+
+
+@NEEDS_INT8
 def test_repack_default_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Q4 matrices on the int8 path are repacked unless ``PHIMLX_REPACK=0``; never on the
     float path, whose kernels read the file's blocks."""
@@ -934,7 +1003,9 @@ def test_repack_releases_the_file_pages_only(tmp_path: Path) -> None:
     plain = QuantMatrix(mm, GGMLType.Q4_0, (600, cols), int8_activations=True, repack=False)
     np.testing.assert_array_equal(np.asarray(mm), raw)
     x = rng.standard_normal(cols, dtype=np.float32)
-    np.testing.assert_array_equal(packed.matvec(x), plain.matvec(x))
+    xe = effective_x(plain, x)[None]
+    for m in (packed, plain):  # (rows interleaved by 8 sum in another order)
+        assert np.all(np.abs(m.matvec(x) - (xe @ w.T)[0]) <= dot_tolerance(w, xe).T[:, 0])
     np.testing.assert_allclose(plain.take_rows(np.arange(600)), w, rtol=0, atol=1e-6)
 
 
@@ -977,7 +1048,7 @@ def test_bodies_without_vnni() -> None:
 
     if not avx2_ir.DPBUSD:
         pytest.skip("no VNNI here: the tests above ran the bodies without it")
-    _tests_in_a_process("long_rows or largest_sums or repack", {"PHIMLX_VNNI": "0"})
+    _tests_in_a_process("long_rows or largest_sums or repack or rows8", {"PHIMLX_VNNI": "0"})
 
 
 _PRODUCTS = """
@@ -1003,7 +1074,8 @@ def test_vnni_bodies_give_the_same_bits(tmp_path: Path) -> None:
     """The vpdpbusd bodies (`avx2_ir.DPBUSD`: Q8_0's quads, Q4_0 / Q4_1's octets) sum the
     same integers in the same lanes as the bodies without VNNI, so every product is the
     same bit for bit: this process against one with ``PHIMLX_VNNI=0``, for rows of 4, 12,
-    18 and 35 blocks (quads or octets, partial ones, tails), one and 4, 5, 9 rows of x."""
+    18 and 35 blocks (quads or octets, partial ones, tails; 24 rows of 18 and 35 blocks:
+    Q4's rows interleaved by 8), one and 4, 5, 9 rows of x."""
     from fallback.kernels import avx2_ir
 
     if not avx2_ir.DPBUSD:
@@ -1012,7 +1084,8 @@ def test_vnni_bodies_give_the_same_bits(tmp_path: Path) -> None:
     data = {}
     for name in ("Q4_0", "Q4_1", "Q8_0"):
         for n_blocks in (4, 12, 18, 35):
-            raw, _, cols, _ = matrix_case(name, 19, n_blocks, seed=n_blocks)
+            rows = 24 if n_blocks >= 18 else 19  # (Q4: rows interleaved by 8, or octets)
+            raw, _, cols, _ = matrix_case(name, rows, n_blocks, seed=n_blocks)
             data[f"raw_{name}_{n_blocks}"] = raw
             data[f"x_{name}_{n_blocks}"] = rng.standard_normal((9, cols), dtype=np.float32)
     np.savez(tmp_path / "in.npz", **data)

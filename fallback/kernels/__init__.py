@@ -208,14 +208,17 @@ class Matvec:
 @dataclass(frozen=True)
 class Octets:
     """A type's int8 kernels for rows in another layout, made once per matrix at load
-    (`fallback.kernels.avx2.pack_octets`, what llama.cpp calls repacking): ``pack(raw)`` a
-    new array of ``raw``'s shape in the layout, ``unpack(rows)`` the file's blocks back;
-    ``matvec_int8`` and ``matmul_int8`` as `KernelSet`'s, bit for bit, on packed rows."""
+    (`fallback.kernels.avx2.pack_octets` or `~fallback.kernels.avx2.pack_rows8`, what
+    llama.cpp calls repacking): ``pack(raw)`` a new array of ``raw``'s shape in the layout,
+    ``unpack(packed, ids)`` the file's blocks of rows ``ids`` (int64) back; ``matvec_int8``
+    and ``matmul_int8`` as `KernelSet`'s on packed rows; ``rows``: the rows of a matrix
+    must be a multiple of this."""
 
     pack: Callable[[np.ndarray], np.ndarray]
-    unpack: Callable[[np.ndarray], np.ndarray]
+    unpack: Callable[[np.ndarray, np.ndarray], np.ndarray]
     matvec_int8: Matvec
     matmul_int8: Matvec
+    rows: int = 1
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,9 @@ class KernelSet:
     ``decode_tile`` decodes
     prefill tiles (rows ``r0 ..``) and ``decode_rows`` rows by id (the embedding lookup);
     ``octets`` the int8 kernels for rows packed at load (`Octets`; Q4_0, Q4_1 and the
-    K-quants Q4_K, Q5_K, Q6_K where the 256-bit int8 bodies run, else None).
+    K-quants Q4_K, Q5_K, Q6_K where the 256-bit int8 bodies run, else None); ``rows8``
+    those of Q4_0 and Q4_1 matrices whose rows interleave by 8 (`avx2.pack_rows8`), taken
+    before ``octets`` where the rows are a multiple of 8.
     One field per task: a new task is a new field, filled per engine in `_resolve`."""
 
     qtype: GGMLType
@@ -244,6 +249,7 @@ class KernelSet:
     decode_rows: DecodeRowsFn
     matmul_tiles: MatmulFn | None = None
     octets: Octets | None = None
+    rows8: Octets | None = None
 
 
 def _each_matrix(single: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> Matvec:
@@ -279,7 +285,7 @@ def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
         return KernelSet(qtype, engine, _each_matrix(single), None, None, tile, rows)
     avx2 = avx2_kernels()
     fv = Matvec(avx2.matvec_float(qtype, parallel=True), avx2.matvec_float(qtype, parallel=False))
-    iv = im = tiles = octets = None
+    iv = im = tiles = octets = rows8 = None
     if kinds.avx2_int8:
         iv = Matvec(avx2.matvec_int8(qtype, parallel=True), avx2.matvec_int8(qtype, parallel=False))
         im = Matvec(avx2.matmul_int8(qtype, parallel=True), avx2.matmul_int8(qtype, parallel=False))
@@ -288,7 +294,7 @@ def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
     if kinds.avx2_int8 and qtype in avx2.PACKED_TYPES:
         octets = Octets(
             functools.partial(avx2.pack_octets, qtype=qtype),
-            functools.partial(avx2.unpack_octets, qtype=qtype),
+            lambda packed, ids: avx2.unpack_octets(packed[ids], qtype),
             Matvec(
                 avx2.matvec_int8(qtype, parallel=True, packed=True),
                 avx2.matvec_int8(qtype, parallel=False, packed=True),
@@ -298,7 +304,19 @@ def _resolve(qtype: GGMLType, engine: Engine) -> KernelSet:
                 avx2.matmul_int8(qtype, parallel=False, packed=True),
             ),
         )
-    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows, tiles, octets)
+    if kinds.avx2_int8 and qtype in avx2.ROWS8_TYPES:
+        rows8 = Octets(
+            functools.partial(avx2.pack_rows8, qtype=qtype),
+            functools.partial(avx2.rows8_rows, qtype=qtype),
+            Matvec(
+                avx2.matvec_rows8(qtype, parallel=True), avx2.matvec_rows8(qtype, parallel=False)
+            ),
+            Matvec(
+                avx2.matmul_rows8(qtype, parallel=True), avx2.matmul_rows8(qtype, parallel=False)
+            ),
+            rows=8,
+        )
+    return KernelSet(qtype, engine, fv, iv, im, avx2.decode_tile(qtype), rows, tiles, octets, rows8)
 
 
 def kernel_set(qtype: GGMLType, cols: int, *, use_numba: bool) -> KernelSet:

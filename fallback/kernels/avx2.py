@@ -54,6 +54,7 @@ from .avx2_ir import (
     dot_float,
     dot_int8,
     gemm_int8,
+    gemm_rows8,
     round32,
 )
 
@@ -63,11 +64,16 @@ __all__ = [
     "FLOAT_TYPES",
     "INT8_TYPES",
     "PACKED_TYPES",
+    "ROWS8_TYPES",
     "decode_tile",
     "matvec_float",
     "matmul_int8",
     "matvec_int8",
+    "matvec_rows8",
+    "matmul_rows8",
     "pack_octets",
+    "pack_rows8",
+    "rows8_rows",
     "quantize_int8",
     "quantized_rows_int8",
     "quantized_rows_int8_serial",
@@ -80,6 +86,7 @@ __all__ = [
     "sums16",
     "sums16_rows",
     "unpack_octets",
+    "unpack_rows8",
     "x_scale",
 ]
 
@@ -97,6 +104,8 @@ IR_STAMP = int(hashlib.sha256(Path(avx2_ir.__file__).read_bytes() + _FLAGS).hexd
 FLOAT_TYPES = frozenset(GGMLType(c) for c in TYPES)
 INT8_TYPES = frozenset(GGMLType(c) for c, t in TYPES.items() if t.int8_body is not None)
 PACKED_TYPES = frozenset(GGMLType(c - avx2_ir.OCTETS) for c in avx2_ir.PACKED_TYPES)
+# The types whose rows interleave by 8 (`pack_rows8`).
+ROWS8_TYPES = frozenset(GGMLType(c) for c in avx2_ir.ROWS8_TYPES)
 
 
 def _octet_layout(qtype: GGMLType) -> tuple[int, int]:
@@ -506,8 +515,8 @@ def _compiled(driver: Any, name: str, parallel: bool) -> Any:
     return njit(parallel=prange_only() if parallel else False, **_OPTS)(driver)
 
 
-def _name(task: str, qtype: GGMLType, parallel: bool, packed: bool = False) -> str:
-    layout = "_octets" if packed else ""
+def _name(task: str, qtype: GGMLType, parallel: bool, packed: bool | str = False) -> str:
+    layout = packed if isinstance(packed, str) else "_octets" if packed else ""
     return f"{task}_{GGMLType(qtype).name.lower()}{layout}" + ("" if parallel else "_serial")
 
 
@@ -651,6 +660,116 @@ def matmul_int8(qtype: GGMLType, *, parallel: bool, packed: bool = False) -> Any
                     gemm_int8(code, w1, w2, w3, r, xq, dx, xs, c4, 3, out, nb)
 
     return _compiled(driver, _name("matmul_int8", qtype, parallel, packed), parallel)
+
+
+@functools.cache
+def _rows8_order(qtype: GGMLType, nb: int) -> np.ndarray:
+    """``order[k]``: the byte of a group of 8 rows of ``nb`` Q4_0 / Q4_1 blocks (the rows
+    one after the other, as the file stores them) that byte k of the group packed by
+    `pack_rows8` holds."""
+    size = avx2_ir.ROWS8_TYPES[int(qtype)]
+    head, rb = size - 16, nb * size
+    r = np.arange(8)[:, None]
+    order = np.empty((nb, 8 * size), np.int64)
+    for b in range(nb):
+        src = r * rb + size * b  # (8, 1): each row's block b
+        for t in range(head):  # the f16 scales (and mins) of the 8 rows, each in a run of 16
+            order[b, 16 * (t // 2) + 2 * np.arange(8) + t % 2] = src[:, 0] + t
+        q = np.arange(16).reshape(4, 1, 4)  # vector g, lane r: the row's bytes 4 g .. 4 g + 3
+        order[b, 8 * head :] = (src[None] + head + q).reshape(-1)
+    return order.reshape(-1)
+
+
+def pack_rows8(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """A new uint8 ``(rows, row_bytes)`` copy of the Q4_0 / Q4_1 matrix ``raw`` (the file's
+    blocks; rows a multiple of 8) with each 8 rows interleaved, as `avx2_ir.gemm_rows8`
+    reads them: group g (the bytes of rows ``8 g .. 8 g + 7``) holds per block b, at ``8 *
+    size * b``, the 8 rows' f16 scales, Q4_1's 8 mins, then 4 x 32 bytes of quants whose
+    4 bytes at ``32 g + 4 r`` are row r's quant bytes ``4 g .. 4 g + 3``.  `unpack_rows8`
+    reverses it."""
+    return _rows8_moved(raw, qtype, False)
+
+
+def unpack_rows8(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """The file's blocks of whole groups of 8 rows in `pack_rows8`'s layout: a new uint8
+    array of their shape."""
+    return _rows8_moved(packed, qtype, True)
+
+
+def rows8_rows(packed: np.ndarray, ids: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """The file's blocks of rows ``ids`` (int64) of a matrix in `pack_rows8`'s layout, in
+    that order: each group of 8 that holds one unpacked once."""
+    groups, where = np.unique(np.asarray(ids, np.int64) // 8, return_inverse=True)
+    sel = (8 * groups[:, None] + np.arange(8)).reshape(-1)
+    rows = unpack_rows8(packed[sel], qtype)
+    return rows[8 * where.reshape(-1) + np.asarray(ids, np.int64) % 8]
+
+
+def _rows8_moved(rows: np.ndarray, qtype: GGMLType, unpack: bool) -> np.ndarray:
+    src = np.ascontiguousarray(rows, dtype=np.uint8)
+    n, rb = src.shape
+    if n % 8:
+        raise ValueError(f"rows interleave by 8: {n} rows")
+    order = _rows8_order(GGMLType(qtype), rb // avx2_ir.ROWS8_TYPES[int(qtype)])
+    out = np.empty_like(src)
+    _octets_moved(src.reshape(n // 8, 8 * rb), out.reshape(n // 8, 8 * rb), order, unpack)
+    return out
+
+
+@functools.cache
+def matvec_rows8(qtype: GGMLType, *, parallel: bool) -> Any:
+    """The driver ``(w1, w2, w3, x, out)`` of `matvec_int8` for matrices in `pack_rows8`'s
+    layout (rows a multiple of 8): ``x`` quantized as there, then 8 rows a step
+    (`avx2_ir.gemm_rows8`)."""
+    code, stamp = int(qtype), IR_STAMP
+
+    def driver(w1, w2, w3, x, out):
+        if stamp < 0:  # never (see `matvec_int8`)
+            return
+        cols = x.shape[0]
+        xq, dx, xs = quantized_int8(x, 32)
+        xq2, dx2, xs2 = (
+            xq.reshape((1, cols)),
+            dx.reshape((1, cols // 32)),
+            xs.reshape((1, cols // 32)),
+        )
+        out2 = out.reshape((1, out.shape[0]))
+        for g in prange((w1.shape[0] + w2.shape[0] + w3.shape[0]) // 8):
+            gemm_rows8(code, w1, w2, w3, g, xq2, dx2, xs2, 0, 1, out2, cols // 32)
+
+    return _compiled(driver, _name("matvec_int8", qtype, parallel, "_rows8"), parallel)
+
+
+@functools.cache
+def matmul_rows8(qtype: GGMLType, *, parallel: bool) -> Any:
+    """The driver ``(w1, w2, w3, x, out)`` of `matmul_int8` for matrices in `pack_rows8`'s
+    layout: each group of 8 weight rows against 4 rows of ``x`` at a time; each of out's
+    rows equals `matvec_rows8` of that row of ``x``, bit for bit."""
+    code, stamp = int(qtype), IR_STAMP
+    serial_rows, threaded = QUANTIZE_SERIAL_ROWS, int(parallel)
+
+    def driver(w1, w2, w3, x, out):
+        if stamp < 0:  # never (see `matvec_int8`)
+            return
+        n, cols = x.shape
+        if threaded > 0 and n > serial_rows:  # (see `matmul_int8`)
+            xq, dx, xs = quantized_rows_int8(x, 32)
+        else:
+            xq, dx, xs = quantized_rows_int8_serial(x, 32)
+        nb = cols // 32
+        for g in prange((w1.shape[0] + w2.shape[0] + w3.shape[0]) // 8):
+            c = 0
+            while c + 4 <= n:
+                gemm_rows8(code, w1, w2, w3, g, xq, dx, xs, c, 4, out, nb)
+                c += 4
+            if n - c == 1:
+                gemm_rows8(code, w1, w2, w3, g, xq, dx, xs, c, 1, out, nb)
+            elif n - c == 2:
+                gemm_rows8(code, w1, w2, w3, g, xq, dx, xs, c, 2, out, nb)
+            elif n - c == 3:
+                gemm_rows8(code, w1, w2, w3, g, xq, dx, xs, c, 3, out, nb)
+
+    return _compiled(driver, _name("matmul_int8", qtype, parallel, "_rows8"), parallel)
 
 
 @functools.cache

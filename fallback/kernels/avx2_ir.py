@@ -29,6 +29,11 @@ task:
   type codes (`PACKED_TYPES`), whose octets are 2-3 loads and 4 where the file's layout
   needs a gather and 12 shuffles (`_oct_packed`); so do the K-quants' rows, a block's 8
   sub-blocks repacked as an octet of Q4_1 blocks (`_int8_qk_octet`, `_int8_q6_k_octet`);
+  Q4_0 / Q4_1 matrices whose rows are a multiple of 8 are repacked instead with 8 rows
+  interleaved (`avx2.pack_rows8`; `gemm_rows8`, any CPU with AVX2): lane r of every vector
+  row r of a group, ``x``'s 4 bytes broadcast, so a block's 8 integer dots need no sum
+  across lanes and a row's end no tail (on a Zen 4, SmolLM2's shapes out of cache, 2
+  threads: 0.71-0.77x the octets' time for 4 rows of ``x``, 0.89-0.92x for one);
 - float dot: weights widened to 8 x i32, converted, fma'd with ``x``; each 32-group's partial
   vector scaled once; zero points / mins applied against float sums of ``x``;
 - decode: weights stored as float32.
@@ -1407,6 +1412,94 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Eight rows interleaved (Q4_0, Q4_1; `avx2.pack_rows8`): lane r of every vector belongs to
+# row r of a group of 8, so that one block's integer dots of the 8 rows come out of 8
+# products per column with no sum across lanes, ``x``'s 4 bytes broadcast to the 8 rows,
+# and its float work (conversion, scale, fma) once per block and column for all 8 rows.  A
+# row's end costs nothing either (the per-row sums across lanes and an octet's tail blocks
+# are what the transposed bodies pay per row): on the narrow rows of a small model (576
+# columns: 18 blocks) that was 40% of a row's time at 4 columns.  ``x`` is `quantize_int8`'s
+# own (natural order, a scale and ``dx * sum(xq)`` per 32).
+
+
+def _rows8_block(h, pg, cols, b, has_min):
+    """Block ``b`` of the group at ``pg`` (`avx2.pack_rows8`: per block the 8 rows' f16
+    scales, Q4_1's 8 mins, then 4 x 32 bytes of quants, vector g lane r row r's quant
+    bytes 4 g .. 4 g + 3) times each column, into its accumulator (8 lanes, the rows)."""
+    bb = h.b
+    size = 160 if has_min else 144
+    o = bb.mul(b, i64(size))
+    _prefetch(h, pg, b, size, size)
+    d8 = bb.fpext(h.load(pg, o, _vt(f16, 8)), V8F)
+    m8 = bb.fpext(h.load(pg, bb.add(o, i64(16)), _vt(f16, 8)), V8F) if has_min else None
+    q0 = bb.add(o, i64(32 if has_min else 16))
+    qv = [h.load(pg, bb.add(q0, i64(32 * g)), V32I8) for g in range(4)]
+    lo = [bb.and_(q, _c(V32I8, 15)) for q in qv]  # weights 4 g .. 4 g + 3 of each row
+    hi = [bb.lshr(q, _c(V32I8, 4)) for q in qv]  # weights 16 + 4 g ..
+    xo, so = bb.mul(b, i64(32)), bb.mul(b, i64(4))
+    for c in cols:
+        xs = [h.splat(h.load(c.pq, bb.add(xo, i64(4 * k)), i32), 8) for k in range(8)]
+        if DPBUSD:  # two chains of four
+            chains = [_c(V8I32, 0), _c(V8I32, 0)]
+            for g in range(4):
+                chains[0] = _dpbusd(h, chains[0], lo[g], xs[g])
+                chains[1] = _dpbusd(h, chains[1], hi[g], xs[4 + g])
+            isum = bb.add(chains[0], chains[1])
+        else:  # pair sums of at most 2 * 15 * 127, eight of them fit int16
+            p = None
+            for g in range(4):
+                for q, x in ((lo[g], xs[g]), (hi[g], xs[4 + g])):
+                    t = h.maddubs(q, bb.bitcast(x, V32I8))
+                    p = t if p is None else bb.add(p, t)
+            isum = h.maddwd(p, _ONES16)
+        dx, xsum = h.load(c.pd, so, f32, 4), h.load(c.ps, so, f32, 4)
+        acc = c.acc.v[0]
+        y = h.fma(h.tofloat(isum), bb.fmul(d8, h.splat(dx)), bb.load(acc))
+        if has_min:
+            y = h.fma(m8, h.splat(xsum), y)
+        else:  # Q4_0's q - 8: -8 d times dx * sum(xq)
+            y = h.fma(bb.fmul(d8, _c(V8F, -8.0)), h.splat(xsum), y)
+        bb.store(y, acc)
+
+
+@intrinsic(prefer_literal=True)
+def gemm_rows8(typingctx, code, w1, w2, w3, g, xq, dx, xs, c, nc, out, nb):
+    """Rows ``8 g .. 8 g + 7`` of ``[w1; w2; w3]`` (u8[:, :] each in `avx2.pack_rows8`'s
+    layout, rows a multiple of 8, stacked) times the ``nc`` int8 activation rows ``c .. c +
+    nc - 1`` of ``xq`` (i8[:, :]; ``dx``, ``xs`` f32[:, :]: `quantize_int8`'s scales and
+    ``dx * sum(xq)`` per 32), into ``out[c + i, 8 g .. 8 g + 7]`` (f32[:, :]); ``code`` the
+    GGMLType value (Q4_0 or Q4_1), ``nc`` a compile-time constant.  Each column's sums run
+    alone, so a row's result is the same for any ``nc`` and ``c``, bit for bit."""
+    if not isinstance(code, types.IntegerLiteral) or code.literal_value not in ROWS8_TYPES:
+        raise errors.TypingError("gemm_rows8 takes the literal code of Q4_0 or Q4_1")
+    if not isinstance(nc, types.IntegerLiteral):
+        raise errors.TypingError("the column count must be a compile-time constant")
+    has_min, n = code.literal_value == GGMLType.Q4_1, nc.literal_value
+    sig = types.none(code, w1, w2, w3, types.intp, xq, dx, xs, types.intp, nc, out, nb)
+
+    def codegen(context, builder, signature, args):
+        h = _B(context, builder)
+        a = signature.args
+        pg = _row3(h, a[1:4], args[1:4], builder.mul(args[4], i64(8)))
+        cs = [builder.add(args[8], i64(i)) for i in range(n)]
+        cols = [_Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h), 4) for ci in cs]
+        _blocks(h, args[11], lambda blk, k: _rows8_block(h, pg, cols, blk, has_min))
+        g32 = builder.mul(args[4], i64(32))
+        for ci, col in zip(cs, cols, strict=True):
+            dst = h.at(h.row(a[10], args[10], ci), g32)
+            builder.store(
+                builder.load(col.acc.v[0]), builder.bitcast(dst, V8F.as_pointer()), align=4
+            )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# The types `gemm_rows8` takes, by GGMLType value: their block's bytes.
+ROWS8_TYPES = {int(GGMLType.Q4_0): 18, int(GGMLType.Q4_1): 20}
 
 
 @intrinsic(prefer_literal=True)
