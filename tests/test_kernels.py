@@ -1021,7 +1021,7 @@ def test_other_bodies_on_an_avx512_cpu() -> None:
     if not all(avx2_ir._feat.get(f, False) for f in ("avx512f", "avx512bw")):
         pytest.skip("no AVX-512 here: the tests above ran the transposed bodies")
     _tests_in_a_process(
-        "long_rows or largest_sums or bodies_follow_the_cpu or repack",
+        "long_rows or largest_sums or bodies_follow_the_cpu or repack or rows8",
         {"PHIMLX_AVX512": "0" if avx2_ir.AVX512 else "1"},
     )
 
