@@ -1425,12 +1425,12 @@ def gemm_int8(typingctx, code, w1, w2, w3, r, xq, dx, xs, c, nc, out, nb):
 # own (natural order, a scale and ``dx * sum(xq)`` per 32).
 
 
-def _rows8_block(h, pg, cols, b, has_min):
+def _rows8_block(h, pg, cols, b, code):
     """Block ``b`` of the group at ``pg`` (`avx2.pack_rows8`: per block the 8 rows' f16
     scales, Q4_1's 8 mins, then 4 x 32 bytes of quants, vector g lane r row r's quant
     bytes 4 g .. 4 g + 3) times each column, into its accumulator (8 lanes, the rows)."""
     bb = h.b
-    size = 160 if has_min else 144
+    has_min, size = code == GGMLType.Q4_1, 8 * ROWS8_TYPES[code]
     o = bb.mul(b, i64(size))
     _prefetch(h, pg, b, size, size)
     d8 = bb.fpext(h.load(pg, o, _vt(f16, 8)), V8F)
@@ -1477,7 +1477,7 @@ def gemm_rows8(typingctx, code, w1, w2, w3, g, xq, dx, xs, c, nc, out, nb):
         raise errors.TypingError("gemm_rows8 takes the literal code of Q4_0 or Q4_1")
     if not isinstance(nc, types.IntegerLiteral):
         raise errors.TypingError("the column count must be a compile-time constant")
-    has_min, n = code.literal_value == GGMLType.Q4_1, nc.literal_value
+    kind, n = code.literal_value, nc.literal_value
     sig = types.none(code, w1, w2, w3, types.intp, xq, dx, xs, types.intp, nc, out, nb)
 
     def codegen(context, builder, signature, args):
@@ -1486,7 +1486,7 @@ def gemm_rows8(typingctx, code, w1, w2, w3, g, xq, dx, xs, c, nc, out, nb):
         pg = _row3(h, a[1:4], args[1:4], builder.mul(args[4], i64(8)))
         cs = [builder.add(args[8], i64(i)) for i in range(n)]
         cols = [_Col(*(h.row(a[i], args[i], ci) for i in (5, 6, 7)), _Acc(h), 4) for ci in cs]
-        _blocks(h, args[11], lambda blk, k: _rows8_block(h, pg, cols, blk, has_min))
+        _blocks(h, args[11], lambda blk, k: _rows8_block(h, pg, cols, blk, kind))
         g32 = builder.mul(args[4], i64(32))
         for ci, col in zip(cs, cols, strict=True):
             dst = h.at(h.row(a[10], args[10], ci), g32)
