@@ -747,6 +747,18 @@ def _packable(name: str) -> None:
         pytest.skip(f"no packed layout for {name} here (AVX-512: the paired bodies)")
 
 
+def _lanes_by_hand(blocks: np.ndarray, head: int) -> np.ndarray:
+    """8 Q4_0 / Q4_1 blocks (``(8, size)``, ``head`` bytes of scale and min before the 16
+    of quants) as lanes: their 8 scales, Q4_1's 8 mins, then block j's quant bytes
+    4 g .. 4 g + 3 at 32 g + 4 j (an octet of one row's blocks, or one block of 8 rows)."""
+    want = [blocks[:, 0:2].reshape(-1)]
+    if head == 4:
+        want.append(blocks[:, 2:4].reshape(-1))
+    for g in range(4):
+        want += [blocks[j, head + 4 * g : head + 4 * g + 4] for j in range(8)]
+    return np.concatenate(want)
+
+
 @NEEDS_INT8
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
 def test_repack_layout(name: str) -> None:
@@ -765,12 +777,7 @@ def test_repack_layout(name: str) -> None:
         for o in range(2):
             blocks = raw[r, 8 * size * o : 8 * size * (o + 1)].reshape(8, size)
             octet = packed[r, 8 * size * o : 8 * size * (o + 1)]
-            want = [blocks[:, 0:2].reshape(-1)]
-            if head == 4:
-                want.append(blocks[:, 2:4].reshape(-1))
-            for g in range(4):
-                want += [blocks[j, head + 4 * g : head + 4 * g + 4] for j in range(8)]
-            np.testing.assert_array_equal(octet, np.concatenate(want))
+            np.testing.assert_array_equal(octet, _lanes_by_hand(blocks, head))
     np.testing.assert_array_equal(packed[:, 16 * size :], raw[:, 16 * size :])
     np.testing.assert_array_equal(avx2.unpack_octets(packed, qtype), raw)
 
@@ -921,13 +928,8 @@ def test_rows8_layout(name: str) -> None:
         group = packed[8 * g : 8 * g + 8].reshape(-1)
         for b in range(3):
             blocks = raw[8 * g : 8 * g + 8, size * b : size * (b + 1)]  # (8 rows, size)
-            want = [blocks[:, 0:2].reshape(-1)]
-            if head == 4:
-                want.append(blocks[:, 2:4].reshape(-1))
-            for q in range(4):
-                want += [blocks[r, head + 4 * q : head + 4 * q + 4] for r in range(8)]
             np.testing.assert_array_equal(
-                group[8 * size * b : 8 * size * (b + 1)], np.concatenate(want)
+                group[8 * size * b : 8 * size * (b + 1)], _lanes_by_hand(blocks, head)
             )
     np.testing.assert_array_equal(avx2.unpack_rows8(packed, qtype), raw)
     ids = np.array([13, 0, 7, 7, 8], np.int64)
