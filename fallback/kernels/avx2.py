@@ -699,10 +699,10 @@ def unpack_rows8(packed: np.ndarray, qtype: GGMLType) -> np.ndarray:
 def rows8_rows(packed: np.ndarray, ids: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """The file's blocks of rows ``ids`` (int64) of a matrix in `pack_rows8`'s layout, in
     that order: each group of 8 that holds one unpacked once."""
-    groups, where = np.unique(np.asarray(ids, np.int64) // 8, return_inverse=True)
-    sel = (8 * groups[:, None] + np.arange(8)).reshape(-1)
-    rows = unpack_rows8(packed[sel], qtype)
-    return rows[8 * where.reshape(-1) + np.asarray(ids, np.int64) % 8]
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    groups, where = np.unique(ids // 8, return_inverse=True)
+    rows = unpack_rows8(packed[(8 * groups[:, None] + np.arange(8)).reshape(-1)], qtype)
+    return rows[8 * where.reshape(-1) + ids % 8]
 
 
 def _rows8_moved(rows: np.ndarray, qtype: GGMLType, unpack: bool) -> np.ndarray:
