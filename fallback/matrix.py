@@ -57,7 +57,11 @@ from .kernels import (
 # Bytes of float32 one decoded prefill tile may take (`QuantMatrix.matmul`).
 TILE_BYTES = 8 << 20
 
-# Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.
+# Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.  Four
+# times as many (SmolLM2's q|k|v, out and down on one thread) made a decode step alone take
+# 0.82-0.89x the time in one process, but through the server, where the event loop and the
+# clients share the two cores, 4 requests at once went from 513 to 470 tok/s (Zen 4 VM, 2
+# threads, 12 alternating rounds; README, "Server").
 SERIAL_WEIGHTS = 1 << 18
 
 # On the int8 path, `matmul` takes the int8 kernel for up to this many rows of x, by the
