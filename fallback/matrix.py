@@ -59,7 +59,7 @@ TILE_BYTES = 8 << 20
 
 # Matrices with fewer weights run on one thread: a parallel launch costs ~10 us.  Four
 # times as many (SmolLM2's q|k|v, out and down on one thread) made a decode step alone take
-# 0.82-0.89x the time in one process, but through the server, where the event loop and the
+# 0.82-0.90x the time in one process, but through the server, where the event loop and the
 # clients share the two cores, 4 requests at once went from 513 to 470 tok/s (Zen 4 VM, 2
 # threads, 12 alternating rounds; README, "Server").
 SERIAL_WEIGHTS = 1 << 18
